@@ -1,0 +1,479 @@
+"""Access log in Squid's native access.log format (and Apache common/combined).
+
+One line per transaction, written by a background thread so the event loop
+never waits for the disk; each line is one write() of a whole line, so
+lines are never split or interleaved.
+
+    mitmdump -s addons/accesslog.py --set access_log=var/log/access.log
+
+Commands: accesslog.rotate (like `squid -k rotate`). SIGHUP reopens the file
+so that logrotate's "move then signal" works.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import logging.handlers
+import os
+import queue
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from mitmproxy import command, ctx, exceptions, http, tcp
+from mitmproxy.net.http.http1 import assemble
+
+try:
+    from addons import meta
+except ImportError:  # loaded by path (mitmdump -s addons/accesslog.py) without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import meta
+
+FORMATS = ("squid", "common", "combined")
+logger = logging.getLogger("relais.access")
+logger.propagate = False  # access lines go to the access log, never to the console
+
+
+@dataclasses.dataclass
+class Record:
+    """One access.log transaction, independent of mitmproxy's flow types."""
+    end: float                  # epoch seconds when the transaction ended
+    elapsed_ms: int
+    client: str
+    code: str                   # Squid result code, e.g. TCP_MISS
+    status: int                 # HTTP status sent to the client, 0 if none
+    size: int                   # bytes sent to the client, headers included
+    method: str
+    url: str
+    user: str = "-"
+    hier: str = "HIER_NONE"
+    peer: str = "-"
+    mime: str = "-"
+    version: str = "1.1"
+    referer: str = "-"
+    agent: str = "-"
+
+
+def format_squid(r: Record) -> str:
+    ms = int(r.end * 1000)
+    return (f"{ms // 1000}.{ms % 1000:03d} {r.elapsed_ms:6d} {r.client} {r.code}/{r.status:03d} "
+            f"{r.size} {r.method} {r.url} {r.user} {r.hier}/{r.peer} {r.mime}")
+
+
+def format_common(r: Record, combined: bool = False) -> str:
+    when = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(r.end))
+    line = (f'{r.client} - {r.user} [{when}] "{r.method} {r.url} HTTP/{r.version}" '
+            f"{r.status} {r.size}")
+    if combined:
+        line += f' "{r.referer}" "{r.agent}"'
+    return f"{line} {r.code}:{r.hier}"
+
+
+FORMATTERS = {
+    "squid": format_squid,
+    "common": format_common,
+    "combined": lambda r: format_common(r, combined=True),
+}
+
+
+def strip_query(url: str) -> str:
+    """Squid's strip_query_terms: keep the '?' but drop what follows."""
+    i = url.find("?")
+    return url if i < 0 else url[: i + 1]
+
+
+def mime_of(headers) -> str:
+    """Content type without parameters, as Squid logs it."""
+    value = headers.get("content-type", "") if headers is not None else ""
+    value = value.split(";", 1)[0].strip()
+    return value.split()[0] if value else "-"
+
+
+def head_size(response: http.Response) -> int:
+    try:
+        return len(assemble.assemble_response_head(response))
+    except Exception:  # e.g. HTTP/2 pseudo-versions: count the fields
+        return 17 + sum(len(k) + len(v) + 4 for k, v in response.headers.fields) + 2
+
+
+def body_size(flow: http.HTTPFlow) -> int:
+    resp = flow.response
+    if resp is None or flow.request.method == "HEAD":
+        return 0
+    sent = flow.metadata.get(meta.SENT_BYTES)
+    if sent is not None:
+        return sent
+    if resp.raw_content is not None:
+        return len(resp.raw_content)
+    try:
+        return int(resp.headers.get("content-length", "0"))
+    except ValueError:
+        return 0
+
+
+def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) -> Record:
+    """The log record of an HTTP flow, from its state and the metadata contract."""
+    req, resp = flow.request, flow.response
+    end = time.time()
+    start = req.timestamp_start or end
+    is_connect = req.method == "CONNECT"
+    if is_connect:
+        url = f"{req.host}:{req.port}"
+    else:
+        url = req.pretty_url if meta.mode_name(flow) in ("transparent", "reverse") else req.url
+        if strip:
+            url = strip_query(url)
+    code = flow.metadata.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")
+    if aborted and not code.endswith("_ABORTED"):
+        code += "_ABORTED"
+    peer = meta.peer(flow)
+    local = flow.metadata.get(meta.LOCAL)
+    hier = flow.metadata.get(meta.HIER) or ("HIER_DIRECT" if peer and not local else "HIER_NONE")
+    status = resp.status_code if resp else 0
+    size = head_size(resp) + body_size(flow) if resp and not (is_connect and status >= 300 and code == "NONE_NONE") else 0
+    return Record(
+        end=end,
+        elapsed_ms=max(0, int((end - start) * 1000)),
+        client=meta.client_ip(flow),
+        code=code,
+        status=status,
+        size=size,
+        method=req.method,
+        url=url,
+        user=meta.user(flow) or "-",
+        hier=hier,
+        peer=peer if hier != "HIER_NONE" and peer else "-",
+        mime=mime_of(resp.headers) if resp and not is_connect else "-",
+        version=req.http_version.replace("HTTP/", "") or "1.1",
+        referer=req.headers.get("referer", "-"),
+        agent=req.headers.get("user-agent", "-"),
+    )
+
+
+def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> Record:
+    """A raw TCP stream (CONNECT tunnel, socks5, transparent) as Squid logs tunnels."""
+    end = time.time()
+    start = flow.client_conn.timestamp_start or end
+    host, port = flow.server_conn.address or ("-", 0)
+    sni = flow.client_conn.sni
+    peer = meta.peer(flow)
+    size = sum(len(m.content) for m in flow.messages if not m.from_client)
+    code = flow.metadata.get(meta.CODE) or code or "TCP_TUNNEL"
+    if code == "TCP_DENIED":
+        status, size = 403, 0
+    return Record(
+        end=end,
+        elapsed_ms=max(0, int((end - start) * 1000)),
+        client=meta.client_ip(flow),
+        code=code,
+        status=status,
+        size=size,
+        method="CONNECT",
+        url=f"{sni or host}:{port}",
+        user=meta.user(flow) or "-",
+        hier="HIER_DIRECT" if peer else "HIER_NONE",
+        peer=peer or "-",
+    )
+
+
+class ReopeningFileHandler(logging.FileHandler):
+    """A FileHandler that writes each record with one write() and can reopen."""
+
+    terminator = "\n"
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream:
+                self.stream.close()
+            self.stream = self._open()
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+            self.stream.write(record.getMessage() + self.terminator)
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class BadRequestWatch(logging.Handler):
+    """Notes the clients whose request mitmproxy rejected as unparsable.
+
+    mitmproxy answers those with a 400 and closes, firing no flow hook; it
+    only logs "Bad HTTP request line: b'...'" with the client's address.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.bad: dict[tuple, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        client = getattr(record, "client", None)
+        msg = record.getMessage()
+        if client and "Bad HTTP request" in msg or (client and "Invalid HTTP request" in msg):
+            self.bad[tuple(client)] = msg
+            if len(self.bad) > 1000:
+                self.bad.pop(next(iter(self.bad)))
+
+
+def bad_request_record(client, message: str) -> Record:
+    """Squid's NONE_NONE/400 error:invalid-request line for an unparsable request."""
+    m = re.search(r"b['\"](.*?)['\"]\s*$", message)
+    method = ((m.group(1).split() if m else []) or ["-"])[0][:40]
+    try:
+        from mitmproxy.proxy.layers.http._http1 import make_error_response
+        size = len(make_error_response(400, message.split(": ", 1)[-1]))
+    except Exception:
+        size = 0
+    return Record(end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername),
+                  code="NONE_NONE", status=400, size=size, method=method,
+                  url="error:invalid-request", mime="text/html")
+
+
+class AccessLog:
+    def __init__(self) -> None:
+        self.bad_requests = BadRequestWatch()
+        self.format = format_squid
+        self.path: Path | None = None
+        self.handler: ReopeningFileHandler | None = None
+        self.listener: logging.handlers.QueueListener | None = None
+        self.logged: set[str] = set()          # flow ids already written (error after response...)
+        self.connects: dict[object, http.HTTPFlow] = {}  # client conn -> its pending CONNECT
+        self.tunnelled: set[object] = set()    # client conns whose CONNECT was logged by a TCP flow
+        self.seen: set[object] = set()         # client conns that carried at least one flow
+
+    def load(self, loader):
+        loader.add_option(
+            "access_log", str, "var/log/access.log",
+            "Squid access_log: file the access log is written to (its folder is created); 'none' disables it.",
+        )
+        loader.add_option(
+            "logformat", str, "squid",
+            f"Squid logformat of the access log: one of {', '.join(FORMATS)} "
+            "(squid is Squid's native format; common/combined are Apache's).",
+        )
+        loader.add_option(
+            "strip_query_terms", bool, True,
+            "Squid strip_query_terms: log URLs without their query terms (keeping the '?').",
+        )
+        loader.add_option(
+            "logfile_rotate", int, 10,
+            "Squid logfile_rotate: how many old access logs accesslog.rotate keeps (access.log.0 ...); 0 keeps none.",
+        )
+
+    def configure(self, updated):
+        if "logformat" in updated:
+            if ctx.options.logformat not in FORMATTERS:
+                raise exceptions.OptionsError(
+                    f"logformat: unknown format {ctx.options.logformat!r}; use one of {', '.join(FORMATS)}")
+            self.format = FORMATTERS[ctx.options.logformat]
+        if "logfile_rotate" in updated and ctx.options.logfile_rotate < 0:
+            raise exceptions.OptionsError(f"logfile_rotate: must be 0 or more, not {ctx.options.logfile_rotate}")
+        if "access_log" in updated:
+            value = ctx.options.access_log.strip()
+            if not value:
+                raise exceptions.OptionsError("access_log: empty path; use 'none' to disable the access log")
+            path = None if value == "none" else Path(value)
+            if path is not None:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(path, "a"):
+                        pass
+                except OSError as e:
+                    raise exceptions.OptionsError(f"access_log: cannot write {value!r}: {e}") from e
+            self._open(path)
+
+    def running(self):
+        logging.getLogger("mitmproxy").addHandler(self.bad_requests)
+        if hasattr(signal, "SIGHUP"):
+            try:
+                import asyncio
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reopen)
+            except (RuntimeError, NotImplementedError, ValueError):
+                pass
+
+    def done(self):
+        logging.getLogger("mitmproxy").removeHandler(self.bad_requests)
+        self._open(None)
+
+    def _open(self, path: Path | None) -> None:
+        if self.listener:
+            self.listener.stop()  # drains the queue first
+            self.handler.close()
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+        self.listener = self.handler = None
+        self.path = path
+        if path is None:
+            return
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        self.handler = ReopeningFileHandler(path, encoding="utf-8", delay=True)
+        self.listener = logging.handlers.QueueListener(q, self.handler)
+        logger.addHandler(logging.handlers.QueueHandler(q))
+        logger.setLevel(logging.INFO)
+        self.listener.start()
+
+    def reopen(self) -> None:
+        if self.handler:
+            self.handler.reopen()
+            logging.getLogger(__name__).info("access log reopened: %s", self.path)
+
+    @command.command("accesslog.rotate")
+    def rotate(self) -> None:
+        """Rotate the access log like `squid -k rotate`: access.log becomes access.log.0, and so on."""
+        if not self.path:
+            return
+        keep = ctx.options.logfile_rotate
+        self.listener.stop()
+        try:
+            if keep > 0:
+                for i in range(keep - 1, 0, -1):
+                    old = self.path.with_name(f"{self.path.name}.{i - 1}")
+                    if old.exists():
+                        old.replace(self.path.with_name(f"{self.path.name}.{i}"))
+                if self.path.exists():
+                    self.path.replace(self.path.with_name(f"{self.path.name}.0"))
+            else:
+                self.path.unlink(missing_ok=True)
+            self.handler.reopen()
+        finally:
+            self.listener.start()
+
+    def write(self, record: Record) -> None:
+        if self.listener:
+            logger.info("%s", self.format(record))
+
+    # --- HTTP ---------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.seen.add(flow.client_conn)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        stream = flow.response.stream
+        if stream and flow.request.method != "HEAD":
+            flow.metadata[meta.SENT_BYTES] = 0
+            inner = stream if callable(stream) else None
+
+            def count(chunk: bytes):
+                out = inner(chunk) if inner else chunk
+                flow.metadata[meta.SENT_BYTES] += len(out) if isinstance(out, bytes) else sum(map(len, out))
+                return out
+
+            flow.response.stream = count
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._log_http(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None and not _client_gone(flow):
+            # The origin failed before answering and mitmproxy sent its own 502 page.
+            flow.response = http.Response.make(502, b"", {"Content-Type": "text/html"})
+            flow.metadata.setdefault(meta.HIER, "HIER_DIRECT" if meta.peer(flow) else "HIER_NONE")
+            self._log_http(flow)
+        else:
+            self._log_http(flow, aborted=True)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self.seen.add(flow.client_conn)
+        if flow.response and flow.response.status_code >= 300:  # refused by an earlier addon
+            self._log_http(flow)
+        else:
+            self.connects[flow.client_conn] = flow
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        self.connects.pop(flow.client_conn, None)
+        flow.metadata.setdefault(meta.CODE, "NONE_NONE")
+        if flow.metadata.get(meta.HIER) is None and _is_ip(flow.request.host):
+            flow.metadata[meta.HIER] = "HIER_DIRECT"
+            flow.metadata.setdefault(meta.PEER, flow.request.host)
+        self._log_http(flow)
+
+    def _log_http(self, flow: http.HTTPFlow, aborted: bool = False) -> None:
+        if flow.id in self.logged:
+            return
+        self.logged.add(flow.id)
+        if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
+            self.tunnelled.add(flow.client_conn)  # an intercepted request inside the tunnel
+        self.write(http_record(flow, ctx.options.strip_query_terms, aborted))
+
+    # --- raw TCP --------------------------------------------------------
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        self.seen.add(flow.client_conn)
+
+    def tcp_end(self, flow: tcp.TCPFlow) -> None:
+        self._log_tcp(flow)
+
+    def tcp_error(self, flow: tcp.TCPFlow) -> None:
+        connected = flow.server_conn.timestamp_tcp_setup is not None
+        self._log_tcp(flow, None if connected else "NONE_NONE", 200 if connected else 503)
+
+    def _log_tcp(self, flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> None:
+        if flow.id in self.logged:
+            return
+        self.logged.add(flow.id)
+        connect = self.connects.get(flow.client_conn)
+        if connect is not None:
+            self.tunnelled.add(flow.client_conn)
+            flow.metadata.setdefault(meta.USER, meta.user(connect))
+        self.write(tcp_record(flow, code, status))
+
+    # --- connections ----------------------------------------------------
+    def client_disconnected(self, client) -> None:
+        connect = self.connects.pop(client, None)
+        tunnelled = client in self.tunnelled
+        self.tunnelled.discard(client)
+        seen = client in self.seen
+        self.seen.discard(client)
+        if connect is not None:
+            if tunnelled:
+                # Intercepted: each inner request was logged; the CONNECT itself as a bumped Squid does.
+                connect.metadata.setdefault(meta.CODE, "NONE_NONE")
+            # Else passed through untouched: mitmproxy makes no flow for it, so the bytes are unknown.
+            self._log_http(connect)
+        elif (bad := self.bad_requests.bad.pop(tuple(client.peername or ()), None)) is not None:
+            self.write(bad_request_record(client, bad))
+        elif not seen and self._is_http_listener(client):
+            self.write(Record(
+                end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername),
+                code="NONE_NONE", status=0, size=0, method="-",
+                url="error:transaction-end-before-headers"))
+        # logged ids are only needed while a flow can still fire hooks
+        if len(self.logged) > 10000:
+            self.logged.clear()
+
+    @staticmethod
+    def _is_http_listener(client) -> bool:
+        mode = getattr(client, "proxy_mode", None)
+        return getattr(mode, "type_name", "") in ("regular", "upstream")
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _client_gone(flow) -> bool:
+    msg = (flow.error.msg if flow.error else "").lower()
+    return "client disconnected" in msg or "killed" in msg
+
+
+def _ip(peer) -> str:
+    ip = str(peer[0]) if peer else "-"
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _elapsed(client) -> int:
+    start = client.timestamp_start or time.time()
+    return max(0, int((time.time() - start) * 1000))
+
+
+addons = [AccessLog()]

@@ -1,0 +1,74 @@
+"""Squid-like error pages (ERR_ACCESS_DENIED, ERR_CONNECT_FAIL...).
+
+Every addon that answers a request itself with an error uses this, so users
+see one recognisable page, with Squid's X-Squid-Error header, whoever
+refused the request.
+"""
+from __future__ import annotations
+
+import html
+import socket
+import time
+
+from mitmproxy import http
+
+# name -> (status, title, explanation); texts follow Squid's templates.
+PAGES = {
+    "ERR_ACCESS_DENIED": (403, "Access Denied.",
+                          "Access control configuration prevents your request from being allowed at this time."),
+    "ERR_CACHE_ACCESS_DENIED": (407, "Cache Access Denied.",
+                                "Sorry, you are not currently allowed to request this URL until you have "
+                                "authenticated yourself."),
+    "ERR_CONNECT_FAIL": (503, "Connection to the server failed.",
+                         "The system returned an error while connecting to the server."),
+    "ERR_DNS_FAIL": (503, "Unable to determine IP address from host name.",
+                     "The DNS server returned an error for this host name."),
+    "ERR_READ_TIMEOUT": (504, "Read Timeout.",
+                         "The system timed out while waiting for the server."),
+    "ERR_ONLY_IF_CACHED_MISS": (504, "Valid document was not found in the cache and only-if-cached directive was specified.",
+                                "You have issued a request with an only-if-cached cache control directive. "
+                                "The document was not found in the cache."),
+    "ERR_INVALID_REQ": (400, "Invalid Request.",
+                        "Some aspect of the HTTP request is invalid."),
+    "ERR_APP_BLOCKED": (403, "Application Blocked.",
+                        "This application is not allowed on this network."),
+    "ERR_REQUEST_BLOCKED": (403, "Request Blocked.",
+                            "The request was blocked by the application filter."),
+}
+
+HOSTNAME = socket.gethostname()
+
+
+def make(name: str, url: str = "", detail: str = "", errno: int = 0,
+         extra_headers: dict[str, str] | None = None) -> http.Response:
+    """An error response for Squid error page `name`, about `url`.
+
+    `detail` is shown on the page (for a denial: the rule that matched).
+    """
+    status, title, explanation = PAGES[name]
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>ERROR: The requested URL could not be retrieved</title>
+<style>body{{font-family:sans-serif;margin:2em}} #error{{color:#a00}} pre{{background:#eee;padding:.5em}}</style>
+</head><body id="{name}">
+<h1>ERROR</h1>
+<h2>The requested URL could not be retrieved</h2>
+<hr>
+<p>The following error was encountered while trying to retrieve the URL: <a href="{html.escape(url)}">{html.escape(url)}</a></p>
+<blockquote id="error"><p><b>{html.escape(title)}</b></p></blockquote>
+<p>{html.escape(explanation)}</p>
+{f"<pre>{html.escape(detail)}</pre>" if detail else ""}
+<p>Your cache administrator can tell you more.</p>
+<hr>
+<div id="footer"><p>Generated {time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())} by {html.escape(HOSTNAME)} (relais)</p></div>
+</body></html>
+"""
+    headers = {
+        "Server": "relais",
+        "Mime-Version": "1.0",
+        "Content-Type": "text/html;charset=utf-8",
+        "X-Squid-Error": f"{name} {errno}",
+        "Cache-Control": "no-store",
+        "Connection": "close" if status == 400 else "keep-alive",
+    }
+    headers.update(extra_headers or {})
+    return http.Response.make(status, body.encode(), headers)

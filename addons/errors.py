@@ -1,0 +1,125 @@
+"""Squid-like answers when the origin cannot be reached.
+
+mitmproxy answers a failed upstream connection with its own 502 page, sent
+after the `error` hook, which no addon can replace. Squid answers 503
+ERR_CONNECT_FAIL (refused, unreachable, timeout) or 503 ERR_DNS_FAIL. So,
+before a plain HTTP request goes upstream on a new connection, this addon
+checks that the origin resolves and accepts connections (remembering a
+success for `connect_check_ttl` seconds, so a busy origin costs one extra
+handshake per interval), and answers with Squid's page when it does not.
+It also turns a failed CONNECT into Squid's 503.
+
+    mitmdump -s addons/errors.py
+"""
+from __future__ import annotations
+
+import asyncio
+import errno as errnos
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mitmproxy import ctx, exceptions, http
+
+try:
+    from addons import errorpage, meta
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import errorpage, meta
+
+
+class Failure(Exception):
+    def __init__(self, page: str, errno: int, reason: str, address: str | None):
+        super().__init__(reason)
+        self.page, self.errno, self.address = page, errno, address
+
+
+async def check_origin(host: str, port: int, timeout: float) -> str:
+    """Resolve and connect once; return the address, or raise Failure."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (socket.gaierror, UnicodeError, asyncio.TimeoutError) as e:
+        raise Failure("ERR_DNS_FAIL", 0, f"cannot resolve {host}: {e}", None) from e
+    last: Failure | None = None
+    for family, _, _, _, sockaddr in infos:
+        address = sockaddr[0]
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)
+        except asyncio.TimeoutError:
+            last = Failure("ERR_CONNECT_FAIL", errnos.ETIMEDOUT, "connection timed out", address)
+            continue
+        except OSError as e:
+            last = Failure("ERR_CONNECT_FAIL", e.errno or 0, e.strerror or str(e), address)
+            continue
+        writer.close()
+        return address
+    raise last or Failure("ERR_DNS_FAIL", 0, f"no address for {host}", None)
+
+
+class Errors:
+    def __init__(self) -> None:
+        self.reachable: dict[tuple[str, int], float] = {}
+
+    def load(self, loader):
+        loader.add_option(
+            "connect_timeout", float, 30.0,
+            "Squid connect_timeout: seconds to wait for an origin to accept a connection before answering "
+            "503 ERR_CONNECT_FAIL.",
+        )
+        loader.add_option(
+            "connect_check_ttl", float, 2.0,
+            "Seconds an origin that accepted a connection is trusted before it is checked again; "
+            "0 checks before every new upstream connection.",
+        )
+
+    def configure(self, updated):
+        for name in ("connect_timeout", "connect_check_ttl"):
+            if name in updated and getattr(ctx.options, name) < 0:
+                raise exceptions.OptionsError(f"{name}: must be 0 or more, not {getattr(ctx.options, name)}")
+        if "connect_timeout" in updated and ctx.options.connect_timeout == 0:
+            raise exceptions.OptionsError("connect_timeout: must be more than 0, not 0")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not self._needs_check(flow):
+            return
+        key = (flow.request.host, flow.request.port)
+        if self.reachable.get(key, 0) > time.monotonic():
+            return
+        try:
+            await check_origin(*key, timeout=ctx.options.connect_timeout)
+        except Failure as f:
+            self.reachable.pop(key, None)
+            answer(flow, f)
+            return
+        self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
+
+    def http_connect_error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503.
+        flow.response = errorpage.make(
+            "ERR_CONNECT_FAIL", f"{flow.request.host}:{flow.request.port}",
+            detail=flow.response.get_text(strict=False)[:200] if flow.response else "")
+        flow.metadata[meta.CODE] = "NONE_NONE"
+        flow.metadata[meta.ERROR] = "ERR_CONNECT_FAIL"
+
+    @staticmethod
+    def _needs_check(flow: http.HTTPFlow) -> bool:
+        mode = meta.mode_name(flow)
+        if mode == "upstream":  # the upstream proxy reports its own failures
+            return False
+        # An intercepted or reverse flow may already hold its upstream connection.
+        return flow.server_conn.timestamp_tcp_setup is None
+
+
+def answer(flow: http.HTTPFlow, f: Failure) -> None:
+    flow.response = errorpage.make(f.page, flow.request.pretty_url, detail=str(f), errno=f.errno)
+    flow.metadata[meta.LOCAL] = "errors"
+    flow.metadata[meta.ERROR] = f.page
+    if f.address:
+        flow.metadata[meta.PEER] = f.address
+        flow.metadata[meta.HIER] = "HIER_DIRECT"
+
+
+addons = [Errors()]

@@ -1,0 +1,68 @@
+"""The flow.metadata keys Relais addons use to talk to each other.
+
+This module is the contract in code; addons/README.md explains each key.
+An addon writes only the keys it owns and reads the others; nothing else
+is shared between addons.
+"""
+from __future__ import annotations
+
+CODE = "relais.code"          # Squid result code for the log, e.g. "TCP_DENIED", "TCP_MEM_HIT"
+HIER = "relais.hier"          # Squid hierarchy code, e.g. "HIER_NONE" when the origin was not contacted
+LOCAL = "relais.local"        # name of the addon that answered the request itself
+ERROR = "relais.error"        # Squid error page name sent, e.g. "ERR_ACCESS_DENIED"
+ACL = "relais.acl"            # {"action": "allow"|"deny", "rule": str, "policy": str}
+USER = "relais.user"          # authenticated user name (HTTP and raw TCP/UDP flows)
+CACHE = "relais.cache"        # cache outcome: {"status": "HIT"|"MISS"|..., "tier": "mem"|"disk"|None}
+APP = "relais.app"            # detected/blocked application name
+ANONYMIZE = "relais.anonymize"  # anonymization level applied to the upstream request
+SENT_BYTES = "relais.sent_bytes"  # body bytes actually sent to the client (streamed bodies)
+PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
+
+ALL = (CODE, HIER, LOCAL, ERROR, ACL, USER, CACHE, APP, ANONYMIZE, SENT_BYTES, PEER)
+
+
+def client_ip(flow) -> str:
+    """The client's address as Squid prints it (IPv4-mapped IPv6 unwrapped)."""
+    peer = getattr(flow.client_conn, "peername", None)
+    if not peer:
+        return "-"
+    ip = str(peer[0])
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def peer(flow) -> str | None:
+    """The upstream address connected to (or tried, see PEER), or None."""
+    conn = getattr(flow, "server_conn", None)
+    peer = getattr(conn, "peername", None) if conn else None
+    if not peer:
+        return flow.metadata.get(PEER)
+    ip = str(peer[0])
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def user(flow) -> str | None:
+    """The authenticated user: ours first, then mitmproxy's proxyauth.
+
+    proxyauth records users of HTTP flows in flow.metadata["proxyauth"], but
+    not for raw TCP flows; for those, its per-connection table is asked.
+    """
+    name = flow.metadata.get(USER)
+    if name:
+        return name
+    auth = flow.metadata.get("proxyauth")
+    if auth:
+        return auth[0]
+    try:
+        from mitmproxy import ctx
+
+        pa = ctx.master.addons.get("proxyauth")
+        auth = pa.authenticated.get(flow.client_conn) if pa else None
+    except Exception:  # no master (unit tests) or a proxyauth without the table
+        auth = None
+    return auth[0] if auth else None
+
+
+def mode_name(flow) -> str:
+    """The listener the flow came through, e.g. "regular", "socks5", "reverse"."""
+    mode = getattr(flow.client_conn, "proxy_mode", None)
+    return getattr(mode, "type_name", None) or "regular"

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Relais launcher.
+#   ./run.sh [mitmproxy args...]   forward proxy on 127.0.0.1:3128 (or the --mode you give)
+#   ./run.sh web [args...]         the same addons in mitmweb
+#   ./run.sh test [pytest args...] install what the tests need and run the whole suite
+#   ./run.sh bench                 the benchmarks (ratios against a baseline run in the same invocation)
+# Environment:
+#   RELAIS_USER   user mitmproxy runs as when started as root (Squid's cache_effective_user); default nobody
+#   RELAIS_HOST   listen address for the default mode; default 127.0.0.1
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+RELAIS_USER=${RELAIS_USER:-nobody}
+
+need_venv() {
+  local extras=$1 stamp="$VENV/.relais-installed$extras"
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+    "$VENV/bin/pip" install -q -e ".$extras"
+    touch "$stamp"
+  fi
+}
+
+# System packages the tests use: real peers (squid), log readers (goaccess, calamaris),
+# network namespaces and iptables for transparent mode.
+need_system_packages() {
+  local missing=()
+  command -v curl >/dev/null || missing+=(curl)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v squid >/dev/null || [ -x /usr/sbin/squid ] || missing+=(squid)
+  command -v goaccess >/dev/null || missing+=(goaccess)
+  command -v calamaris >/dev/null || missing+=(calamaris)
+  command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing+=(iptables)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+  command -v setpriv >/dev/null || missing+=(util-linux)
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+      echo "run.sh: installing ${missing[*]}" >&2
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+      echo "run.sh: missing system packages (install them as root): ${missing[*]}" >&2
+    fi
+  fi
+}
+
+# Start mitmdump/mitmweb with the whole suite. As root, drop to RELAIS_USER, which owns var/.
+start() {
+  local tool=$1; shift
+  need_venv ""
+  mkdir -p var/log var/cache var/mitmproxy
+  local args=(-s "$ROOT/addons/all.py" --set confdir="$ROOT/var/mitmproxy")
+  case " $* " in
+    *" --mode "*|*" -m "*|*" --mode="*) ;;
+    *) args+=(--mode "regular@${RELAIS_HOST:-127.0.0.1}:3128") ;;
+  esac
+  # mitmproxy's "@port" form does not take a host; listen_host does.
+  if [[ " ${args[*]} " == *"regular@"*":3128"* ]]; then
+    args=(-s "$ROOT/addons/all.py" --set confdir="$ROOT/var/mitmproxy" --listen-host "${RELAIS_HOST:-127.0.0.1}" --mode regular@3128)
+  fi
+  if [ "$(id -u)" = 0 ] && [ "$RELAIS_USER" != root ]; then
+    chown -R "$RELAIS_USER" var
+    exec setpriv --reuid="$RELAIS_USER" --regid="$(id -g "$RELAIS_USER")" --init-groups \
+      --inh-caps=+net_bind_service --ambient-caps=+net_bind_service \
+      env HOME="$ROOT/var" "$VENV/bin/$tool" "${args[@]}" "$@"
+  fi
+  exec "$VENV/bin/$tool" "${args[@]}" "$@"
+}
+
+case "${1:-}" in
+  test)
+    shift
+    need_system_packages
+    need_venv "[test]"
+    set +e
+    "$VENV/bin/python" -m pytest tests --ignore=tests/bench -p no:cacheprovider "$@"
+    rc=$?
+    set -e
+    [ $rc -eq 5 ] && { echo "run.sh: no tests were collected" >&2; exit 1; }
+    exit $rc
+    ;;
+  bench)
+    shift
+    need_venv "[test]"
+    exec "$VENV/bin/python" -m pytest tests/bench -p no:cacheprovider -s "$@"
+    ;;
+  web)
+    shift
+    start mitmweb "$@"
+    ;;
+  *)
+    start mitmdump "$@"
+    ;;
+esac

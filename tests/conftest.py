@@ -1,0 +1,46 @@
+"""Fixtures: real origins and real mitmdump processes on loopback (see harness.py)."""
+from __future__ import annotations
+
+import pytest
+
+from harness import Origin, Proxy, make_cert
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.close()
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory):
+    return make_cert(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def tls_origin(cert):
+    o = Origin(tls=cert)
+    yield o
+    o.close()
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """start_proxy(modes=("regular",), options={...}, script="addons/all.py") -> Proxy; stopped after the test."""
+    started: list[Proxy] = []
+
+    def start(modes=("regular",), **kw) -> Proxy:
+        p = Proxy(tmp_path / f"proxy{len(started)}", modes=modes, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy):
+    """The whole suite as a regular forward proxy."""
+    return start_proxy()

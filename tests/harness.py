@@ -1,0 +1,297 @@
+"""Real parts for end-to-end tests: a mitmdump subprocess and a loopback origin.
+
+Everything listens on 127.0.0.1 only. Fixtures wrapping these are in conftest.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BIN = Path(sys.executable).parent
+MITMDUMP = str(BIN / "mitmdump") if (BIN / "mitmdump").exists() else "mitmdump"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+# --- origin -----------------------------------------------------------------
+
+@dataclass
+class Seen:
+    """One request as the origin received it."""
+    method: str
+    path: str
+    headers: dict[str, str]
+    header_list: list[tuple[str, str]]
+    body: bytes
+    client: str
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "_Server"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def _handle(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        origin = self.server.origin
+        seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
+                    list(self.headers.items()), body, self.client_address[0])
+        with origin.lock:
+            origin.requests.append(seen)
+            path = urlsplit(self.path).path
+            origin.hits[path] = origin.hits.get(path, 0) + 1
+        status, headers, payload = origin.respond(seen)
+        if callable(payload):  # a generator of chunks, sent slowly
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            try:
+                for chunk in payload():
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            except OSError:
+                pass
+            return
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if "Content-Length" not in headers:
+            self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Origin:
+    """A loopback HTTP(S) origin that counts and records what it receives.
+
+    Built-in routes:
+      /size/N            N bytes of 'x' (application/octet-stream)
+      /headers           JSON of the request headers it received
+      /status/N          an empty response with status N
+      /slow/N?rate=B     N bytes sent B bytes per 0.1 s
+      anything else      'hello <path>' as text/plain
+    Query parameters `h.Name=value` add response headers, `status=N` sets
+    the status. `origin.route(path, fn)` overrides a path with fn(seen) ->
+    (status, headers, body).
+    """
+
+    def __init__(self, tls: tuple[str, str] | None = None, host: str = "127.0.0.1"):
+        self.requests: list[Seen] = []
+        self.hits: dict[str, int] = {}
+        self.routes: dict[str, callable] = {}
+        self.lock = threading.Lock()
+        self.server = _Server((host, 0), Handler)
+        self.server.origin = self
+        self.tls = tls is not None
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def route(self, path: str, fn) -> None:
+        self.routes[path] = fn
+
+    def respond(self, seen: Seen):
+        url = urlsplit(seen.path)
+        query = dict(parse_qsl(url.query))
+        extra = {k[2:]: v for k, v in query.items() if k.startswith("h.")}
+        if url.path in self.routes:
+            return self.routes[url.path](seen)
+        parts = url.path.strip("/").split("/")
+        status = int(query.get("status", 200))
+        if parts[0] == "size" and len(parts) > 1:
+            return status, {"Content-Type": "application/octet-stream", **extra}, b"x" * int(parts[1])
+        if parts[0] == "headers":
+            body = json.dumps({"headers": seen.headers, "client": seen.client}).encode()
+            return status, {"Content-Type": "application/json", **extra}, body
+        if parts[0] == "status" and len(parts) > 1:
+            return int(parts[1]), {"Content-Type": "text/plain", **extra}, b""
+        if parts[0] == "slow" and len(parts) > 1:
+            total, rate = int(parts[1]), int(query.get("rate", 2000))
+
+            def chunks():
+                sent = 0
+                while sent < total:
+                    n = min(rate, total - sent)
+                    yield b"x" * n
+                    sent += n
+                    time.sleep(0.1)
+            return status, {"Content-Type": "application/octet-stream", "Content-Length": str(total), **extra}, chunks
+        return status, {"Content-Type": "text/plain", **extra}, f"hello {url.path}".encode()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_cert(folder: Path, name: str = "127.0.0.1") -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost (openssl CLI)."""
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+# --- proxy ------------------------------------------------------------------
+
+class Proxy:
+    """A real `mitmdump -s <script>` subprocess listening on free loopback ports.
+
+    `modes` are mitmproxy mode specs without the @port; each gets a free port,
+    listed in `ports` in the same order (`port` is the first).
+    """
+
+    def __init__(self, tmp: Path, modes=("regular",), script: str | None = "addons/all.py",
+                 options: dict[str, object] | None = None, args: list[str] = (),
+                 env: dict[str, str] | None = None, wait: bool = True):
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.confdir = self.tmp / "conf"
+        self.access_log = self.tmp / "access.log"
+        self.ports = [free_port() for _ in modes]
+        self.port = self.ports[0]
+        opts = {"confdir": str(self.confdir), "access_log": str(self.access_log),
+                "ssl_insecure": "true", "termlog_verbosity": "info"}
+        opts.update({k: v for k, v in (options or {}).items()})
+        cmd = [MITMDUMP, "--listen-host", "127.0.0.1"]
+        for mode, port in zip(modes, self.ports):
+            cmd += ["--mode", f"{mode}@{port}"]
+        if script:
+            cmd += ["-s", str(ROOT / script)]
+        for k, v in opts.items():
+            if v is None:
+                continue
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            cmd += ["--set", f"{k}={v}"]
+        cmd += list(args)
+        self.cmd = cmd
+        self.output = self.tmp / "mitmdump.out"
+        self._out = open(self.output, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=str(self.tmp), stdout=self._out, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        if wait:
+            try:
+                for mode, port in zip(modes, self.ports):
+                    if not mode.startswith(("transparent", "wireguard", "dns", "local")):
+                        self._wait(port)
+            except Exception:
+                self.stop()
+                raise
+
+    def _wait(self, port: int, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited {self.proc.returncode}:\n{self.text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"mitmdump not listening on {port}:\n{self.text()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> str:
+        return str(self.confdir / "mitmproxy-ca-cert.pem")
+
+    def text(self) -> str:
+        try:
+            return self.output.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_lines(self, at_least: int = 1, timeout: float = 10.0, path: Path | None = None) -> list[str]:
+        """Access-log lines, waiting until there are `at_least` of them."""
+        path = path or self.access_log
+        end = time.monotonic() + timeout
+        lines: list[str] = []
+        while time.monotonic() < end:
+            try:
+                lines = [l for l in path.read_text().splitlines() if l.strip()]
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= at_least:
+                return lines
+            time.sleep(0.05)
+        return lines
+
+    def signal(self, sig=signal.SIGHUP) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._out.close()
+
+
+def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """Run curl; returns the CompletedProcess (stdout as bytes)."""
+    return subprocess.run(["curl", "-sS", "--max-time", str(int(timeout)), *args],
+                          capture_output=True, timeout=timeout + 5)
+
+
+def curl_status(*args: str, timeout: float = 20) -> int:
+    r = curl("-o", "/dev/null", "-w", "%{http_code}", *args, timeout=timeout)
+    return int(r.stdout or 0)
