@@ -14,9 +14,16 @@ VENV=$ROOT/.venv
 RELAIS_USER=${RELAIS_USER:-nobody}
 
 need_venv() {
-  local extras=$1 stamp="$VENV/.relais-installed$extras"
+  local extras=$1
+  local stamp="$VENV/.relais-installed$extras"
   if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+    # As root, build the venv on the system interpreter: pyenv's lives under /root,
+    # which the unprivileged RELAIS_USER cannot read.
+    local py=${PYTHON:-python3}
+    if [ "$(id -u)" = 0 ] && [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      py=/usr/bin/python3
+    fi
+    "$py" -m venv "$VENV"
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
@@ -58,10 +65,6 @@ start() {
     *" --mode "*|*" -m "*|*" --mode="*) ;;
     *) args+=(--mode "regular@${RELAIS_HOST:-127.0.0.1}:3128") ;;
   esac
-  # mitmproxy's "@port" form does not take a host; listen_host does.
-  if [[ " ${args[*]} " == *"regular@"*":3128"* ]]; then
-    args=(-s "$ROOT/addons/all.py" --set confdir="$ROOT/var/mitmproxy" --listen-host "${RELAIS_HOST:-127.0.0.1}" --mode regular@3128)
-  fi
   if [ "$(id -u)" = 0 ] && [ "$RELAIS_USER" != root ]; then
     chown -R "$RELAIS_USER" var
     exec setpriv --reuid="$RELAIS_USER" --regid="$(id -g "$RELAIS_USER")" --init-groups \
