@@ -115,12 +115,12 @@ class Origin:
     (status, headers, body).
     """
 
-    def __init__(self, tls: tuple[str, str] | None = None, host: str = "127.0.0.1"):
+    def __init__(self, tls: tuple[str, str] | None = None, host: str = "127.0.0.1", port: int = 0):
         self.requests: list[Seen] = []
         self.hits: dict[str, int] = {}
         self.routes: dict[str, callable] = {}
         self.lock = threading.Lock()
-        self.server = _Server((host, 0), Handler)
+        self.server = _Server((host, port), Handler)
         self.server.origin = self
         self.tls = tls is not None
         if tls:
@@ -195,17 +195,18 @@ class Proxy:
 
     def __init__(self, tmp: Path, modes=("regular",), script: str | None = "addons/all.py",
                  options: dict[str, object] | None = None, args: list[str] = (),
-                 env: dict[str, str] | None = None, wait: bool = True):
+                 env: dict[str, str] | None = None, wait: bool = True, prefix: list[str] = (),
+                 listen_host: str = "127.0.0.1", ports: list[int] | None = None):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.confdir = self.tmp / "conf"
         self.access_log = self.tmp / "access.log"
-        self.ports = [free_port() for _ in modes]
+        self.ports = list(ports) if ports else [free_port() for _ in modes]
         self.port = self.ports[0]
         opts = {"confdir": str(self.confdir), "access_log": str(self.access_log),
                 "ssl_insecure": "true", "termlog_verbosity": "info"}
         opts.update({k: v for k, v in (options or {}).items()})
-        cmd = [MITMDUMP, "--listen-host", "127.0.0.1"]
+        cmd = [*prefix, MITMDUMP, "--listen-host", listen_host]
         for mode, port in zip(modes, self.ports):
             cmd += ["--mode", f"{mode}@{port}"]
         if script:
@@ -224,8 +225,10 @@ class Proxy:
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         if wait:
             try:
-                for mode, port in zip(modes, self.ports):
-                    if not mode.startswith(("transparent", "wireguard", "dns", "local")):
+                if prefix:  # in another network namespace: wait for its own word
+                    self.wait_output("listening at", timeout=30)
+                else:
+                    for port in self.ports:
                         self._wait(port)
             except Exception:
                 self.stop()
@@ -242,6 +245,16 @@ class Proxy:
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"mitmdump not listening on {port}:\n{self.text()}")
+
+    def wait_output(self, text: str, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if text in self.text():
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited {self.proc.returncode}:\n{self.text()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{text!r} not in mitmdump output:\n{self.text()}")
 
     @property
     def url(self) -> str:

@@ -1,0 +1,140 @@
+"""The four proxy modes, end to end: real mitmdump, real origins, real clients.
+
+Each test checks what the client received and the access-log line.
+"""
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from harness import curl
+
+LINE = re.compile(r"^\d{10}\.\d{3} +\d+ (\S+) (\S+)/(\d{3}) (\d+) (\S+) (\S+) (\S+) (\S+)/(\S+) (\S+)$")
+
+
+def fields(line: str) -> dict:
+    m = LINE.match(line)
+    assert m, f"not a Squid native line: {line!r}"
+    keys = ("client", "code", "status", "bytes", "method", "url", "user", "hier", "peer", "mime")
+    return dict(zip(keys, m.groups()))
+
+
+def find(lines: list[str], **want) -> dict:
+    for line in lines:
+        f = fields(line)
+        if all(f[k] == v for k, v in want.items()):
+            return f
+    raise AssertionError(f"no line with {want} in:\n" + "\n".join(lines))
+
+
+# --- regular ------------------------------------------------------------------
+
+def test_regular_plain_http(proxy, origin):
+    r = curl("-x", proxy.url, f"{origin.url}/size/1000")
+    assert r.returncode == 0 and r.stdout == b"x" * 1000
+    f = find(proxy.log_lines(1), url=f"{origin.url}/size/1000")
+    assert (f["client"], f["code"], f["status"], f["method"]) == ("127.0.0.1", "TCP_MISS", "200", "GET")
+    assert (f["hier"], f["peer"], f["mime"]) == ("HIER_DIRECT", "127.0.0.1", "application/octet-stream")
+    assert int(f["bytes"]) > 1000  # body plus headers
+
+
+def test_regular_https_connect_is_intercepted(start_proxy, tls_origin):
+    proxy = start_proxy()
+    url = f"https://localhost:{tls_origin.port}/secret"
+    r = curl("--cacert", proxy.ca, "-x", proxy.url, url)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello /secret"
+    lines = proxy.log_lines(2)
+    # The decrypted request is logged with its https URL; the origin saw the plain request.
+    find(lines, code="TCP_MISS", status="200", method="GET", url=url, hier="HIER_DIRECT")
+    find(lines, method="CONNECT", url=f"localhost:{tls_origin.port}", status="200")
+    assert tls_origin.hits["/secret"] == 1
+
+
+def test_several_modes_in_one_process(start_proxy, origin):
+    proxy = start_proxy(modes=("regular", "socks5"))
+    http_port, socks_port = proxy.ports
+    a = curl("-x", f"http://127.0.0.1:{http_port}", f"{origin.url}/via-http")
+    b = curl("--socks5-hostname", f"127.0.0.1:{socks_port}", f"{origin.url}/via-socks")
+    assert a.stdout == b"hello /via-http" and b.stdout == b"hello /via-socks"
+    lines = proxy.log_lines(2)
+    find(lines, url=f"{origin.url}/via-http", code="TCP_MISS")
+    find(lines, url=f"{origin.url}/via-socks", code="TCP_MISS")
+
+
+# --- socks5 ---------------------------------------------------------------------
+
+def test_socks5_http_and_https(start_proxy, origin, tls_origin):
+    proxy = start_proxy(modes=("socks5",))
+    socks = f"127.0.0.1:{proxy.port}"
+    assert curl("--socks5-hostname", socks, f"{origin.url}/s").stdout == b"hello /s"
+    url = f"https://localhost:{tls_origin.port}/st"
+    r = curl("--socks5-hostname", socks, "--cacert", proxy.ca, url)
+    assert r.stdout == b"hello /st", r.stderr
+    lines = proxy.log_lines(2)
+    find(lines, url=f"{origin.url}/s", code="TCP_MISS", status="200")
+    find(lines, url=url, code="TCP_MISS", status="200")
+
+
+def test_socks5_with_username_and_password(start_proxy, origin):
+    proxy = start_proxy(modes=("socks5",), options={"proxyauth": "alice:secret"})
+    ok = curl("-x", f"socks5h://alice:secret@127.0.0.1:{proxy.port}", f"{origin.url}/auth")
+    assert ok.stdout == b"hello /auth", ok.stderr
+    bad = curl("-x", f"socks5h://alice:wrong@127.0.0.1:{proxy.port}", f"{origin.url}/auth")
+    assert bad.returncode != 0 and bad.stdout == b""
+    none = curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", f"{origin.url}/auth")
+    assert none.returncode != 0
+    assert origin.hits["/auth"] == 1
+    f = find(proxy.log_lines(1), url=f"{origin.url}/auth")
+    assert f["user"] == "alice"
+
+
+def test_socks5_httpx_client(start_proxy, origin):
+    proxy = start_proxy(modes=("socks5",))
+    with httpx.Client(proxy=f"socks5://127.0.0.1:{proxy.port}", timeout=10) as client:
+        r = client.get(f"{origin.url}/httpx")
+    assert r.status_code == 200 and r.text == "hello /httpx"
+
+
+# --- reverse ----------------------------------------------------------------------
+
+def test_reverse_to_http_origin(start_proxy, origin):
+    proxy = start_proxy(modes=(f"reverse:{origin.url}",))
+    r = curl(f"http://127.0.0.1:{proxy.port}/r?q=1")
+    assert r.stdout == b"hello /r"
+    f = find(proxy.log_lines(1), code="TCP_MISS")
+    assert f["url"] == f"http://127.0.0.1:{origin.port}/r?"  # the origin's URL, query stripped
+    assert (f["hier"], f["peer"]) == ("HIER_DIRECT", "127.0.0.1")
+
+
+@pytest.mark.parametrize("upstream", ["http", "https"])
+def test_reverse_with_tls_from_client(start_proxy, origin, tls_origin, upstream):
+    target = origin if upstream == "http" else tls_origin
+    proxy = start_proxy(modes=(f"reverse:{target.url}",))
+    r = curl("--cacert", proxy.ca, f"https://localhost:{proxy.port}/tls")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"hello /tls"
+    assert target.hits["/tls"] == 1
+    find(proxy.log_lines(1), code="TCP_MISS", status="200", method="GET")
+
+
+# --- failures ---------------------------------------------------------------------
+
+def test_refused_origin_gets_squid_503(proxy):
+    from harness import free_port
+    port = free_port()
+    r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, f"http://127.0.0.1:{port}/nothing")
+    assert b"503" in r.stdout.split(b"\r\n")[0]
+    assert b"X-Squid-Error: ERR_CONNECT_FAIL 111" in r.stdout
+    f = find(proxy.log_lines(1), url=f"http://127.0.0.1:{port}/nothing")
+    assert (f["code"], f["status"], f["hier"], f["peer"], f["mime"]) == (
+        "TCP_MISS", "503", "HIER_DIRECT", "127.0.0.1", "text/html")
+
+
+def test_unresolvable_host_gets_dns_error(proxy):
+    r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, "http://nosuchhost.invalid/")
+    assert b"X-Squid-Error: ERR_DNS_FAIL" in r.stdout
+    f = find(proxy.log_lines(1), url="http://nosuchhost.invalid/")
+    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
