@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http, tcp
+from mitmproxy.proxy import layers
 from mitmproxy.net.http.http1 import assemble
 
 try:
@@ -132,7 +133,12 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
     local = flow.metadata.get(meta.LOCAL)
     hier = flow.metadata.get(meta.HIER) or ("HIER_DIRECT" if peer and not local else "HIER_NONE")
     status = resp.status_code if resp else 0
-    size = head_size(resp) + body_size(flow) if resp and not (is_connect and status >= 300 and code == "NONE_NONE") else 0
+    if not resp or (is_connect and code == "NONE_NONE"):
+        size = 0  # Squid counts nothing for a refused or bumped CONNECT
+    elif aborted and flow.metadata.get(meta.SENT_BYTES) is None:
+        size = 0  # buffered, and the client left before any of it was sent
+    else:
+        size = head_size(resp) + body_size(flow)
     return Record(
         end=end,
         elapsed_ms=max(0, int((end - start) * 1000)),
@@ -159,7 +165,9 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
     host, port = flow.server_conn.address or ("-", 0)
     sni = flow.client_conn.sni
     peer = meta.peer(flow)
-    size = sum(len(m.content) for m in flow.messages if not m.from_client)
+    size = flow.metadata.get(meta.SENT_BYTES)
+    if size is None:
+        size = sum(len(m.content) for m in flow.messages if not m.from_client)
     code = flow.metadata.get(meta.CODE) or code or "TCP_TUNNEL"
     if code == "TCP_DENIED":
         status, size = 403, 0
@@ -246,6 +254,7 @@ class AccessLog:
         self.logged: set[str] = set()          # flow ids already written (error after response...)
         self.connects: dict[object, http.HTTPFlow] = {}  # client conn -> its pending CONNECT
         self.tunnelled: set[object] = set()    # client conns whose CONNECT was logged by a TCP flow
+        self.intercepted: set[object] = set()  # client conns with decrypted requests inside their CONNECT
         self.seen: set[object] = set()         # client conns that carried at least one flow
 
     def load(self, loader):
@@ -398,12 +407,38 @@ class AccessLog:
             return
         self.logged.add(flow.id)
         if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
-            self.tunnelled.add(flow.client_conn)  # an intercepted request inside the tunnel
+            self.intercepted.add(flow.client_conn)
         self.write(http_record(flow, ctx.options.strip_query_terms, aborted))
 
     # --- raw TCP --------------------------------------------------------
+    def next_layer(self, nextlayer) -> None:
+        # A connection mitmproxy passes through untouched (ignore_hosts) makes no
+        # flow, so nothing could log it. Relay it with a flow instead (still
+        # untouched: a TCP layer only copies bytes) and keep only a byte count.
+        # Scripts run before mitmproxy's own NextLayer addon, so its ignore
+        # test is asked here; without it (other mitmproxy versions) such
+        # tunnels are logged from their CONNECT, without a size.
+        if nextlayer.layer is not None or nextlayer.context.client.transport_protocol != "tcp":
+            return
+        decider = ctx.master.addons.get("nextlayer")
+        try:
+            ignore = decider._ignore_connection(nextlayer.context, nextlayer.data_client(), nextlayer.data_server())
+        except Exception:  # NeedsMoreData: decided on a later call; or no such method
+            return
+        if ignore:
+            nextlayer.layer = layers.TCPLayer(nextlayer.context)
+            nextlayer.layer.flow.metadata[meta.PASSTHROUGH] = True
+            nextlayer.layer.flow.metadata[meta.SENT_BYTES] = 0
+
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self.seen.add(flow.client_conn)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        if flow.metadata.get(meta.PASSTHROUGH):
+            last = flow.messages[-1]
+            if not last.from_client:
+                flow.metadata[meta.SENT_BYTES] += len(last.content)
+            del flow.messages[:-1]  # a tunnel can be long: do not keep its bytes
 
     def tcp_end(self, flow: tcp.TCPFlow) -> None:
         self._log_tcp(flow)
@@ -425,15 +460,15 @@ class AccessLog:
     # --- connections ----------------------------------------------------
     def client_disconnected(self, client) -> None:
         connect = self.connects.pop(client, None)
-        tunnelled = client in self.tunnelled
+        tunnelled, intercepted = client in self.tunnelled, client in self.intercepted
         self.tunnelled.discard(client)
+        self.intercepted.discard(client)
         seen = client in self.seen
         self.seen.discard(client)
-        if connect is not None:
-            if tunnelled:
-                # Intercepted: each inner request was logged; the CONNECT itself as a bumped Squid does.
+        if connect is not None and not tunnelled:  # a tunnel was logged by its TCP flow
+            if intercepted:
+                # Each inner request was logged; the CONNECT itself as a bumping Squid does.
                 connect.metadata.setdefault(meta.CODE, "NONE_NONE")
-            # Else passed through untouched: mitmproxy makes no flow for it, so the bytes are unknown.
             self._log_http(connect)
         elif (bad := self.bad_requests.bad.pop(tuple(client.peername or ()), None)) is not None:
             self.write(bad_request_record(client, bad))

@@ -16,9 +16,10 @@ CACHE = "relais.cache"        # cache outcome: {"status": "HIT"|"MISS"|..., "tie
 APP = "relais.app"            # detected/blocked application name
 ANONYMIZE = "relais.anonymize"  # anonymization level applied to the upstream request
 SENT_BYTES = "relais.sent_bytes"  # body bytes actually sent to the client (streamed bodies)
+PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts); only its size is kept
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
 
-ALL = (CODE, HIER, LOCAL, ERROR, ACL, USER, CACHE, APP, ANONYMIZE, SENT_BYTES, PEER)
+ALL = (CODE, HIER, LOCAL, ERROR, ACL, USER, CACHE, APP, ANONYMIZE, SENT_BYTES, PEER, PASSTHROUGH)
 
 
 def client_ip(flow) -> str:

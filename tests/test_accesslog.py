@@ -1,0 +1,170 @@
+"""The access log: exact Squid field layout, formats, options, rotation, concurrency."""
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import signal
+import time
+
+import httpx
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons
+
+from addons import accesslog
+from addons.accesslog import Record, format_common, format_squid, mime_of, strip_query
+from harness import curl
+
+# Squid 5's native layout, strictly: integer elapsed, integer bytes, 3-digit status.
+STRICT = re.compile(
+    r"^\d{9,10}\.\d{3} {1,6}\d+ [0-9a-fA-F.:]+ [A-Z_]+/\d{3} \d+ \S+ \S+ \S+ [A-Z_]+/\S+ \S+$")
+
+
+def rec(**kw) -> Record:
+    base = dict(end=1795745879.953, elapsed_ms=1, client="127.0.0.1", code="TCP_MISS", status=200,
+                size=1391, method="GET", url="http://127.0.0.1:31081/1k", hier="HIER_DIRECT",
+                peer="127.0.0.1", mime="application/octet-stream")
+    base.update(kw)
+    return Record(**base)
+
+
+def test_squid_line_is_byte_for_byte_squids():
+    assert format_squid(rec()) == (
+        "1795745879.953      1 127.0.0.1 TCP_MISS/200 1391 GET http://127.0.0.1:31081/1k - "
+        "HIER_DIRECT/127.0.0.1 application/octet-stream")
+    assert format_squid(rec(elapsed_ms=5730, code="TCP_MISS", status=502, size=3410, url="http://nosuchhost.invalid/",
+                            hier="HIER_NONE", peer="-", mime="text/html")) == (
+        "1795745896.625   5730 127.0.0.1 TCP_MISS/502 3410 GET http://nosuchhost.invalid/ - HIER_NONE/- text/html"
+        .replace("1795745896.625", "1795745879.953"))
+
+
+def test_reference_lines_parse_with_the_strict_layout():
+    """Every line a real Squid 5.7 wrote fits the layout our lines are checked against."""
+    from harness import SHARED
+    lines = (SHARED / "reference" / "squid-5.7-access.log").read_text().splitlines()
+    assert len(lines) >= 20
+    for line in lines:
+        assert STRICT.match(line), line
+
+
+def test_status_is_zero_padded_and_user_is_shown():
+    line = format_squid(rec(code="NONE_NONE", status=0, size=0, method="-",
+                            url="error:transaction-end-before-headers", hier="HIER_NONE", peer="-", mime="-"))
+    assert " NONE_NONE/000 0 - error:transaction-end-before-headers - HIER_NONE/- -" in line
+    assert " alice HIER_DIRECT/" in format_squid(rec(user="alice"))
+
+
+def test_common_and_combined_formats():
+    line = format_common(rec(user="bob"))
+    assert re.match(r'^127\.0\.0\.1 - bob \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+                    r'"GET http://127\.0\.0\.1:31081/1k HTTP/1\.1" 200 1391 TCP_MISS:HIER_DIRECT$', line)
+    combined = format_common(rec(referer="http://a/", agent="curl/8"), combined=True)
+    assert combined.endswith('200 1391 "http://a/" "curl/8" TCP_MISS:HIER_DIRECT')
+
+
+def test_query_terms_are_stripped_like_squid():
+    assert strip_query("http://h/1k?user=alice&token=secret") == "http://h/1k?"
+    assert strip_query("http://h/1k") == "http://h/1k"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("text/html; charset=utf-8", "text/html"), ("text/html;charset=utf-8", "text/html"),
+    ("application/json", "application/json"), ("", "-"),
+])
+def test_mime_type_without_parameters(value, expected):
+    assert mime_of({"content-type": value} if value else {}) == expected
+
+
+@pytest.mark.parametrize("option,value", [("logformat", "apache"), ("logfile_rotate", -1), ("access_log", "  ")])
+def test_bad_option_values_are_refused_by_name(option, value, tmp_path):
+    addon = accesslog.AccessLog()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, access_log=str(tmp_path / "a.log"))
+        with pytest.raises(exceptions.OptionsError, match=option):
+            tctx.configure(addon, **{option: value})
+        addon.done()
+
+
+def test_unwritable_access_log_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    addon = accesslog.AccessLog()
+    with taddons.context(addon) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="access_log"):
+            tctx.configure(addon, access_log=str(tmp_path / "file" / "access.log"))
+
+
+# --- end to end -------------------------------------------------------------------
+
+def test_access_log_none_disables_it(start_proxy, origin):
+    proxy = start_proxy(options={"access_log": "none"})
+    assert curl("-x", proxy.url, f"{origin.url}/x").stdout == b"hello /x"
+    time.sleep(0.3)
+    assert not proxy.access_log.exists()
+
+
+@pytest.mark.parametrize("fmt,pattern", [
+    ("common", r'^127\.0\.0\.1 - - \[.+\] "GET http://127\.0\.0\.1:\d+/c\? HTTP/1\.1" 200 \d+ TCP_MISS:HIER_DIRECT$'),
+    ("combined", r'^127\.0\.0\.1 - - \[.+\] "GET http://127\.0\.0\.1:\d+/c\? HTTP/1\.1" 200 \d+ "http://ref/" "relais-test" TCP_MISS:HIER_DIRECT$'),
+])
+def test_apache_formats_end_to_end(start_proxy, origin, fmt, pattern):
+    proxy = start_proxy(options={"logformat": fmt})
+    curl("-x", proxy.url, "-e", "http://ref/", "-A", "relais-test", f"{origin.url}/c?secret=1")
+    assert re.match(pattern, proxy.log_lines(1)[-1])
+
+
+def test_query_kept_when_strip_query_terms_is_off(start_proxy, origin):
+    proxy = start_proxy(options={"strip_query_terms": False})
+    curl("-x", proxy.url, f"{origin.url}/q?a=1")
+    assert f" GET {origin.url}/q?a=1 - " in proxy.log_lines(1)[-1]
+
+
+def test_sighup_reopens_the_log_for_logrotate(proxy, origin):
+    curl("-x", proxy.url, f"{origin.url}/before")
+    proxy.log_lines(1)
+    moved = proxy.access_log.with_name("access.log.1")
+    proxy.access_log.rename(moved)          # what logrotate does...
+    proxy.signal(signal.SIGHUP)              # ...then it signals
+    deadline = time.monotonic() + 10
+    while not proxy.access_log.exists() and time.monotonic() < deadline:
+        curl("-x", proxy.url, f"{origin.url}/after")
+        time.sleep(0.2)
+    assert any("/after" in l for l in proxy.log_lines(1))
+    assert "/before" in moved.read_text() and "/after" not in moved.read_text()
+    assert proxy.proc.poll() is None
+
+
+def test_rotate_command_keeps_numbered_logs(tmp_path):
+    """accesslog.rotate renames like `squid -k rotate` and keeps logfile_rotate files."""
+    addon = accesslog.AccessLog()
+    path = tmp_path / "access.log"
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, access_log=str(path), logfile_rotate=2)
+        for n in range(3):
+            addon.write(rec(url=f"http://h/{n}"))
+            addon.listener.stop(); addon.listener.start()   # drain the queue
+            addon.rotate()
+        addon.write(rec(url="http://h/now"))
+        addon.done()
+    assert "http://h/now" in path.read_text()
+    assert "http://h/2" in (tmp_path / "access.log.0").read_text()
+    assert "http://h/1" in (tmp_path / "access.log.1").read_text()
+    assert not (tmp_path / "access.log.2").exists()
+
+
+def test_concurrent_load_gives_whole_lines(proxy, origin):
+    """200 requests from 20 concurrent clients: 200 complete, well-formed lines."""
+    def fetch(i):
+        with httpx.Client(proxy=proxy.url, timeout=20) as c:
+            return c.get(f"{origin.url}/size/{1000 + i}").status_code
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        assert set(pool.map(fetch, range(200))) == {200}
+    lines = proxy.log_lines(201)
+    for line in lines:
+        assert STRICT.match(line), line
+    # the harness's readiness probe (a connection without a request) is logged too, as Squid does
+    lines = [l for l in lines if " GET " in l]
+    assert len(lines) == 200
+    for line in lines:
+        assert STRICT.match(line), line
+    sizes = sorted(int(re.search(r"/size/(\d+) ", l).group(1)) for l in lines)
+    assert sizes == list(range(1000, 1200))
