@@ -1,0 +1,94 @@
+"""run.sh on a fresh copy of the project: creates its venv, starts the proxy
+on the given port, logs under var/, and, started as root, runs mitmproxy as
+the unprivileged RELAIS_USER (Squid's cache_effective_user) that owns var/.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import ROOT, curl, free_port, wait_port
+
+
+@pytest.fixture(scope="module")
+def fresh_copy():
+    # Under /tmp with open permissions: pytest's own tmp folders are private to root.
+    folder = Path(tempfile.mkdtemp(prefix="relais-runsh-", dir="/tmp"))
+    folder.chmod(0o755)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            dst = folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    for d in folder.rglob("*"):
+        if d.is_dir():
+            d.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def start(folder: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    out = open(folder / "run.out", "wb")
+    return subprocess.Popen(["./run.sh", "--mode", f"regular@127.0.0.1:{port}"], cwd=folder,
+                            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def test_run_sh_starts_a_logging_proxy_as_the_unprivileged_user(fresh_copy, origin):
+    assert os.geteuid() == 0, "this test checks the privilege drop, which happens only when started as root"
+    port = free_port()
+    proc = start(fresh_copy, port, {"RELAIS_USER": "nobody"})
+    try:
+        wait_port(port, timeout=300)  # the first start creates .venv and installs the project
+        r = curl("-x", f"http://127.0.0.1:{port}", f"{origin.url}/through-run-sh")
+        assert r.stdout == b"hello /through-run-sh"
+        log = fresh_copy / "var" / "log" / "access.log"
+        deadline = time.monotonic() + 10
+        while "/through-run-sh" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "TCP_MISS/200" in log.read_text() and "/through-run-sh" in log.read_text()
+        nobody = pwd.getpwnam("nobody").pw_uid
+        assert uid_of(proc.pid) == nobody           # run.sh exec'd mitmdump as nobody
+        assert log.stat().st_uid == nobody
+        assert (fresh_copy / "var").stat().st_uid == nobody
+        # mitmproxy's CA lives under var/ too, so a user can find it to trust it
+        assert (fresh_copy / "var" / "mitmproxy" / "mitmproxy-ca-cert.pem").exists()
+    finally:
+        stop(proc)
+        print((fresh_copy / "run.out").read_text()[-3000:])
+
+
+def test_run_sh_test_and_web_are_documented_commands():
+    text = (ROOT / "run.sh").read_text()
+    for word in ("test)", "web)", "bench)", "RELAIS_USER"):
+        assert word in text
+    readme = (ROOT / "README.md").read_text()
+    assert "./run.sh test" in readme and "\n    ./run.sh\n" in readme
