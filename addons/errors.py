@@ -97,7 +97,10 @@ class Errors:
         self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
-        # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503.
+        # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
+        # a refusal another addon made (a 403 from access control...) stays as it is.
+        if flow.metadata.get(meta.LOCAL) or not flow.response or flow.response.status_code != 502:
+            return
         flow.response = errorpage.make(
             "ERR_CONNECT_FAIL", f"{flow.request.host}:{flow.request.port}",
             detail=flow.response.get_text(strict=False)[:200] if flow.response else "")

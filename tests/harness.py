@@ -205,6 +205,9 @@ class Proxy:
         self.port = self.ports[0]
         opts = {"confdir": str(self.confdir), "access_log": str(self.access_log),
                 "ssl_insecure": "true", "termlog_verbosity": "info"}
+        if script in ("addons/all.py", "addons/acl.py"):
+            # Squid's default policy refuses CONNECT to the high ports of the test origins.
+            opts["policy"] = str(ROOT / "tests" / "policies" / "test.yaml")
         opts.update({k: v for k, v in (options or {}).items()})
         cmd = [*prefix, MITMDUMP, "--listen-host", listen_host]
         for mode, port in zip(modes, self.ports):

@@ -49,7 +49,7 @@ def scenario(tmp_path_factory, cert):
             s.sendall(b"GARBAGE\r\n\r\n")
             s.recv(4096)
         curl("-x", http, f"{origin.url}/slow/100000?rate=2000", timeout=1)
-        lines = proxy.log_lines(14, timeout=15)
+        lines = proxy.log_lines(16, timeout=15)
         log = tmp / "access.log"
         yield log, lines
     finally:
