@@ -9,8 +9,8 @@ lines are never split or interleaved.
 Commands: accesslog.rotate (like `squid -k rotate`). SIGHUP reopens the file
 so that logrotate's "move then signal" works.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: mitmproxy loads scripts without
+# registering them in sys.modules, where dataclasses then look string annotations up.
 import dataclasses
 import logging
 import logging.handlers

@@ -1,0 +1,56 @@
+"""The suite's composition: every addon loads alone, all.py keeps the documented order."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from harness import ROOT, curl
+
+ADDON_MODULES = sorted(
+    p.stem for p in (ROOT / "addons").glob("*.py")
+    if p.stem != "all" and re.search(r"^addons = \[", p.read_text(), re.M)
+)
+
+
+def test_there_are_addons_to_load():
+    assert {"accesslog", "errors", "acl", "cache", "anonymize"} <= set(ADDON_MODULES)
+
+
+@pytest.mark.parametrize("module", ADDON_MODULES)
+def test_each_addon_loads_alone_and_relays(start_proxy, origin, module, tmp_path):
+    options = {"cache_dir": str(tmp_path / "cache")} if module == "cache" else {}
+    proxy = start_proxy(script=f"addons/{module}.py", options=options)
+    r = curl("-x", proxy.url, f"{origin.url}/alone-{module}")
+    assert r.stdout == f"hello /alone-{module}".encode(), proxy.text()
+    assert "Traceback" not in proxy.text()
+
+
+def documented_order() -> list[str]:
+    text = (ROOT / "addons" / "README.md").read_text()
+    section = text.split("## Pipeline order", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| \d+ \| [^|]+\| `(\w+)\.py` \|", section, re.M)
+
+
+def suite_order() -> list[str]:
+    from addons import all as suite
+    return [type(a).__module__.rsplit(".", 1)[-1] for a in suite.addons]
+
+
+def test_all_py_follows_the_documented_pipeline():
+    assert suite_order() == documented_order()
+    assert suite_order()[-1] == "accesslog"  # last: it sees every verdict
+
+
+def test_every_metadata_key_in_code_is_documented():
+    from addons import meta
+    doc = (ROOT / "addons" / "README.md").read_text()
+    keys = [v for k, v in vars(meta).items() if k.isupper() and isinstance(v, str) and v.startswith("relais.")]
+    assert keys
+    for key in keys:
+        assert f"`{key}`" in doc, f"{key} is not in addons/README.md"
+    # and addons use keys only through meta's constants or documented names
+    for path in (ROOT / "addons").glob("*.py"):
+        for literal in re.findall(r"metadata(?:\[|\.get\(|\.setdefault\()\s*[\"'](relais\.\w+)", path.read_text()):
+            assert f"`{literal}`" in doc, f"{path.name} uses undocumented metadata key {literal}"
