@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+ECHO_PORT = 5222  # a raw TCP (chat-like) service, also redirected
 CLIENT_IP, ROUTER_IN, ROUTER_OUT, SERVER_IP = "10.231.1.2", "10.231.1.1", "10.231.2.1", "10.231.2.2"
 
 
@@ -51,7 +52,7 @@ class Topology:
         sh(*self.ns(self.client, "ip", "route", "add", "default", "via", ROUTER_IN))
         sh(*self.ns(self.server, "ip", "route", "add", "default", "via", ROUTER_OUT))
         sh(*self.ns(self.router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"))
-        for port in ("80", "443"):
+        for port in ("80", "443", str(ECHO_PORT)):
             # The rule Squid's docs give for an interception router.
             sh(*self.ns(self.router, "iptables", "-t", "nat", "-A", "PREROUTING", "-i", b, "-p", "tcp",
                         "--dport", port, "-j", "REDIRECT", "--to-port", str(proxy_port)))

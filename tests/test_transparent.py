@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import Proxy
-from netns import CLIENT_IP, SERVER_IP, Topology
+from netns import CLIENT_IP, ECHO_PORT, SERVER_IP, Topology
 
 HERE = Path(__file__).resolve().parent
 PROXY_PORT = 8080
@@ -28,7 +28,7 @@ def lan(tmp_path_factory, cert):
     procs = []
     try:
         topo.up(PROXY_PORT)
-        for port, tls in ((80, ()), (443, cert)):
+        for port, tls in ((80, ()), (443, cert), (ECHO_PORT, ("echo",))):
             p = subprocess.Popen(topo.ns(topo.server, sys.executable, str(HERE / "origin_server.py"),
                                          SERVER_IP, str(port), *tls),
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(HERE))
@@ -79,3 +79,13 @@ def test_without_the_redirect_the_proxy_sees_nothing(lan):
     assert r.returncode != 0  # nothing listens on :81
     time.sleep(0.5)
     assert not any("/t3" in l for l in proxy.log_lines(0)[before:])
+
+
+def test_raw_tcp_stream_is_relayed_and_logged_as_a_tunnel(lan):
+    topo, proxy = lan
+    script = ("import socket; s = socket.create_connection(('%s', %d), timeout=10); "
+              "s.sendall(b'ping\\n'); print(s.recv(100).decode(), end=''); s.close()" % (SERVER_IP, ECHO_PORT))
+    r = subprocess.run(topo.ns(topo.client, sys.executable, "-c", script), capture_output=True, timeout=30)
+    assert r.stdout == b"echo: ping\n", r.stderr
+    line = next(l for l in proxy.log_lines(3) if f":{ECHO_PORT} " in l)
+    assert f" {CLIENT_IP} TCP_TUNNEL/200 11 CONNECT {SERVER_IP}:{ECHO_PORT} - HIER_DIRECT/{SERVER_IP} -" in line
