@@ -27,7 +27,8 @@ need_venv() {
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/pip" install -q -e ".$extras"
+    echo "run.sh: installing Relais into .venv (log: .venv/pip.log)" >&2
+    "$VENV/bin/pip" install -e ".$extras" > "$VENV/pip.log" 2>&1 || { tail -30 "$VENV/pip.log" >&2; exit 1; }
     touch "$stamp"
   fi
 }
