@@ -1,0 +1,199 @@
+"""Anonymization: what the origin learns about the client, at the level the admin picks.
+
+Squid's forwarded_for / via / request_header_access and Privoxy's hide-*
+actions, driven by policies/anonymize.yaml (header lists and values; the
+rules themselves are in anonrules.py).
+
+    mitmdump -s addons/anonymize.py --set anonymize=paranoid
+
+Levels (option `anonymize`), what each sends upstream with the shipped policy:
+  transparent  Via: 1.1 <host> (relais) added; the client address appended to X-Forwarded-For.
+  anonymous    Via added; no client address anywhere (X-Forwarded-For, Forwarded, X-Real-IP... and From removed).
+  elite        nothing showing a proxy or the client: anonymous's removals plus Via, X-Forwarded-Host/-Proto...;
+               a cross-site Referer is cut to its origin.
+  paranoid     elite + a common User-Agent, a normalised Accept-Language, no cross-site Referer,
+               and no cookies to or from the listed domains.
+  auto         (default) elite for forward modes (regular, upstream, socks5, transparent...),
+               transparent for reverse mode (a site's own backends want the client address).
+Every level drops Proxy-Connection and Proxy-Authorization (meant for this proxy, never for the origin).
+Per-acl overrides in the policy beat the option. Host, Authorization, Content-*, conditional and cache
+headers are never touched. The edits happen in `requestheaders`, before the cache keys on the request.
+
+Commands: anonymize.reload re-reads the policy (also done when its file changes);
+a broken policy is reported and the last good one stays in force.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mitmproxy import command, ctx, exceptions, http
+
+try:
+    from addons import anonrules, meta
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import anonrules, meta
+
+ROOT = Path(__file__).resolve().parents[1]
+ACLS = getattr(meta, "ACLS", "relais.acls")  # names of the acls that matched, written by the acl addon
+CHECK_EVERY = 1.0  # seconds between two looks at the policy file's mtime
+logger = logging.getLogger(__name__)
+
+
+def resolve_policy(value: str) -> Path:
+    """A relative policy path is taken from the cwd if it exists there, else from the project root."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        return ROOT / path
+    return path
+
+
+def read_policy(path: Path) -> tuple[anonrules.Policy, tuple]:
+    """The policy in `path` and its file stamp; PolicyError when unreadable or wrong."""
+    try:
+        st = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise anonrules.PolicyError(str(path), None, f"cannot read: {getattr(e, 'strerror', None) or e}") from e
+    return anonrules.load_policy(text, str(path)), (st.st_mtime_ns, st.st_size)
+
+
+class Anonymize:
+    def __init__(self) -> None:
+        self.policy: anonrules.Policy | None = None
+        self.path: Path | None = None
+        self.stamp: tuple | None = None
+        self.next_check = 0.0
+        self.hostname = socket.gethostname()
+        self.last_error: str | None = None  # why the last reload failed
+
+    def load(self, loader):
+        loader.add_option(
+            "anonymize", str, anonrules.AUTO,
+            "What the origin learns about the client. transparent: Via added and the client address "
+            "appended to X-Forwarded-For (Squid's defaults). anonymous: Via added, no client address "
+            "anywhere (X-Forwarded-For, Forwarded, X-Real-IP... and From removed). elite: no Via and no "
+            "client address; a cross-site Referer is cut to its origin. paranoid: elite plus a common "
+            "User-Agent, a normalised Accept-Language, no cross-site Referer, and no cookies for the "
+            "policy's domains. auto: elite for forward modes, transparent for reverse mode. "
+            "Per-acl overrides in anonymize_policy win over this option.",
+            choices=[anonrules.AUTO, *anonrules.LEVELS],
+        )
+        loader.add_option(
+            "anonymize_policy", str, "policies/anonymize.yaml",
+            "The anonymization policy: header lists and values of each level, per-acl overrides and the "
+            "backend headers anonymize_backend removes. A relative path not found in the working "
+            "directory is taken from the Relais folder. Re-read when it changes (or anonymize.reload).",
+        )
+        loader.add_option(
+            "anonymize_backend", bool, False,
+            "Reverse mode: remove the response headers that identify the backend (the policy's "
+            "reverse.strip_response: Server, X-Powered-By, X-AspNet-Version, Via...), like Squid's "
+            "reply_header_access.",
+        )
+
+    def configure(self, updated):
+        if "anonymize" in updated:
+            try:
+                anonrules.check_level_option(ctx.options.anonymize)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"anonymize: {e}") from None
+        if "anonymize_policy" in updated:
+            value = ctx.options.anonymize_policy.strip()
+            if not value:
+                raise exceptions.OptionsError("anonymize_policy: empty path")
+            path = resolve_policy(value)
+            try:
+                self.policy, self.stamp = read_policy(path)
+            except anonrules.PolicyError as e:
+                raise exceptions.OptionsError(f"anonymize_policy: {e}") from None
+            self.path = path
+            self.next_check = time.monotonic() + CHECK_EVERY
+
+    @command.command("anonymize.reload")
+    def reload(self) -> None:
+        """Re-read the anonymization policy; if it is broken, keep the current one and say why."""
+        if not self._reload():
+            raise exceptions.CommandError(f"anonymize.reload: kept the previous policy: {self.last_error}")
+
+    def _reload(self) -> bool:
+        try:
+            policy, stamp = read_policy(self.path)
+        except anonrules.PolicyError as e:
+            self.last_error = str(e)
+            self.stamp = self._stamp()  # do not retry a broken file until it changes again
+            logger.error("anonymize: policy not reloaded, keeping the last good one: %s", e)
+            return False
+        self.policy, self.stamp, self.last_error = policy, stamp, None
+        logger.info("anonymize: policy reloaded from %s", self.path)
+        return True
+
+    def _stamp(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        if self.path is None or now < self.next_check:
+            return
+        self.next_check = now + CHECK_EVERY
+        stamp = self._stamp()
+        if stamp is not None and stamp != self.stamp:
+            self._reload()
+
+    # --- requests -------------------------------------------------------
+    def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
+        return anonrules.choose_level(ctx.options.anonymize, meta.mode_name(flow),
+                                      flow.metadata.get(ACLS), self.policy)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or flow.is_replay == "request" or self.policy is None:
+            return
+        self._watch()
+        level, override = self.level_for(flow)
+        rules = self.policy.levels[level]
+        req = flow.request
+        keep = ()
+        if meta.mode_name(flow) == "upstream" and getattr(ctx.options, "upstream_auth", None):
+            keep = ("proxy-authorization",)  # mitmproxy's upstream_auth put it there for the next proxy
+        info = anonrules.RequestInfo(client=meta.client_ip(flow), scheme=req.scheme, host=req.pretty_host,
+                                     http_version=req.http_version, keep=keep)
+        edits = anonrules.plan_request(req.headers.items(multi=True), rules, info,
+                                       self.policy.visible_hostname or self.hostname, self.policy.via_comment)
+        anonrules.apply(edits, req.headers)
+        flow.metadata[meta.ANONYMIZE] = level
+        if override is not None:
+            flow.comment = (flow.comment + "\n" if flow.comment else "") + \
+                f"anonymize: {level} (override for acl {override.acl})"
+
+    # --- responses ------------------------------------------------------
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._strip_response(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._strip_response(flow)  # responses made by an addon skip responseheaders
+
+    def _strip_response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or self.policy is None:
+            return
+        local = flow.metadata.get(meta.LOCAL)
+        if local and local != "cache":  # our own pages; a cache hit is a backend's response
+            return
+        level = flow.metadata.get(meta.ANONYMIZE)
+        rules = self.policy.levels.get(level) if level else None
+        strip = self.policy.strip_response if ctx.options.anonymize_backend and \
+            meta.mode_name(flow) == "reverse" else ()
+        edits = anonrules.plan_response(flow.response.headers.items(multi=True), flow.request.pretty_host,
+                                        rules, strip)
+        anonrules.apply(edits, flow.response.headers)
+
+
+addons = [Anonymize()]
