@@ -117,8 +117,6 @@ def body_size(flow: http.HTTPFlow) -> int:
 def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) -> Record:
     """The log record of an HTTP flow, from its state and the metadata contract."""
     req, resp = flow.request, flow.response
-    end = time.time()
-    start = req.timestamp_start or end
     is_connect = req.method == "CONNECT"
     if is_connect:
         url = f"{req.host}:{req.port}"
@@ -140,15 +138,12 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
     else:
         size = head_size(resp) + body_size(flow)
     return Record(
-        end=end,
-        elapsed_ms=max(0, int((end - start) * 1000)),
-        client=meta.client_ip(flow),
+        **_who_and_when(flow, req.timestamp_start),
         code=code,
         status=status,
         size=size,
         method=req.method,
         url=url,
-        user=meta.user(flow) or "-",
         hier=hier,
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",
@@ -158,10 +153,14 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
     )
 
 
+def _who_and_when(flow, start: float | None) -> dict:
+    end = time.time()
+    return dict(end=end, elapsed_ms=max(0, int((end - (start or end)) * 1000)),
+                client=meta.client_ip(flow), user=meta.user(flow) or "-")
+
+
 def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> Record:
     """A raw TCP stream (CONNECT tunnel, socks5, transparent) as Squid logs tunnels."""
-    end = time.time()
-    start = flow.client_conn.timestamp_start or end
     host, port = flow.server_conn.address or ("-", 0)
     sni = flow.client_conn.sni
     peer = meta.peer(flow)
@@ -172,15 +171,12 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
     if code == "TCP_DENIED":
         status, size = 403, 0
     return Record(
-        end=end,
-        elapsed_ms=max(0, int((end - start) * 1000)),
-        client=meta.client_ip(flow),
+        **_who_and_when(flow, flow.client_conn.timestamp_start),
         code=code,
         status=status,
         size=size,
         method="CONNECT",
         url=f"{sni or host}:{port}",
-        user=meta.user(flow) or "-",
         hier="HIER_DIRECT" if peer else "HIER_NONE",
         peer=peer or "-",
     )
