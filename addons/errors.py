@@ -65,12 +65,12 @@ class Errors:
 
     def load(self, loader):
         loader.add_option(
-            "connect_timeout", float, 30.0,
+            "connect_timeout", int, 30,
             "Squid connect_timeout: seconds to wait for an origin to accept a connection before answering "
             "503 ERR_CONNECT_FAIL.",
         )
         loader.add_option(
-            "connect_check_ttl", float, 2.0,
+            "connect_check_ttl", int, 2,
             "Seconds an origin that accepted a connection is trusted before it is checked again; "
             "0 checks before every new upstream connection.",
         )

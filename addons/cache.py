@@ -1,0 +1,829 @@
+"""The cache: an RFC 9111 shared HTTP cache in RAM and on disk, with negative caching.
+
+    mitmdump -s addons/cache.py --set cache_mem="64 MB" --set cache_dir=var/cache
+
+Decisions (storable? fresh? may it answer this request?) are in rfc9111.py;
+bytes live in cachestore.py (RAM LRU + diskcache). This addon wires them to
+mitmproxy's hooks:
+
+- requestheaders: PURGE; lookups. A hit is answered right here (flow.response
+  set, relais.local="cache", relais.code TCP_MEM_HIT / TCP_HIT /
+  TCP_NEGATIVE_HIT / TCP_IMS_HIT / TCP_INM_HIT, HIER_NONE). A stale entry is
+  revalidated (If-None-Match / If-Modified-Since added). Concurrent misses for
+  one URL wait for the first (collapsed forwarding). Origins that could not
+  be reached are remembered for negative_ttl (TCP_NEGATIVE_HIT).
+- responseheaders: streamed responses (stream_large_bodies) are copied to a
+  temporary file chunk by chunk, by wrapping flow.response.stream.
+- response: 304 to a revalidation -> stored headers updated and the stored
+  body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
+  (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error; storable
+  responses stored; unsafe methods invalidate (RFC 9111 4.4).
+- error: an aborted transfer is never stored.
+
+Commands: cache.purge URL, cache.clear, cache.stats.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import ssl
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ReverseMode
+
+try:
+    from addons import cachestore, errorpage, meta, rfc9111
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import cachestore, errorpage, meta, rfc9111
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+HOSTNAME = errorpage.HOSTNAME
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def parse_size(value, name: str) -> int:
+    """Squid-style sizes: 67108864, "64 MB", "512 KB", "4m", "1.5 GB" (1 KB = 1024 bytes)."""
+    m = _SIZE.match(str(value))
+    if not m:
+        raise exceptions.OptionsError(f"{name}: cannot read size {value!r}; use e.g. 67108864, '64 MB', '512 KB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def resolve(path: str) -> Path:
+    """A relative path as given if it exists from the cwd, else from the project root."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return ROOT / p
+
+
+def primary_key(flow: http.HTTPFlow) -> str:
+    """scheme://host:port/path?query of the resource, as the origin sees it.
+
+    In reverse mode the authority is the configured target, never the
+    client's Host header, so the key cannot be poisoned through it.
+    """
+    req = flow.request
+    mode = getattr(flow.client_conn, "proxy_mode", None)
+    if isinstance(mode, ReverseMode):
+        scheme = "https" if mode.scheme in ("https", "tls", "http3", "quic") else "http"
+        host, port = mode.address
+    else:
+        scheme, host, port = req.scheme, req.host, req.port
+    return f"{scheme}://{host.lower()}:{port}{req.path}"
+
+
+def url_key(url: str) -> str | None:
+    """The primary key of an absolute URL (cache.purge, Location invalidation)."""
+    try:
+        u = urlsplit(url.strip())
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        return None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return None
+    path = u.path or "/"
+    if u.query:
+        path += "?" + u.query
+    return f"{u.scheme}://{u.hostname.lower()}:{port}{path}"
+
+
+def origin_of(key: str) -> str:
+    return key[: key.index("/", key.index("//") + 2)] if "//" in key else key
+
+
+Pending, Failure = cachestore.Pending, cachestore.Failure
+
+
+class StreamCopy:
+    """Wraps flow.response.stream: copies each chunk to a temp file while it is relayed."""
+
+    def __init__(self, fileobj, limit: int, expected: int | None):
+        self.f = fileobj
+        self.path = fileobj.name
+        self.limit, self.expected = limit, expected
+        self.h = hashlib.blake2b(digest_size=16)
+        self.n = 0
+        self.ok = True
+
+    def __call__(self, chunk: bytes):
+        if self.ok and chunk:
+            self.n += len(chunk)
+            if self.n > self.limit:
+                self.abort()
+            else:
+                try:
+                    self.f.write(chunk)
+                    self.h.update(chunk)
+                except OSError:
+                    self.abort()
+        return chunk
+
+    def abort(self) -> None:
+        self.ok = False
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        cachestore._unlink(self.path)
+
+    def finish(self) -> bool:
+        if not self.ok:
+            return False
+        self.f.close()
+        if self.expected is not None and self.n != self.expected:
+            cachestore._unlink(self.path)
+            return False
+        return True
+
+
+def _enc(headers: list[tuple[str, str]]) -> http.Headers:
+    return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                         for k, v in headers])
+
+
+class Cache:
+    def __init__(self) -> None:
+        self.store: cachestore.Store | None = None
+        self.rules: list[rfc9111.RefreshRule] = [rfc9111.DEFAULT_RULE]
+        self.policy_file: str | None = None
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.leader: dict[str, str] = {}            # flow id -> key it leads
+        self.pending: dict[str, Pending] = {}       # flow id -> revalidation
+        self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
+        self.failures: dict[str, Failure] = {}      # origin -> failure
+        self.refreshing: set[str] = set()           # keys refreshed in the background (SWR)
+        self.counts: Counter = Counter()
+        self.purge_nets: list = []
+        self.negative_ttl = 30.0
+        self.object_max = 4 * 1024 * 1024
+        self.sizes: dict[str, int] = {}
+
+    # --- options -------------------------------------------------------
+    def load(self, loader):
+        loader.add_option("cache_mem", str, "64 MB",
+                          "Squid cache_mem: RAM for hot cached objects (bytes, or e.g. '64 MB'); 0 disables the RAM tier.")
+        loader.add_option("maximum_object_size_in_memory", str, "512 KB",
+                          "Squid maximum_object_size_in_memory: larger objects are kept on disk only.")
+        loader.add_option("maximum_object_size", str, "4 MB",
+                          "Squid maximum_object_size: larger responses are never cached.")
+        loader.add_option("cache_dir", str, "var/cache",
+                          "Squid cache_dir: folder of the disk cache (diskcache); 'none' keeps the cache in RAM only.")
+        loader.add_option("cache_dir_size", int, 3200,
+                          "Size of the disk cache in megabytes (Squid's cache_dir Mbytes); the oldest objects are evicted.")
+        loader.add_option("negative_ttl", int, 30,
+                          "Squid negative_ttl: seconds errors without explicit freshness (404, 405, 410, 414, 501) "
+                          "and unreachable origins are remembered; 0 disables negative caching.")
+        loader.add_option("cache_policy", str, "policies/cache.yaml",
+                          "Cache policy file (refresh_pattern table), relative to the cwd or the Relais folder.")
+        loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
+                          "Client networks allowed to use the PURGE method.")
+        loader.add_option("collapsed_forwarding", bool, True,
+                          "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
+
+    def configure(self, updated):
+        o = ctx.options
+        sizes = {}
+        for name in ("cache_mem", "maximum_object_size_in_memory", "maximum_object_size"):
+            sizes[name] = parse_size(getattr(o, name), name)
+        if o.cache_dir_size <= 0:
+            raise exceptions.OptionsError(f"cache_dir_size: must be more than 0 megabytes, not {o.cache_dir_size}")
+        if o.negative_ttl < 0:
+            raise exceptions.OptionsError(f"negative_ttl: must be 0 or more seconds, not {o.negative_ttl}")
+        if not o.cache_dir.strip():
+            raise exceptions.OptionsError("cache_dir: empty; use 'none' for a RAM-only cache")
+        first = not getattr(self, "_configured", False)
+        self._configured = True
+        if "purge_from" in updated or first:
+            nets = []
+            for spec in o.purge_from:
+                try:
+                    nets.append(ipaddress.ip_network(spec.strip(), strict=False))
+                except ValueError as e:
+                    raise exceptions.OptionsError(f"purge_from: bad network {spec!r}: {e}") from e
+            self.purge_nets = nets
+        if "cache_policy" in updated or first:
+            self.rules = self._load_policy(o.cache_policy)
+        self.negative_ttl = float(o.negative_ttl)
+        self.object_max = sizes["maximum_object_size"]
+        store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
+                      "cache_dir_size"}
+        if self.store is None or store_opts & set(updated):
+            if self.store is not None:
+                self.store.close()
+            disk = None if o.cache_dir.strip().lower() == "none" else o.cache_dir
+            try:
+                self.store = cachestore.Store(sizes["cache_mem"], sizes["maximum_object_size_in_memory"],
+                                              sizes["maximum_object_size"], disk, o.cache_dir_size * 1024 * 1024)
+            except Exception as e:
+                raise exceptions.OptionsError(f"cache_dir: cannot open {o.cache_dir!r}: {e}") from e
+            self.sizes = sizes
+
+    def _load_policy(self, value: str) -> list[rfc9111.RefreshRule]:
+        if not value or value == "none":
+            return [rfc9111.DEFAULT_RULE]
+        path = resolve(value)
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
+        rules = []
+        for line in doc.get("refresh_pattern", []) or []:
+            try:
+                rules.append(rfc9111.parse_refresh_pattern(str(line)))
+            except ValueError as e:
+                raise exceptions.OptionsError(f"cache_policy {value}: {e}") from e
+        self.policy_file = str(path)
+        return rules or [rfc9111.DEFAULT_RULE]
+
+    def done(self):
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # --- lookups ----------------------------------------------------------
+    def lookup(self, key: str, req_headers) -> tuple[cachestore.Entry | None, str | None]:
+        store = self.store
+        for fields in store.vary_sets(key):
+            vk = rfc9111.vary_values(fields, req_headers) if fields else ()
+            entry, tier = store.get(key, cachestore.vary_hash(vk))
+            if entry is not None:
+                return entry, tier
+        return None, None
+
+    def requestheaders(self, flow: http.HTTPFlow):
+        if flow.response or flow.error or self.store is None:
+            return None
+        method = flow.request.method
+        if method == "CONNECT":
+            return None
+        if method == "PURGE":
+            self._purge(flow)
+            return None
+        key = primary_key(flow)
+        failure = self._failure(key)
+        if method not in ("GET", "HEAD"):
+            if failure:
+                self._answer_failure(flow, failure)
+            return None
+        result = self._lookup_and_answer(flow, key, failure, collapse=True)
+        return result
+
+    def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
+        req = flow.request
+        entry, tier = self.lookup(key, req.headers)
+        if entry is None:
+            if rfc9111.only_if_cached(req.headers):
+                return self._only_if_cached(flow)
+            if failure:
+                return self._answer_failure(flow, failure)
+            if collapse and self._collapsible(flow):
+                fut = self.inflight.get(key)
+                if fut is not None and not fut.done():
+                    return self._wait_collapsed(flow, key, fut)
+                try:
+                    self.inflight[key] = asyncio.get_running_loop().create_future()
+                    self.leader[flow.id] = key
+                except RuntimeError:  # no event loop (in-process tests): nothing to collapse with
+                    pass
+            self.counts["miss"] += 1
+            return None
+        now = time.time()
+        m = entry.meta
+        age = m.age(now)
+        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime)
+        if d.action == rfc9111.RELOAD:
+            self.counts["reload"] += 1
+            return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
+        if d.serve:
+            if not rfc9111.cache_can_evaluate(req.headers):
+                return None  # If-Match / If-Unmodified-Since: the origin decides
+            self._serve(flow, entry, tier, age, stale=d.staleness >= 0)
+            if d.action == rfc9111.SWR:
+                self._refresh_in_background(key, entry)
+            return None
+        # must revalidate
+        if failure and rfc9111.stale_if_error_ok(req.headers, m.headers, d.staleness):
+            self._serve(flow, entry, tier, age, stale=True, code="TCP_REFRESH_FAIL_OLD",
+                        warning='111 - "Revalidation Failed"')
+            return None
+        if rfc9111.only_if_cached(req.headers):
+            return self._only_if_cached(flow)
+        if failure:
+            return self._answer_failure(flow, failure)
+        saved = []
+        for name in ("If-None-Match", "If-Modified-Since"):
+            for v in req.headers.get_all(name):
+                saved.append((name, v))
+            req.headers.pop(name, None)
+        if not rfc9111.cache_can_evaluate(req.headers):
+            for name, v in saved:
+                req.headers.add(name, v)
+            return None
+        for name, v in rfc9111.validators(m.headers):
+            req.headers[name] = v
+        self.pending[flow.id] = Pending(key, entry, tier, saved)
+        return None
+
+    def _collapsible(self, flow: http.HTTPFlow) -> bool:
+        req = flow.request
+        return (ctx.options.collapsed_forwarding and req.method == "GET"
+                and "range" not in req.headers and "authorization" not in req.headers
+                and not rfc9111.has_client_conditionals(req.headers))
+
+    async def _wait_collapsed(self, flow: http.HTTPFlow, key: str, fut: asyncio.Future) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), 30)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass
+        if flow.response or flow.error:
+            return
+        self.counts["collapsed"] += 1
+        before = flow.metadata.get(meta.CODE)
+        res = self._lookup_and_answer(flow, key, self._failure(key), collapse=False)
+        if res is not None:  # pragma: no cover - collapse=False never waits
+            await res
+        if flow.metadata.get(meta.LOCAL) == "cache" and before is None:
+            flow.metadata[meta.CACHE]["collapsed"] = True
+
+    def _release(self, flow: http.HTTPFlow) -> None:
+        key = self.leader.pop(flow.id, None)
+        if key is not None:
+            fut = self.inflight.pop(key, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    # --- answers -------------------------------------------------------------
+    def _tag(self, flow: http.HTTPFlow, code: str, status: str, tier: str | None,
+             hier: str = "HIER_NONE") -> None:
+        flow.metadata[meta.LOCAL] = "cache"
+        flow.metadata[meta.CODE] = code
+        flow.metadata[meta.HIER] = hier
+        flow.metadata[meta.CACHE] = {"status": status, "tier": tier}
+        flow.comment = f"cache: {code}" + (f" ({tier})" if tier else "")
+        self.counts[code] += 1
+
+    def _build(self, flow: http.HTTPFlow, entry: cachestore.Entry, age: float,
+               warning: str | None = None, x_cache: str = "HIT") -> tuple[http.Response, str | None]:
+        """A response from a stored entry for this request: 200, 206/416 for Range, 304 for conditionals."""
+        req = flow.request
+        m = entry.meta
+        headers = _enc(m.headers)
+        headers["Age"] = rfc9111.age_header(age)
+        if warning:
+            headers.add("Warning", warning)
+        headers["X-Cache"] = f"{x_cache} from {HOSTNAME}"
+        status, reason, body = m.status, m.reason, entry.body
+        cond = None
+        if rfc9111.has_client_conditionals(req.headers) and m.status == 200:
+            cond = rfc9111.conditional_result(req.method, req.headers, m.headers)
+            if cond:
+                status, reason, body = 304, "Not Modified", b""
+                headers.pop("Content-Length", None)
+        if cond is None and m.status == 200 and "range" in req.headers and \
+                rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):
+            r = rfc9111.parse_range(req.headers.get("range"), len(body))
+            if r == rfc9111.UNSATISFIABLE:
+                status, reason = 416, "Range Not Satisfiable"
+                headers["Content-Range"] = f"bytes */{len(body)}"
+                body = b""
+                headers["Content-Length"] = "0"
+            elif r is not None:
+                first, last = r
+                status, reason = 206, "Partial Content"
+                headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+                body = body[first:last + 1]
+                headers["Content-Length"] = str(len(body))
+        if req.method == "HEAD":
+            body = b""
+        now = time.time()
+        version = req.http_version if req.http_version in ("HTTP/1.1", "HTTP/2.0", "HTTP/3") else "HTTP/1.1"
+        resp = http.Response(version, status, reason.encode() if isinstance(reason, str) else reason,
+                             headers, body, None, now, now)
+        return resp, cond
+
+    def _serve(self, flow: http.HTTPFlow, entry: cachestore.Entry, tier: str, age: float, stale: bool,
+               code: str | None = None, warning: str | None = None) -> None:
+        if stale and warning is None:
+            warning = '110 - "Response is Stale"'
+        flow.response, cond = self._build(flow, entry, age, warning)
+        if code is None:
+            if cond == "IMS":
+                code = "TCP_IMS_HIT"
+            elif cond == "INM":
+                code = "TCP_INM_HIT"
+            elif entry.meta.status >= 400:
+                code = "TCP_NEGATIVE_HIT"
+            else:
+                code = "TCP_MEM_HIT" if tier == "mem" else "TCP_HIT"
+        self._tag(flow, code, "STALE" if stale else "HIT", tier)
+        self.counts["hit"] += 1
+        self.counts[f"hit_{tier}"] += 1
+
+    def _only_if_cached(self, flow: http.HTTPFlow) -> None:
+        flow.response = errorpage.make("ERR_ONLY_IF_CACHED_MISS", flow.request.pretty_url)
+        flow.metadata[meta.ERROR] = "ERR_ONLY_IF_CACHED_MISS"
+        self._tag(flow, "TCP_MISS", "MISS", None)
+        return None
+
+    # --- negative caching of unreachable origins ---------------------------
+    def _failure(self, key: str) -> Failure | None:
+        if not self.failures:
+            return None
+        origin = origin_of(key)
+        f = self.failures.get(origin)
+        if f is None:
+            return None
+        if f.until <= time.time():
+            del self.failures[origin]
+            return None
+        return f
+
+    def _remember_failure(self, flow: http.HTTPFlow, key: str) -> None:
+        page = flow.metadata.get(meta.ERROR)
+        if self.negative_ttl <= 0 or page not in ("ERR_CONNECT_FAIL", "ERR_DNS_FAIL") or flow.response is None:
+            return
+        r = flow.response
+        self.failures[origin_of(key)] = Failure(time.time() + self.negative_ttl, r.status_code,
+                                                list(r.headers.fields), r.raw_content or b"", page)
+        if len(self.failures) > 10000:
+            self.failures.pop(next(iter(self.failures)))
+
+    def _answer_failure(self, flow: http.HTTPFlow, f: Failure) -> None:
+        now = time.time()
+        headers = http.Headers(list(f.headers))
+        flow.response = http.Response("HTTP/1.1", f.status, b"Service Unavailable", headers,
+                                      b"" if flow.request.method == "HEAD" else f.body, None, now, now)
+        flow.metadata[meta.ERROR] = f.page
+        self._tag(flow, "TCP_NEGATIVE_HIT", "NEGATIVE_HIT", "mem")
+        return None
+
+    # --- PURGE -------------------------------------------------------------------
+    def _purge_allowed(self, flow: http.HTTPFlow) -> bool:
+        try:
+            ip = ipaddress.ip_address(meta.client_ip(flow))
+        except ValueError:
+            return False
+        return any(ip.version == n.version and ip in n for n in self.purge_nets)
+
+    def _purge(self, flow: http.HTTPFlow) -> None:
+        if not self._purge_allowed(flow):
+            flow.response = errorpage.make("ERR_ACCESS_DENIED", flow.request.pretty_url,
+                                           detail="PURGE is not allowed from this address (purge_from)")
+            flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
+            self._tag(flow, "TCP_DENIED", "DENIED", None)
+            return
+        n = self.store.remove(primary_key(flow))
+        now = time.time()
+        flow.response = http.Response.make(200 if n else 404, b"", {"Server": "relais", "Content-Length": "0"})
+        flow.response.timestamp_start = flow.response.timestamp_end = now
+        self._tag(flow, "TCP_MISS", "PURGED" if n else "NOT_FOUND", None)
+
+    # --- responses -------------------------------------------------------------
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        local = flow.metadata.get(meta.LOCAL)
+        if local or self.store is None:
+            return
+        resp = flow.response
+        resp.headers["X-Cache"] = f"MISS from {HOSTNAME}"
+        if not resp.stream or flow.request.method != "GET" or self.store.disk is None:
+            return
+        if flow.id in self.pending and resp.status_code == 304:
+            return
+        key = primary_key(flow)
+        ok, _ = rfc9111.storable("GET", resp.status_code, flow.request.headers, resp.headers,
+                                 negative_ttl=self.negative_ttl)
+        try:
+            expected = int(resp.headers["content-length"]) if "content-length" in resp.headers else None
+        except ValueError:
+            ok = False
+            expected = None
+        if not ok or (expected is not None and expected > self.object_max):
+            return
+        m = self._meta(flow, key, length=0, digest="")
+        if m is None:
+            return
+        f = self.store.new_tempfile()
+        copy = StreamCopy(f, self.object_max, expected)
+        inner = resp.stream if callable(resp.stream) else None
+        resp.stream = (lambda chunk: copy(inner(chunk))) if inner else copy
+        self.streams[flow.id] = (key, copy, m)
+
+    def _meta(self, flow: http.HTTPFlow, key: str, length: int, digest: str) -> cachestore.Meta | None:
+        req, resp = flow.request, flow.response
+        fields = rfc9111.vary_fields(resp.headers)
+        if fields is None:
+            return None
+        request_time = req.timestamp_start or time.time()
+        response_time = resp.timestamp_start or time.time()
+        lifetime, source = rfc9111.freshness_lifetime(
+            resp.status_code, resp.headers, response_time, url=flow.request.pretty_url,
+            rules=self.rules, negative_ttl=self.negative_ttl)
+        if lifetime <= 0 and not rfc9111.validators(resp.headers):
+            return None  # never fresh and cannot be revalidated: storing it is useless
+        headers = [(k, v) for k, v in rfc9111.storable_headers(resp.headers)
+                   if k.lower() not in ("x-cache", "age")]
+        age = rfc9111.age_value(resp.headers)
+        if age:
+            headers.append(("Age", str(int(age))))  # kept for initial_age; replaced when served
+        m = cachestore.Meta(
+            url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
+            headers=headers, request_time=request_time, response_time=response_time,
+            lifetime=lifetime, lifetime_source=source, vary=fields,
+            vary_key=rfc9111.vary_values(fields, req.headers) if fields else (),
+            length=length, digest=digest)
+        m.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
+        m.headers = [(k, v) for k, v in m.headers if k.lower() != "age"]
+        return m
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._response(flow)
+        finally:
+            self._release(flow)
+
+    def _response(self, flow: http.HTTPFlow) -> None:
+        if self.store is None:
+            return
+        pending = self.pending.pop(flow.id, None)
+        stream = self.streams.pop(flow.id, None)
+        local = flow.metadata.get(meta.LOCAL)
+        req = flow.request
+        key = primary_key(flow) if req.method != "CONNECT" else None
+        if local == "cache" or key is None:
+            return
+        if local == "errors":
+            self._remember_failure(flow, key)
+            if pending and rfc9111.stale_if_error_ok(req.headers, pending.entry.meta.headers,
+                                                     pending.entry.meta.age(time.time()) - pending.entry.meta.lifetime):
+                self._restore_conditionals(flow, pending)
+                self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
+                                        warning='111 - "Revalidation Failed"')
+            return
+        if local:
+            if stream:
+                stream[1].abort()
+            return
+        resp = flow.response
+        if resp is None:
+            return
+        self.failures.pop(origin_of(key), None) if self.failures else None
+        if pending is not None:
+            m = pending.entry.meta
+            if resp.status_code == 304:
+                self._freshen(flow, pending)
+                return
+            if resp.status_code >= 500 and rfc9111.stale_if_error_ok(
+                    req.headers, m.headers, m.age(time.time()) - m.lifetime):
+                self._restore_conditionals(flow, pending)
+                self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
+                                        warning='111 - "Revalidation Failed"')
+                return
+            flow.metadata[meta.CODE] = "TCP_REFRESH_MODIFIED"
+            flow.metadata[meta.CACHE] = {"status": "REFRESH_MODIFIED", "tier": None}
+            flow.comment = "cache: TCP_REFRESH_MODIFIED"
+            self.counts["TCP_REFRESH_MODIFIED"] += 1
+        if req.method not in ("GET", "HEAD"):
+            self._invalidate(flow, key)
+            return
+        if req.method == "GET":
+            if stream is not None:
+                self._store_stream(flow, *stream)
+            else:
+                self._store(flow, key)
+        if pending is not None and pending.client_conditionals:
+            # the client's own conditionals, stripped for our revalidation, answered from the new response
+            self._restore_conditionals(flow, pending)
+            if resp.status_code == 200 and rfc9111.conditional_result(req.method, req.headers, resp.headers):
+                flow.response = http.Response(resp.http_version, 304, b"Not Modified", resp.headers.copy(),
+                                              b"", None, resp.timestamp_start, resp.timestamp_end)
+                flow.response.headers.pop("Content-Length", None)
+        if not flow.metadata.get(meta.CODE) and resp.status_code < 400:
+            flow.metadata[meta.CACHE] = {"status": "MISS", "tier": None}
+
+    def _restore_conditionals(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        for name in ("If-None-Match", "If-Modified-Since"):
+            flow.request.headers.pop(name, None)
+        for name, v in pending.client_conditionals:
+            flow.request.headers.add(name, v)
+
+    def _freshen(self, flow: http.HTTPFlow, pending: Pending) -> None:
+        """4.3.4: a 304 answers our revalidation: update the stored headers, serve the stored body."""
+        entry = pending.entry
+        old = entry.meta
+        resp = flow.response
+        if not rfc9111.validator_mismatch(old.headers, resp.headers):
+            new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, resp.headers)
+                           if k.lower() not in ("x-cache", "age")]
+            request_time = flow.request.timestamp_start or time.time()
+            response_time = resp.timestamp_start or time.time()
+            lifetime, source = rfc9111.freshness_lifetime(
+                old.status, new_headers, response_time, url=flow.request.pretty_url, rules=self.rules,
+                negative_ttl=self.negative_ttl)
+            import dataclasses
+            new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
+                                      response_time=response_time, lifetime=lifetime, lifetime_source=source)
+            new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
+            entry = cachestore.Entry(new, entry.body)
+            self.store.update_meta(pending.key, new, entry.body)
+        self._restore_conditionals(flow, pending)
+        pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
+        self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", "HIER_DIRECT")
+
+    def _serve_revalidated(self, flow: http.HTTPFlow, pending: Pending, code: str, hier: str,
+                           warning: str | None = None) -> None:
+        entry = pending.entry
+        age = entry.meta.age(time.time())
+        flow.response, cond = self._build(flow, entry, age, warning,
+                                          x_cache="HIT" if code == "TCP_REFRESH_UNMODIFIED" else "STALE")
+        status = code.replace("TCP_", "")
+        self._tag(flow, code, status, pending.tier, hier=hier)
+
+    def _store(self, flow: http.HTTPFlow, key: str) -> None:
+        req, resp = flow.request, flow.response
+        body = resp.raw_content
+        if body is None or flow.error:
+            return
+        cl = resp.headers.get("content-length")
+        if cl is not None and "transfer-encoding" not in resp.headers:
+            try:
+                if int(cl) != len(body):
+                    return  # truncated
+            except ValueError:
+                return
+        ok, reason = rfc9111.storable(req.method, resp.status_code, req.headers, resp.headers,
+                                      negative_ttl=self.negative_ttl)
+        if not ok or len(body) > self.object_max:
+            return
+        m = self._meta(flow, key, len(body), cachestore.digest(body))
+        if m is None:
+            return
+        m.headers = [(k, v) for k, v in m.headers if k.lower() != "content-length"] + \
+                    [("Content-Length", str(len(body)))]
+        tier = self.store.put(key, m, body)
+        if tier:
+            self.counts["stored"] += 1
+
+    def _store_stream(self, flow: http.HTTPFlow, key: str, copy: StreamCopy, m: cachestore.Meta) -> None:
+        if flow.error or not copy.finish():
+            return
+        m.length = copy.n
+        m.digest = copy.h.hexdigest()
+        m.headers = [(k, v) for k, v in m.headers if k.lower() != "content-length"] + \
+                    [("Content-Length", str(copy.n))]
+        if self.store.put_file(key, m, copy.path):
+            self.counts["stored"] += 1
+            self.counts["stored_streamed"] += 1
+
+    def _invalidate(self, flow: http.HTTPFlow, key: str) -> None:
+        resp = flow.response
+        targets = rfc9111.invalidation_targets(flow.request.method, resp.status_code, key, resp.headers)
+        for url in targets:
+            k = url_key(url)
+            if k and self.store.remove(k):
+                self.counts["invalidated"] += 1
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.pending.pop(flow.id, None)
+        stream = self.streams.pop(flow.id, None)
+        if stream:
+            stream[1].abort()  # an aborted transfer is never stored
+        self._release(flow)
+
+    # --- stale-while-revalidate -------------------------------------------------
+    def _refresh_in_background(self, key: str, entry: cachestore.Entry) -> None:
+        if key in self.refreshing:
+            return
+        self.refreshing.add(key)
+        m = entry.meta
+        url = m.url
+        headers = dict(rfc9111.validators(m.headers))
+        for name, value in m.vary_key:
+            if value is not None:
+                headers[name] = value
+        insecure = getattr(ctx.options, "ssl_insecure", False)
+
+        def fetch():
+            opener = urllib.request.build_opener(
+                urllib.request.ProxyHandler({}),
+                urllib.request.HTTPSHandler(context=ssl._create_unverified_context() if insecure else None))
+            r = urllib.request.Request(url, headers=headers)
+            request_time = time.time()
+            try:
+                with opener.open(r, timeout=30) as resp:
+                    return request_time, resp.status, list(resp.headers.items()), resp.read(self.object_max + 1)
+            except urllib.error.HTTPError as e:
+                return request_time, e.code, list(e.headers.items()), e.read(self.object_max + 1)
+
+        async def run():
+            try:
+                request_time, status, headers_list, body = await asyncio.to_thread(fetch)
+                response_time = time.time()
+                self.counts["background_refresh"] += 1
+                if status == 304:
+                    new_headers = rfc9111.freshen_headers(m.headers, headers_list)
+                    new_headers = [(k, v) for k, v in new_headers if k.lower() not in ("age",)]
+                    lifetime, source = rfc9111.freshness_lifetime(m.status, new_headers, response_time,
+                                                                  url=url, rules=self.rules,
+                                                                  negative_ttl=self.negative_ttl)
+                    import dataclasses
+                    new = dataclasses.replace(m, headers=new_headers, request_time=request_time,
+                                              response_time=response_time, lifetime=lifetime,
+                                              lifetime_source=source)
+                    new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
+                    self.store.update_meta(key, new, entry.body)
+                else:
+                    ok, _ = rfc9111.storable("GET", status, headers, headers_list, negative_ttl=self.negative_ttl)
+                    if not ok or len(body) > self.object_max:
+                        self.store.remove(key)
+                        return
+                    lifetime, source = rfc9111.freshness_lifetime(status, headers_list, response_time, url=url,
+                                                                  rules=self.rules, negative_ttl=self.negative_ttl)
+                    hl = [(k, v) for k, v in rfc9111.storable_headers(headers_list)
+                          if k.lower() not in ("age", "content-length", "x-cache")] + \
+                         [("Content-Length", str(len(body)))]
+                    fields = rfc9111.vary_fields(headers_list)
+                    if fields is None:
+                        self.store.remove(key)
+                        return
+                    new = cachestore.Meta(url=key, status=status, reason="", http_version="HTTP/1.1",
+                                          headers=hl, request_time=request_time, response_time=response_time,
+                                          lifetime=lifetime, lifetime_source=source, vary=fields,
+                                          vary_key=m.vary_key if fields == m.vary else (),
+                                          length=len(body), digest=cachestore.digest(body))
+                    new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
+                    from http.client import responses
+                    new.reason = responses.get(status, "")
+                    if fields == m.vary:
+                        self.store.put(key, new, body)
+            except Exception as e:
+                log.info("cache: background revalidation of %s failed: %s", url, e)
+            finally:
+                self.refreshing.discard(key)
+
+        asyncio.get_running_loop().create_task(run())
+
+    # --- commands -----------------------------------------------------------------
+    @command.command("cache.purge")
+    def purge(self, url: str) -> int:
+        """Remove every stored variant of URL (absolute http:// or https:// URL); returns how many URLs went."""
+        key = url_key(url)
+        if key is None:
+            raise exceptions.CommandError(f"cache.purge: not an absolute http(s) URL: {url!r}")
+        n = self.store.remove(key) if self.store else 0
+        log.info("cache.purge %s: %s", url, "removed" if n else "not cached")
+        return 1 if n else 0
+
+    @command.command("cache.clear")
+    def clear(self) -> None:
+        """Empty the cache (both tiers) and forget unreachable origins."""
+        if self.store:
+            self.store.clear()
+        self.failures.clear()
+        log.info("cache.clear: cache emptied")
+
+    @command.command("cache.stats")
+    def stats(self) -> str:
+        """Entries and bytes per tier, hits, misses and hit ratios (JSON)."""
+        s = self.store
+        hits, misses = self.counts["hit"], self.counts["miss"] + self.counts["reload"]
+        lookups = hits + misses + self.counts["TCP_REFRESH_UNMODIFIED"] + self.counts["TCP_REFRESH_MODIFIED"]
+        data = {
+            "mem": {"entries": len(s.mem.items) if s else 0, "bytes": s.mem.bytes if s else 0,
+                    "limit": s.mem.limit if s else 0},
+            "disk": {"entries": s.disk.count() if s and s.disk else 0,
+                     "bytes": s.disk.volume() if s and s.disk else 0,
+                     "limit": s.disk.dc.size_limit if s and s.disk else 0,
+                     "corrupt_dropped": s.disk.corrupt if s and s.disk else 0},
+            "negative_origins": len(self.failures),
+            "hits": hits, "mem_hits": self.counts["hit_mem"], "disk_hits": self.counts["hit_disk"],
+            "misses": misses,
+            "hit_ratio": round(hits / lookups, 4) if lookups else 0.0,
+            "mem_hit_ratio": round(self.counts["hit_mem"] / lookups, 4) if lookups else 0.0,
+            "codes": {k: v for k, v in self.counts.items() if k.startswith("TCP_")},
+            "stored": self.counts["stored"], "collapsed": self.counts["collapsed"],
+            "invalidated": self.counts["invalidated"],
+        }
+        text = json.dumps(data, sort_keys=True)
+        log.info("cache.stats %s", text)
+        return text
+
+
+addons = [Cache()]

@@ -1,0 +1,461 @@
+"""Storage for the cache addon: a RAM tier and a diskcache tier.
+
+Not an addon and no mitmproxy dependency: the cache addon (cache.py) owns
+the HTTP decisions (rfc9111.py) and uses this for bytes.
+
+- Entries are keyed by (primary key, variant hash): the primary key is the
+  absolute URL with explicit port, the variant hash digests the Vary fields
+  and their normalized request values (RFC 9111 4.1). The list of Vary field
+  sets seen for a primary key is kept too, so a lookup knows which request
+  fields to hash.
+- RAM: an LRU of whole entries bounded by `mem_limit` bytes, objects larger
+  than `mem_object_max` never kept there.
+- Disk: diskcache (SQLite + files) bounded by `disk_limit` bytes, culled by
+  diskcache in least-recently-stored order. Metadata and body are separate
+  keys; the body key is unique per stored version and the metadata, written
+  last, records its length and BLAKE2b digest: a body that does not match
+  (crash mid-write, disk damage) is dropped and logged, never served.
+  Disk writes happen on one background thread so the event loop never waits
+  for fsync; disk reads are synchronous (SQLite lookups take microseconds).
+- Objects move between tiers by use: a disk hit that fits in RAM is
+  promoted; RAM eviction keeps the disk copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+NO_VARY: tuple = ()
+
+
+def vary_hash(vary_key: tuple) -> str:
+    if not vary_key:
+        return "-"
+    return hashlib.blake2b(repr(vary_key).encode(), digest_size=12).hexdigest()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Meta:
+    """Everything about a stored response except its body."""
+    url: str
+    status: int
+    reason: str
+    http_version: str
+    headers: list[tuple[str, str]]
+    request_time: float
+    response_time: float
+    lifetime: float
+    lifetime_source: str
+    vary: tuple[str, ...]
+    vary_key: tuple
+    length: int
+    digest: str
+    body_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    initial_age: float = 0.0  # RFC 9111 4.2.3 corrected_initial_age, computed when stored
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.response_time)
+
+    @property
+    def vhash(self) -> str:
+        return vary_hash(self.vary_key)
+
+    def size(self) -> int:
+        return self.length + sum(len(k) + len(v) + 4 for k, v in self.headers) + 256
+
+
+@dataclass
+class Entry:
+    meta: Meta
+    body: bytes
+
+
+@dataclass
+class Pending:
+    """A revalidation in flight for one flow (cache.py)."""
+    key: str
+    entry: Entry
+    tier: str
+    client_conditionals: list[tuple[str, str]]
+
+
+@dataclass
+class Failure:
+    """An unreachable origin, remembered for negative_ttl (cache.py)."""
+    until: float
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    page: str
+
+
+class MemTier:
+    def __init__(self, limit: int, object_max: int):
+        self.limit, self.object_max = limit, object_max
+        self.items: OrderedDict[tuple[str, str], Entry] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key) -> Entry | None:
+        e = self.items.get(key)
+        if e is not None:
+            self.items.move_to_end(key)
+        return e
+
+    def fits(self, meta: Meta) -> bool:
+        return meta.length <= self.object_max and meta.size() <= self.limit
+
+    def put(self, key, entry: Entry) -> bool:
+        self.remove(key)
+        if not self.fits(entry.meta):
+            return False
+        self.items[key] = entry
+        self.bytes += entry.meta.size()
+        while self.bytes > self.limit and self.items:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.meta.size()
+        return True
+
+    def remove(self, key) -> bool:
+        e = self.items.pop(key, None)
+        if e is not None:
+            self.bytes -= e.meta.size()
+            return True
+        return False
+
+    def remove_primary(self, primary: str) -> int:
+        keys = [k for k in self.items if k[0] == primary]
+        for k in keys:
+            self.remove(k)
+        return len(keys)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
+
+class DiskTier:
+    """diskcache with a single writer thread."""
+
+    MAX_BACKLOG = 64 * 1024 * 1024  # bytes of queued writes before new writes are dropped
+
+    def __init__(self, directory: Path, limit: int):
+        import diskcache
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tmpdir = self.directory / "incoming"
+        shutil.rmtree(self.tmpdir, ignore_errors=True)  # streamed bodies of a previous run: incomplete
+        self.tmpdir.mkdir(parents=True, exist_ok=True)
+        self.dc = diskcache.Cache(str(self.directory), size_limit=limit,
+                                  eviction_policy="least-recently-stored", cull_limit=10,
+                                  statistics=False)
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.busy: dict[str, int] = {}   # primary -> queued deletes (disk reads skip it meanwhile)
+        self.clearing = 0
+        self.backlog = 0
+        self.dropped = 0
+        self.corrupt = 0
+        self.thread = threading.Thread(target=self._run, name="relais-cache-disk", daemon=True)
+        self.thread.start()
+
+    # keys
+    @staticmethod
+    def _mkey(primary: str, vh: str) -> str:
+        return f"m|{vh}|{primary}"
+
+    @staticmethod
+    def _ikey(primary: str) -> str:
+        return f"i|{primary}"
+
+    # --- reads (event loop thread) ---
+    def readable(self, primary: str) -> bool:
+        return not self.clearing and primary not in self.busy
+
+    def vary_sets(self, primary: str) -> list[tuple[str, ...]] | None:
+        if not self.readable(primary):
+            return None
+        try:
+            idx = self.dc.get(self._ikey(primary))
+            return idx[0] if idx else None
+        except Exception as e:  # a damaged database must not break requests
+            log.warning("cache: disk index read failed for %s: %s", primary, e)
+            return None
+
+    def get_meta(self, primary: str, vh: str) -> Meta | None:
+        if not self.readable(primary):
+            return None
+        try:
+            return self.dc.get(self._mkey(primary, vh))
+        except Exception as e:
+            log.warning("cache: disk metadata read failed for %s: %s", primary, e)
+            return None
+
+    def get_body(self, meta: Meta) -> bytes | None:
+        """The body, verified against the metadata; a bad one is dropped and logged."""
+        try:
+            body = self.dc.get(f"b|{meta.body_id}")
+        except Exception as e:
+            body = None
+            log.warning("cache: disk body read failed for %s: %s", meta.url, e)
+        if body is None or len(body) != meta.length or digest(body) != meta.digest:
+            self.corrupt += 1
+            got = "missing" if body is None else f"{len(body)} bytes"
+            log.warning("cache: dropped a corrupt disk entry for %s (expected %d bytes, got %s)",
+                        meta.url, meta.length, got)
+            self.q.put(("drop", meta))
+            return None
+        return body
+
+    # --- writes (queued) ---
+    def put(self, primary: str, meta: Meta, body: bytes | None = None, path: str | None = None,
+            vary_sets: list | None = None) -> bool:
+        size = meta.length
+        with self.lock:
+            if self.backlog + size > self.MAX_BACKLOG and size > 0:
+                self.dropped += 1
+                if path:
+                    _unlink(path)
+                return False
+            self.backlog += size
+        self.q.put(("put", primary, meta, body, path, vary_sets))
+        return True
+
+    def update_meta(self, primary: str, meta: Meta) -> None:
+        self.q.put(("meta", primary, meta))
+
+    def remove(self, primary: str) -> None:
+        with self.lock:
+            self.busy[primary] = self.busy.get(primary, 0) + 1
+        self.q.put(("remove", primary))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.clearing += 1
+        self.q.put(("clear",))
+
+    def new_tempfile(self):
+        return tempfile.NamedTemporaryFile(dir=self.tmpdir, delete=False, prefix="body-")
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until queued writes are on disk (tests, shutdown)."""
+        done = threading.Event()
+        self.q.put(("flush", done))
+        done.wait(timeout)
+
+    def close(self) -> None:
+        self.flush()
+        self.q.put(None)
+        self.thread.join(5)
+        self.dc.close()
+
+    def volume(self) -> int:
+        try:
+            return self.dc.volume()
+        except Exception:
+            return 0
+
+    def count(self) -> int:
+        try:
+            return sum(1 for k in self.dc.iterkeys() if isinstance(k, str) and k.startswith("m|"))
+        except Exception:
+            return 0
+
+    # --- writer thread ---
+    def _run(self) -> None:
+        while True:
+            op = self.q.get()
+            if op is None:
+                return
+            try:
+                self._apply(op)
+            except Exception as e:
+                log.warning("cache: disk write failed (%s): %s", op[0], e)
+            finally:
+                if op[0] == "put":
+                    with self.lock:
+                        self.backlog -= op[2].length
+                elif op[0] == "remove":
+                    with self.lock:
+                        n = self.busy.get(op[1], 1) - 1
+                        if n <= 0:
+                            self.busy.pop(op[1], None)
+                        else:
+                            self.busy[op[1]] = n
+                elif op[0] == "clear":
+                    with self.lock:
+                        self.clearing -= 1
+
+    def _apply(self, op) -> None:
+        kind = op[0]
+        dc = self.dc
+        if kind == "put":
+            _, primary, meta, body, path, vary_sets = op
+            old = dc.get(self._mkey(primary, meta.vhash))
+            bkey = f"b|{meta.body_id}"
+            if path:
+                with open(path, "rb") as f:
+                    dc.set(bkey, f, read=True)
+                _unlink(path)
+            else:
+                dc.set(bkey, body)
+            idx = dc.get(self._ikey(primary)) or ([], [])
+            vhs = list(idx[1]) if meta.vhash in idx[1] else list(idx[1]) + [meta.vhash]
+            dc.set(self._ikey(primary), (list(vary_sets or [NO_VARY]), vhs))
+            dc.set(self._mkey(primary, meta.vhash), meta)  # last: makes the entry visible
+            if old is not None and old.body_id != meta.body_id:
+                dc.delete(f"b|{old.body_id}")
+        elif kind == "meta":
+            _, primary, meta = op
+            cur = dc.get(self._mkey(primary, meta.vhash))
+            if cur is not None and cur.body_id == meta.body_id:
+                dc.set(self._mkey(primary, meta.vhash), meta)
+        elif kind == "drop":
+            meta = op[1]
+            primary = meta.url
+            cur = dc.get(self._mkey(primary, meta.vhash))
+            if cur is not None and cur.body_id == meta.body_id:
+                dc.delete(self._mkey(primary, meta.vhash))
+            dc.delete(f"b|{meta.body_id}")
+        elif kind == "remove":
+            primary = op[1]
+            idx = dc.get(self._ikey(primary)) or ([], [])
+            dc.delete(self._ikey(primary))
+            for vh in idx[1]:
+                meta = dc.get(self._mkey(primary, vh))
+                dc.delete(self._mkey(primary, vh))
+                if meta is not None:
+                    dc.delete(f"b|{meta.body_id}")
+        elif kind == "clear":
+            dc.clear()
+        elif kind == "flush":
+            op[1].set()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Store:
+    """RAM + disk tiers behind one interface."""
+
+    def __init__(self, mem_limit: int, mem_object_max: int, object_max: int,
+                 disk_dir: str | Path | None, disk_limit: int):
+        self.mem = MemTier(mem_limit, mem_object_max)
+        self.object_max = object_max
+        self.disk = DiskTier(Path(disk_dir), disk_limit) if disk_dir else None
+        self.vary_index: OrderedDict[str, list[tuple[str, ...]]] = OrderedDict()
+        self.VARY_INDEX_MAX = 200_000
+
+    # --- lookups ---
+    def vary_sets(self, primary: str) -> list[tuple[str, ...]]:
+        sets = self.vary_index.get(primary)
+        if sets is None and self.disk is not None:
+            sets = self.disk.vary_sets(primary)
+            if sets is not None:
+                self._remember_vary(primary, sets)
+        return sets or []
+
+    def _remember_vary(self, primary: str, sets) -> None:
+        self.vary_index[primary] = list(sets)
+        self.vary_index.move_to_end(primary)
+        if len(self.vary_index) > self.VARY_INDEX_MAX:
+            self.vary_index.popitem(last=False)
+
+    def get(self, primary: str, vh: str) -> tuple[Entry | None, str | None]:
+        e = self.mem.get((primary, vh))
+        if e is not None:
+            return e, "mem"
+        if self.disk is None:
+            return None, None
+        meta = self.disk.get_meta(primary, vh)
+        if meta is None:
+            return None, None
+        body = self.disk.get_body(meta)
+        if body is None:
+            return None, None
+        e = Entry(meta, body)
+        self.mem.put((primary, vh), e)  # promotion by use
+        return e, "disk"
+
+    # --- writes ---
+    def add_vary(self, primary: str, fields: tuple[str, ...]) -> list:
+        sets = self.vary_sets(primary)
+        if fields not in sets:
+            sets = [fields] + [s for s in sets if s != fields]
+        self._remember_vary(primary, sets)
+        return sets
+
+    def put(self, primary: str, meta: Meta, body: bytes) -> str | None:
+        """Store a complete response; returns the tier(s) it went to, or None if too big."""
+        if meta.length > self.object_max:
+            return None
+        sets = self.add_vary(primary, meta.vary)
+        in_mem = self.mem.put((primary, meta.vhash), Entry(meta, body))
+        on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets) if self.disk else False
+        return "mem+disk" if in_mem and on_disk else "mem" if in_mem else "disk" if on_disk else None
+
+    def put_file(self, primary: str, meta: Meta, path: str) -> bool:
+        """Store a streamed body already written to `path` (disk tier only); the file is consumed."""
+        if self.disk is None or meta.length > self.object_max:
+            _unlink(path)
+            return False
+        sets = self.add_vary(primary, meta.vary)
+        self.mem.remove((primary, meta.vhash))
+        return self.disk.put(primary, meta, path=path, vary_sets=sets)
+
+    def update_meta(self, primary: str, meta: Meta, body: bytes) -> None:
+        e = self.mem.get((primary, meta.vhash))
+        if e is not None and e.meta.body_id == meta.body_id:
+            e.meta = meta
+        elif self.mem.fits(meta):
+            self.mem.put((primary, meta.vhash), Entry(meta, body))
+        if self.disk:
+            self.disk.update_meta(primary, meta)
+
+    def remove(self, primary: str) -> int:
+        n = self.mem.remove_primary(primary)
+        known = primary in self.vary_index
+        self.vary_index.pop(primary, None)
+        if self.disk is not None:
+            if not n and not known and self.disk.readable(primary):
+                try:
+                    known = self.disk.dc.get(DiskTier._ikey(primary)) is not None
+                except Exception:
+                    known = False
+            self.disk.remove(primary)
+        return n or int(known)
+
+    def remove_variant(self, primary: str, vh: str) -> None:
+        """Drop one variant from RAM (a failed revalidation, a corrupt body)."""
+        self.mem.remove((primary, vh))
+
+    def clear(self) -> None:
+        self.mem.clear()
+        self.vary_index.clear()
+        if self.disk:
+            self.disk.clear()
+
+    def new_tempfile(self):
+        return self.disk.new_tempfile() if self.disk else None
+
+    def close(self) -> None:
+        if self.disk:
+            self.disk.close()

@@ -1,0 +1,687 @@
+"""RFC 9111 (HTTP Caching) decisions for a *shared* cache, plus RFC 5861.
+
+Pure logic: no I/O, no clock, no mitmproxy. Every function takes header
+collections and times as arguments and returns a decision, so each RFC
+section can be unit-tested on its own (tests/test_rfc9111.py).
+
+Headers may be anything with ``get_all(name) -> list[str]`` (mitmproxy's
+``Headers``), a mapping, or a list of ``(name, value)`` pairs.
+
+No maintained Python library implements the shared-cache rules completely
+(CacheControl and hishel are private/client caches without s-maxage,
+refresh_pattern or negative caching), so they are written here, section by
+section.
+"""
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+from urllib.parse import urljoin, urlsplit
+
+# RFC 9111 1.2.2: delta-seconds too large to represent become 2^31.
+DELTA_MAX = 2147483648
+
+# RFC 9110 15.1: heuristically cacheable status codes.
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+# The error statuses among them: Squid's negative_ttl applies to these.
+NEGATIVE_STATUSES = frozenset({404, 405, 410, 414, 501})
+# Final statuses whose semantics this cache understands (RFC 9111 3, must-understand).
+UNDERSTOOD_STATUSES = frozenset(
+    {200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 307, 308,
+     400, 401, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 421, 422,
+     426, 429, 431, 451, 500, 501, 502, 503, 504, 505})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# RFC 9111 3.1 / RFC 9110 7.6.1: never stored, never updated from a 304.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
+                        "upgrade", "trailer", "proxy-authenticate", "proxy-authorization"})
+# Vary normalisation: fields whose values are case-insensitive tokens (RFC 9110 12.5).
+CASE_INSENSITIVE_FIELDS = frozenset({"accept-encoding", "accept-charset", "accept-language", "te"})
+
+
+# --- headers -------------------------------------------------------------
+
+def get_all(headers, name: str) -> list[str]:
+    """All values of one field, in order, case-insensitively."""
+    if headers is None:
+        return []
+    if hasattr(headers, "get_all"):
+        return list(headers.get_all(name))
+    name = name.lower()
+    items = headers.items() if hasattr(headers, "items") else headers
+    return [v for k, v in items if k.lower() == name]
+
+
+def get(headers, name: str) -> str | None:
+    values = get_all(headers, name)
+    return values[0] if values else None
+
+
+def split_list(values: Iterable[str]) -> list[str]:
+    """Split comma-separated field values (RFC 9110 5.6.1), keeping quoted strings whole."""
+    out: list[str] = []
+    for value in values:
+        item, quoted, escaped = [], False, False
+        for ch in value:
+            if escaped:
+                item.append(ch)
+                escaped = False
+            elif ch == "\\" and quoted:
+                item.append(ch)
+                escaped = True
+            elif ch == '"':
+                item.append(ch)
+                quoted = not quoted
+            elif ch == "," and not quoted:
+                s = "".join(item).strip()
+                if s:
+                    out.append(s)
+                item = []
+            else:
+                item.append(ch)
+        s = "".join(item).strip()
+        if s:
+            out.append(s)
+    return out
+
+
+def unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+# --- RFC 9111 5.2: Cache-Control ------------------------------------------
+
+INVALID = object()  # a directive whose argument is not valid delta-seconds
+
+
+@dataclass
+class CacheControl:
+    """Parsed Cache-Control directives (names lower-cased, arguments unquoted)."""
+    directives: dict[str, str | None] = field(default_factory=dict)
+    conflicting: set[str] = field(default_factory=set)  # given twice with different arguments
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.directives
+
+    def arg(self, name: str) -> str | None:
+        return self.directives.get(name)
+
+    def delta(self, name: str):
+        """delta-seconds argument of `name`: int, None if absent, INVALID if malformed or conflicting.
+
+        RFC 9111 1.2.2 (non-negative integer, 2^31 cap) and 4.2.1 (duplicates:
+        this cache considers conflicting values stale, the conservative choice).
+        """
+        if name not in self.directives:
+            return None
+        if name in self.conflicting:
+            return INVALID
+        value = self.directives[name]
+        if value is None or not value.isdigit() or not value.isascii():
+            return INVALID
+        return min(int(value), DELTA_MAX)
+
+    def field_names(self, name: str) -> list[str] | None:
+        """Qualified form (no-cache="a, b" / private="a"): the field names, or None if unqualified."""
+        value = self.directives.get(name)
+        if value is None:
+            return None
+        return [f.strip().lower() for f in value.split(",") if f.strip()]
+
+
+def parse_cache_control(values: Iterable[str] | str | None) -> CacheControl:
+    """RFC 9111 5.2: directives are case-insensitive, arguments token or quoted-string."""
+    if values is None:
+        return CacheControl()
+    if isinstance(values, str):
+        values = [values]
+    cc = CacheControl()
+    for item in split_list(values):
+        name, sep, arg = item.partition("=")
+        name = name.strip().lower()
+        if not name:
+            continue
+        value = unquote(arg.strip()) if sep else None
+        if name in cc.directives:
+            if cc.directives[name] != value:
+                cc.conflicting.add(name)
+            continue  # first occurrence wins otherwise
+        cc.directives[name] = value
+    return cc
+
+
+def cache_control(headers) -> CacheControl:
+    return parse_cache_control(get_all(headers, "cache-control"))
+
+
+# --- RFC 9110 5.6.7: HTTP-date ------------------------------------------
+
+_MONTHS = {m: i for i, m in enumerate(
+    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
+_IMF = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun), (\d\d) ([a-z]{3}) (\d{4}) (\d\d):(\d\d):(\d\d) gmt$")
+_RFC850 = re.compile(r"^(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday), "
+                     r"(\d\d)-([a-z]{3})-(\d\d) (\d\d):(\d\d):(\d\d) gmt$")
+_ASCTIME = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun) ([a-z]{3}) (\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})$")
+
+
+def parse_http_date(value: str | None, now: float | None = None) -> float | None:
+    """Epoch seconds of an HTTP-date in any of the three formats, or None if invalid.
+
+    RFC 850 two-digit years more than 50 years in the future are in the past
+    century (RFC 9110 5.6.7).
+    """
+    if not value:
+        return None
+    v = " ".join(value.strip().lower().split())
+    try:
+        if m := _IMF.match(v):
+            d, mon, y, hh, mm, ss = m.groups()
+        elif m := _RFC850.match(v):
+            d, mon, yy, hh, mm, ss = m.groups()
+            import time as _time
+            this_year = _time.gmtime(now).tm_year if now is not None else _time.gmtime().tm_year
+            y = 2000 + int(yy)
+            if y > this_year + 50:
+                y -= 100
+        elif m := _ASCTIME.match(v):
+            mon, d, hh, mm, ss, y = m.groups()
+        else:
+            return None
+        month = _MONTHS.get(mon)
+        if month is None:
+            return None
+        d, y, hh, mm, ss = int(d), int(y), int(hh), int(mm), int(ss)
+        if not (1 <= d <= 31 and hh < 24 and mm < 60 and ss < 61):
+            return None
+        return float(calendar.timegm((y, month, d, hh, mm, min(ss, 59), 0, 0, 0)))
+    except (ValueError, OverflowError):
+        return None
+
+
+def format_http_date(ts: float) -> str:
+    import email.utils
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+# --- RFC 9111 3: storing responses ---------------------------------------
+
+@dataclass(frozen=True)
+class RefreshRule:
+    """One Squid refresh_pattern line: heuristic freshness for matching URLs.
+
+    min/max in seconds, percent as a fraction (0.1 = 10%).
+    """
+    pattern: str
+    min: float = 0.0
+    percent: float = 0.1
+    max: float = 4320 * 60.0
+    icase: bool = False
+    options: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "_re", re.compile(self.pattern, re.I if self.icase else 0))
+
+    def matches(self, url: str) -> bool:
+        return self._re.search(url) is not None  # type: ignore[attr-defined]
+
+
+DEFAULT_RULE = RefreshRule(".", 0, 0.1, 4320 * 60)
+
+
+def parse_refresh_pattern(line: str) -> RefreshRule:
+    """Squid syntax: ``[-i] regex min percent% max [options]`` (min and max in minutes)."""
+    parts = line.split()
+    icase = False
+    if parts and parts[0] == "-i":
+        icase, parts = True, parts[1:]
+    if len(parts) < 4:
+        raise ValueError(f"refresh_pattern needs: [-i] regex min percent max [options]: {line!r}")
+    regex, mn, pct, mx, *opts = parts
+    try:
+        re.compile(regex)
+    except re.error as e:
+        raise ValueError(f"refresh_pattern: bad regex {regex!r}: {e}") from e
+    try:
+        mn_f, mx_f = float(mn), float(mx)
+        pct_f = float(pct.rstrip("%")) / 100.0
+    except ValueError as e:
+        raise ValueError(f"refresh_pattern: min, percent and max must be numbers: {line!r}") from e
+    if mn_f < 0 or mx_f < 0 or pct_f < 0:
+        raise ValueError(f"refresh_pattern: negative value: {line!r}")
+    return RefreshRule(regex, mn_f * 60, pct_f, mx_f * 60, icase, frozenset(opts))
+
+
+def pick_rule(rules: Iterable[RefreshRule], url: str) -> RefreshRule:
+    for rule in rules:
+        if rule.matches(url):
+            return rule
+    return DEFAULT_RULE
+
+
+def has_explicit_freshness(resp_headers, shared: bool = True) -> bool:
+    cc = cache_control(resp_headers)
+    return (("s-maxage" in cc and shared) or "max-age" in cc
+            or bool(get_all(resp_headers, "expires")))
+
+
+def storable(method: str, status: int, req_headers, resp_headers, *, shared: bool = True,
+             negative_ttl: float = 30.0) -> tuple[bool, str]:
+    """RFC 9111 3 (and 3.5 for Authorization): may this response be stored? -> (ok, reason).
+
+    Only GET responses are stored (HEAD is answered from a stored GET);
+    partial content (206) and 304 are never stored as complete responses.
+    """
+    if method != "GET":
+        return False, f"method {method}"
+    req_cc = cache_control(req_headers)
+    resp_cc = cache_control(resp_headers)
+    if status < 200 or status in (206, 304):
+        return False, f"status {status}"
+    if "must-understand" in resp_cc:
+        if status not in UNDERSTOOD_STATUSES:
+            return False, "must-understand with unknown status"
+        # 5.2.2.3: must-understand overrides no-store for understood statuses
+    elif "no-store" in resp_cc:
+        return False, "no-store"
+    if "no-store" in req_cc:
+        return False, "request no-store"
+    if status not in UNDERSTOOD_STATUSES:
+        return False, f"status {status} not understood"
+    if "private" in resp_cc and shared:
+        return False, "private"
+    if shared and get_all(req_headers, "authorization"):
+        if not ("public" in resp_cc or "s-maxage" in resp_cc or "must-revalidate" in resp_cc):
+            return False, "authorization"
+    vary = vary_fields(resp_headers)
+    if vary is None:
+        return False, "Vary: *"
+    if has_explicit_freshness(resp_headers, shared) or "public" in resp_cc:
+        return True, "explicit"
+    if status in NEGATIVE_STATUSES:
+        return (negative_ttl > 0), "negative_ttl" if negative_ttl > 0 else "negative_ttl disabled"
+    if status in HEURISTIC_STATUSES:
+        return True, "heuristic"
+    return False, f"status {status} without explicit freshness"
+
+
+# --- RFC 9111 4.2: freshness ------------------------------------------------
+
+def freshness_lifetime(status: int, resp_headers, response_time: float, *, url: str = "",
+                       rules: Iterable[RefreshRule] = (), shared: bool = True,
+                       negative_ttl: float = 30.0) -> tuple[float, str]:
+    """RFC 9111 4.2.1 (s-maxage > max-age > Expires) and 4.2.2 (heuristics) -> (seconds, source).
+
+    Invalid or conflicting max-age/s-maxage make the response stale (0);
+    an invalid Expires ("0" included) means already expired (5.3).
+    Heuristics: negative_ttl for 404/405/410/414/501, else Squid's
+    refresh_pattern (percent of Date - Last-Modified bounded by min/max;
+    min when there is no Last-Modified).
+    """
+    cc = cache_control(resp_headers)
+    if shared:
+        s = cc.delta("s-maxage")
+        if s is INVALID:
+            return 0.0, "s-maxage invalid"
+        if s is not None:
+            return float(s), "s-maxage"
+    m = cc.delta("max-age")
+    if m is INVALID:
+        return 0.0, "max-age invalid"
+    if m is not None:
+        return float(m), "max-age"
+    expires = get_all(resp_headers, "expires")
+    if expires:
+        if len(set(e.strip() for e in expires)) > 1:
+            return 0.0, "Expires conflicting"
+        exp = parse_http_date(expires[0])
+        if exp is None:
+            return 0.0, "Expires invalid"
+        date = parse_http_date(get(resp_headers, "date")) or response_time
+        return max(0.0, exp - date), "Expires"
+    if status not in HEURISTIC_STATUSES and "public" not in cc:
+        return 0.0, "not heuristically cacheable"
+    if status in NEGATIVE_STATUSES:
+        return float(max(0.0, negative_ttl)), "negative_ttl"
+    rule = pick_rule(rules, url)
+    lm = parse_http_date(get(resp_headers, "last-modified"))
+    if lm is None:
+        return rule.min, "heuristic (min)"
+    date = parse_http_date(get(resp_headers, "date")) or response_time
+    lifetime = max(0.0, date - lm) * rule.percent
+    return max(rule.min, min(rule.max, lifetime)), "heuristic (Last-Modified)"
+
+
+def age_value(resp_headers) -> float:
+    """RFC 9111 5.1: the Age field; invalid values are ignored (0), huge ones capped."""
+    value = get(resp_headers, "age")
+    if value is None:
+        return 0.0
+    value = value.strip()
+    if not value.isdigit() or not value.isascii():
+        return 0.0
+    return float(min(int(value), DELTA_MAX))
+
+
+def initial_age(resp_headers, request_time: float, response_time: float) -> float:
+    """RFC 9111 4.2.3: corrected_initial_age, computed once when the response is received."""
+    date = parse_http_date(get(resp_headers, "date"))
+    apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = age_value(resp_headers) + response_delay
+    return max(apparent_age, corrected_age_value)
+
+
+def current_age(resp_headers, request_time: float, response_time: float, now: float) -> float:
+    """RFC 9111 4.2.3: current_age = corrected_initial_age + resident_time."""
+    return initial_age(resp_headers, request_time, response_time) + max(0.0, now - response_time)
+
+
+def age_header(age: float) -> str:
+    return str(min(int(age), DELTA_MAX))
+
+
+# --- RFC 9111 4 + 5.2.1: may a stored response answer this request? ---------
+
+FRESH, STALE_OK, REVALIDATE, RELOAD, SWR = "fresh", "stale", "revalidate", "reload", "stale-while-revalidate"
+
+
+@dataclass
+class Decision:
+    action: str          # FRESH, STALE_OK (served stale, allowed), SWR, REVALIDATE, RELOAD
+    reason: str
+    staleness: float = 0.0
+
+    @property
+    def serve(self) -> bool:
+        return self.action in (FRESH, STALE_OK, SWR)
+
+
+def pragma_no_cache(req_headers) -> bool:
+    """RFC 9111 5.4: Pragma: no-cache counts only when there is no Cache-Control."""
+    if get_all(req_headers, "cache-control"):
+        return False
+    return any(p.lower() == "no-cache" for p in split_list(get_all(req_headers, "pragma")))
+
+
+def must_revalidate_when_stale(resp_cc: CacheControl, shared: bool = True) -> bool:
+    """5.2.2.2 must-revalidate, 5.2.2.8 proxy-revalidate and 5.2.2.10 s-maxage forbid serving stale."""
+    return ("must-revalidate" in resp_cc or "no-cache" in resp_cc
+            or (shared and ("proxy-revalidate" in resp_cc or "s-maxage" in resp_cc)))
+
+
+def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool = True) -> Decision:
+    """RFC 9111 4 (constructing responses from caches) with the request directives of 5.2.1.
+
+    RELOAD: the client asked the origin be contacted (no-cache / Pragma);
+    REVALIDATE: a conditional request must be sent first;
+    FRESH / STALE_OK / SWR: the stored response may be sent now (SWR: and
+    refreshed in the background, RFC 5861 3).
+    """
+    req_cc = cache_control(req_headers)
+    resp_cc = cache_control(resp_headers)
+    staleness = age - lifetime
+    if "no-cache" in req_cc or pragma_no_cache(req_headers):
+        return Decision(RELOAD, "request no-cache", staleness)
+    if "no-cache" in resp_cc:
+        # qualified or not: this cache always revalidates (the conservative reading of 5.2.2.4)
+        return Decision(REVALIDATE, "response no-cache", staleness)
+    max_age = req_cc.delta("max-age")
+    if max_age is INVALID:
+        return Decision(REVALIDATE, "request max-age invalid", staleness)
+    if max_age is not None and age > max_age:
+        return Decision(REVALIDATE, f"age {age:.0f} > request max-age {max_age}", staleness)
+    min_fresh = req_cc.delta("min-fresh")
+    if min_fresh is INVALID:
+        return Decision(REVALIDATE, "request min-fresh invalid", staleness)
+    if min_fresh is not None and lifetime - age < min_fresh:
+        return Decision(REVALIDATE, f"not fresh for min-fresh {min_fresh}", staleness)
+    if staleness < 0:
+        return Decision(FRESH, "fresh", staleness)
+    if must_revalidate_when_stale(resp_cc, shared):
+        return Decision(REVALIDATE, "stale, must revalidate", staleness)
+    if "max-stale" in req_cc:
+        max_stale = req_cc.delta("max-stale")
+        if req_cc.arg("max-stale") is None or (max_stale is not INVALID and staleness <= max_stale):
+            return Decision(STALE_OK, "stale within max-stale", staleness)
+    swr = resp_cc.delta("stale-while-revalidate")
+    if swr is not None and swr is not INVALID and staleness <= swr:
+        return Decision(SWR, "stale-while-revalidate", staleness)
+    return Decision(REVALIDATE, "stale", staleness)
+
+
+def only_if_cached(req_headers) -> bool:
+    return "only-if-cached" in cache_control(req_headers)
+
+
+def stale_if_error_ok(req_headers, resp_headers, staleness: float, shared: bool = True) -> bool:
+    """RFC 5861 4: may a stale response be served because the origin failed?
+
+    The request's or the response's stale-if-error bounds the staleness, as
+    does a request max-stale; must-revalidate (and its shared-cache
+    relatives) still forbids it.
+    """
+    resp_cc = cache_control(resp_headers)
+    if must_revalidate_when_stale(resp_cc, shared):
+        return False
+    req_cc = cache_control(req_headers)
+    for cc in (req_cc, resp_cc):
+        limit = cc.delta("stale-if-error")
+        if limit is not None and limit is not INVALID and staleness <= limit:
+            return True
+    if "max-stale" in req_cc:
+        limit = req_cc.delta("max-stale")
+        if req_cc.arg("max-stale") is None or (limit is not INVALID and staleness <= limit):
+            return True
+    return False
+
+
+# --- RFC 9111 4.1: Vary --------------------------------------------------------
+
+def vary_fields(resp_headers) -> tuple[str, ...] | None:
+    """The request fields a response varies on, lower-cased and sorted; None for `Vary: *`."""
+    names = [n.lower() for n in split_list(get_all(resp_headers, "vary"))]
+    if "*" in names:
+        return None
+    return tuple(sorted(set(names)))
+
+
+def normalize_field(name: str, values: list[str]) -> str | None:
+    """4.1: combine field lines, drop optional whitespace, lower-case case-insensitive fields.
+
+    An absent field is None: it only matches another absent field.
+    """
+    if not values:
+        return None
+    joined = ",".join(split_list(values)) if values else ""
+    joined = " ".join(joined.split())
+    if name.lower() in CASE_INSENSITIVE_FIELDS:
+        joined = joined.lower().replace("; ", ";").replace(" ;", ";")
+    return joined
+
+
+def vary_values(fields: Iterable[str], req_headers) -> tuple[tuple[str, str | None], ...]:
+    """The secondary cache key: each Vary field's normalized value in this request."""
+    return tuple((f, normalize_field(f, get_all(req_headers, f))) for f in fields)
+
+
+# --- RFC 9111 4.3: validation --------------------------------------------------
+
+def validators(resp_headers) -> list[tuple[str, str]]:
+    """4.3.1: conditional headers to revalidate a stored response."""
+    out = []
+    etag = get(resp_headers, "etag")
+    if etag:
+        out.append(("If-None-Match", etag.strip()))
+    lm = get(resp_headers, "last-modified")
+    if lm and parse_http_date(lm) is not None:
+        out.append(("If-Modified-Since", lm.strip()))
+    return out
+
+
+CONDITIONAL_FIELDS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range")
+
+
+def _etag_opaque(tag: str) -> tuple[bool, str]:
+    tag = tag.strip()
+    weak = tag.startswith("W/")
+    return weak, tag[2:] if weak else tag
+
+
+def weak_match(a: str, b: str) -> bool:
+    return _etag_opaque(a)[1] == _etag_opaque(b)[1]
+
+
+def strong_match(a: str, b: str) -> bool:
+    wa, oa = _etag_opaque(a)
+    wb, ob = _etag_opaque(b)
+    return not wa and not wb and oa == ob
+
+
+def conditional_result(method: str, req_headers, stored_headers) -> str | None:
+    """4.3.2: evaluate a client's conditional request against a stored response.
+
+    Returns "INM" or "IMS" when the answer is 304 Not Modified, None for a
+    full response. If-None-Match takes precedence (RFC 9110 13.2.2); a
+    list or `*` is accepted; If-Modified-Since compares with Last-Modified,
+    or Date when there is none, and applies only to GET/HEAD.
+    """
+    if method not in ("GET", "HEAD"):
+        return None
+    inm = get_all(req_headers, "if-none-match")
+    if inm:
+        etag = get(stored_headers, "etag")
+        tags = split_list(inm)
+        if "*" in tags or (etag and any(weak_match(t, etag) for t in tags)):
+            return "INM"
+        return None
+    ims = parse_http_date(get(req_headers, "if-modified-since"))
+    if ims is None:
+        return None
+    last = parse_http_date(get(stored_headers, "last-modified")) or parse_http_date(get(stored_headers, "date"))
+    if last is not None and last <= ims:
+        return "IMS"
+    return None
+
+
+def cache_can_evaluate(req_headers) -> bool:
+    """4.3.2: If-Match / If-Unmodified-Since are for the origin: such requests are forwarded."""
+    return not (get_all(req_headers, "if-match") or get_all(req_headers, "if-unmodified-since"))
+
+
+def has_client_conditionals(req_headers) -> bool:
+    return any(get_all(req_headers, f) for f in ("if-none-match", "if-modified-since"))
+
+
+def freshen_headers(stored: list[tuple[str, str]], new) -> list[tuple[str, str]]:
+    """3.2 / 4.3.4: the stored header list updated with the fields of a 304 (or HEAD) response.
+
+    Each field present in `new` replaces the stored field of that name,
+    except hop-by-hop fields and Content-Length.
+    """
+    new_items = list(new.items(multi=True)) if hasattr(new, "fields") else (
+        list(new.items()) if hasattr(new, "items") else list(new))
+    skip = HOP_BY_HOP | {"content-length"}
+    replace = {k.lower() for k, _ in new_items} - skip
+    out = [(k, v) for k, v in stored if k.lower() not in replace]
+    out += [(k, v) for k, v in new_items if k.lower() in replace]
+    return out
+
+
+def validator_mismatch(stored_headers, new_headers) -> bool:
+    """4.3.4: a 304 whose strong ETag differs from the stored one does not select it."""
+    new_etag = get(new_headers, "etag")
+    old_etag = get(stored_headers, "etag")
+    if new_etag and old_etag:
+        return not weak_match(new_etag, old_etag)
+    return False
+
+
+def storable_headers(headers) -> list[tuple[str, str]]:
+    """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
+    items = list(headers.items(multi=True)) if hasattr(headers, "fields") else (
+        list(headers.items()) if hasattr(headers, "items") else list(headers))
+    listed = {n.lower() for n in split_list(v for k, v in items if k.lower() == "connection")}
+    cc = parse_cache_control([v for k, v in items if k.lower() == "cache-control"])
+    # 5.2.2.7: a shared cache does not store the fields named by private="..."
+    drop = HOP_BY_HOP | listed | set(cc.field_names("private") or ())
+    return [(k, v) for k, v in items if k.lower() not in drop]
+
+
+# --- RFC 9111 4.4: invalidation ------------------------------------------------
+
+def invalidation_targets(method: str, status: int, url: str, resp_headers) -> list[str]:
+    """4.4: an unsafe method with a non-error response invalidates the target URI and the
+    Location / Content-Location URIs of the same origin."""
+    if method.upper() in SAFE_METHODS or not (200 <= status < 400):
+        return []
+    targets = [url]
+    base = urlsplit(url)
+    for name in ("location", "content-location"):
+        value = get(resp_headers, name)
+        if not value:
+            continue
+        target = urljoin(url, value.strip())
+        t = urlsplit(target)
+        if (t.scheme, t.hostname, t.port or _default_port(t.scheme)) == (
+                base.scheme, base.hostname, base.port or _default_port(base.scheme)):
+            targets.append(target)
+    return targets
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+# --- RFC 9110 14: ranges from a complete stored response ---------------------
+
+UNSATISFIABLE = "unsatisfiable"
+
+
+def parse_range(value: str | None, length: int):
+    """A single byte range of a `length`-byte body -> (first, last), UNSATISFIABLE, or None.
+
+    None means "ignore the Range header and send the whole response" (invalid
+    syntax, other units, or several ranges, which a cache may answer with 200).
+    """
+    if not value:
+        return None
+    unit, sep, spec = value.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return None
+    ranges = [r.strip() for r in spec.split(",") if r.strip()]
+    if len(ranges) != 1:
+        return None
+    first_s, dash, last_s = ranges[0].partition("-")
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not dash or (first_s and not first_s.isdigit()) or (last_s and not last_s.isdigit()):
+        return None
+    if not first_s:  # suffix range
+        if not last_s:
+            return None
+        n = int(last_s)
+        if n == 0 or length == 0:
+            return UNSATISFIABLE
+        return max(0, length - n), length - 1
+    first = int(first_s)
+    last = int(last_s) if last_s else length - 1
+    if last_s and last < first:
+        return None
+    if first >= length:
+        return UNSATISFIABLE
+    return first, min(last, length - 1)
+
+
+def if_range_ok(value: str | None, stored_headers) -> bool:
+    """RFC 9110 13.1.5: If-Range needs a strong ETag match or an exact Last-Modified date."""
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith(('"', "W/")):
+        etag = get(stored_headers, "etag")
+        return bool(etag) and strong_match(value, etag)
+    when = parse_http_date(value)
+    lm = parse_http_date(get(stored_headers, "last-modified"))
+    return when is not None and lm is not None and when == lm

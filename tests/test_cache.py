@@ -1,0 +1,567 @@
+"""End-to-end tests of the cache: a real mitmdump running addons/all.py, a counting origin, curl.
+
+Most tests share one proxy (module scope) and use their own origin, so their
+keys never collide; tests that need other options start their own proxy.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Origin, Proxy, curl, free_port
+
+ETAG = '"v1"'
+LM = "Mon, 02 Nov 2026 10:00:00 GMT"
+
+
+@pytest.fixture(scope="module")
+def cproxy(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cacheproxy")
+    p = Proxy(tmp, options={"cache_dir": str(tmp / "cache"), "negative_ttl": 30})
+    yield p
+    p.stop()
+
+
+def fetch(proxy, url, *args, head=False):
+    """(status, headers, body) of one request through the proxy."""
+    r = curl("-I" if head else "-i", "-x", proxy.url, *args, url)
+    raw = r.stdout
+    head_part, _, body = raw.partition(b"\r\n\r\n")
+    lines = head_part.decode("latin-1").split("\r\n")
+    assert lines and lines[0].startswith("HTTP/"), (raw[:300], r.stderr)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.setdefault(k.strip().lower(), v.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
+def codes(proxy, url_part: str, n: int, timeout: float = 10) -> list[str]:
+    """The 'CODE/status' fields of the access-log lines about url_part, waiting for n of them."""
+    end = time.monotonic() + timeout
+    found: list[str] = []
+    while time.monotonic() < end:
+        lines = proxy.log_lines(1, timeout=0.1)
+        found = [l.split()[3] for l in lines if f" {url_part} " in l or f" {url_part}?" in l]
+        if len(found) >= n:
+            return found
+        time.sleep(0.05)
+    return found
+
+
+def lines_for(proxy, url_part: str) -> list[str]:
+    return [l for l in proxy.log_lines(1, timeout=0.5) if f" {url_part} " in l or f" {url_part}?" in l]
+
+
+def conditional_route(origin, path, *, cc="max-age=60", etag=ETAG, lm=LM, body=b"payload", extra=None):
+    """A route answering 304 to a matching If-None-Match / If-Modified-Since."""
+    state = {"etag": etag, "body": body, "cc": cc}
+
+    def fn(seen):
+        headers = {"Content-Type": "text/plain", "Cache-Control": state["cc"], "ETag": state["etag"],
+                   "Last-Modified": lm, **(extra or {})}
+        if seen.headers.get("if-none-match") == state["etag"]:
+            return 304, headers, b""
+        return 200, headers, state["body"]
+    origin.route(path, fn)
+    return state
+
+
+# --- basics: MISS, MEM_HIT, HEAD, conditionals -----------------------------------
+
+def test_miss_then_mem_hit(cproxy, origin):
+    url = f"{origin.url}/a?h.Cache-Control=max-age=60"
+    s1, h1, b1 = fetch(cproxy, url)
+    s2, h2, b2 = fetch(cproxy, url)
+    assert (s1, b1) == (s2, b2) == (200, b"hello /a")
+    assert origin.hits["/a"] == 1
+    assert h1["x-cache"].startswith("MISS") and h2["x-cache"].startswith("HIT")
+    assert "age" in h2
+    assert codes(cproxy, f"{origin.url}/a", 2) == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+    miss, hit = lines_for(cproxy, f"{origin.url}/a")
+    assert "HIER_DIRECT/127.0.0.1" in miss and "HIER_NONE/-" in hit
+
+
+def test_head_answered_from_stored_get(cproxy, origin):
+    url = f"{origin.url}/size/1000?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    status, headers, body = fetch(cproxy, url, head=True)
+    assert status == 200 and headers["content-length"] == "1000" and body == b""
+    assert origin.hits["/size/1000"] == 1
+    assert codes(cproxy, f"{origin.url}/size/1000", 2)[1] == "TCP_MEM_HIT/200"
+
+
+def test_client_conditionals_answered_304(cproxy, origin):
+    conditional_route(origin, "/cond")
+    url = f"{origin.url}/cond"
+    assert fetch(cproxy, url)[0] == 200
+    assert fetch(cproxy, url, "-H", "If-Modified-Since: Tue, 03 Nov 2026 10:00:00 GMT")[0] == 304
+    assert fetch(cproxy, url, "-H", f"If-None-Match: {ETAG}")[0] == 304
+    status, _, body = fetch(cproxy, url, "-H", 'If-None-Match: "other"')
+    assert status == 200 and body == b"payload"
+    assert origin.hits["/cond"] == 1
+    assert codes(cproxy, url, 4)[:3] == ["TCP_MISS/200", "TCP_IMS_HIT/304", "TCP_INM_HIT/304"]
+
+
+# --- revalidation ------------------------------------------------------------------
+
+def test_client_max_age_0_revalidates_refresh_unmodified(cproxy, origin):
+    conditional_route(origin, "/reval")
+    url = f"{origin.url}/reval"
+    fetch(cproxy, url)
+    status, _, body = fetch(cproxy, url, "-H", "Cache-Control: max-age=0")
+    assert (status, body) == (200, b"payload")
+    assert origin.hits["/reval"] == 2
+    assert origin.requests[-1].headers.get("if-none-match") == ETAG
+    assert origin.requests[-1].headers.get("if-modified-since") == LM
+    assert codes(cproxy, url, 2) == ["TCP_MISS/200", "TCP_REFRESH_UNMODIFIED/200"]
+    assert "HIER_DIRECT/127.0.0.1" in lines_for(cproxy, url)[-1]
+
+
+def test_stale_entry_refresh_unmodified_then_modified(cproxy, origin):
+    state = conditional_route(origin, "/obj", cc="max-age=1")
+    url = f"{origin.url}/obj"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    assert fetch(cproxy, url)[2] == b"payload"          # 304 from origin, stored body served
+    time.sleep(1.3)
+    state.update(etag='"v2"', body=b"new payload")
+    assert fetch(cproxy, url)[2] == b"new payload"      # 200 replaces the entry
+    assert fetch(cproxy, url)[2] == b"new payload"      # fresh again: a hit
+    assert origin.hits["/obj"] == 3
+    assert codes(cproxy, url, 4) == ["TCP_MISS/200", "TCP_REFRESH_UNMODIFIED/200",
+                                     "TCP_REFRESH_MODIFIED/200", "TCP_MEM_HIT/200"]
+
+
+def test_request_no_cache_goes_to_origin(cproxy, origin):
+    url = f"{origin.url}/nc?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    fetch(cproxy, url, "-H", "Cache-Control: no-cache")
+    fetch(cproxy, url, "-H", "Pragma: no-cache")
+    assert origin.hits["/nc"] == 3
+    assert codes(cproxy, f"{origin.url}/nc", 3) == ["TCP_MISS/200"] * 3
+
+
+def test_heuristic_freshness_from_last_modified(cproxy, origin):
+    # no explicit freshness: 10% of (Date - Last-Modified), refresh_pattern of policies/cache.yaml
+    origin.route("/lm", lambda seen: (200, {"Last-Modified": "Mon, 02 Nov 2020 10:00:00 GMT"}, b"old"))
+    origin.route("/lmq", lambda seen: (200, {"Last-Modified": "Mon, 02 Nov 2020 10:00:00 GMT"}, b"old"))
+    for _ in range(2):
+        fetch(cproxy, f"{origin.url}/lm")
+        fetch(cproxy, f"{origin.url}/lmq?x=1")  # Squid's "-i (/cgi-bin/|\?) 0 0% 0": not heuristically fresh
+    assert origin.hits["/lm"] == 1 and origin.hits["/lmq"] == 2
+
+
+# --- what is not stored -----------------------------------------------------------------
+
+@pytest.mark.parametrize("path,query,extra", [
+    ("/nostore", "h.Cache-Control=max-age=60,no-store", ()),
+    ("/private", "h.Cache-Control=max-age=60,private", ()),
+    ("/auth", "h.Cache-Control=max-age=60", ("-H", "Authorization: Basic YTpi")),
+    ("/plain", "", ()),                                   # no freshness, no validator
+    ("/s500", "status=500", ()),                          # 5xx without explicit freshness
+    ("/vstar", "h.Cache-Control=max-age=60&h.Vary=*", ()),
+    ("/reqnostore", "h.Cache-Control=max-age=60", ("-H", "Cache-Control: no-store")),
+])
+def test_not_stored(cproxy, origin, path, query, extra):
+    url = f"{origin.url}{path}?{query}"
+    fetch(cproxy, url, *extra)
+    fetch(cproxy, url, *extra)
+    assert origin.hits[path] == 2
+
+
+def test_authorization_with_public_is_stored(cproxy, origin):
+    url = f"{origin.url}/authpub?h.Cache-Control=public,max-age=60"
+    fetch(cproxy, url, "-H", "Authorization: Basic YTpi")
+    fetch(cproxy, url, "-H", "Authorization: Basic YTpi")
+    assert origin.hits["/authpub"] == 1
+
+
+def test_explicit_freshness_on_5xx_is_honoured(cproxy, origin):
+    url = f"{origin.url}/e503?status=503&h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    assert fetch(cproxy, url)[0] == 503
+    assert origin.hits["/e503"] == 1
+    assert codes(cproxy, f"{origin.url}/e503", 2)[1] == "TCP_NEGATIVE_HIT/503"
+
+
+# --- Vary ----------------------------------------------------------------------------------
+
+def test_vary_secondary_keys(cproxy, origin):
+    def fn(seen):
+        lang = seen.headers.get("accept-language", "none")
+        return 200, {"Cache-Control": "max-age=60", "Vary": "Accept-Language"}, f"lang={lang}".encode()
+    origin.route("/vary", fn)
+    url = f"{origin.url}/vary"
+    assert fetch(cproxy, url, "-H", "Accept-Language: fr")[2] == b"lang=fr"
+    assert fetch(cproxy, url, "-H", "Accept-Language: en")[2] == b"lang=en"
+    assert fetch(cproxy, url, "-H", "Accept-Language: fr")[2] == b"lang=fr"
+    assert fetch(cproxy, url, "-H", "Accept-Language: en")[2] == b"lang=en"
+    assert fetch(cproxy, url)[2] == b"lang=none"
+    assert origin.hits["/vary"] == 3
+    assert codes(cproxy, url, 5) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200",
+                                     "TCP_MEM_HIT/200", "TCP_MISS/200"]
+
+
+# --- invalidation ------------------------------------------------------------------------------
+
+def test_unsafe_methods_invalidate(cproxy, origin):
+    url = f"{origin.url}/inv?h.Cache-Control=max-age=60"
+    other = f"{origin.url}/other?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    fetch(cproxy, other)
+    origin.route("/inv-post", lambda seen: (201, {"Location": "/other?h.Cache-Control=max-age=60"}, b""))
+    fetch(cproxy, url, "-X", "POST", "-d", "x=1")                       # POST to the URL itself
+    fetch(cproxy, f"{origin.url}/inv-post", "-X", "PUT", "-d", "y")    # Location of the same origin
+    fetch(cproxy, url)
+    fetch(cproxy, other)
+    assert origin.hits["/inv"] == 3 and origin.hits["/other"] == 2
+
+
+def test_failed_post_does_not_invalidate(cproxy, origin):
+    url = f"{origin.url}/inv2?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    fetch(cproxy, f"{origin.url}/inv2?status=500&h.Cache-Control=max-age=60", "-X", "POST", "-d", "x")
+    fetch(cproxy, url)
+    assert origin.hits["/inv2"] == 2  # the GET twice would be 2 only if the entry survived (1 GET + 1 POST)
+
+
+# --- only-if-cached, Range ---------------------------------------------------------------------
+
+def test_only_if_cached(cproxy, origin):
+    url = f"{origin.url}/oic?h.Cache-Control=max-age=60"
+    assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached")[0] == 504
+    assert origin.hits.get("/oic", 0) == 0
+    fetch(cproxy, url)
+    assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached")[2] == b"hello /oic"
+    assert codes(cproxy, f"{origin.url}/oic", 3) == ["TCP_MISS/504", "TCP_MISS/200", "TCP_MEM_HIT/200"]
+
+
+def test_range_from_stored_full_response(cproxy, origin):
+    url = f"{origin.url}/size/100?h.Cache-Control=max-age=60"
+    status, headers, body = fetch(cproxy, url, "-H", "Range: bytes=0-9")
+    assert status == 200 or status == 206  # the origin ignores Range: a full 200, stored
+    status, headers, body = fetch(cproxy, url, "-H", "Range: bytes=10-19")
+    assert status == 206 and body == b"x" * 10 and headers["content-range"] == "bytes 10-19/100"
+    assert fetch(cproxy, url, "-H", "Range: bytes=500-")[0] == 416
+    assert origin.hits["/size/100"] == 1
+
+
+# --- negative caching ---------------------------------------------------------------------------
+
+def test_negative_caching_of_404(cproxy, origin):
+    url = f"{origin.url}/status/404"
+    assert fetch(cproxy, url)[0] == 404
+    assert fetch(cproxy, url)[0] == 404
+    assert origin.hits["/status/404"] == 1
+    assert codes(cproxy, url, 2) == ["TCP_MISS/404", "TCP_NEGATIVE_HIT/404"]
+
+
+def test_404_with_max_age_is_negative_hit(cproxy, origin):
+    url = f"{origin.url}/status/410?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    fetch(cproxy, url)
+    assert origin.hits["/status/410"] == 1
+    assert codes(cproxy, f"{origin.url}/status/410", 2)[1] == "TCP_NEGATIVE_HIT/410"
+
+
+def test_negative_caching_of_refused_origin(cproxy):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/down"
+    s1, h1, _ = fetch(cproxy, url)
+    s2, h2, _ = fetch(cproxy, f"http://127.0.0.1:{port}/other")
+    assert s1 == s2 == 503
+    assert h1["x-squid-error"].startswith("ERR_CONNECT_FAIL") and h2["x-squid-error"].startswith("ERR_CONNECT_FAIL")
+    assert codes(cproxy, url, 1) == ["TCP_MISS/503"]
+    assert codes(cproxy, f"http://127.0.0.1:{port}/other", 1) == ["TCP_NEGATIVE_HIT/503"]
+    # the origin comes up, but the failure is remembered for negative_ttl
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert fetch(cproxy, url)[0] == 503
+    assert codes(cproxy, url, 2)[1] == "TCP_NEGATIVE_HIT/503"
+
+
+def test_negative_ttl_0_disables(start_proxy, origin, tmp_path):
+    p = start_proxy(options={"cache_dir": "none", "negative_ttl": 0})
+    url = f"{origin.url}/status/404"
+    fetch(p, url)
+    fetch(p, url)
+    assert origin.hits["/status/404"] == 2
+    port = free_port()
+    fetch(p, f"http://127.0.0.1:{port}/x")
+    fetch(p, f"http://127.0.0.1:{port}/x")
+    assert codes(p, f"http://127.0.0.1:{port}/x", 2) == ["TCP_MISS/503", "TCP_MISS/503"]
+
+
+# --- stale-if-error -------------------------------------------------------------------------------
+
+def test_stale_if_error_when_origin_is_down(cproxy):
+    origin = Origin()
+    url = f"{origin.url}/sie?h.Cache-Control=max-age=1,stale-if-error=60"
+    try:
+        fetch(cproxy, url)
+    finally:
+        origin.close()
+    time.sleep(2.3)  # stale, and past the errors addon's connect_check_ttl (2 s) so it checks again
+    status, headers, body = fetch(cproxy, url)
+    assert (status, body) == (200, b"hello /sie")
+    assert "111" in headers.get("warning", "")
+    status, _, body = fetch(cproxy, url)  # the origin is remembered as down: stale again, no new attempt
+    assert (status, body) == (200, b"hello /sie")
+    assert codes(cproxy, f"{origin.url}/sie", 3)[1:] == ["TCP_REFRESH_FAIL_OLD/200"] * 2
+
+
+def test_stale_if_error_on_origin_5xx(cproxy, origin):
+    calls = []
+
+    def fn(seen):
+        calls.append(1)
+        if len(calls) == 1:
+            return 200, {"Cache-Control": "max-age=1, stale-if-error=60"}, b"good"
+        return 503, {"Content-Type": "text/plain"}, b"broken"
+    origin.route("/sie5", fn)
+    url = f"{origin.url}/sie5"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    assert fetch(cproxy, url)[2] == b"good"
+    assert codes(cproxy, url, 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
+
+
+def test_stale_without_stale_if_error_shows_error(cproxy, origin):
+    calls = []
+
+    def fn(seen):
+        calls.append(1)
+        if len(calls) == 1:
+            return 200, {"Cache-Control": "max-age=1"}, b"good"
+        return 503, {"Content-Type": "text/plain"}, b"broken"
+    origin.route("/nosie", fn)
+    url = f"{origin.url}/nosie"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    assert fetch(cproxy, url)[0] == 503
+
+
+# --- collapsed forwarding -------------------------------------------------------------------------
+
+def test_collapsed_forwarding(cproxy, origin):
+    def slow(seen):
+        time.sleep(1.0)
+        return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"slow body"
+    origin.route("/collapse", slow)
+    url = f"{origin.url}/collapse"
+    results = []
+
+    def client():
+        results.append(fetch(cproxy, url))
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    for t in threads:
+        t.join(20)
+    assert [r[2] for r in results] == [b"slow body"] * 6
+    assert origin.hits["/collapse"] == 1
+    found = codes(cproxy, url, 6)
+    assert found.count("TCP_MISS/200") == 1 and found.count("TCP_MEM_HIT/200") == 5
+
+
+# --- HTTPS interception and reverse mode keys --------------------------------------------------------
+
+def test_intercepted_https_is_cached_separately(start_proxy, tls_origin, tmp_path):
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c")})
+    url = f"{tls_origin.url}/tls?h.Cache-Control=max-age=60"
+    for _ in range(2):
+        r = curl("--cacert", p.ca, "-x", p.url, url)
+        assert r.stdout == b"hello /tls", r.stderr
+    assert tls_origin.hits["/tls"] == 1
+    lines = [l for l in p.log_lines(3) if "/tls" in l]
+    assert [l.split()[3] for l in lines] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+    assert lines[0].split()[6].startswith("https://")
+
+
+def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
+    a, b = Origin(), Origin()
+    try:
+        a.route("/r", lambda s: (200, {"Cache-Control": "max-age=60"}, b"from a"))
+        b.route("/r", lambda s: (200, {"Cache-Control": "max-age=60"}, b"from b"))
+        p = start_proxy(modes=(f"reverse:{a.url}", f"reverse:{b.url}"),
+                        options={"cache_dir": str(tmp_path / "c"), "keep_host_header": True})
+        pa, pb = p.ports
+        # poisoning attempt: ask reverse proxy A with B's Host header
+        r = curl("-H", f"Host: 127.0.0.1:{b.port}", f"http://127.0.0.1:{pa}/r")
+        assert r.stdout == b"from a"
+        assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
+        assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
+        assert curl("-H", "Host: evil.example", f"http://127.0.0.1:{pa}/r").stdout == b"from a"
+        assert a.hits["/r"] == 1 and b.hits["/r"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+# --- storage: disk tier, persistence, streaming, crash safety ----------------------------------------
+
+def test_disk_hit_after_restart(start_proxy, origin, tmp_path):
+    opts = {"cache_dir": str(tmp_path / "persist")}
+    url = f"{origin.url}/size/5000?h.Cache-Control=max-age=600"
+    p1 = start_proxy(options=opts)
+    fetch(p1, url)
+    p1.stop()
+    p2 = start_proxy(options=opts)
+    status, _, body = fetch(p2, url)
+    assert status == 200 and body == b"x" * 5000
+    fetch(p2, url)
+    assert origin.hits["/size/5000"] == 1
+    assert codes(p2, f"{origin.url}/size/5000", 2) == ["TCP_HIT/200", "TCP_MEM_HIT/200"]
+
+
+def test_large_objects_skip_ram_and_respect_maximum_object_size(start_proxy, origin, tmp_path):
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "maximum_object_size_in_memory": "10 KB",
+                             "maximum_object_size": "100 KB"})
+    big = f"{origin.url}/size/50000?h.Cache-Control=max-age=600"
+    huge = f"{origin.url}/size/200000?h.Cache-Control=max-age=600"
+    fetch(p, big)
+    time.sleep(0.5)  # let the background writer put it on disk
+    assert fetch(p, big)[2] == b"x" * 50000
+    fetch(p, huge)
+    fetch(p, huge)
+    assert origin.hits["/size/50000"] == 1 and origin.hits["/size/200000"] == 2
+    assert codes(p, f"{origin.url}/size/50000", 2)[1] == "TCP_HIT/200"
+
+
+def test_ram_only_cache(start_proxy, origin):
+    p = start_proxy(options={"cache_dir": "none", "cache_mem": "1 MB"})
+    url = f"{origin.url}/ram?h.Cache-Control=max-age=60"
+    fetch(p, url)
+    fetch(p, url)
+    assert origin.hits["/ram"] == 1
+
+
+def test_streamed_large_body_stored_and_served(start_proxy, origin, tmp_path):
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "100k",
+                             "maximum_object_size": "10 MB"})
+    size = 3 * 1024 * 1024
+    url = f"{origin.url}/size/{size}?h.Cache-Control=max-age=600"
+    assert len(fetch(p, url)[2]) == size
+    time.sleep(1.0)
+    body = fetch(p, url)[2]
+    assert body == b"x" * size
+    assert origin.hits[f"/size/{size}"] == 1
+    assert codes(p, f"{origin.url}/size/{size}", 2) == ["TCP_MISS/200", "TCP_HIT/200"]
+
+
+def test_aborted_stream_is_not_stored(start_proxy, origin, tmp_path):
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "10k"})
+    url = f"{origin.url}/slow/60000?rate=3000&h.Cache-Control=max-age=600"  # 2 s of body
+    curl("-x", p.url, url, timeout=1)   # the client gives up after 1 s, mid-body
+    time.sleep(1.5)
+    body = fetch(p, url)[2]
+    assert body == b"x" * 60000
+    assert origin.hits["/slow/60000"] == 2
+    assert codes(p, f"{origin.url}/slow/60000", 2) == ["TCP_MISS_ABORTED/200", "TCP_MISS/200"]
+
+
+def test_truncated_origin_body_is_not_stored(start_proxy, origin, tmp_path):
+    def short(seen):
+        def chunks():
+            yield b"y" * 1000  # promises 5000 bytes, sends 1000 and closes
+        return 200, {"Content-Length": "5000", "Cache-Control": "max-age=60"}, chunks
+    origin.route("/short", short)
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "100"})
+    url = f"{origin.url}/short"
+    curl("-x", p.url, url, timeout=5)
+    curl("-x", p.url, url, timeout=5)
+    assert origin.hits["/short"] == 2
+
+
+def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path):
+    opts = {"cache_dir": str(tmp_path / "crash"), "cache_mem": "0", "access_log": "none"}
+    p1 = start_proxy(options=opts)
+    n = 60
+    urls = [f"{origin.url}/size/{40000 + i}?h.Cache-Control=max-age=600" for i in range(n)]
+    stop = threading.Event()
+
+    def load(part):
+        for u in part:
+            if stop.is_set():
+                return
+            curl("-x", p1.url, u, "-o", "/dev/null", timeout=5)
+    threads = [threading.Thread(target=load, args=(urls[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.killpg(p1.proc.pid, signal.SIGKILL)   # kill -9 in the middle of the writes
+    stop.set()
+    for t in threads:
+        t.join(10)
+    p1.proc.wait(5)
+    # damage one stored body file on purpose: it must be detected, dropped and logged
+    files = sorted(Path(opts["cache_dir"]).rglob("*.val"))
+    assert files, "bodies of 40 KB and more are files in diskcache"
+    with open(files[0], "r+b") as f:
+        f.truncate(100)
+    p2 = start_proxy(options={**opts, "access_log": str(tmp_path / "access2.log")})
+    for i, u in enumerate(urls):
+        status, _, body = fetch(p2, u)
+        assert status == 200 and body == b"x" * (40000 + i), f"bad body for {u}"
+    p2.stop()
+    assert "corrupt disk entry" in p2.text()
+
+
+# --- PURGE and commands ------------------------------------------------------------------------------
+
+def test_purge_method(cproxy, origin):
+    url = f"{origin.url}/purge?h.Cache-Control=max-age=60"
+    fetch(cproxy, url)
+    assert fetch(cproxy, url, "-X", "PURGE")[0] == 200
+    assert fetch(cproxy, url, "-X", "PURGE")[0] == 404
+    fetch(cproxy, url)
+    assert origin.hits["/purge"] == 2
+
+
+def test_purge_refused_outside_purge_from(start_proxy, origin):
+    # the cache alone (no access-control addon): its own purge_from option decides
+    p = start_proxy(script="addons/cache.py", options={"cache_dir": "none", "purge_from": "10.0.0.0/8"})
+    url = f"{origin.url}/pp?h.Cache-Control=max-age=60"
+    curl("-x", p.url, url)
+    assert fetch(p, url, "-X", "PURGE")[0] == 403
+    curl("-x", p.url, url)
+    assert origin.hits["/pp"] == 1
+
+
+def test_stale_while_revalidate(cproxy, origin):
+    n = []
+
+    def fn(seen):
+        n.append(1)
+        return 200, {"Cache-Control": "max-age=1, stale-while-revalidate=60"}, f"version {len(n)}".encode()
+    origin.route("/swr", fn)
+    url = f"{origin.url}/swr"
+    assert fetch(cproxy, url)[2] == b"version 1"
+    time.sleep(1.3)
+    status, headers, body = fetch(cproxy, url)    # stale: served at once, refreshed in the background
+    assert body == b"version 1" and "110" in headers.get("warning", "")
+    end = time.monotonic() + 5
+    while len(n) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert fetch(cproxy, url)[2] == b"version 2"
+    assert origin.hits["/swr"] == 2
+    assert codes(cproxy, url, 3) == ["TCP_MISS/200", "TCP_MEM_HIT/200", "TCP_MEM_HIT/200"]
+
+
+def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):
+    url = f"{origin.url}/oics?h.Cache-Control=max-age=1"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached")[0] == 504
+    assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached, max-stale")[0] == 200
+    assert origin.hits["/oics"] == 1

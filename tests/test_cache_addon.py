@@ -1,0 +1,143 @@
+"""In-process tests of addons/cache.py: options, keys, commands (cache.purge, cache.clear, cache.stats)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+from addons import cache as cachemod
+from addons import meta
+
+
+def stored_flow(url="http://example.com/a", cc="max-age=60", body=b"hello", status=200):
+    f = tflow.tflow(req=tutils.treq(method=b"GET"), resp=tutils.tresp(status_code=status))
+    f.request.url = url
+    f.response.headers.clear()
+    f.response.headers["Cache-Control"] = cc
+    f.response.set_content(body)
+    f.request.timestamp_start = f.response.timestamp_start = time.time()
+    return f
+
+
+def request_flow(url="http://example.com/a", method="GET", **headers):
+    f = tflow.tflow(req=tutils.treq(method=method.encode()))
+    f.request.url = url
+    for k, v in headers.items():
+        f.request.headers[k.replace("_", "-")] = v
+    return f
+
+
+@pytest.fixture
+def cache(tmp_path):
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir=str(tmp_path / "c"))
+        yield c, tctx
+    c.done()
+
+
+def test_store_and_hit(cache):
+    c, _ = cache
+    c.response(stored_flow())
+    f = request_flow()
+    c.requestheaders(f)
+    assert f.response is not None and f.response.content == b"hello"
+    assert f.metadata[meta.LOCAL] == "cache" and f.metadata[meta.CODE] == "TCP_MEM_HIT"
+    assert f.metadata[meta.CACHE] == {"status": "HIT", "tier": "mem"}
+    assert f.metadata[meta.HIER] == "HIER_NONE"
+    assert "TCP_MEM_HIT" in f.comment
+
+
+def test_own_answers_and_other_addons_answers_not_stored(cache):
+    c, _ = cache
+    f = stored_flow()
+    f.metadata[meta.LOCAL] = "acl"
+    c.response(f)
+    g = request_flow()
+    c.requestheaders(g)
+    assert g.response is None
+
+
+def test_commands(cache):
+    c, tctx = cache
+    c.response(stored_flow("http://example.com/a"))
+    c.response(stored_flow("https://example.com/b"))
+    stats = json.loads(tctx.master.commands.call("cache.stats"))
+    assert stats["mem"]["entries"] == 2 and stats["mem"]["bytes"] > 0
+    assert tctx.master.commands.call("cache.purge", "http://example.com/a") == 1
+    assert tctx.master.commands.call("cache.purge", "http://example.com/a") == 0
+    f = request_flow("http://example.com/a")
+    c.requestheaders(f)
+    assert f.response is None
+    f = request_flow("https://example.com/b")
+    c.requestheaders(f)
+    assert f.response is not None
+    stats = json.loads(tctx.master.commands.call("cache.stats"))
+    assert stats["hits"] == 1 and stats["misses"] == 1 and stats["hit_ratio"] == 0.5
+    tctx.master.commands.call("cache.clear")
+    f = request_flow("https://example.com/b")
+    c.requestheaders(f)
+    assert f.response is None
+    with pytest.raises(exceptions.CommandError):
+        c.purge("not a url")
+
+
+def test_http_and_https_never_mix(cache):
+    c, _ = cache
+    c.response(stored_flow("https://example.com:8443/x"))
+    f = request_flow("http://example.com:8443/x")
+    c.requestheaders(f)
+    assert f.response is None
+    assert cachemod.primary_key(request_flow("https://Example.com/x?q=1")) == "https://example.com:443/x?q=1"
+
+
+def test_reverse_key_uses_the_target_not_the_host_header():
+    f = request_flow("http://evil.example/x")
+    f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://10.0.0.1:8080")
+    assert cachemod.primary_key(f) == "http://10.0.0.1:8080/x"
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("67108864", 67108864), ("64 MB", 64 * 1024 ** 2), ("512 KB", 512 * 1024), ("4m", 4 * 1024 ** 2),
+    ("1.5 GB", int(1.5 * 1024 ** 3)), ("0", 0)])
+def test_sizes(value, expected):
+    assert cachemod.parse_size(value, "x") == expected
+
+
+@pytest.mark.parametrize("option,value", [
+    ("cache_mem", "lots"), ("maximum_object_size", "-1 MB"), ("cache_dir_size", 0), ("negative_ttl", -1),
+    ("purge_from", ["not-a-net"]), ("cache_policy", "/nonexistent/cache.yaml"), ("cache_dir", " ")])
+def test_bad_options(tmp_path, option, value):
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(c, **{option: value})
+        assert option in str(e.value)
+    c.done()
+
+
+def test_policy_resolved_against_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy="policies/cache.yaml")
+        assert c.policy_file.endswith("policies/cache.yaml")
+        assert [r.pattern for r in c.rules][-1] == "."
+    c.done()
+
+
+def test_purge_method_checks_purge_from(cache):
+    c, tctx = cache
+    c.response(stored_flow())
+    f = request_flow(method="PURGE")
+    f.client_conn.peername = ("192.0.2.1", 5000)
+    c.requestheaders(f)
+    assert f.response.status_code == 403 and f.metadata[meta.CODE] == "TCP_DENIED"
+    f = request_flow(method="PURGE")
+    f.client_conn.peername = ("127.0.0.1", 5000)
+    c.requestheaders(f)
+    assert f.response.status_code == 200

@@ -1,0 +1,410 @@
+"""Unit tests of addons/rfc9111.py, section by section of RFC 9111 (and RFC 5861)."""
+from __future__ import annotations
+
+import pytest
+
+from addons import rfc9111 as r
+
+NOW = 1_800_000_000.0
+DATE = r.format_http_date(NOW)
+
+
+def H(**kw):
+    """Header list from keyword args (underscores become dashes); list values repeat the field."""
+    out = []
+    for k, v in kw.items():
+        name = k.replace("_", "-")
+        for value in (v if isinstance(v, list) else [v]):
+            out.append((name, value))
+    return out
+
+
+# --- 1.2.2 delta-seconds ----------------------------------------------------
+
+class TestDeltaSeconds:
+    def test_plain(self):
+        assert r.parse_cache_control("max-age=60").delta("max-age") == 60
+
+    def test_overflow_capped_at_2_31(self):
+        assert r.parse_cache_control("max-age=99999999999999999999").delta("max-age") == 2147483648
+
+    @pytest.mark.parametrize("value", ["max-age=-1", "max-age=1.5", "max-age=abc", "max-age", "max-age="])
+    def test_invalid(self, value):
+        assert r.parse_cache_control(value).delta("max-age") is r.INVALID
+
+
+# --- 5.2 Cache-Control parsing ------------------------------------------------
+
+class TestCacheControlParsing:
+    def test_case_insensitive_names_and_lists(self):
+        cc = r.parse_cache_control(["Max-Age=5, No-Cache", "PUBLIC"])
+        assert cc.delta("max-age") == 5 and "no-cache" in cc and "public" in cc
+
+    def test_quoted_argument_with_comma(self):
+        cc = r.parse_cache_control('no-cache="set-cookie, x-foo", max-age=3')
+        assert cc.field_names("no-cache") == ["set-cookie", "x-foo"]
+        assert cc.delta("max-age") == 3
+
+    def test_quoted_delta_accepted(self):
+        assert r.parse_cache_control('max-age="10"').delta("max-age") == 10
+
+    def test_duplicate_same_value_is_fine(self):
+        assert r.parse_cache_control("max-age=5, max-age=5").delta("max-age") == 5
+
+    def test_conflicting_duplicates_are_invalid(self):
+        # 4.2.1: "either the first occurrence should be used or the response should be considered stale"
+        assert r.parse_cache_control("max-age=5, max-age=60").delta("max-age") is r.INVALID
+
+    def test_unknown_extensions_ignored(self):
+        cc = r.parse_cache_control("foo=bar, max-age=1, baz")
+        assert cc.delta("max-age") == 1 and "foo" in cc
+
+
+# --- RFC 9110 5.6.7 dates ------------------------------------------------------
+
+class TestDates:
+    def test_three_formats(self):
+        t = 784111777.0
+        assert r.parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT") == t
+        assert r.parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT") == t
+        assert r.parse_http_date("Sun Nov  6 08:49:37 1994") == t
+
+    @pytest.mark.parametrize("bad", ["0", "-1", "tomorrow", "Sun, 06 Nov 1994 08:49:37 PST", "", None,
+                                     "Sun, 32 Nov 1994 08:49:37 GMT"])
+    def test_invalid(self, bad):
+        assert r.parse_http_date(bad) is None
+
+    def test_roundtrip(self):
+        assert r.parse_http_date(r.format_http_date(NOW)) == NOW
+
+
+# --- 3 storing responses ----------------------------------------------------------
+
+class TestStorable:
+    def ok(self, status=200, req=(), resp=(), method="GET"):
+        return r.storable(method, status, list(req), list(resp))[0]
+
+    def test_explicit_freshness(self):
+        assert self.ok(resp=H(cache_control="max-age=10"))
+        assert self.ok(resp=H(expires=DATE))
+        assert self.ok(status=302, resp=H(cache_control="max-age=10"))
+
+    def test_heuristic_statuses(self):
+        assert self.ok(200)
+        assert self.ok(301)
+        assert not self.ok(302)
+        assert not self.ok(307)
+        assert not self.ok(500)
+        assert self.ok(500, resp=H(cache_control="max-age=5"))  # explicit freshness on an error is honoured
+
+    def test_negative_statuses_follow_negative_ttl(self):
+        for s in (404, 405, 410, 414, 501):
+            assert r.storable("GET", s, [], [], negative_ttl=30)[0]
+            assert not r.storable("GET", s, [], [], negative_ttl=0)[0]
+        assert r.storable("GET", 404, [], H(cache_control="max-age=9"), negative_ttl=0)[0]
+
+    def test_only_get(self):
+        assert not self.ok(method="HEAD", resp=H(cache_control="max-age=10"))
+        assert not self.ok(method="POST", resp=H(cache_control="max-age=10"))
+
+    def test_partial_and_304_never(self):
+        assert not self.ok(206, resp=H(cache_control="max-age=10"))
+        assert not self.ok(304, resp=H(cache_control="max-age=10"))
+        assert not self.ok(100)
+
+    def test_no_store(self):  # 5.2.2.5, 5.2.1.5
+        assert not self.ok(resp=H(cache_control="max-age=10, no-store"))
+        assert not self.ok(req=H(cache_control="no-store"), resp=H(cache_control="max-age=10"))
+
+    def test_private_in_shared_cache(self):  # 5.2.2.7
+        assert not self.ok(resp=H(cache_control="private, max-age=10"))
+        assert not self.ok(resp=H(cache_control='private="x-user", max-age=10'))
+
+    def test_authorization(self):  # 3.5
+        auth = H(authorization="Basic YTpi")
+        assert not self.ok(req=auth, resp=H(cache_control="max-age=10"))
+        for cc in ("public", "s-maxage=10", "must-revalidate, max-age=10"):
+            assert self.ok(req=auth, resp=H(cache_control=cc))
+
+    def test_must_understand(self):  # 5.2.2.3
+        assert self.ok(resp=H(cache_control="must-understand, no-store, max-age=10"))
+        assert not self.ok(299, resp=H(cache_control="must-understand, max-age=10"))
+
+    def test_vary_star(self):
+        assert not self.ok(resp=H(cache_control="max-age=10", vary="*"))
+
+    def test_storable_headers_drop_hop_by_hop(self):
+        kept = r.storable_headers(H(connection="x-hop, close", x_hop="1", keep_alive="5",
+                                    transfer_encoding="chunked", content_type="a/b",
+                                    cache_control='private="set-cookie"', set_cookie="a=1"))
+        names = [k for k, _ in kept]
+        assert names == ["content-type", "cache-control"]
+
+
+# --- 4.2.1 freshness lifetime -----------------------------------------------------
+
+class TestFreshnessLifetime:
+    def lt(self, resp, status=200, **kw):
+        return r.freshness_lifetime(status, resp, NOW, **kw)[0]
+
+    def test_s_maxage_beats_max_age_beats_expires(self):
+        exp = r.format_http_date(NOW + 1000)
+        assert self.lt(H(date=DATE, cache_control="s-maxage=5, max-age=50", expires=exp)) == 5
+        assert self.lt(H(date=DATE, cache_control="max-age=50", expires=exp)) == 50
+        assert self.lt(H(date=DATE, expires=exp)) == 1000
+
+    def test_s_maxage_ignored_by_private_cache(self):
+        assert r.freshness_lifetime(200, H(cache_control="s-maxage=5, max-age=50"), NOW, shared=False)[0] == 50
+
+    def test_invalid_max_age_is_stale(self):
+        assert self.lt(H(cache_control="max-age=abc")) == 0
+        assert self.lt(H(cache_control="max-age=1, max-age=100")) == 0
+
+    def test_expires_relative_to_date(self):
+        assert self.lt(H(date=r.format_http_date(NOW - 100), expires=r.format_http_date(NOW))) == 100
+
+    def test_expires_without_date_uses_response_time(self):
+        assert self.lt(H(expires=r.format_http_date(NOW + 30))) == 30
+
+    def test_invalid_expires_means_past(self):  # 5.3
+        assert self.lt(H(date=DATE, expires="0")) == 0
+        assert self.lt(H(date=DATE, expires="garbage")) == 0
+
+    def test_expires_in_the_past(self):
+        assert self.lt(H(date=DATE, expires=r.format_http_date(NOW - 50))) == 0
+
+
+# --- 4.2.2 heuristic freshness (Squid refresh_pattern) ------------------------------
+
+class TestHeuristics:
+    def test_ten_percent_of_last_modified_age(self):
+        resp = H(date=DATE, last_modified=r.format_http_date(NOW - 10000))
+        lt, source = r.freshness_lifetime(200, resp, NOW)
+        assert lt == pytest.approx(1000) and "heuristic" in source
+
+    def test_no_last_modified_uses_min(self):
+        assert r.freshness_lifetime(200, H(date=DATE), NOW)[0] == 0
+        rule = r.parse_refresh_pattern(". 5 10% 60")
+        assert r.freshness_lifetime(200, H(date=DATE), NOW, url="http://a/", rules=[rule])[0] == 300
+
+    def test_bounded_by_max_and_min(self):
+        resp = H(date=DATE, last_modified=r.format_http_date(NOW - 10_000_000))
+        rule = r.parse_refresh_pattern(". 0 10% 60")
+        assert r.freshness_lifetime(200, resp, NOW, url="http://a/", rules=[rule])[0] == 3600
+        rule = r.parse_refresh_pattern(". 10 10% 60")
+        resp = H(date=DATE, last_modified=r.format_http_date(NOW - 100))
+        assert r.freshness_lifetime(200, resp, NOW, url="http://a/", rules=[rule])[0] == 600
+
+    def test_first_matching_rule(self):
+        rules = [r.parse_refresh_pattern(r"-i \.JPG$ 60 50% 120"), r.parse_refresh_pattern(". 0 10% 10")]
+        resp = H(date=DATE, last_modified=r.format_http_date(NOW - 1000))
+        assert r.freshness_lifetime(200, resp, NOW, url="http://a/b.jpg", rules=rules)[0] == 3600
+        assert r.freshness_lifetime(200, resp, NOW, url="http://a/b.png", rules=rules)[0] == 100
+
+    def test_not_for_non_heuristic_status(self):
+        resp = H(date=DATE, last_modified=r.format_http_date(NOW - 10000))
+        assert r.freshness_lifetime(302, resp, NOW)[0] == 0
+        assert r.freshness_lifetime(302, resp + H(cache_control="public"), NOW)[0] == pytest.approx(1000)
+
+    def test_negative_ttl_for_errors(self):
+        assert r.freshness_lifetime(404, H(date=DATE), NOW, negative_ttl=30) == (30, "negative_ttl")
+        assert r.freshness_lifetime(404, H(date=DATE, cache_control="max-age=5"), NOW, negative_ttl=30)[0] == 5
+
+    @pytest.mark.parametrize("line", ["", "a b", ". x 10% 1", ". 1 10% -1", "( 1 1% 1"])
+    def test_bad_refresh_pattern(self, line):
+        with pytest.raises(ValueError):
+            r.parse_refresh_pattern(line)
+
+
+# --- 4.2.3 age ------------------------------------------------------------------------
+
+class TestAge:
+    def test_resident_time(self):
+        assert r.current_age(H(date=DATE), NOW, NOW, NOW + 10) == 10
+
+    def test_age_header_and_response_delay(self):
+        assert r.current_age(H(date=DATE, age="100"), NOW - 2, NOW, NOW) == 102
+
+    def test_apparent_age_from_date(self):
+        assert r.current_age(H(date=r.format_http_date(NOW - 50)), NOW, NOW, NOW) == 50
+
+    def test_date_in_future_is_not_negative(self):
+        assert r.current_age(H(date=r.format_http_date(NOW + 50)), NOW, NOW, NOW) == 0
+
+    def test_invalid_age_ignored(self):  # 5.1
+        assert r.age_value(H(age="abc")) == 0
+        assert r.age_value(H(age="-5")) == 0
+        assert r.age_value(H(age="99999999999999")) == 2147483648
+
+    def test_age_header_value(self):
+        assert r.age_header(12.9) == "12"
+
+
+# --- 4 / 5.2.1 request directives and serving -----------------------------------------
+
+class TestDecide:
+    def d(self, req=(), resp=(), age=0.0, lifetime=100.0):
+        return r.decide(list(req), list(resp), age, lifetime)
+
+    def test_fresh_and_stale(self):
+        assert self.d(age=10).action == r.FRESH
+        assert self.d(age=200).action == r.REVALIDATE
+
+    def test_request_no_cache_and_pragma(self):  # 5.2.1.4, 5.4
+        assert self.d(H(cache_control="no-cache")).action == r.RELOAD
+        assert self.d(H(pragma="no-cache")).action == r.RELOAD
+        assert self.d(H(pragma="no-cache", cache_control="max-stale")).action == r.FRESH
+
+    def test_response_no_cache_always_revalidates(self):  # 5.2.2.4
+        assert self.d(resp=H(cache_control="no-cache, max-age=100")).action == r.REVALIDATE
+
+    def test_request_max_age(self):  # 5.2.1.1
+        assert self.d(H(cache_control="max-age=5"), age=10).action == r.REVALIDATE
+        assert self.d(H(cache_control="max-age=0"), age=0.5).action == r.REVALIDATE
+        assert self.d(H(cache_control="max-age=50"), age=10).action == r.FRESH
+
+    def test_min_fresh(self):  # 5.2.1.3
+        assert self.d(H(cache_control="min-fresh=50"), age=60).action == r.REVALIDATE
+        assert self.d(H(cache_control="min-fresh=50"), age=40).action == r.FRESH
+
+    def test_max_stale(self):  # 5.2.1.2
+        assert self.d(H(cache_control="max-stale"), age=1000).action == r.STALE_OK
+        assert self.d(H(cache_control="max-stale=50"), age=140).action == r.STALE_OK
+        assert self.d(H(cache_control="max-stale=50"), age=160).action == r.REVALIDATE
+
+    @pytest.mark.parametrize("cc", ["must-revalidate", "proxy-revalidate", "s-maxage=100"])
+    def test_must_revalidate_forbids_stale(self, cc):  # 5.2.2.2, 5.2.2.8, 5.2.2.10
+        assert self.d(H(cache_control="max-stale"), H(cache_control=cc), age=200).action == r.REVALIDATE
+
+    def test_stale_while_revalidate(self):  # RFC 5861 3
+        resp = H(cache_control="max-age=100, stale-while-revalidate=30")
+        assert self.d(resp=resp, age=120).action == r.SWR
+        assert self.d(resp=resp, age=140).action == r.REVALIDATE
+
+    def test_only_if_cached(self):  # 5.2.1.7
+        assert r.only_if_cached(H(cache_control="only-if-cached"))
+        assert not r.only_if_cached(H(cache_control="max-age=1"))
+
+    def test_stale_if_error(self):  # RFC 5861 4
+        assert r.stale_if_error_ok([], H(cache_control="max-age=1, stale-if-error=60"), 30)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1, stale-if-error=60"), 90)
+        assert r.stale_if_error_ok(H(cache_control="stale-if-error=60"), H(cache_control="max-age=1"), 30)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1"), 30)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1, must-revalidate, stale-if-error=60"), 30)
+
+
+# --- 4.1 Vary ------------------------------------------------------------------------------
+
+class TestVary:
+    def test_fields_sorted_lowercase(self):
+        assert r.vary_fields(H(vary=["Accept-Encoding, User-Agent", "accept"])) == (
+            "accept", "accept-encoding", "user-agent")
+
+    def test_star(self):
+        assert r.vary_fields(H(vary="accept, *")) is None
+
+    def test_normalisation(self):
+        a = r.vary_values(("accept-encoding",), H(accept_encoding="GZIP,  br"))
+        b = r.vary_values(("accept-encoding",), H(accept_encoding=["gzip", "br"]))
+        assert a == b
+
+    def test_absent_differs_from_empty(self):
+        assert r.vary_values(("accept",), []) != r.vary_values(("accept",), H(accept=""))
+
+    def test_different_values(self):
+        assert r.vary_values(("accept-language",), H(accept_language="fr")) != \
+            r.vary_values(("accept-language",), H(accept_language="en"))
+
+
+# --- 4.3 validation ----------------------------------------------------------------------------
+
+class TestValidation:
+    def test_validators(self):  # 4.3.1
+        lm = r.format_http_date(NOW - 10)
+        assert r.validators(H(etag='"a"', last_modified=lm)) == [("If-None-Match", '"a"'),
+                                                                ("If-Modified-Since", lm)]
+        assert r.validators(H(last_modified="junk")) == []
+
+    def test_conditional_inm(self):  # 4.3.2
+        stored = H(etag='"v1"', last_modified=r.format_http_date(NOW - 10))
+        assert r.conditional_result("GET", H(if_none_match='"v1"'), stored) == "INM"
+        assert r.conditional_result("GET", H(if_none_match='W/"v1"'), stored) == "INM"  # weak comparison
+        assert r.conditional_result("GET", H(if_none_match='"x", "v1"'), stored) == "INM"
+        assert r.conditional_result("GET", H(if_none_match="*"), stored) == "INM"
+        assert r.conditional_result("GET", H(if_none_match='"v2"'), stored) is None
+        # If-None-Match present: If-Modified-Since is not evaluated
+        assert r.conditional_result("GET", H(if_none_match='"v2"', if_modified_since=DATE), stored) is None
+        assert r.conditional_result("POST", H(if_none_match='"v1"'), stored) is None
+
+    def test_conditional_ims(self):
+        stored = H(last_modified=r.format_http_date(NOW - 10), date=DATE)
+        assert r.conditional_result("GET", H(if_modified_since=DATE), stored) == "IMS"
+        assert r.conditional_result("HEAD", H(if_modified_since=DATE), stored) == "IMS"
+        assert r.conditional_result("GET", H(if_modified_since=r.format_http_date(NOW - 20)), stored) is None
+        assert r.conditional_result("GET", H(if_modified_since="junk"), stored) is None
+        # no Last-Modified: Date of the stored response
+        assert r.conditional_result("GET", H(if_modified_since=DATE), H(date=DATE)) == "IMS"
+
+    def test_origin_only_preconditions_are_forwarded(self):
+        assert not r.cache_can_evaluate(H(if_match='"a"'))
+        assert not r.cache_can_evaluate(H(if_unmodified_since=DATE))
+        assert r.cache_can_evaluate(H(if_none_match='"a"'))
+
+    def test_freshen_from_304(self):  # 3.2 / 4.3.4
+        stored = H(content_type="text/plain", content_length="5", cache_control="max-age=1", etag='"a"', x_old="1")
+        new = H(cache_control="max-age=100", content_length="0", connection="close", etag='"a"')
+        out = dict((k.lower(), v) for k, v in r.freshen_headers(stored, new))
+        assert out["cache-control"] == "max-age=100"
+        assert out["content-length"] == "5"
+        assert "connection" not in out and out["x-old"] == "1"
+
+    def test_validator_mismatch(self):
+        assert r.validator_mismatch(H(etag='"a"'), H(etag='"b"'))
+        assert not r.validator_mismatch(H(etag='"a"'), H(etag='"a"'))
+        assert not r.validator_mismatch(H(etag='"a"'), [])
+
+
+# --- 4.4 invalidation ----------------------------------------------------------------------------
+
+class TestInvalidation:
+    def test_unsafe_success_invalidates_target_and_same_origin_locations(self):
+        t = r.invalidation_targets("POST", 201, "http://a:80/x",
+                                   H(location="/y", content_location="http://a/z"))
+        assert t == ["http://a:80/x", "http://a:80/y", "http://a/z"]
+
+    def test_other_origin_location_not_invalidated(self):
+        assert r.invalidation_targets("PUT", 200, "http://a/x", H(location="http://b/y")) == ["http://a/x"]
+
+    def test_safe_methods_and_errors_do_not_invalidate(self):
+        assert r.invalidation_targets("GET", 200, "http://a/x", []) == []
+        assert r.invalidation_targets("DELETE", 500, "http://a/x", []) == []
+        assert r.invalidation_targets("PATCH", 204, "http://a/x", []) == ["http://a/x"]
+        assert r.invalidation_targets("FOO", 200, "http://a/x", []) == ["http://a/x"]
+
+
+# --- RFC 9110 14 ranges --------------------------------------------------------------------------
+
+class TestRanges:
+    def test_single_ranges(self):
+        assert r.parse_range("bytes=0-9", 100) == (0, 9)
+        assert r.parse_range("bytes=90-", 100) == (90, 99)
+        assert r.parse_range("bytes=-10", 100) == (90, 99)
+        assert r.parse_range("bytes=50-500", 100) == (50, 99)
+
+    def test_unsatisfiable(self):
+        assert r.parse_range("bytes=100-", 100) == r.UNSATISFIABLE
+        assert r.parse_range("bytes=-0", 100) == r.UNSATISFIABLE
+
+    @pytest.mark.parametrize("v", ["items=0-1", "bytes=5-1", "bytes=a-b", "bytes=0-1,5-6", "bytes", None])
+    def test_ignored(self, v):
+        assert r.parse_range(v, 100) is None
+
+    def test_if_range(self):
+        lm = r.format_http_date(NOW - 10)
+        stored = H(etag='"a"', last_modified=lm)
+        assert r.if_range_ok(None, stored)
+        assert r.if_range_ok('"a"', stored)
+        assert not r.if_range_ok('W/"a"', stored)
+        assert not r.if_range_ok('"b"', stored)
+        assert r.if_range_ok(lm, stored)
+        assert not r.if_range_ok(DATE, stored)
