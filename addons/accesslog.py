@@ -1,8 +1,9 @@
 """Access log in Squid's native access.log format (and Apache common/combined).
 
-One line per transaction, written by a background thread so the event loop
-never waits for the disk; each line is one write() of a whole line, so
-lines are never split or interleaved.
+One line per transaction, written by the log's own writer thread (not through
+the console logger, and not on the event loop, which never waits for the
+disk); it is the file's only writer and writes whole lines, so lines are never
+split or interleaved.
 
     mitmdump -s addons/accesslog.py --set access_log=var/log/access.log
 
@@ -12,13 +13,14 @@ so that logrotate's "move then signal" works.
 # No `from __future__ import annotations` here: mitmproxy loads scripts without
 # registering them in sys.modules, where dataclasses then look string annotations up.
 import dataclasses
+import functools
 import logging
-import logging.handlers
 import os
 import queue
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,8 +35,6 @@ except ImportError:  # loaded by path (mitmdump -s addons/accesslog.py) without 
     from addons import meta
 
 FORMATS = ("squid", "common", "combined")
-logger = logging.getLogger("relais.access")
-logger.propagate = False  # access lines go to the access log, never to the console
 
 
 @dataclasses.dataclass
@@ -153,6 +153,20 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
     )
 
 
+def rotate_files(path: Path, keep: int, writer: "Writer") -> None:
+    """access.log -> access.log.0 -> access.log.1 ... keeping `keep` old files, then reopen."""
+    if keep > 0:
+        for i in range(keep - 1, 0, -1):
+            old = path.with_name(f"{path.name}.{i - 1}")
+            if old.exists():
+                old.replace(path.with_name(f"{path.name}.{i}"))
+        if path.exists():
+            path.replace(path.with_name(f"{path.name}.0"))
+    else:
+        path.unlink(missing_ok=True)
+    writer.reopen()
+
+
 def _who_and_when(flow, start: float | None) -> dict:
     end = time.time()
     return dict(end=end, elapsed_ms=max(0, int((end - (start or end)) * 1000)),
@@ -182,28 +196,66 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
     )
 
 
-class ReopeningFileHandler(logging.FileHandler):
-    """A FileHandler that writes each record with one write() and can reopen."""
+class Writer:
+    """Appends lines to a file from its own thread, so the event loop never waits for the disk.
 
-    terminator = "\n"
+    It is the only writer of the file and writes whole lines, so lines are
+    never split or interleaved; what is queued when several lines wait is
+    written with one write() call.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.file = open(path, "a", encoding="utf-8")
+        self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
+        self.thread.start()
+
+    def put(self, line: str) -> None:
+        self.queue.put(line)
+
+    def call(self, fn) -> None:
+        """Run fn() in the writer thread, after the lines queued before it."""
+        self.queue.put(fn)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        done = threading.Event()
+        self.call(done.set)
+        done.wait(timeout)
 
     def reopen(self) -> None:
-        self.acquire()
-        try:
-            if self.stream:
-                self.stream.close()
-            self.stream = self._open()
-        finally:
-            self.release()
+        self.file.close()
+        self.file = open(self.path, "a", encoding="utf-8")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            if self.stream is None:
-                self.stream = self._open()
-            self.stream.write(record.getMessage() + self.terminator)
-            self.stream.flush()
-        except Exception:
-            self.handleError(record)
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(10)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            lines = []
+            while isinstance(item, str):
+                lines.append(item)
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    item = ""
+                    break
+            if lines:
+                try:
+                    self.file.write("\n".join(lines) + "\n")
+                    self.file.flush()
+                except OSError as e:  # a full disk must not stop the proxy; say so once per batch
+                    logging.getLogger(__name__).error("access log %s: cannot write: %s", self.path, e)
+            if item is None:
+                self.file.close()
+                return
+            if callable(item):
+                try:
+                    item()
+                except Exception as e:
+                    logging.getLogger(__name__).error("access log %s: %s", self.path, e)
 
 
 class BadRequestWatch(logging.Handler):
@@ -245,8 +297,7 @@ class AccessLog:
         self.bad_requests = BadRequestWatch()
         self.format = format_squid
         self.path: Path | None = None
-        self.handler: ReopeningFileHandler | None = None
-        self.listener: logging.handlers.QueueListener | None = None
+        self.writer: Writer | None = None
         self.logged: set[str] = set()          # flow ids already written (error after response...)
         self.connects: dict[object, http.HTTPFlow] = {}  # client conn -> its pending CONNECT
         self.tunnelled: set[object] = set()    # client conns whose CONNECT was logged by a TCP flow
@@ -308,51 +359,25 @@ class AccessLog:
         self._open(None)
 
     def _open(self, path: Path | None) -> None:
-        if self.listener:
-            self.listener.stop()  # drains the queue first
-            self.handler.close()
-            for h in list(logger.handlers):
-                logger.removeHandler(h)
-        self.listener = self.handler = None
+        if self.writer:
+            self.writer.close()  # writes what is queued first
+        self.writer = Writer(path) if path else None
         self.path = path
-        if path is None:
-            return
-        q: queue.SimpleQueue = queue.SimpleQueue()
-        self.handler = ReopeningFileHandler(path, encoding="utf-8", delay=True)
-        self.listener = logging.handlers.QueueListener(q, self.handler)
-        logger.addHandler(logging.handlers.QueueHandler(q))
-        logger.setLevel(logging.INFO)
-        self.listener.start()
 
     def reopen(self) -> None:
-        if self.handler:
-            self.handler.reopen()
+        if self.writer:
+            self.writer.call(self.writer.reopen)
             logging.getLogger(__name__).info("access log reopened: %s", self.path)
 
     @command.command("accesslog.rotate")
     def rotate(self) -> None:
         """Rotate the access log like `squid -k rotate`: access.log becomes access.log.0, and so on."""
-        if not self.path:
-            return
-        keep = ctx.options.logfile_rotate
-        self.listener.stop()
-        try:
-            if keep > 0:
-                for i in range(keep - 1, 0, -1):
-                    old = self.path.with_name(f"{self.path.name}.{i - 1}")
-                    if old.exists():
-                        old.replace(self.path.with_name(f"{self.path.name}.{i}"))
-                if self.path.exists():
-                    self.path.replace(self.path.with_name(f"{self.path.name}.0"))
-            else:
-                self.path.unlink(missing_ok=True)
-            self.handler.reopen()
-        finally:
-            self.listener.start()
+        if self.writer:
+            self.writer.call(functools.partial(rotate_files, self.path, ctx.options.logfile_rotate, self.writer))
 
     def write(self, record: Record) -> None:
-        if self.listener:
-            logger.info("%s", self.format(record))
+        if self.writer:
+            self.writer.put(self.format(record))
 
     # --- HTTP ---------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:

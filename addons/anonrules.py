@@ -20,6 +20,7 @@ Levels (weakest to strongest), as the shipped policy defines them:
 from __future__ import annotations
 
 import ipaddress
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -54,6 +55,7 @@ class PolicyError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every header a policy names, on every request
 def is_protected(name: str) -> bool:
     n = name.lower()
     return any(n.startswith(p[:-1]) if p.endswith("*") else n == p for p in PROTECTED)
@@ -430,12 +432,13 @@ def plan_request(fields, rules: LevelRules, info: RequestInfo, hostname: str, co
     keep = set(info.keep)
 
     def put(name, value):
-        if name.lower() in keep or is_protected(name):
+        low = name.lower()
+        if value is None and low not in present:  # nothing to delete: the common case, first
+            edits.pop(low, None)
             return
-        if value is None and name.lower() not in present:
-            edits.pop(name.lower(), None)
+        if low in keep or is_protected(name):
             return
-        edits[name.lower()] = (name, value)
+        edits[low] = (name, value)
 
     for name in rules.remove:
         put(name, None)

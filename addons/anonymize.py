@@ -191,6 +191,8 @@ class Anonymize:
         rules = self.policy.levels.get(level) if level else None
         strip = self.policy.strip_response if ctx.options.anonymize_backend and \
             meta.mode_name(flow) == "reverse" else ()
+        if not strip and not (rules and rules.strip_cookies):
+            return  # nothing this level does to responses
         edits = anonrules.plan_response(flow.response.headers.items(multi=True), flow.request.pretty_host,
                                         rules, strip)
         anonrules.apply(edits, flow.response.headers)
