@@ -18,8 +18,10 @@ ANONYMIZE = "relais.anonymize"  # anonymization level applied to the upstream re
 SENT_BYTES = "relais.sent_bytes"  # body bytes actually sent to the client (streamed bodies)
 PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts); only its size is kept
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
+ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
 
 ALL = (CODE, HIER, LOCAL, ERROR, ACL, USER, CACHE, APP, ANONYMIZE, SENT_BYTES, PEER, PASSTHROUGH)
+ALL += (ACLS,)
 
 
 def client_ip(flow) -> str:

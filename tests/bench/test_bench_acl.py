@@ -27,7 +27,7 @@ DOMAINS = 10_000
 REGEXES = 100
 DECISIONS = 20_000
 N = 1500          # requests per throughput round
-ROUNDS = 3
+ROUNDS = 5
 PARALLEL = 8
 
 

@@ -1,0 +1,479 @@
+"""Access control: Squid's acl + http_access (+ ssl_bump) from a YAML policy or a squid.conf.
+
+    mitmdump -s addons/acl.py --set policy=policies/default.yaml
+
+Where decisions are made:
+  * HTTP requests in `requestheaders` (before the body is read), in every mode;
+    in transparent/socks5 mode domain acls see the Host header;
+  * CONNECT in `http_connect` (403 page, no tunnel);
+  * TLS without a CONNECT (transparent, socks5) at `tls_clienthello` by SNI;
+    `ssl_bump` rules pick splice (pass through) / bump (intercept) / terminate;
+  * raw TCP streams (socks5, transparent, reverse tcp) at `tcp_start`, as a
+    CONNECT to host:port; a denied stream is really closed (client and server
+    sockets) and nothing it sent is forwarded.
+
+Users come from mitmproxy's `proxyauth`. When a policy is loaded, Relais asks
+for credentials the way Squid does: only when the rules reach a proxy_auth
+acl (407 ERR_CACHE_ACCESS_DENIED with Proxy-Authenticate; 401 in reverse
+mode); mitmproxy's blanket 407 is replaced by the policy's answer.
+
+Commands: `policy.reload`. The policy file (and its list files) are watched.
+The matching itself lives in aclrules.py (pure, unit-tested).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import os
+import sys
+import time
+import weakref
+from pathlib import Path
+
+from mitmproxy import command, connection, ctx, exceptions, http, tcp, tls
+from mitmproxy.proxy.layers.tcp import TcpEndHook, TcpStartHook
+
+try:
+    from addons import aclrules, errorpage, meta
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import aclrules, errorpage, meta
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POLICY = "policies/default.yaml"
+PRECHECK_MODES = ("transparent", "socks5", "wireguard", "local")
+REALM = "relais"
+MARK = ":no_entry:"  # mitmweb marker of denied flows (the comment names the rule)
+log = logging.getLogger(__name__)
+
+
+def resolve_policy_path(value: str) -> Path:
+    """The policy file: as given (relative to cwd), else relative to the project root."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = ROOT / p
+    return alt if alt.exists() else p
+
+
+class AccessControl:
+    def __init__(self) -> None:
+        self.policy: aclrules.Policy | None = None
+        self.path: Path | None = None
+        self.stamp: dict[str, float] = {}
+        self.watcher: asyncio.Task | None = None
+        self.interval = 2.0
+        self.conns: collections.Counter[str] = collections.Counter()
+        self.tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> CONNECT request
+        self.denied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> (decision, request)
+        self.prechecked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> True
+        self.dns: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+    # --- options, loading, watching ---------------------------------------------
+    def load(self, loader):
+        loader.add_option(
+            "policy", str, DEFAULT_POLICY,
+            "Access policy: a YAML policy (acls, http_access, ssl_bump) or a squid.conf (*.conf: its acl, "
+            "http_access and ssl_bump lines). Relative paths are looked up in the current folder, then in "
+            "the Relais folder.",
+        )
+        loader.add_option(
+            "policy_watch", str, "2",
+            "Seconds (decimals allowed) between checks of the policy file and its list files for changes; "
+            "0 disables the watch (use the policy.reload command).",
+        )
+
+    def configure(self, updated):
+        if "policy_watch" in updated:
+            try:
+                self.interval = float(ctx.options.policy_watch)
+            except ValueError:
+                self.interval = -1.0
+            if not self.interval >= 0:  # also refuses nan
+                raise exceptions.OptionsError(
+                    f"policy_watch: must be a number of seconds, 0 or more, not {ctx.options.policy_watch!r}")
+        if "policy" in updated:
+            value = ctx.options.policy
+            if not value.strip():
+                raise exceptions.OptionsError("policy: empty path; Relais needs a policy (it is never an open proxy)")
+            path = resolve_policy_path(value)
+            try:
+                self._install(path)
+            except aclrules.PolicyError as e:
+                raise exceptions.OptionsError(f"policy: {value!r} rejected: {e}") from None
+        if "policy_watch" in updated and self.watcher:
+            self._start_watch()
+
+    def running(self):
+        self._start_watch()
+
+    def done(self):
+        if self.watcher:
+            self.watcher.cancel()
+            self.watcher = None
+
+    def _install(self, path: Path) -> None:
+        before = self._stamps(path)  # taken before reading: an edit made meanwhile is seen next poll
+        policy = aclrules.load(path)
+        stamp = self._stamps(path, policy)
+        stamp.update(before)
+        self.policy, self.path, self.stamp = policy, path, stamp
+        log.info("policy %s: %d acls, %d http_access rules, %d ssl_bump rules", path, len(policy.acls),
+                 len(policy.http_access), len(policy.ssl_bump))
+
+    @staticmethod
+    def _stamps(path: Path, policy: aclrules.Policy | None = None) -> dict[str, float]:
+        files = {str(path)}
+        if policy:
+            for acl in policy.acls.values():
+                for ln in acl.lines:
+                    files.update(f for _, f, _ in ln.values if f)
+        out = {}
+        for f in files:
+            try:
+                out[f] = os.stat(f).st_mtime_ns
+            except OSError:
+                out[f] = -1
+        return out
+
+    def _start_watch(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+            self.watcher = None
+        if self.interval > 0:
+            try:
+                self.watcher = asyncio.get_running_loop().create_task(self._watch())
+            except RuntimeError:  # no loop (unit tests)
+                pass
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.path and self._stamps(self.path, self.policy) != self.stamp:
+                self.reload()
+
+    @command.command("policy.reload")
+    def reload(self) -> None:
+        """Reload the policy file; a broken file is rejected and the last good policy stays."""
+        if not self.path:
+            return
+        try:
+            self._install(self.path)
+        except aclrules.PolicyError as e:
+            self.stamp = self._stamps(self.path, self.policy)  # do not retry until it changes again
+            log.error("policy rejected, the last good policy stays in force: %s", e)
+
+    # --- connections ---------------------------------------------------------------
+    def client_connected(self, client: connection.Client) -> None:
+        self.conns[_ip(client.peername)] += 1
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        ip = _ip(client.peername)
+        self.conns[ip] -= 1
+        if self.conns[ip] <= 0:
+            del self.conns[ip]
+
+    async def server_connect(self, data) -> None:
+        client = data.client
+        if client in self.denied:  # lazy strategy: never connect for a denied stream
+            data.server.error = f"denied by {self.denied[client][0].rule}"
+            return
+        if (self.policy is None or client in self.tunnels or client in self.prechecked
+                or getattr(client.proxy_mode, "type_name", "") not in PRECHECK_MODES or not data.server.address):
+            return
+        # Transparent/socks5: before connecting upstream, deny what the connection alone already decides.
+        self.prechecked[client] = True
+        host, port = data.server.address
+        req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
+                            url=f"{host}:{port}", user=_user_of(client),
+                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
+        await self._resolve(req)
+        d = self.policy.precheck(req)
+        if d is not None and not d.allowed:
+            data.server.error = f"denied by {d.rule}"
+            await self._deny_connection(client, data.server, req, d, close_server=False)
+
+    # --- HTTP ------------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow):
+        if self.policy is None or not self._undecided(flow):
+            return None
+        req = self._http_request(flow)
+        if self._cached(req):  # the common case stays synchronous: no coroutine per request
+            self._apply(flow, req, self.policy.check(req))
+            return None
+        return self._decide_later(flow, req)
+
+    def http_connect(self, flow: http.HTTPFlow):
+        if self.policy is None or not self._undecided(flow):
+            return None
+        req = self._http_request(flow)
+        if self._cached(req):
+            self._connect(flow, req)
+            return None
+        return self._decide_later(flow, req, connect=True)
+
+    async def _decide_later(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool = False) -> None:
+        await self._resolve(req)
+        if connect:
+            self._connect(flow, req)
+        else:
+            self._apply(flow, req, self.policy.check(req))
+
+    def _connect(self, flow: http.HTTPFlow, req: aclrules.Request) -> None:
+        if self._apply(flow, req, self.policy.check(req)):
+            self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
+
+    def _undecided(self, flow: http.HTTPFlow) -> bool:
+        """False when an earlier addon answered; mitmproxy's proxyauth challenge is taken over."""
+        resp = flow.response
+        if resp is None:
+            return True
+        if (resp.status_code in (401, 407) and "proxyauth" not in flow.metadata and ctx.options.proxyauth
+                and meta.LOCAL not in flow.metadata
+                and ("Proxy-Authenticate" in resp.headers or "WWW-Authenticate" in resp.headers)):
+            flow.response = None  # the policy decides whether credentials are needed, as Squid does
+            return True
+        return False
+
+    def _apply(self, flow: http.HTTPFlow, req: aclrules.Request, d: aclrules.Decision) -> bool:
+        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": str(self.path)}
+        flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched)
+        if req.user:
+            flow.metadata.setdefault(meta.USER, req.user)
+        if d.allowed:
+            flow.comment = _comment(flow.comment, f"allowed by: {d.rule}")
+            return True
+        url = req.url
+        if d.auth:
+            page = "ERR_CACHE_ACCESS_DENIED"
+            reverse = meta.mode_name(flow) not in ("regular", "upstream")
+            header = ("WWW-Authenticate" if reverse else "Proxy-Authenticate")
+            flow.response = errorpage.make(page, url, detail=d.rule, extra_headers={header: f'Basic realm="{REALM}"'})
+            if reverse:
+                flow.response.status_code = 401
+        else:
+            page = "ERR_ACCESS_DENIED"
+            flow.response = errorpage.make(page, url, detail=d.rule)
+        flow.request.headers.pop("expect", None)  # no "100 Continue": the body is not invited
+        flow.metadata[meta.CODE] = "TCP_DENIED"
+        flow.metadata[meta.LOCAL] = "acl"
+        flow.metadata[meta.ERROR] = page
+        flow.comment = _comment(flow.comment, f"denied by: {d.rule}")
+        flow.marked = flow.marked or MARK
+        return False
+
+    def _http_request(self, flow: http.HTTPFlow) -> aclrules.Request:
+        r = flow.request
+        mode = meta.mode_name(flow)
+        by_host_header = mode in ("transparent", "socks5", "wireguard", "local", "reverse")
+        host = r.pretty_host if by_host_header else r.host
+        dst = (r.host,) if mode in ("transparent", "wireguard", "local") and _is_ip(r.host) else None
+        if r.method == "CONNECT":
+            url, path, proto = f"{r.host}:{r.port}", "", "NONE"
+        else:
+            url = r.pretty_url if by_host_header else r.url
+            path, proto = r.path, r.scheme.upper()
+        return self._request(flow.client_conn, method=r.method, proto=proto, host=host, port=r.port,
+                             path=path, url=url, headers=r.headers, user=meta.user(flow), dst_ips=dst)
+
+    def _request(self, client, **kw) -> aclrules.Request:
+        mode = getattr(client, "proxy_mode", None)
+        sock = client.sockname or ("", 0)
+        names = (getattr(mode, "type_name", "regular"), getattr(mode, "full_spec", ""), str(sock[1]))
+        ip = _ip(client.peername)
+        return aclrules.Request(src=ip, sni=client.sni, port_names=names, local_port=sock[1],
+                                conns=self.conns.get(ip, 1), **kw)
+
+    def _cached(self, req: aclrules.Request) -> bool:
+        """Fills in the DNS answers the rules need from the cache; False if a lookup is still needed."""
+        now = time.monotonic()
+        if self.policy.uses_rdns and req.rdns is None and _is_ip(req.host):
+            hit = self.dns.get(f"rev:{req.host.strip('[]')}")
+            if not hit or hit[0] <= now:
+                return False
+            req.rdns = hit[1]
+        if self.policy.uses_dst and req.dst_ips is None and req.host and not _is_ip(req.host):
+            hit = self.dns.get(req.host)
+            if not hit or hit[0] <= now:
+                return False
+            req.dst_ips = hit[1]
+        return True
+
+    async def _resolve(self, req: aclrules.Request) -> None:
+        """DNS only when the policy's rules need it, as Squid: the addresses of a host name for dst acls,
+        the name of an IP host for dstdomain/dstdom_regex without -n (both through the system
+        resolver, cached 60 s)."""
+        if self.policy.uses_rdns and req.rdns is None and _is_ip(req.host):
+            req.rdns = await self._reverse(req.host.strip("[]"))
+        if not self.policy.uses_dst or req.dst_ips is not None or _is_ip(req.host) or not req.host:
+            return
+        hit = self.dns.get(req.host)
+        if hit and hit[0] > time.monotonic():
+            req.dst_ips = hit[1]
+            return
+        try:
+            infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(req.host, req.port or 80), 10)
+            ips = tuple(dict.fromkeys(i[4][0] for i in infos))
+        except (OSError, asyncio.TimeoutError, UnicodeError):
+            ips = ()
+        if len(self.dns) > 10000:
+            self.dns.clear()
+        self.dns[req.host] = (time.monotonic() + 60, ips)
+        req.dst_ips = ips
+
+    async def _reverse(self, ip: str) -> tuple[str, ...]:
+        key = f"rev:{ip}"
+        hit = self.dns.get(key)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        try:
+            name, _ = await asyncio.wait_for(asyncio.get_running_loop().getnameinfo((ip, 0)), 10)
+            names = ("none",) if _is_ip(name) else (name,)
+        except (OSError, asyncio.TimeoutError, UnicodeError):
+            names = ("none",)
+        self.dns[key] = (time.monotonic() + 60, names)
+        return names
+
+    # --- TLS ---------------------------------------------------------------------------
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if self.policy is None:
+            return
+        client, server = data.context.client, data.context.server
+        if client in self.denied or getattr(client.proxy_mode, "type_name", "") == "reverse":
+            return  # reverse listeners terminate TLS; their requests are decided one by one
+        sni = data.client_hello.sni
+        connect = self.tunnels.get(client)
+        if connect is not None:
+            req = connect[0]
+            req.sni = sni
+        else:
+            host, port = server.address or (sni or "", 0)
+            req = self._request(client, method="CONNECT", proto="NONE", host=sni or str(host), port=port,
+                                url=f"{sni or host}:{port}", user=_user_of(client),
+                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
+            req.sni = sni
+            await self._resolve(req)
+            d = self.policy.check(req)
+            if not d.allowed:
+                data.ignore_connection = True
+                await self._deny_connection(client, server, req, d)
+                return
+            self.tunnels[client] = (req, {"action": d.action, "rule": d.rule, "policy": str(self.path)},
+                                    self.policy.matching(req, d.matched))
+        bump = self.policy.bump(req)
+        if bump is None or bump.action == "bump":
+            return
+        if bump.action == "splice":
+            data.ignore_connection = True
+        elif bump.action == "terminate":
+            data.ignore_connection = True
+            await self._deny_connection(client, server, req, aclrules.Decision("deny", bump.rule, bump.line))
+
+    # --- raw TCP ------------------------------------------------------------------------
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        if self.policy is None or flow.metadata.get(meta.CODE) == "TCP_DENIED":
+            return
+        client = flow.client_conn
+        user = meta.user(flow)
+        if user:
+            flow.metadata[meta.USER] = user
+        if client in self.tunnels:   # the CONNECT (or the TLS ClientHello) already decided
+            _, flow.metadata[meta.ACL], flow.metadata[meta.ACLS] = self.tunnels[client]
+            return
+        host, port = flow.server_conn.address or ("", 0)
+        req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
+                            url=f"{host}:{port}", user=user,
+                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
+        await self._resolve(req)
+        d = self.policy.check(req)
+        self._mark(flow, req, d)
+        if not d.allowed:
+            self.denied[client] = (d, req)
+            _close(client, flow.server_conn)
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        if flow.metadata.get(meta.CODE) == "TCP_DENIED":
+            flow.messages[-1].content = b""   # flow.kill() does not stop raw TCP: send nothing
+
+    def _mark(self, flow, req: aclrules.Request, d: aclrules.Decision) -> None:
+        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": str(self.path)}
+        flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched)
+        word = "allowed" if d.allowed else "denied"
+        flow.comment = _comment(flow.comment, f"{word} by: {d.rule}")
+        if not d.allowed:
+            flow.metadata[meta.CODE] = "TCP_DENIED"
+            flow.metadata[meta.LOCAL] = "acl"
+            flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
+            flow.marked = flow.marked or MARK
+
+    async def _deny_connection(self, client, server, req, d, close_server: bool = True) -> None:
+        """A connection denied before it has a flow (ClientHello, server_connect): closed, and logged
+        through a TCP flow of its own (tcp_start/tcp_end hooks, so the access log and mitmweb see it)."""
+        self.denied[client] = (d, req)
+        flow = tcp.TCPFlow(client, server, live=False)
+        user = _user_of(client)
+        if user:
+            flow.metadata[meta.USER] = user
+        self._mark(flow, req, d)
+        _close(client, server if close_server else None)
+        log.info("%s: %s denied by %s", _ip(client.peername), req.url, d.rule)
+        await ctx.master.addons.handle_lifecycle(TcpStartHook(flow))
+        await ctx.master.addons.handle_lifecycle(TcpEndHook(flow))
+
+
+def _user_of(client) -> str | None:
+    """The user proxyauth recorded for a connection (SOCKS5 login, or an authenticated CONNECT)."""
+    try:
+        pa = ctx.master.addons.get("proxyauth")
+        auth = pa.authenticated.get(client) if pa else None
+    except Exception:
+        auth = None
+    return auth[0] if auth else None
+
+
+def _close(client, server=None) -> None:
+    """Really close connections from a hook: close the sockets, then stop mitmproxy's readers.
+
+    mitmproxy's own CloseConnection only cancels the reader task; when that
+    task has not started yet (a connection refused in server_connect under
+    the eager strategy), the socket is never closed and the client hangs.
+    """
+    try:
+        handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
+    except Exception:
+        handler = None
+    if handler is None:
+        return
+    for conn in (server, client):
+        io = handler.transports.get(conn) if conn is not None else None
+        if io is None:
+            continue
+        if io.writer is not None:
+            try:
+                io.writer.close()
+            except Exception:  # already closed
+                pass
+        if io.handler is not None and io.handler is not asyncio.current_task():
+            handler.close_connection(conn)
+
+
+def _comment(old: str, new: str) -> str:
+    return f"{old}\n{new}" if old else new
+
+
+def _ip(peer) -> str:
+    ip = str(peer[0]) if peer else "-"
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+addons = [AccessControl()]

@@ -1,0 +1,115 @@
+"""The access-control addon in process (mitmproxy's test context): options, reload, hooks."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.test import taddons, tflow
+
+from addons import acl, meta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+POLICY = """
+acls:
+  blocked: urlpath_regex ^/{path}
+  ex: dstdomain .example.com
+http_access:
+  - deny blocked
+  - allow localhost
+"""
+
+
+def flow(path="/x", host="www.example.com", method="GET"):
+    f = tflow.tflow()
+    f.request.host, f.request.port, f.request.path, f.request.method = host, 80, path, method
+    f.client_conn.peername = ("127.0.0.1", 40000)
+    return f
+
+
+def test_policy_option_loads_and_decides(tmp_path):
+    (tmp_path / "p.yaml").write_text(POLICY.format(path="no"))
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(tmp_path / "p.yaml"))
+        f = flow("/no/1")
+        ac.requestheaders(f)
+        assert f.response.status_code == 403 and f.response.headers["X-Squid-Error"] == "ERR_ACCESS_DENIED 0"
+        assert f.metadata[meta.CODE] == "TCP_DENIED" and f.metadata[meta.LOCAL] == "acl"
+        assert f.metadata[meta.ACL]["rule"] == "http_access deny blocked"
+        assert f.metadata[meta.ACLS] == ["all", "blocked", "ex", "localhost"]
+        assert f.comment == "denied by: http_access deny blocked" and f.marked == ":no_entry:"
+        f = flow("/yes")
+        ac.requestheaders(f)
+        assert f.response is None and f.metadata[meta.ACL]["action"] == "allow"
+        assert f.comment == "allowed by: http_access allow localhost"
+        f = flow("/other")
+        f.response = tflow.tresp()  # answered by an earlier addon: left alone
+        ac.requestheaders(f)
+        assert meta.ACL not in f.metadata
+
+
+def test_bad_policy_is_an_options_error_with_file_line_reason(tmp_path):
+    (tmp_path / "bad.yaml").write_text("acls:\n  a: port x\nhttp_access: [allow a]\n")
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(ac, policy=str(tmp_path / "bad.yaml"))
+        assert f"{tmp_path / 'bad.yaml'}:2: acl a (port): bad port 'x'" in str(e.value)
+        assert str(e.value).startswith("policy: ")
+        for bad in ("-1", "soon", "nan"):
+            with pytest.raises(exceptions.OptionsError, match="policy_watch"):
+                tctx.configure(ac, policy_watch=bad)
+        with pytest.raises(exceptions.OptionsError, match="never an open proxy"):
+            tctx.configure(ac, policy=" ")
+
+
+def test_default_policy_is_found_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=acl.DEFAULT_POLICY)  # the option's default, relative
+        assert ac.path == ROOT / "policies" / "default.yaml"
+        f = flow("/", host="127.0.0.1")
+        f.request.port = 8080
+        ac.requestheaders(f)
+        assert f.response is None
+        f = flow("/", host="127.0.0.1")
+        f.request.port = 22
+        ac.requestheaders(f)
+        assert f.response.status_code == 403
+        f = flow("/", host="127.0.0.1")
+        f.client_conn.peername = ("203.0.113.9", 5000)  # not a local client: never an open proxy
+        ac.requestheaders(f)
+        assert f.response.status_code == 403
+
+
+def test_reload_command_keeps_the_last_good_policy(tmp_path, caplog):
+    p = tmp_path / "p.yaml"
+    p.write_text(POLICY.format(path="one"))
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(p), policy_watch="0")
+        p.write_text(POLICY.format(path="two"))
+        tctx.command(ac.reload)
+        f = flow("/two")
+        ac.requestheaders(f)
+        assert f.response.status_code == 403
+        p.write_text("acls:\n  a: src 10.0.0.1\nhttp_access:\n  - allow b\n")
+        with caplog.at_level(logging.ERROR):
+            tctx.command(ac.reload)
+        assert f"{p}:4: http_access: unknown acl 'b'" in caplog.text and "last good policy" in caplog.text
+        f = flow("/two")
+        ac.requestheaders(f)
+        assert f.response.status_code == 403  # still the good one
+
+
+def test_denied_raw_stream_sends_nothing():
+    ac = acl.AccessControl()
+    with taddons.context(ac):
+        f = tflow.ttcpflow()
+        f.metadata[meta.CODE] = "TCP_DENIED"
+        ac.tcp_message(f)
+        assert f.messages[-1].content == b""

@@ -1,0 +1,514 @@
+"""End-to-end access control: a real mitmdump with addons/all.py, real clients (curl, sockets).
+
+Regular, socks5 and reverse listeners share one proxy; authentication and reload use their own.
+Flow metadata is read through a small probe addon loaded after the suite (one JSON line per flow).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Origin, Proxy, curl
+
+PROBE = '''
+import json
+from mitmproxy import ctx
+
+class Probe:
+    def __init__(self):
+        self.out = None
+    def _write(self, flow, kind):
+        if self.out is None:
+            self.out = open(PATH, "a")
+        m = flow.metadata
+        rec = {"kind": kind, "acl": m.get("relais.acl"), "acls": m.get("relais.acls"), "code": m.get("relais.code"),
+               "error": m.get("relais.error"), "local": m.get("relais.local"), "user": m.get("relais.user"),
+               "comment": flow.comment}
+        if kind == "http":
+            rec["url"] = flow.request.pretty_url if flow.request.method != "CONNECT" else f"{flow.request.host}:{flow.request.port}"
+            rec["method"] = flow.request.method
+        else:
+            rec["url"] = "%s:%s" % (flow.client_conn.sni or flow.server_conn.address[0], flow.server_conn.address[1])
+        self.out.write(json.dumps(rec) + "\\n")
+        self.out.flush()
+    def response(self, flow):
+        self._write(flow, "http")
+    def http_connect(self, flow):
+        if flow.response:
+            self._write(flow, "http")
+    def tcp_end(self, flow):
+        self._write(flow, "tcp")
+    def tcp_error(self, flow):
+        self._write(flow, "tcp")
+
+addons = [Probe()]
+'''
+
+
+def start(tmp: Path, policy: str, modes, options=None) -> Proxy:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "policy.yaml").write_text(policy)
+    probe = tmp / "probe.py"
+    probe.write_text(f"PATH = {str(tmp / 'probe.jsonl')!r}\n" + PROBE)
+    opts = {"policy": str(tmp / "policy.yaml"), **(options or {})}
+    p = Proxy(tmp / "proxy", modes=modes, options=opts, args=["-s", str(probe)])
+    p.probe_file = tmp / "probe.jsonl"
+    return p
+
+
+def probes(proxy: Proxy, pred, timeout: float = 10.0) -> dict:
+    """The first probe record matching pred, waiting for it."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            for line in proxy.probe_file.read_text().splitlines():
+                rec = json.loads(line)
+                if pred(rec):
+                    return rec
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no probe record matched; have:\n{proxy.probe_file.read_text() if proxy.probe_file.exists() else ''}")
+
+
+def log_line(proxy: Proxy, needle: str, timeout: float = 10.0) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in proxy.log_lines(0, timeout=0.1):
+            if needle in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"no access.log line with {needle!r}:\n" + "\n".join(proxy.log_lines(0, timeout=0.1)))
+
+
+class Echo:
+    """A raw TCP echo server that records what it received."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.received = b""
+        self.accepted = 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        with c:
+            while True:
+                try:
+                    d = c.recv(4096)
+                except OSError:
+                    return
+                if not d:
+                    return
+                self.received += d
+                c.sendall(d)
+
+    def close(self):
+        self.sock.close()
+
+
+def socks5(port: int, host: str, dport: int, user: str | None = None, password: str = "") -> socket.socket:
+    """A minimal SOCKS5 client: returns the connected socket (or raises ConnectionError)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if user:
+        s.sendall(b"\x05\x01\x02")
+        assert s.recv(2) == b"\x05\x02"
+        s.sendall(b"\x01" + bytes([len(user)]) + user.encode() + bytes([len(password)]) + password.encode())
+        assert s.recv(2) == b"\x01\x00"
+    else:
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(host)]) + host.encode() + struct.pack("!H", dport))
+    reply = s.recv(10)
+    if len(reply) < 2 or reply[1] != 0:
+        s.close()
+        raise ConnectionError(f"SOCKS5 refused: {reply!r}")
+    return s
+
+
+def eof_within(s: socket.socket, seconds: float) -> float:
+    """Seconds until the peer closed (EOF or reset); fails if it stays open longer."""
+    t = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        raise AssertionError(f"connection still open after {seconds}s")
+    return time.monotonic() - t
+
+
+# --- the shared proxy: regular + socks5 + reverse ---------------------------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cert):
+    origin, tls_origin, echo = Origin(), Origin(tls=cert), Echo()
+    policy = f"""
+acls:
+  Safe_ports: port 80 443 1025-65535
+  SSL_ports: port 443
+  tls_origin: port {tls_origin.port}
+  secret: urlpath_regex -i ^/secret
+  blocked: dstdomain .blocked.test
+  bot: browser -i evilbot
+  rev: myportname reverse
+  admin: urlpath_regex ^/admin
+  badsni: ssl::server_name .denied.test
+  spliced: ssl::server_name localhost
+  doomed: ssl::server_name .terminate.test
+http_access:
+  - deny !Safe_ports
+  - deny secret
+  - deny blocked
+  - deny bot
+  - deny rev admin
+  - deny badsni
+  - allow CONNECT tls_origin
+  - deny CONNECT !SSL_ports
+  - allow localhost
+  - deny all
+ssl_bump:
+  - splice spliced
+  - terminate doomed
+  - bump all
+"""
+    tmp = tmp_path_factory.mktemp("acl_e2e")
+    proxy = start(tmp, policy, ("regular", "socks5", f"reverse:http://127.0.0.1:{origin.port}"))
+    yield proxy, origin, tls_origin, echo
+    proxy.stop()
+    origin.close()
+    tls_origin.close()
+    echo.close()
+
+
+def test_regular_allowed_request_carries_the_allowing_rule(env):
+    proxy, origin, *_ = env
+    r = curl("-x", proxy.url, f"{origin.url}/ok1")
+    assert r.stdout == b"hello /ok1"
+    assert " TCP_MISS/200 " in log_line(proxy, "/ok1")
+    rec = probes(proxy, lambda r: r["url"].endswith("/ok1"))
+    assert rec["acl"]["action"] == "allow" and rec["acl"]["rule"] == "http_access allow localhost"
+    assert rec["acl"]["policy"].endswith("policy.yaml")
+    assert rec["comment"] == "allowed by: http_access allow localhost"
+    assert {"all", "localhost", "Safe_ports", "tls_origin"} - {"tls_origin"} <= set(rec["acls"])
+    assert rec["acls"] == sorted(rec["acls"]) and "secret" not in rec["acls"]
+
+
+def test_regular_denied_request_gets_the_page_log_line_and_metadata(env):
+    proxy, origin, *_ = env
+    r = curl("-i", "-x", proxy.url, f"{origin.url}/SECRET/x?q=1")
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403")
+    assert b"X-Squid-Error: ERR_ACCESS_DENIED 0" in head
+    assert b"http_access deny secret" in body and b"ERR_ACCESS_DENIED" in body
+    line = log_line(proxy, "/SECRET/x")
+    assert " TCP_DENIED/403 " in line and f" GET {origin.url}/SECRET/x? - HIER_NONE/- text/html" in line
+    rec = probes(proxy, lambda r: "/SECRET/x" in r["url"])
+    assert rec["code"] == "TCP_DENIED" and rec["local"] == "acl" and rec["error"] == "ERR_ACCESS_DENIED"
+    assert rec["acl"] == {"action": "deny", "rule": "http_access deny secret", "policy": rec["acl"]["policy"]}
+    assert rec["comment"] == "denied by: http_access deny secret"
+    assert "secret" in rec["acls"]
+    assert "/SECRET/x" not in origin.hits  # never forwarded
+
+
+def test_denied_before_the_body_is_read(env):
+    proxy, origin, *_ = env
+    body = b"x" * 2_000_000  # curl sends Expect: 100-continue and waits for the verdict
+    r = subprocess.run(["curl", "-v", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20",
+                        "-x", proxy.url, "--data-binary", "@-", f"{origin.url}/secret/upload"],
+                       input=body, capture_output=True, timeout=30)
+    assert r.stdout == b"403"
+    assert b"Expect: 100-continue" in r.stderr and b"< HTTP/1.1 100" not in r.stderr  # the body was not invited
+    assert "/secret/upload" not in origin.hits
+
+
+def test_dstdomain_and_browser_deny_without_dns(env):
+    proxy, origin, *_ = env
+    r = curl("-i", "-x", proxy.url, "http://www.blocked.test/page")
+    assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny blocked" in r.stdout
+    r = curl("-i", "-x", proxy.url, "-A", "EvilBot/2.0", f"{origin.url}/bot")
+    assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny bot" in r.stdout
+    assert "/bot" not in origin.hits
+
+
+def test_connect_denied_gets_403_and_no_tunnel(env):
+    proxy, origin, *_ = env
+    r = curl("-o", "/dev/null", "-w", "%{http_connect}", "-k", "-x", proxy.url, f"https://127.0.0.1:{origin.port}/t")
+    assert r.stdout == b"403"
+    line = log_line(proxy, f"CONNECT 127.0.0.1:{origin.port}")
+    assert " TCP_DENIED/403 " in line and " HIER_NONE/- " in line
+    rec = probes(proxy, lambda r: r.get("method") == "CONNECT" and r["url"] == f"127.0.0.1:{origin.port}")
+    assert rec["acl"]["rule"] == "http_access deny CONNECT !SSL_ports" and rec["code"] == "TCP_DENIED"
+    assert "/t" not in origin.hits
+
+
+def test_connect_allowed_is_bumped_and_inner_requests_checked(env):
+    proxy, _, tls_origin, _ = env
+    r = curl("-v", "-k", "-x", proxy.url, f"https://127.0.0.1:{tls_origin.port}/inner")
+    assert r.stdout == b"hello /inner"
+    assert b"mitmproxy" in r.stderr  # the certificate was made by the proxy: intercepted
+    r = curl("-i", "-k", "-x", proxy.url, f"https://127.0.0.1:{tls_origin.port}/secret")
+    assert b"\r\n\r\nHTTP/1.1 403 " in r.stdout  # after the CONNECT's 200: decrypted requests go through http_access too
+    line = log_line(proxy, f"https://127.0.0.1:{tls_origin.port}/secret")
+    assert " TCP_DENIED/403 " in line
+
+
+def test_ssl_bump_splice_passes_tls_through(env):
+    proxy, _, tls_origin, _ = env
+    r = curl("-v", "-k", "-x", proxy.url, f"https://localhost:{tls_origin.port}/spliced")
+    assert r.stdout == b"hello /spliced", r.stderr
+    assert b"issuer: CN=127.0.0.1" in r.stderr and b"mitmproxy" not in r.stderr.split(b"issuer:")[1][:80]
+
+
+def test_ssl_bump_terminate_closes_and_logs(env):
+    proxy, _, tls_origin, _ = env
+    r = curl("-k", "--socks5", f"127.0.0.1:{proxy.ports[1]}", "--resolve",
+             f"x.terminate.test:{tls_origin.port}:127.0.0.1", f"https://x.terminate.test:{tls_origin.port}/t")
+    assert r.returncode != 0
+    assert " TCP_DENIED/403 0 " in log_line(proxy, f"CONNECT x.terminate.test:{tls_origin.port}")
+    rec = probes(proxy, lambda r: r["url"] == f"x.terminate.test:{tls_origin.port}")
+    assert rec["acl"]["rule"] == "ssl_bump terminate doomed" and rec["acl"]["action"] == "deny"
+
+
+def test_socks5_http_allow_and_deny(env):
+    proxy, origin, *_ = env
+    socks = proxy.ports[1]
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", f"{origin.url}/viasocks")
+    assert r.stdout == b"hello /viasocks"
+    r = curl("-i", "--socks5-hostname", f"127.0.0.1:{socks}", f"{origin.url}/secret/socks")
+    assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny secret" in r.stdout
+    assert " TCP_DENIED/403 " in log_line(proxy, "/secret/socks")
+
+
+def test_socks5_raw_tcp_denied_is_really_closed(env):
+    proxy, _, _, echo = env
+    s = socks5(proxy.ports[1], "127.0.0.1", echo.port)
+    s.sendall(b"not http at all\x00\x01")
+    assert eof_within(s, 3) < 2
+    s.close()
+    line = log_line(proxy, f"CONNECT 127.0.0.1:{echo.port}")
+    assert " TCP_DENIED/403 0 CONNECT " in line
+    rec = probes(proxy, lambda r: r["kind"] == "tcp" and r["url"] == f"127.0.0.1:{echo.port}")
+    assert rec["code"] == "TCP_DENIED" and rec["acl"]["rule"] == "http_access deny CONNECT !SSL_ports"
+    assert rec["comment"].startswith("denied by: ")
+    time.sleep(0.3)
+    assert echo.received == b""  # nothing the client sent reached the server
+
+
+def test_socks5_tls_decided_by_sni(env):
+    proxy, _, tls_origin, _ = env
+    socks = proxy.ports[1]
+    t = time.monotonic()
+    r = curl("-k", "--socks5", f"127.0.0.1:{socks}", "--resolve", f"www.denied.test:{tls_origin.port}:127.0.0.1",
+             f"https://www.denied.test:{tls_origin.port}/sni")
+    assert r.returncode != 0 and time.monotonic() - t < 5
+    line = log_line(proxy, f"CONNECT www.denied.test:{tls_origin.port}")
+    assert " TCP_DENIED/403 0 " in line
+    rec = probes(proxy, lambda r: r["url"] == f"www.denied.test:{tls_origin.port}")
+    assert rec["acl"]["rule"] == "http_access deny badsni"
+    r = curl("-k", "--socks5", f"127.0.0.1:{socks}", "--resolve", f"ok.test:{tls_origin.port}:127.0.0.1",
+             f"https://ok.test:{tls_origin.port}/sni-ok")
+    assert r.stdout == b"hello /sni-ok"
+
+
+def test_reverse_mode_uses_the_same_rules_and_myportname(env):
+    proxy, origin, *_ = env
+    rev = f"http://127.0.0.1:{proxy.ports[2]}"
+    assert curl(f"{rev}/rev-ok").stdout == b"hello /rev-ok"
+    r = curl("-i", f"{rev}/admin/x")
+    assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny rev admin" in r.stdout
+    assert " TCP_DENIED/403 " in log_line(proxy, "/admin/x")
+    r = curl("-i", f"{rev}/secret/rev")
+    assert r.stdout.startswith(b"HTTP/1.1 403")
+    # the same path through the regular listener is not denied: myportname tells them apart
+    assert curl("-x", proxy.url, f"{origin.url}/admin/y").stdout == b"hello /admin/y"
+
+
+# --- authentication ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auth_env(tmp_path_factory):
+    from passlib.apache import HtpasswdFile
+    tmp = tmp_path_factory.mktemp("acl_auth")
+    ht = HtpasswdFile(str(tmp / "users.htpasswd"), new=True)
+    ht.set_password("alice", "apw")
+    ht.set_password("bob", "bpw")
+    ht.save()
+    origin, echo = Origin(), Echo()
+    policy = """
+acls:
+  free: urlpath_regex ^/free
+  users: proxy_auth REQUIRED
+  admins: proxy_auth alice
+  adminpath: urlpath_regex ^/admin
+  site: myportname reverse
+http_access:
+  - allow free
+  - allow site !adminpath
+  - deny adminpath !admins
+  - allow users
+  - deny all
+"""
+    proxy = start(tmp, policy, ("regular", "socks5", f"reverse:http://127.0.0.1:{origin.port}"),
+                  {"proxyauth": f"@{tmp / 'users.htpasswd'}"})
+    yield proxy, origin, echo
+    proxy.stop()
+    origin.close()
+    echo.close()
+
+
+def test_no_credentials_needed_before_a_proxy_auth_acl(auth_env):
+    proxy, origin, _ = auth_env
+    assert curl("-x", proxy.url, f"{origin.url}/free/a").stdout == b"hello /free/a"
+
+
+def test_proxy_auth_required_gives_407_then_allows_users(auth_env):
+    proxy, origin, _ = auth_env
+    r = curl("-i", "-x", proxy.url, f"{origin.url}/private")
+    assert r.stdout.startswith(b"HTTP/1.1 407")
+    assert b'Proxy-Authenticate: Basic realm="relais"' in r.stdout
+    assert b"X-Squid-Error: ERR_CACHE_ACCESS_DENIED 0" in r.stdout
+    assert " TCP_DENIED/407 " in log_line(proxy, "/private")
+    r = curl("-x", proxy.url, "-U", "bob:bpw", f"{origin.url}/private2")
+    assert r.stdout == b"hello /private2"
+    line = log_line(proxy, "/private2")
+    assert " TCP_MISS/200 " in line and " bob HIER_DIRECT/" in line
+    r = curl("-i", "-x", proxy.url, "-U", "bob:wrong", f"{origin.url}/private3")
+    assert r.stdout.startswith(b"HTTP/1.1 407")
+
+
+def test_deny_decided_by_a_user_acl_asks_again_like_squid(auth_env):
+    proxy, origin, _ = auth_env
+    r = curl("-i", "-x", proxy.url, "-U", "bob:bpw", f"{origin.url}/admin/1")
+    assert r.stdout.startswith(b"HTTP/1.1 407")
+    line = log_line(proxy, "/admin/1")
+    assert " TCP_DENIED/407 " in line and " bob " in line
+    assert curl("-x", proxy.url, "-U", "alice:apw", f"{origin.url}/admin/2").stdout == b"hello /admin/2"
+
+
+def test_per_listener_authentication_through_the_policy(auth_env):
+    """proxyauth is global in mitmproxy; with a policy, a reverse listener asks only where the rules say."""
+    proxy, origin, _ = auth_env
+    rev = f"http://127.0.0.1:{proxy.ports[2]}"
+    assert curl(f"{rev}/public").stdout == b"hello /public"
+    r = curl("-i", f"{rev}/admin/r")
+    assert r.stdout.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Basic realm="relais"' in r.stdout
+    assert " TCP_DENIED/401 " in log_line(proxy, "/admin/r")
+    assert curl("-u", "alice:apw", f"{rev}/admin/r2").stdout == b"hello /admin/r2"
+
+
+def test_socks5_user_feeds_acls_and_log_of_raw_streams(auth_env):
+    proxy, _, echo = auth_env
+    s = socks5(proxy.ports[1], "127.0.0.1", echo.port, "bob", "bpw")
+    s.sendall(b"ping\x00")
+    s.settimeout(5)
+    assert s.recv(100) == b"ping\x00"
+    s.close()
+    line = log_line(proxy, f"CONNECT 127.0.0.1:{echo.port}")
+    assert " TCP_TUNNEL/200 " in line and " bob " in line
+    rec = probes(proxy, lambda r: r["kind"] == "tcp" and r["url"] == f"127.0.0.1:{echo.port}")
+    assert rec["user"] == "bob" and rec["acl"]["rule"] == "http_access allow users"
+
+
+# --- operations: reload, bad files ----------------------------------------------------
+
+GOOD = """
+acls:
+  blocked: urlpath_regex ^/{path}
+http_access:
+  - deny blocked
+  - allow localhost
+"""
+
+
+def test_policy_file_is_watched_and_a_broken_edit_keeps_the_last_good_policy(tmp_path):
+    origin = Origin()
+    try:
+        proxy = start(tmp_path, GOOD.format(path="one"), ("regular",), {"policy_watch": 0.2})
+        policy = tmp_path / "policy.yaml"
+        try:
+            assert curl("-x", proxy.url, f"{origin.url}/two").stdout == b"hello /two"
+            policy.write_text(GOOD.format(path="two"))
+            end = time.monotonic() + 10
+            while curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, f"{origin.url}/two").stdout != b"403":
+                assert time.monotonic() < end, proxy.text()
+                time.sleep(0.2)
+            policy.write_text("acls:\n  blocked: urlpath_regex ^/one\nhttp_access:\n  - deny blocked\n  - allow nobody\n")
+            end = time.monotonic() + 10
+            while "last good policy" not in proxy.text():
+                assert time.monotonic() < end, proxy.text()
+                time.sleep(0.1)
+            assert f"{policy}:5: http_access: unknown acl 'nobody'" in proxy.text()
+            assert curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, f"{origin.url}/two").stdout == b"403"
+            assert curl("-x", proxy.url, f"{origin.url}/one").stdout == b"hello /one"
+        finally:
+            proxy.stop()
+    finally:
+        origin.close()
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("acls:\n  a: src 10.0.0.0/8\n  b: port eighty\nhttp_access:\n  - allow a\n", ":3: acl b (port): bad port 'eighty'"),
+    ("acls: {a: src 10.0.0.1\nhttp_access: []\n", ":2: YAML"),
+])
+def test_a_bad_policy_stops_the_proxy_at_start_up_with_file_line_reason(tmp_path, text, expect):
+    (tmp_path / "bad.yaml").write_text(text)
+    p = Proxy(tmp_path / "p", options={"policy": str(tmp_path / "bad.yaml")}, wait=False)
+    try:
+        assert p.proc.wait(20) != 0
+    finally:
+        p.stop()
+    out = p.text()
+    assert f"{tmp_path / 'bad.yaml'}{expect}" in out, out
+
+
+def test_bad_option_values_are_refused(tmp_path):
+    p = Proxy(tmp_path / "p", options={"policy_watch": -1}, wait=False)
+    try:
+        assert p.proc.wait(20) != 0
+    finally:
+        p.stop()
+    assert "policy_watch: must be a number of seconds, 0 or more, not '-1'" in p.text()
+    p = Proxy(tmp_path / "q", options={"policy": str(tmp_path / "missing.yaml")}, wait=False)
+    try:
+        assert p.proc.wait(20) != 0
+    finally:
+        p.stop()
+    assert "missing.yaml: cannot read" in p.text()
+
+
+def test_default_policy_is_found_from_any_folder_and_refuses_connect_to_high_ports(tmp_path, cert):
+    tls_origin = Origin(tls=cert)
+    try:
+        p = Proxy(tmp_path / "p", options={"policy": "policies/default.yaml"})
+        try:
+            r = curl("-o", "/dev/null", "-w", "%{http_connect}", "-k", "-x", p.url,
+                     f"https://127.0.0.1:{tls_origin.port}/")
+            assert r.stdout == b"403"
+            assert "policies/default.yaml" in p.text()
+        finally:
+            p.stop()
+    finally:
+        tls_origin.close()

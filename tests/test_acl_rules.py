@@ -1,0 +1,400 @@
+"""Unit tests of addons/aclrules.py: each acl type, rule order, negation, the implicit last rule,
+list files, errors with file and line, the squid.conf importer."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from addons import aclrules
+from addons.aclrules import PolicyError, Request, load_squid_text, load_yaml_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pol(text: str, base: Path | None = None) -> aclrules.Policy:
+    return load_yaml_text(textwrap.dedent(text), "p.yaml", base)
+
+
+def one(acl_def: str, base: Path | None = None) -> aclrules.Policy:
+    """A policy allowing only requests that match acl `x` defined as acl_def."""
+    return pol(f"""
+        acls:
+          x: {json.dumps(acl_def)}
+        http_access:
+          - allow x
+        """, base)
+
+
+def allowed(p: aclrules.Policy, **kw) -> bool:
+    kw.setdefault("src", "127.0.0.1")
+    return p.check(Request(**kw)).allowed
+
+
+def http(url: str, **kw) -> dict:
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    path = u.path + (f"?{u.query}" if u.query else "")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    return dict(host=u.hostname, port=port, url=url, path=path, proto=u.scheme.upper(), **kw)
+
+
+# --- acl types ------------------------------------------------------------------
+
+def test_src_addresses_cidr_masks_ranges_ipv6():
+    p = one("src 10.0.0.0/8 192.168.1.5 172.16.0.0/255.255.0.0 192.0.2.10-192.0.2.20 2001:db8::/32")
+    for ip in ("10.1.2.3", "192.168.1.5", "172.16.9.9", "192.0.2.10", "192.0.2.20", "2001:db8::1",
+               "::ffff:10.0.0.1"):
+        assert allowed(p, src=ip), ip
+    for ip in ("11.0.0.1", "192.168.1.6", "172.17.0.1", "192.0.2.21", "2001:db9::1", "garbage"):
+        assert not allowed(p, src=ip), ip
+
+
+def test_dst_uses_resolved_addresses_or_ip_host():
+    p = one("dst 127.0.0.0/8")
+    assert allowed(p, host="127.0.0.2")
+    assert allowed(p, host="example.test", dst_ips=("10.0.0.1", "127.0.0.1"))
+    assert not allowed(p, host="example.test", dst_ips=("10.0.0.1",))
+    assert not allowed(p, host="example.test")          # unresolved: no match
+
+
+def test_dstdomain_leading_dot_rule_and_case():
+    p = one("dstdomain .example.com www.other.org")
+    assert allowed(p, host="example.com")
+    assert allowed(p, host="a.b.EXAMPLE.com")
+    assert allowed(p, host="www.other.org")
+    assert not allowed(p, host="other.org")
+    assert not allowed(p, host="a.www.other.org")
+    assert not allowed(p, host="badexample.com")
+    assert not allowed(p, host="example.com.evil")
+
+
+def test_ip_hosts_match_domain_acls_by_reverse_name_unless_n():
+    p = one("dstdomain .example.com")
+    assert p.uses_rdns
+    assert allowed(p, host="192.0.2.1", rdns=("www.example.com",))
+    assert not allowed(p, host="192.0.2.1", rdns=("none",)) and not allowed(p, host="192.0.2.1")
+    assert not allowed(p, host="other.test", rdns=("www.example.com",))  # only for IP hosts
+    p = one("dstdomain -n .example.com")
+    assert not p.uses_rdns and not allowed(p, host="192.0.2.1", rdns=("www.example.com",))
+    p = one("dstdom_regex ^none$")
+    assert allowed(p, host="192.0.2.1", rdns=("none",))  # Squid's name for a failed lookup
+
+
+def test_dstdom_regex_url_regex_urlpath_regex_with_i_toggles():
+    p = one(r"dstdom_regex -i \.EXAMPLE\.com$")
+    assert allowed(p, host="www.example.com") and not allowed(p, host="example.org")
+    p = one(r"url_regex ^http://a\.test/ -i /SECRET")
+    assert allowed(p, **http("http://a.test/x")) and allowed(p, **http("http://b.test/secret"))
+    assert not allowed(p, **http("http://A.TEST:81/x"))
+    p = one(r"urlpath_regex \.gif$ +i \.PNG")
+    assert allowed(p, **http("http://a.test/x.gif")) and allowed(p, **http("http://a.test/y.PNG?z"))
+    assert not allowed(p, **http("http://a.test/x.GIF")) and not allowed(p, **http("http://a.test/y.png"))
+
+
+def test_port_method_proto_localport_myportname():
+    p = one("port 80 443 1025-65535")
+    assert allowed(p, port=80) and allowed(p, port=8080) and not allowed(p, port=22)
+    p = one("method GET PURGE")
+    assert allowed(p, method="PURGE") and not allowed(p, method="get") and not allowed(p, method="POST")
+    p = one("proto HTTP")
+    assert allowed(p, proto="HTTP") and not allowed(p, proto="HTTPS") and not allowed(p, proto="NONE")
+    p = one("localport 3128")
+    assert allowed(p, local_port=3128) and not allowed(p, local_port=3129)
+    p = one("myportname socks5 reverse:http://127.0.0.1:8080")
+    assert allowed(p, port_names=("socks5", "socks5", "1080"))
+    assert allowed(p, port_names=("reverse", "reverse:http://127.0.0.1:8080", "9000"))
+    assert not allowed(p, port_names=("regular", "regular", "3128"))
+
+
+def test_time_days_and_hours():
+    p = one("time MTWHF 09:00-17:00")
+    monday_10 = dt.datetime(2024, 1, 1, 10, 0)      # a Monday
+    assert allowed(p, now=monday_10)
+    assert allowed(p, now=monday_10.replace(hour=17, minute=0))
+    assert not allowed(p, now=monday_10.replace(hour=8, minute=59))
+    assert not allowed(p, now=dt.datetime(2024, 1, 6, 10, 0))  # Saturday
+    p = one("time SA")
+    assert allowed(p, now=dt.datetime(2024, 1, 7, 3, 0)) and not allowed(p, now=monday_10)
+    p = one("time 22:00-23:59")
+    assert allowed(p, now=dt.datetime(2024, 1, 3, 23, 30))
+
+
+def test_browser_referer_req_header():
+    p = one("browser -i ^curl/")
+    assert allowed(p, headers={"User-Agent": "CURL/8.0"}) and not allowed(p, headers={"User-Agent": "Mozilla"})
+    assert not allowed(p, headers={})
+    p = one(r"req_header X-Team -i ^ops$")
+    assert allowed(p, headers={"x-team": "OPS"}) and not allowed(p, headers={"x-team": "dev"})
+    assert not allowed(p, headers={"x-other": "ops"})
+    p = one(r"referer_regex intranet")
+    assert allowed(p, headers={"Referer": "http://intranet/x"})
+
+
+def test_proxy_auth_names_required_and_auth_challenge():
+    p = pol("""
+        acls:
+          admins: proxy_auth alice bob
+          users: proxy_auth REQUIRED
+        http_access:
+          - allow admins
+          - deny users
+        """)
+    assert allowed(p, user="alice")
+    d = p.check(Request(src="127.0.0.1", user="carol"))
+    assert not d.allowed and d.auth and d.rule == "http_access deny users"   # deny decided by proxy_auth: 407
+    d = p.check(Request(src="127.0.0.1"))
+    assert not d.allowed and d.auth                                            # no user: 407
+    p = one("proxy_auth -i Alice")
+    assert allowed(p, user="ALICE")
+    p = pol("""
+        acls:
+          u: proxy_auth alice
+        http_access:
+          - allow u
+        """)
+    d = p.check(Request(src="127.0.0.1", user="carol"))   # implicit deny after a proxy_auth acl: Squid re-asks
+    assert not d.allowed and d.auth
+
+
+def test_proxy_auth_not_reached_asks_nothing():
+    p = pol("""
+        acls:
+          u: proxy_auth REQUIRED
+        http_access:
+          - allow localhost
+          - allow u
+        """)
+    assert allowed(p, src="127.0.0.1")
+    assert p.check(Request(src="10.0.0.1")).auth
+
+
+def test_maxconn_ssl_server_name_all():
+    p = one("maxconn 2")
+    assert not allowed(p, conns=2) and allowed(p, conns=3)
+    p = one("ssl::server_name .bank.test")
+    assert allowed(p, host="1.2.3.4", sni="www.bank.test") and allowed(p, host="bank.test")
+    assert not allowed(p, host="bank.test.evil")
+    p = one("ssl::server_name_regex -i ^MAIL\\.")
+    assert allowed(p, sni="mail.example.com")
+    p = pol("http_access:\n  - allow all\n")
+    assert allowed(p, src="203.0.113.9")
+
+
+# --- rules ------------------------------------------------------------------------
+
+def test_first_match_wins_and_and_and_negation():
+    p = pol("""
+        acls:
+          lan: src 10.0.0.0/8
+          bad: dstdomain .bad.test
+        http_access:
+          - deny lan bad
+          - allow lan !bad
+          - allow localhost
+        """)
+    assert not allowed(p, src="10.1.1.1", host="x.bad.test")
+    d = p.check(Request(src="10.1.1.1", host="good.test"))
+    assert d.allowed and d.rule == "http_access allow lan !bad" and d.line == 7
+    # implicit last rule: opposite of the last one (allow) -> deny
+    d = p.check(Request(src="192.0.2.1", host="good.test"))
+    assert not d.allowed and "implicit" in d.rule
+
+
+def test_implicit_rule_is_allow_after_a_deny_and_deny_without_rules():
+    p = pol("""
+        acls:
+          bad: dstdomain bad.test
+        http_access:
+          - deny bad
+        """)
+    assert allowed(p, host="good.test") and not allowed(p, host="bad.test")
+    p = pol("http_access: []\n")
+    assert not allowed(p)
+
+
+def test_default_policy_is_squid_default():
+    p = aclrules.load(ROOT / "policies/default.yaml")
+    assert allowed(p, src="127.0.0.1", **http("http://a.test:8080/"))
+    assert allowed(p, src="127.0.0.5", **http("http://a.test/"))
+    assert allowed(p, src="::1", **http("http://a.test/"))
+    assert allowed(p, src="192.168.1.1", **http("http://a.test/"))
+    assert not allowed(p, src="203.0.113.7", **http("http://a.test/"))            # never an open proxy
+    assert not allowed(p, src="127.0.0.1", **http("http://a.test:22/"))            # !Safe_ports
+    assert allowed(p, src="127.0.0.1", method="CONNECT", proto="NONE", host="a.test", port=443, url="a.test:443")
+    assert not allowed(p, src="127.0.0.1", method="CONNECT", proto="NONE", host="a.test", port=8443)
+    assert allowed(p, src="127.0.0.1", **http("http://a.test/squid-internal-mgr/info"))
+    assert not allowed(p, src="10.0.0.1", **http("http://a.test/squid-internal-mgr/info"))
+    assert allowed(p, src="127.0.0.1", method="PURGE", **http("http://a.test/x"))
+    assert not allowed(p, src="10.0.0.1", method="PURGE", **http("http://a.test/x"))
+
+
+def test_matching_lists_acls_that_match():
+    p = pol("""
+        acls:
+          lan: src 10.0.0.0/8
+          ex: dstdomain .example.com
+          far: dst 192.0.2.0/24
+          u: proxy_auth REQUIRED
+        http_access:
+          - allow lan
+        """)
+    r = Request(src="10.0.0.1", host="www.example.com")
+    assert p.matching(r) == ["all", "ex", "lan"]            # dst unresolved and no user: skipped / no match
+    r.dst_ips, r.user = ("192.0.2.1",), "alice"
+    assert p.matching(r) == ["all", "ex", "far", "lan", "u"]
+
+
+def test_ssl_bump_rules():
+    p = pol("""
+        acls:
+          banks: ssl::server_name .bank.test
+        http_access:
+          - allow all
+        ssl_bump:
+          - peek all
+          - splice banks
+          - bump all
+        """)
+    assert p.bump(Request(sni="www.bank.test")).action == "splice"
+    assert p.bump(Request(sni="www.shop.test")).action == "bump"
+    assert pol("http_access:\n  - allow all\n").bump(Request()) is None
+    p = pol("""
+        acls:
+          banks: ssl::server_name .bank.test
+        http_access: [allow all]
+        ssl_bump: [bump banks]
+        """)
+    assert p.bump(Request(sni="x.test")).action == "splice"   # Squid's default: splice
+
+
+# --- lists from files ------------------------------------------------------------
+
+def test_list_files_relative_to_policy(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists/bad.txt").write_text("# blocked\n.bad.test\n\nevil.test  # comment\n")
+    p = pol("""
+        acls:
+          bad: dstdomain "lists/bad.txt"
+          many: {type: dstdomain, file: lists/bad.txt}
+        http_access:
+          - deny bad
+          - allow all
+        """, base=tmp_path)
+    assert not allowed(p, host="a.bad.test") and not allowed(p, host="evil.test") and allowed(p, host="good.test")
+
+
+def test_100k_domains_from_a_file(tmp_path):
+    f = tmp_path / "big.txt"
+    f.write_text("\n".join(f".site{i}.test" for i in range(100_000)))
+    p = one(f'dstdomain "{f}"')
+    assert allowed(p, host="www.site99999.test") and not allowed(p, host="site100000.test")
+
+
+# --- errors: file, line, reason ---------------------------------------------------
+
+@pytest.mark.parametrize("text, line, words", [
+    ("acls:\n  a: src 10.0.0.0/8\n  b: src 10.0.0.300\nhttp_access:\n  - allow a\n", 3, "bad address"),
+    ("acls:\n  a: colour red\nhttp_access:\n  - allow a\n", 2, "unknown acl type"),
+    ("acls:\n  a: src 10.0.0.0/8\nhttp_access:\n  - allow a\n  - allow b\n", 5, "unknown acl 'b'"),
+    ("acls:\n  a: src 10.0.0.0/8\nhttp_access:\n  - permit a\n", 4, "action must be"),
+    ("acls:\n  a: url_regex ([a\nhttp_access:\n  - allow a\n", 2, "bad regex"),
+    ("acls:\n  a: port 99999\nhttp_access:\n  - allow a\n", 2, "bad port"),
+    ("acls:\n  a: time 18:00-09:00\nhttp_access:\n  - allow a\n", 2, "less than"),
+    ("acls: [\nhttp_access:\n", 3, "YAML"),
+    ("http_access:\n  - allow a\n", 2, "unknown acl"),
+    ("acl: {}\nhttp_access: []\n", 1, "unknown key"),
+    ("acls:\n  a: src 10.0.0.1\n", 1, "no http_access"),
+    ("acls:\n  a: src 10.0.0.1\n  a: src 10.0.0.2\nhttp_access: [allow a]\n", 3, "defined twice"),
+    ("acls:\n  a: [src 10.0.0.1, port 80]\nhttp_access: [allow a]\n", 2, "differs"),
+])
+def test_errors_name_file_line_and_reason(text, line, words):
+    with pytest.raises(PolicyError) as e:
+        load_yaml_text(text, "bad.yaml")
+    assert e.value.line == line, str(e.value)
+    assert str(e.value).startswith(f"bad.yaml:{line}: ")
+    assert words in str(e.value)
+
+
+def test_error_in_list_file_names_that_file_and_line(tmp_path):
+    (tmp_path / "ips.txt").write_text("10.0.0.1\n10.0.0.2\nnot-an-ip\n")
+    with pytest.raises(PolicyError) as e:
+        load_yaml_text('acls:\n  a: src "ips.txt"\nhttp_access: [allow a]\n', "p.yaml", tmp_path)
+    assert e.value.file == str(tmp_path / "ips.txt") and e.value.line == 3
+    with pytest.raises(PolicyError, match="cannot read list file"):
+        load_yaml_text('acls:\n  a: src "missing.txt"\nhttp_access: [allow a]\n', "p.yaml", tmp_path)
+
+
+# --- squid.conf --------------------------------------------------------------------
+
+SQUID = """
+acl localnet src 10.0.0.0/8     # RFC 1918
+acl localnet src 192.168.0.0/16
+acl SSL_ports port 443
+acl Safe_ports port 80 443
+acl Safe_ports port 1025-65535
+acl blocked dstdomain .bad.test
+http_access deny !Safe_ports
+http_access deny CONNECT !SSL_ports
+http_access deny blocked
+http_access allow localnet
+http_access allow localhost
+http_access deny all
+http_port 3128
+refresh_pattern . 0 20% 4320
+"""
+
+
+def test_squid_conf_import_gives_the_same_decisions_as_yaml():
+    sq = load_squid_text(SQUID, "squid.conf")
+    ym = load_yaml_text(aclrules.squid_to_yaml(SQUID), "converted.yaml")
+    cases = [dict(src="10.1.1.1", **http("http://a.test/")), dict(src="10.1.1.1", **http("http://x.bad.test/")),
+             dict(src="192.168.3.3", **http("http://a.test:22/")), dict(src="203.0.113.1", **http("http://a.test/")),
+             dict(src="127.0.0.1", method="CONNECT", proto="NONE", host="a.test", port=443),
+             dict(src="127.0.0.1", method="CONNECT", proto="NONE", host="a.test", port=8443)]
+    got = [sq.check(Request(**c)).allowed for c in cases]
+    assert got == [True, False, False, False, True, False]
+    assert [ym.check(Request(**c)).allowed for c in cases] == got
+    assert sq.check(Request(**cases[1])).line == 10
+
+
+def test_squid_conf_errors_have_line_numbers():
+    with pytest.raises(PolicyError) as e:
+        load_squid_text("acl a src 10.0.0.0/8\n\nhttp_access allow b\n", "squid.conf")
+    assert e.value.line == 3 and "squid.conf:3:" in str(e.value)
+
+
+def test_load_dispatches_on_suffix(tmp_path):
+    (tmp_path / "squid.conf").write_text(SQUID)
+    assert len(aclrules.load(tmp_path / "squid.conf").http_access) == 6
+    with pytest.raises(PolicyError, match="cannot read"):
+        aclrules.load(tmp_path / "nope.yaml")
+
+
+def test_precheck_decides_only_when_certain():
+    p = aclrules.load(ROOT / "policies/default.yaml")
+    conn = dict(src="127.0.0.1", host="127.0.0.1", port=22)
+    d = p.precheck(Request(**conn))
+    assert d is not None and not d.allowed and d.rule == "http_access deny !Safe_ports"
+    assert p.precheck(Request(src="127.0.0.1", host="127.0.0.1", port=8080)) is None  # CONNECT unknown yet
+    assert not p.precheck(Request(src="203.0.113.1", host="127.0.0.1", port=443)).allowed  # no rule can allow
+    q = pol("""
+        acls:
+          web: dstdomain .web.test
+          lan: src 10.0.0.0/8
+        http_access:
+          - deny !lan
+          - allow web
+        """)
+    assert not q.precheck(Request(src="192.0.2.1", port=80)).allowed
+    assert q.precheck(Request(src="10.0.0.1", port=80)) is None
+    u = pol("""
+        acls:
+          u: proxy_auth REQUIRED
+        http_access:
+          - allow u
+        """)
+    assert u.precheck(Request(src="10.0.0.1")) is None and u.precheck(Request(user="a")).allowed
