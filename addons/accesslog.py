@@ -183,7 +183,8 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
         size = sum(len(m.content) for m in flow.messages if not m.from_client)
     code = flow.metadata.get(meta.CODE) or code or "TCP_TUNNEL"
     if code == "TCP_DENIED":
-        status, size = 403, 0
+        # Squid never contacts the server of a denied tunnel (mitmproxy may already have).
+        status, size, peer = 403, 0, None
     return Record(
         **_who_and_when(flow, flow.client_conn.timestamp_start),
         code=code,

@@ -3,37 +3,29 @@
     mitmdump -s addons/all.py
     mitmweb  -s addons/all.py
 
-mitmproxy calls each hook on the addons in list order, so the order is the
-pipeline (see addons/README.md for why each sits where it does):
+mitmproxy calls each hook on the addons in list order, so the list is the
+pipeline (addons/README.md says why each sits where it does):
 
-0. acl        - access control (policy option), first so a denied request costs nothing
-0b. anonymize - strips the client's identity (anonymize option, policies/anonymize.yaml)
-                before the cache keys on the request
-0c. cache     - RFC 9111 shared cache (RAM + disk, negative caching); after acl/anonymize,
-                before errors so hits never contact the origin
-1. errors     - Squid-like answers when the origin is unreachable
-2. accesslog  - one Squid access.log line per transaction, last so it sees
-                every other addon's verdict
+1. acl        - access control, first so a denied request costs nothing
+2. anonymize  - strips the client's identity before the cache keys on the request
+3. cache      - RFC 9111 shared cache; answers hits before anything goes upstream
+4. errors     - Squid-like answers when the origin is unreachable
+5. accesslog  - one Squid access.log line per transaction, last so it sees every verdict
 """
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 
-try:
-    import addons as _pkg  # noqa: F401
-    from addons import accesslog, errors
-except ImportError:  # run by path without the project installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import accesslog, errors
-from addons import acl  # noqa: E402  (sys.path is set above)
-from addons import anonymize  # noqa: E402  (sys.path is set above)
-from addons import cache  # noqa: E402  (sys.path is set above)
+# Load this checkout's addons, whether or not the project is installed.
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from addons import accesslog, acl, anonymize, cache, errors  # noqa: E402
 
 addons = [
-    acl.AccessControl(),  # first: access control decides before any work is done
-    anonymize.Anonymize(),  # after acl, before cache: rewrites what is sent upstream (and keyed on)
-    cache.Cache(),  # after acl/anonymize, before errors
+    acl.AccessControl(),
+    anonymize.Anonymize(),
+    cache.Cache(),
     errors.Errors(),
     accesslog.AccessLog(),
 ]
