@@ -33,7 +33,9 @@ import weakref
 from pathlib import Path
 
 from mitmproxy import command, connection, ctx, exceptions, http, tcp, tls
+from mitmproxy.proxy import layers
 from mitmproxy.proxy.layers.tcp import TcpEndHook, TcpStartHook
+from mitmproxy.proxy.layers.tls import parse_client_hello
 
 try:
     from addons import aclrules, errorpage, meta
@@ -337,31 +339,51 @@ class AccessControl:
         return names
 
     # --- TLS ---------------------------------------------------------------------------
+    async def next_layer(self, nextlayer) -> None:
+        """ssl_bump splice, decided from the ClientHello before mitmproxy makes a TLS layer.
+
+        A spliced connection then becomes a plain TCP relay with a flow (its
+        bytes untouched), which the access log logs as TCP_TUNNEL with its
+        size; splicing later, at tls_clienthello, leaves no flow at all. When
+        the ClientHello is not all there yet, tls_clienthello decides instead.
+        """
+        if self.policy is None or not self.policy.ssl_bump or nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        client = context.client
+        if client.transport_protocol != "tcp" or client in self.denied or _is_reverse(client):
+            return
+        data = nextlayer.data_client()
+        if not data or data[0] != 0x16:  # not a TLS handshake record
+            return
+        try:
+            hello = parse_client_hello(data)
+        except ValueError:
+            return
+        if hello is None:
+            return
+        req, d = await self._tls_decision(client, context.server, hello.sni)
+        if d is not None and not d.allowed:
+            return  # tls_clienthello refuses it the usual way
+        bump = self.policy.bump(req)
+        if bump is not None and bump.action == "splice":
+            layer = layers.TCPLayer(context)
+            layer.flow.metadata[meta.PASSTHROUGH] = True
+            layer.flow.metadata[meta.SENT_BYTES] = 0
+            layer.flow.comment = f"spliced by: {bump.rule}"
+            nextlayer.layer = layer
+
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         if self.policy is None:
             return
         client, server = data.context.client, data.context.server
-        if client in self.denied or getattr(client.proxy_mode, "type_name", "") == "reverse":
+        if client in self.denied or _is_reverse(client):
             return  # reverse listeners terminate TLS; their requests are decided one by one
-        sni = data.client_hello.sni
-        connect = self.tunnels.get(client)
-        if connect is not None:
-            req = connect[0]
-            req.sni = sni
-        else:
-            host, port = server.address or (sni or "", 0)
-            req = self._request(client, method="CONNECT", proto="NONE", host=sni or str(host), port=port,
-                                url=f"{sni or host}:{port}", user=_user_of(client),
-                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
-            req.sni = sni
-            await self._resolve(req)
-            d = self.policy.check(req)
-            if not d.allowed:
-                data.ignore_connection = True
-                await self._deny_connection(client, server, req, d)
-                return
-            self.tunnels[client] = (req, {"action": d.action, "rule": d.rule, "policy": str(self.path)},
-                                    self.policy.matching(req, d.matched))
+        req, d = await self._tls_decision(client, server, data.client_hello.sni)
+        if d is not None and not d.allowed:
+            data.ignore_connection = True
+            await self._deny_connection(client, server, req, d)
+            return
         bump = self.policy.bump(req)
         if bump is None or bump.action == "bump":
             return
@@ -370,6 +392,26 @@ class AccessControl:
         elif bump.action == "terminate":
             data.ignore_connection = True
             await self._deny_connection(client, server, req, aclrules.Decision("deny", bump.rule, bump.line))
+
+    async def _tls_decision(self, client, server, sni):
+        """The request a TLS ClientHello stands for, and the http_access decision on it
+        (None when its CONNECT was already decided)."""
+        connect = self.tunnels.get(client)
+        if connect is not None:
+            req = connect[0]
+            req.sni = sni
+            return req, None
+        host, port = server.address or (sni or "", 0)
+        req = self._request(client, method="CONNECT", proto="NONE", host=sni or str(host), port=port,
+                            url=f"{sni or host}:{port}", user=_user_of(client),
+                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
+        req.sni = sni
+        await self._resolve(req)
+        d = self.policy.check(req)
+        if d.allowed:
+            self.tunnels[client] = (req, {"action": d.action, "rule": d.rule, "policy": str(self.path)},
+                                    self.policy.matching(req, d.matched))
+        return req, d
 
     # --- raw TCP ------------------------------------------------------------------------
     async def tcp_start(self, flow: tcp.TCPFlow) -> None:
@@ -466,6 +508,10 @@ def _comment(old: str, new: str) -> str:
 def _ip(peer) -> str:
     ip = str(peer[0]) if peer else "-"
     return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def _is_reverse(client) -> bool:
+    return getattr(client.proxy_mode, "type_name", "") == "reverse"
 
 
 def _is_ip(host: str) -> bool:

@@ -280,6 +280,18 @@ def test_ssl_bump_splice_passes_tls_through(env):
     r = curl("-v", "-k", "-x", proxy.url, f"https://localhost:{tls_origin.port}/spliced")
     assert r.stdout == b"hello /spliced", r.stderr
     assert b"issuer: CN=127.0.0.1" in r.stderr and b"mitmproxy" not in r.stderr.split(b"issuer:")[1][:80]
+    # Logged once, as the tunnel it is, with the bytes the server sent (certificate and response).
+    line = log_line(proxy, f"CONNECT localhost:{tls_origin.port}")
+    assert " TCP_TUNNEL/200 " in line and int(line.split()[4]) > 1000, line
+
+
+def test_ssl_bump_splice_through_socks5_is_logged_with_its_size(env):
+    proxy, _, tls_origin, _ = env
+    before = len(proxy.log_lines(0, timeout=0.1))
+    r = curl("-k", "--socks5-hostname", f"127.0.0.1:{proxy.ports[1]}", f"https://localhost:{tls_origin.port}/sp5")
+    assert r.stdout == b"hello /sp5", r.stderr
+    new = [l for l in proxy.log_lines(before + 1)[before:] if f"CONNECT localhost:{tls_origin.port}" in l]
+    assert len(new) == 1 and " TCP_TUNNEL/200 " in new[0] and int(new[0].split()[4]) > 1000, new
 
 
 def test_ssl_bump_terminate_closes_and_logs(env):
