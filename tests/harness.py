@@ -302,10 +302,10 @@ class Proxy:
         self._out.close()
 
 
-def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    """Run curl; returns the CompletedProcess (stdout as bytes)."""
+def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run curl; returns the CompletedProcess (stdout as bytes). input_bytes goes to its stdin."""
     return subprocess.run(["curl", "-sS", "--max-time", str(int(timeout)), *args],
-                          capture_output=True, timeout=timeout + 5)
+                          capture_output=True, timeout=timeout + 5, input=input_bytes)
 
 
 def curl_status(*args: str, timeout: float = 20) -> int:

@@ -77,3 +77,20 @@ if __name__ == "__main__" and "--write" in sys.argv:
     new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{table()}\n{END}", text, flags=re.S)
     path.write_text(new)
     print("README options table written")
+
+
+def test_readme_policy_addon_example_works(start_proxy, origin, tmp_path):
+    """The 'Writing a policy addon' example, as printed, loaded beside the suite."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("## Writing a policy addon", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    script = tmp_path / "no_big_uploads.py"
+    script.write_text(code)
+    from harness import curl
+    proxy = start_proxy(args=["-s", str(script)])
+    small = curl("-x", proxy.url, "-d", "a=b", f"{origin.url}/upload")
+    assert small.stdout == b"hello /upload"
+    big = curl("-i", "-x", proxy.url, "--data-binary", "@-", f"{origin.url}/upload-big",
+               input_bytes=b"x" * 1_100_000)
+    assert b"HTTP/1.1 403 Forbidden\r\n" in big.stdout and b"uploads are limited to 1 MB" in big.stdout
+    assert "/upload-big" not in origin.hits
+    assert any(" TCP_DENIED/403 " in l and "/upload-big" in l for l in proxy.log_lines(2))
