@@ -7,7 +7,9 @@ before a plain HTTP request goes upstream on a new connection, this addon
 checks that the origin resolves and accepts connections (remembering a
 success for `connect_check_ttl` seconds, so a busy origin costs one extra
 handshake per interval), and answers with Squid's page when it does not.
-It also turns a failed CONNECT into Squid's 503.
+It also turns a failed CONNECT into Squid's 503, and runs reverse-only
+proxies with the lazy connection strategy, so that a dead backend gets an
+answer instead of a closed connection.
 
     mitmdump -s addons/errors.py
 """
@@ -15,18 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import errno as errnos
+import logging
 import socket
 import sys
 import time
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 try:
     from addons import errorpage, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from addons import errorpage, meta
+
+
+logger = logging.getLogger(__name__)
+
+
+def only_reverse(modes) -> bool:
+    """True when every listener is a reverse proxy."""
+    try:
+        parsed = [ProxyMode.parse(m) for m in modes]
+    except ValueError:  # mitmproxy's proxyserver reports bad modes itself
+        return False
+    return bool(parsed) and all(m.type_name == "reverse" for m in parsed)
 
 
 class Failure(Exception):
@@ -81,6 +97,13 @@ class Errors:
                 raise exceptions.OptionsError(f"{name}: must be 0 or more, not {getattr(ctx.options, name)}")
         if "connect_timeout" in updated and ctx.options.connect_timeout == 0:
             raise exceptions.OptionsError("connect_timeout: must be more than 0, not 0")
+        if ("mode" in updated or "connection_strategy" in updated) and only_reverse(ctx.options.mode) \
+                and ctx.options.connection_strategy == "eager":
+            # Eagerly, mitmproxy connects to the backend before any HTTP hook and drops the
+            # client when that fails; lazily, the request reaches the hooks, so a dead
+            # backend gets Squid's 503 page, or a stale copy from the cache.
+            logger.info("reverse proxy: connection_strategy set to lazy so a dead backend gets an answer")
+            ctx.options.update(connection_strategy="lazy")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self._needs_check(flow):

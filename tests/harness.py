@@ -277,16 +277,14 @@ class Proxy:
         """Access-log lines, waiting until there are `at_least` of them."""
         path = path or self.access_log
         end = time.monotonic() + timeout
-        lines: list[str] = []
-        while time.monotonic() < end:
+        while True:
             try:
                 lines = [l for l in path.read_text().splitlines() if l.strip()]
             except FileNotFoundError:
                 lines = []
-            if len(lines) >= at_least:
+            if len(lines) >= at_least or time.monotonic() >= end:
                 return lines
             time.sleep(0.05)
-        return lines
 
     def signal(self, sig=signal.SIGHUP) -> None:
         self.proc.send_signal(sig)

@@ -5,6 +5,7 @@ Each test checks what the client received and the access-log line.
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -21,12 +22,18 @@ def fields(line: str) -> dict:
     return dict(zip(keys, m.groups()))
 
 
-def find(lines: list[str], **want) -> dict:
-    for line in lines:
-        f = fields(line)
-        if all(f[k] == v for k, v in want.items()):
-            return f
-    raise AssertionError(f"no line with {want} in:\n" + "\n".join(lines))
+def find(proxy, **want) -> dict:
+    """The first access-log line with these fields, waiting up to 10 s for it."""
+    end = time.monotonic() + 10
+    while True:
+        lines = proxy.log_lines(0, timeout=0)
+        for line in lines:
+            f = fields(line)
+            if all(f[k] == v for k, v in want.items()):
+                return f
+        if time.monotonic() > end:
+            raise AssertionError(f"no line with {want} in:\n" + "\n".join(lines))
+        time.sleep(0.05)
 
 
 # --- regular ------------------------------------------------------------------
@@ -34,7 +41,7 @@ def find(lines: list[str], **want) -> dict:
 def test_regular_plain_http(proxy, origin):
     r = curl("-x", proxy.url, f"{origin.url}/size/1000")
     assert r.returncode == 0 and r.stdout == b"x" * 1000
-    f = find(proxy.log_lines(1), url=f"{origin.url}/size/1000")
+    f = find(proxy, url=f"{origin.url}/size/1000")
     assert (f["client"], f["code"], f["status"], f["method"]) == ("127.0.0.1", "TCP_MISS", "200", "GET")
     assert (f["hier"], f["peer"], f["mime"]) == ("HIER_DIRECT", "127.0.0.1", "application/octet-stream")
     assert int(f["bytes"]) > 1000  # body plus headers
@@ -46,10 +53,9 @@ def test_regular_https_connect_is_intercepted(start_proxy, tls_origin):
     r = curl("--cacert", proxy.ca, "-x", proxy.url, url)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hello /secret"
-    lines = proxy.log_lines(2)
     # The decrypted request is logged with its https URL; the origin saw the plain request.
-    find(lines, code="TCP_MISS", status="200", method="GET", url=url, hier="HIER_DIRECT")
-    find(lines, method="CONNECT", url=f"localhost:{tls_origin.port}", status="200")
+    find(proxy, code="TCP_MISS", status="200", method="GET", url=url, hier="HIER_DIRECT")
+    find(proxy, method="CONNECT", url=f"localhost:{tls_origin.port}", status="200")
     assert tls_origin.hits["/secret"] == 1
 
 
@@ -59,9 +65,8 @@ def test_several_modes_in_one_process(start_proxy, origin):
     a = curl("-x", f"http://127.0.0.1:{http_port}", f"{origin.url}/via-http")
     b = curl("--socks5-hostname", f"127.0.0.1:{socks_port}", f"{origin.url}/via-socks")
     assert a.stdout == b"hello /via-http" and b.stdout == b"hello /via-socks"
-    lines = proxy.log_lines(2)
-    find(lines, url=f"{origin.url}/via-http", code="TCP_MISS")
-    find(lines, url=f"{origin.url}/via-socks", code="TCP_MISS")
+    find(proxy, url=f"{origin.url}/via-http", code="TCP_MISS")
+    find(proxy, url=f"{origin.url}/via-socks", code="TCP_MISS")
 
 
 # --- socks5 ---------------------------------------------------------------------
@@ -73,9 +78,8 @@ def test_socks5_http_and_https(start_proxy, origin, tls_origin):
     url = f"https://localhost:{tls_origin.port}/st"
     r = curl("--socks5-hostname", socks, "--cacert", proxy.ca, url)
     assert r.stdout == b"hello /st", r.stderr
-    lines = proxy.log_lines(2)
-    find(lines, url=f"{origin.url}/s", code="TCP_MISS", status="200")
-    find(lines, url=url, code="TCP_MISS", status="200")
+    find(proxy, url=f"{origin.url}/s", code="TCP_MISS", status="200")
+    find(proxy, url=url, code="TCP_MISS", status="200")
 
 
 def test_socks5_with_username_and_password(start_proxy, origin):
@@ -87,7 +91,7 @@ def test_socks5_with_username_and_password(start_proxy, origin):
     none = curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", f"{origin.url}/auth")
     assert none.returncode != 0
     assert origin.hits["/auth"] == 1
-    f = find(proxy.log_lines(1), url=f"{origin.url}/auth")
+    f = find(proxy, url=f"{origin.url}/auth")
     assert f["user"] == "alice"
 
 
@@ -104,7 +108,7 @@ def test_reverse_to_http_origin(start_proxy, origin):
     proxy = start_proxy(modes=(f"reverse:{origin.url}",))
     r = curl(f"http://127.0.0.1:{proxy.port}/r?q=1")
     assert r.stdout == b"hello /r"
-    f = find(proxy.log_lines(1), code="TCP_MISS")
+    f = find(proxy, code="TCP_MISS")
     assert f["url"] == f"http://127.0.0.1:{origin.port}/r?"  # the origin's URL, query stripped
     assert (f["hier"], f["peer"]) == ("HIER_DIRECT", "127.0.0.1")
 
@@ -117,7 +121,7 @@ def test_reverse_with_tls_from_client(start_proxy, origin, tls_origin, upstream)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hello /tls"
     assert target.hits["/tls"] == 1
-    find(proxy.log_lines(1), code="TCP_MISS", status="200", method="GET")
+    find(proxy, code="TCP_MISS", status="200", method="GET")
 
 
 # --- failures ---------------------------------------------------------------------
@@ -128,7 +132,7 @@ def test_refused_origin_gets_squid_503(proxy):
     r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, f"http://127.0.0.1:{port}/nothing")
     assert b"503" in r.stdout.split(b"\r\n")[0]
     assert b"X-Squid-Error: ERR_CONNECT_FAIL 111" in r.stdout
-    f = find(proxy.log_lines(1), url=f"http://127.0.0.1:{port}/nothing")
+    f = find(proxy, url=f"http://127.0.0.1:{port}/nothing")
     assert (f["code"], f["status"], f["hier"], f["peer"], f["mime"]) == (
         "TCP_MISS", "503", "HIER_DIRECT", "127.0.0.1", "text/html")
 
@@ -136,5 +140,31 @@ def test_refused_origin_gets_squid_503(proxy):
 def test_unresolvable_host_gets_dns_error(proxy):
     r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, "http://nosuchhost.invalid/")
     assert b"X-Squid-Error: ERR_DNS_FAIL" in r.stdout
-    f = find(proxy.log_lines(1), url="http://nosuchhost.invalid/")
+    f = find(proxy, url="http://nosuchhost.invalid/")
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
+
+
+def test_reverse_proxy_answers_squid_503_when_the_backend_is_down(start_proxy):
+    from harness import free_port
+    dead = free_port()
+    proxy = start_proxy(modes=(f"reverse:http://127.0.0.1:{dead}",))
+    r = curl("-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{proxy.port}/down")
+    assert r.returncode == 0, r.stderr  # an answer, not a dropped connection
+    assert b" 503 " in r.stdout.split(b"\r\n")[0] and b"X-Squid-Error: ERR_CONNECT_FAIL" in r.stdout
+    f = find(proxy, code="TCP_MISS", status="503")
+    assert f["url"] == f"http://127.0.0.1:{dead}/down"
+
+
+def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path):
+    from harness import Origin
+    origin = Origin()
+    origin.route("/page", lambda s: (200, {"Content-Type": "text/plain",
+                                          "Cache-Control": "max-age=1, stale-if-error=600"}, b"kept"))
+    proxy = start_proxy(modes=(f"reverse:{origin.url}",),
+                        options={"cache_dir": str(tmp_path / "cache"), "connect_check_ttl": 0})
+    assert curl(f"http://127.0.0.1:{proxy.port}/page").stdout == b"kept"
+    origin.close()
+    time.sleep(1.5)  # now stale, and the backend is gone
+    r = curl("-i", f"http://127.0.0.1:{proxy.port}/page")
+    assert r.stdout.startswith(b"HTTP/1.1 200") and r.stdout.endswith(b"kept"), r.stdout
+    find(proxy, code="TCP_REFRESH_FAIL_OLD", status="200")
