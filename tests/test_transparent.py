@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from harness import Proxy
-from netns import CLIENT_IP, ECHO_PORT, SERVER_IP, Topology
+from netns import CLIENT_IP, ECHO_PORT, ROUTER_IN, SERVER_IP, Topology
 
 HERE = Path(__file__).resolve().parent
 PROXY_PORT = 8080
+FORWARD_PORT = 3128  # the router's forward-proxy listener, in the same process
+BLACKHOLE = 8082  # a Safe_port
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,11 @@ def lan(tmp_path_factory, cert):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(HERE))
             procs.append(p)
             assert p.stdout.readline().strip() == b"ready"
-        proxy = Proxy(tmp, modes=("transparent",), ports=[PROXY_PORT], listen_host="0.0.0.0",
-                      prefix=topo.ns(topo.router))
+        # A port that silently drops connections, for the connect-timeout case.
+        subprocess.run(topo.ns(topo.server, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(BLACKHOLE),
+                               "-j", "DROP"), check=True)
+        proxy = Proxy(tmp, modes=("transparent", "regular"), ports=[PROXY_PORT, FORWARD_PORT],
+                      listen_host="0.0.0.0", prefix=topo.ns(topo.router), options={"connect_timeout": 2})
         yield topo, proxy
         proxy.stop()
     finally:
@@ -89,3 +94,17 @@ def test_raw_tcp_stream_is_relayed_and_logged_as_a_tunnel(lan):
     assert r.stdout == b"echo: ping\n", r.stderr
     line = next(l for l in proxy.log_lines(3) if f":{ECHO_PORT} " in l)
     assert f" {CLIENT_IP} TCP_TUNNEL/200 11 CONNECT {SERVER_IP}:{ECHO_PORT} - HIER_DIRECT/{SERVER_IP} -" in line
+
+
+def test_connect_timeout_gets_squid_503(lan):
+    """An origin that never answers the handshake: 503 ERR_CONNECT_FAIL (ETIMEDOUT) after connect_timeout."""
+    topo, proxy = lan
+    start = time.monotonic()
+    r = client_curl(topo, "-D", "-", "-o", "/dev/null", "-x", f"http://{ROUTER_IN}:{FORWARD_PORT}",
+                    f"http://{SERVER_IP}:{BLACKHOLE}/t5")
+    took = time.monotonic() - start
+    assert b" 503 " in r.stdout.split(b"\r\n")[0], r.stdout
+    assert b"X-Squid-Error: ERR_CONNECT_FAIL 110" in r.stdout
+    assert took < 12  # it is the proxy's connect_timeout (2 s) that answered, not curl giving up
+    line = next(l for l in proxy.log_lines(1) if "/t5" in l)
+    assert f" {CLIENT_IP} TCP_MISS/503 " in line and f" HIER_DIRECT/{SERVER_IP} text/html" in line
