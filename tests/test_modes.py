@@ -168,3 +168,12 @@ def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path)
     r = curl("-i", f"http://127.0.0.1:{proxy.port}/page")
     assert r.stdout.startswith(b"HTTP/1.1 200") and r.stdout.endswith(b"kept"), r.stdout
     find(proxy, code="TCP_REFRESH_FAIL_OLD", status="200")
+
+
+def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
+    proxy = start_proxy(modes=("socks5",), options={"cache_dir": str(tmp_path / "cache")})
+    url = f"{origin.url}/socks-cached?h.Cache-Control=max-age%3D60"
+    for _ in range(2):
+        assert curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", url).stdout == b"hello /socks-cached"
+    assert origin.hits["/socks-cached"] == 1
+    find(proxy, code="TCP_MEM_HIT", status="200", hier="HIER_NONE")

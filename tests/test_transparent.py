@@ -108,3 +108,15 @@ def test_connect_timeout_gets_squid_503(lan):
     assert took < 12  # it is the proxy's connect_timeout (2 s) that answered, not curl giving up
     line = next(l for l in proxy.log_lines(1) if "/t5" in l)
     assert f" {CLIENT_IP} TCP_MISS/503 " in line and f" HIER_DIRECT/{SERVER_IP} text/html" in line
+
+
+def test_transparent_requests_are_cached(lan):
+    topo, proxy = lan
+    url = f"http://{SERVER_IP}/cached?h.Cache-Control=max-age%3D60"
+    for _ in range(2):
+        r = client_curl(topo, "-H", "Host: cache.example.test", url)
+        assert r.stdout == b"hello /cached"
+    lines = [l for l in proxy.log_lines(2) if "/cached" in l]
+    assert len(lines) >= 2
+    assert " TCP_MISS/200 " in lines[-2] and " TCP_MEM_HIT/200 " in lines[-1]
+    assert " GET http://cache.example.test/cached? - HIER_NONE/- text/plain" in lines[-1]
