@@ -117,6 +117,8 @@ class Errors:
             self.reachable.pop(key, None)
             answer(flow, f)
             return
+        if len(self.reachable) > 10000:  # a forward proxy sees many origins: stay bounded
+            self.reachable.clear()
         self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
