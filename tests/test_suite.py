@@ -54,3 +54,34 @@ def test_every_metadata_key_in_code_is_documented():
     for path in (ROOT / "addons").glob("*.py"):
         for literal in re.findall(r"metadata(?:\[|\.get\(|\.setdefault\()\s*[\"'](relais\.\w+)", path.read_text()):
             assert f"`{literal}`" in doc, f"{path.name} uses undocumented metadata key {literal}"
+
+
+NOT_INSTALLED = """
+import sys
+# As if Relais were not pip-installed: drop the editable install's import hook.
+sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in repr(f)]
+from mitmproxy.tools.main import mitmdump
+sys.argv[0] = "mitmdump"
+mitmdump()
+"""
+
+
+def test_all_py_works_without_the_project_installed(start_proxy, origin, tmp_path):
+    import subprocess, sys
+    from harness import free_port, wait_port
+    port = free_port()
+    out = open(tmp_path / "out.txt", "wb")
+    proc = subprocess.Popen([sys.executable, "-c", NOT_INSTALLED, "--listen-host", "127.0.0.1", "-p", str(port),
+                             "-s", str(ROOT / "addons" / "all.py"), "--set", f"confdir={tmp_path / 'conf'}",
+                             "--set", f"access_log={tmp_path / 'access.log'}",
+                             "--set", f"policy={ROOT / 'tests' / 'policies' / 'test.yaml'}",
+                             "--set", f"cache_dir={tmp_path / 'cache'}"],
+                            cwd="/", stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+        r = curl("-x", f"http://127.0.0.1:{port}", f"{origin.url}/uninstalled")
+        assert r.stdout == b"hello /uninstalled", (tmp_path / "out.txt").read_text()
+        assert "Traceback" not in (tmp_path / "out.txt").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
