@@ -85,9 +85,36 @@ def strip_query(url: str) -> str:
     return url if i < 0 else url[: i + 1]
 
 
+def _hget(headers, name: str, default):
+    """headers.get(name, default) (repeated fields joined with ", "); quicker on mitmproxy Headers."""
+    fields = getattr(headers, "fields", None)
+    if fields.__class__ is tuple and hasattr(headers, "get_all"):
+        key = name.encode("utf-8", "surrogateescape").lower()
+        values = [v.decode("utf-8", "surrogateescape") for k, v in fields if k.lower() == key]
+        return ", ".join(values) if values else default
+    return headers.get(name, default)
+
+
+def _user(flow):
+    """meta.user(flow), without asking proxyauth's connection table when it is empty (no proxy auth)."""
+    md = flow.metadata
+    name = md.get(meta.USER)
+    if name:
+        return name
+    auth = md.get("proxyauth")
+    if auth:
+        return auth[0]
+    try:
+        pa = ctx.master.addons.get("proxyauth")
+        table = pa.authenticated if pa else None
+    except Exception:
+        table = None
+    return meta.user(flow) if table else None
+
+
 def mime_of(headers) -> str:
     """Content type without parameters, as Squid logs it."""
-    value = headers.get("content-type", "") if headers is not None else ""
+    value = _hget(headers, "content-type", "") if headers is not None else ""
     value = value.split(";", 1)[0].strip()
     return value.split()[0] if value else "-"
 
@@ -148,8 +175,8 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",
         version=req.http_version.replace("HTTP/", "") or "1.1",
-        referer=req.headers.get("referer", "-"),
-        agent=req.headers.get("user-agent", "-"),
+        referer=_hget(req.headers, "referer", "-"),
+        agent=_hget(req.headers, "user-agent", "-"),
     )
 
 
@@ -170,7 +197,7 @@ def rotate_files(path: Path, keep: int, writer: "Writer") -> None:
 def _who_and_when(flow, start: float | None) -> dict:
     end = time.time()
     return dict(end=end, elapsed_ms=max(0, int((end - (start or end)) * 1000)),
-                client=meta.client_ip(flow), user=meta.user(flow) or "-")
+                client=meta.client_ip(flow), user=_user(flow) or "-")
 
 
 def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> Record:

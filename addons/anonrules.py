@@ -340,7 +340,7 @@ def check_level_option(value: str) -> str:
 def choose_level(option: str, mode: str, acls, policy: Policy) -> tuple[str, Override | None]:
     """The level for one request: the first override whose acl matched wins,
     else the option; `auto` is transparent for reverse proxies, elite otherwise."""
-    matched = set(acls or ())
+    matched = set(acls) if acls and policy.overrides else ()
     if matched:
         for ov in policy.overrides:
             if ov.acl in matched:
@@ -420,6 +420,11 @@ def _get_all(fields, name: str) -> list[str]:
     return [v for k, v in fields if k.lower() == n]
 
 
+@functools.lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((n, n.lower()) for n in names)
+
+
 def plan_request(fields, rules: LevelRules, info: RequestInfo, hostname: str, comment: str = "relais") -> list[Edit]:
     """The edits that make a request with header `fields` [(name, value)...] follow `rules`.
 
@@ -440,8 +445,9 @@ def plan_request(fields, rules: LevelRules, info: RequestInfo, hostname: str, co
             return
         edits[low] = (name, value)
 
-    for name in rules.remove:
-        put(name, None)
+    for name, low in _lowered(rules.remove):
+        if low in present:  # put(name, None) does nothing for an absent field
+            put(name, None)
 
     xff = ", ".join(v.strip() for v in _get_all(fields, "X-Forwarded-For") if v.strip())
     ff = rules.forwarded_for
@@ -454,8 +460,8 @@ def plan_request(fields, rules: LevelRules, info: RequestInfo, hostname: str, co
     elif ff == "delete":
         put("X-Forwarded-For", None)
 
-    ours = via_value(info.http_version, hostname, comment)
     if rules.via == "on":
+        ours = via_value(info.http_version, hostname, comment)
         via = ", ".join(v.strip() for v in _get_all(fields, "Via") if v.strip())
         put("Via", f"{via}, {ours}" if via else ours)
     elif rules.via == "delete":
@@ -495,9 +501,42 @@ def plan_response(fields, host: str, rules: LevelRules | None, strip_backend: tu
 
 def apply(edits, headers) -> None:
     """Apply plan edits to a mutable headers mapping (mitmproxy Headers or a dict)."""
+    if not edits:
+        return
+    fields = getattr(headers, "fields", None)
+    if fields.__class__ is tuple and hasattr(headers, "set_all"):
+        headers.fields = _apply_fields(edits, fields)
+        return
     for name, value in edits:
         if value is None:
             if name in headers:
                 del headers[name]
         else:
             headers[name] = value
+
+
+def _enc(x: str) -> bytes:
+    return x.encode("utf-8", "surrogateescape")
+
+
+def _apply_fields(edits, fields: tuple) -> tuple:
+    """`apply` on mitmproxy Headers' raw fields: what `del headers[name]` and `headers[name] = value`
+    do (a value replaces the first field of that name in place and drops the others, or is appended),
+    in one pass per edit without the MultiDict call overhead."""
+    for name, value in edits:
+        key = _enc(name).lower()
+        if value is None:
+            fields = tuple(f for f in fields if f[0].lower() != key)
+            continue
+        out, done = [], False
+        for f in fields:
+            if f[0].lower() == key:
+                if not done:
+                    out.append((f[0], _enc(value)))
+                    done = True
+            else:
+                out.append(f)
+        if not done:
+            out.append((_enc(name), _enc(value)))
+        fields = tuple(out)
+    return fields

@@ -164,9 +164,13 @@ class Anonymize:
         keep = ()
         if meta.mode_name(flow) == "upstream" and getattr(ctx.options, "upstream_auth", None):
             keep = ("proxy-authorization",)  # mitmproxy's upstream_auth put it there for the next proxy
-        info = anonrules.RequestInfo(client=meta.client_ip(flow), scheme=req.scheme, host=req.pretty_host,
+        fields = list(req.headers.items(multi=True))
+        # the host only matters to the Referer and cookie rules; pretty_host parses the Host header
+        needs_host = rules.strip_cookies or (rules.referer != "keep" and any(k.lower() == "referer" for k, _ in fields))
+        info = anonrules.RequestInfo(client=meta.client_ip(flow), scheme=req.scheme,
+                                     host=req.pretty_host if needs_host else req.host,
                                      http_version=req.http_version, keep=keep)
-        edits = anonrules.plan_request(req.headers.items(multi=True), rules, info,
+        edits = anonrules.plan_request(fields, rules, info,
                                        self.policy.visible_hostname or self.hostname, self.policy.via_comment)
         anonrules.apply(edits, req.headers)
         flow.metadata[meta.ANONYMIZE] = level

@@ -25,6 +25,7 @@ Commands: cache.purge URL, cache.clear, cache.stats.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -110,6 +111,7 @@ def origin_of(key: str) -> str:
 
 
 Pending, Failure = cachestore.Pending, cachestore.Failure
+_X_CACHE_MISS = f"MISS from {HOSTNAME}".encode("utf-8", "surrogateescape")
 
 
 class StreamCopy:
@@ -152,6 +154,59 @@ class StreamCopy:
             cachestore._unlink(self.path)
             return False
         return True
+
+
+def _names(headers: http.Headers) -> set[bytes]:
+    """The lower-cased names of the fields present (one pass, for many presence checks)."""
+    return {k.lower() for k, _ in headers.fields}
+
+
+def _header(headers: http.Headers, name: bytes) -> str | None:
+    """headers.get(name) (values of repeated fields joined with ", "), for a lower-case bytes name."""
+    values = [v.decode("utf-8", "surrogateescape") for k, v in headers.fields if k.lower() == name]
+    return ", ".join(values) if values else None
+
+
+_CONDITIONALS = (b"if-none-match", b"if-modified-since")
+
+
+class _Derived:
+    """What answering from a stored entry needs from its headers, computed once per headers list."""
+    __slots__ = ("headers", "fields", "plain", "cc")
+
+    def __init__(self, headers: list[tuple[str, str]]):
+        self.headers = headers
+        self.fields = tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                            for k, v in headers)
+        self.plain = not any(k.lower() in (b"age", b"x-cache") for k, _ in self.fields)
+        self.cc = rfc9111.cache_control(headers)
+
+
+def _derived(entry: cachestore.Entry) -> _Derived:
+    d = entry.derived
+    if d is None or d.headers is not entry.meta.headers:  # new entry, or its headers were replaced
+        d = entry.derived = _Derived(entry.meta.headers)
+    return d
+
+
+# http.Response(...) type-checks every field of its data (mitmproxy's __debug__ check, ~30 us);
+# hits build the same object directly when ResponseData has the fields this was written for.
+_RESPONSE_FIELDS = {"http_version", "headers", "content", "trailers", "timestamp_start", "timestamp_end",
+                    "status_code", "reason"}
+_FAST_RESPONSE = {f.name for f in dataclasses.fields(http.ResponseData)} == _RESPONSE_FIELDS
+
+
+def _make_response(version: bytes, status: int, reason: bytes, headers: http.Headers, body: bytes,
+                   now: float) -> http.Response:
+    """http.Response(version, status, reason, headers, body, None, now, now)."""
+    if not (_FAST_RESPONSE and isinstance(reason, bytes) and isinstance(body, bytes)):
+        return http.Response(version, status, reason, headers, body, None, now, now)
+    data = object.__new__(http.ResponseData)
+    data.http_version, data.headers, data.content, data.trailers = version, headers, body, None
+    data.timestamp_start, data.timestamp_end, data.status_code, data.reason = now, now, status, reason
+    resp = object.__new__(http.Response)
+    resp.data = data
+    return resp
 
 
 def _enc(headers: list[tuple[str, str]]) -> http.Headers:
@@ -290,11 +345,12 @@ class Cache:
         req = flow.request
         entry, tier = self.lookup(key, req.headers)
         if entry is None:
-            if rfc9111.only_if_cached(req.headers):
+            names = _names(req.headers)
+            if b"cache-control" in names and rfc9111.only_if_cached(req.headers):
                 return self._only_if_cached(flow)
             if failure:
                 return self._answer_failure(flow, failure)
-            if collapse and self._collapsible(flow):
+            if collapse and self._collapsible(flow, names):
                 fut = self.inflight.get(key)
                 if fut is not None and not fut.done():
                     return self._wait_collapsed(flow, key, fut)
@@ -308,14 +364,16 @@ class Cache:
         now = time.time()
         m = entry.meta
         age = m.age(now)
-        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime)
+        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime, resp_cc=_derived(entry).cc)
         if d.action == rfc9111.RELOAD:
             self.counts["reload"] += 1
             return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
         if d.serve:
-            if not rfc9111.cache_can_evaluate(req.headers):
+            names = _names(req.headers)
+            if (b"if-match" in names or b"if-unmodified-since" in names) and \
+                    not rfc9111.cache_can_evaluate(req.headers):
                 return None  # If-Match / If-Unmodified-Since: the origin decides
-            self._serve(flow, entry, tier, age, stale=d.staleness >= 0)
+            self._serve(flow, entry, tier, age, stale=d.staleness >= 0, names=names)
             if d.action == rfc9111.SWR:
                 self._refresh_in_background(key, entry)
             return None
@@ -342,11 +400,13 @@ class Cache:
         self.pending[flow.id] = Pending(key, entry, tier, saved)
         return None
 
-    def _collapsible(self, flow: http.HTTPFlow) -> bool:
+    def _collapsible(self, flow: http.HTTPFlow, names: set[bytes] | None = None) -> bool:
         req = flow.request
+        if names is None:
+            names = _names(req.headers)
         return (ctx.options.collapsed_forwarding and req.method == "GET"
-                and "range" not in req.headers and "authorization" not in req.headers
-                and not rfc9111.has_client_conditionals(req.headers))
+                and b"range" not in names and b"authorization" not in names
+                and not (b"if-none-match" in names or b"if-modified-since" in names))
 
     async def _wait_collapsed(self, flow: http.HTTPFlow, key: str, fut: asyncio.Future) -> None:
         try:
@@ -381,23 +441,34 @@ class Cache:
         self.counts[code] += 1
 
     def _build(self, flow: http.HTTPFlow, entry: cachestore.Entry, age: float,
-               warning: str | None = None, x_cache: str = "HIT") -> tuple[http.Response, str | None]:
+               warning: str | None = None, x_cache: str = "HIT",
+               names: set[bytes] | None = None) -> tuple[http.Response, str | None]:
         """A response from a stored entry for this request: 200, 206/416 for Range, 304 for conditionals."""
         req = flow.request
+        if names is None:
+            names = _names(req.headers)
         m = entry.meta
-        headers = _enc(m.headers)
-        headers["Age"] = rfc9111.age_header(age)
-        if warning:
-            headers.add("Warning", warning)
-        headers["X-Cache"] = f"{x_cache} from {HOSTNAME}"
+        derived = _derived(entry)
+        if derived.plain:  # no stored Age / X-Cache: the fields below are appended, as h[name] = value does
+            extra = [(b"Age", rfc9111.age_header(age).encode())]
+            if warning:
+                extra.append((b"Warning", warning.encode("utf-8", "surrogateescape")))
+            extra.append((b"X-Cache", f"{x_cache} from {HOSTNAME}".encode("utf-8", "surrogateescape")))
+            headers = http.Headers(derived.fields + tuple(extra))
+        else:
+            headers = _enc(m.headers)
+            headers["Age"] = rfc9111.age_header(age)
+            if warning:
+                headers.add("Warning", warning)
+            headers["X-Cache"] = f"{x_cache} from {HOSTNAME}"
         status, reason, body = m.status, m.reason, entry.body
         cond = None
-        if rfc9111.has_client_conditionals(req.headers) and m.status == 200:
+        if m.status == 200 and (b"if-none-match" in names or b"if-modified-since" in names):
             cond = rfc9111.conditional_result(req.method, req.headers, m.headers)
             if cond:
                 status, reason, body = 304, "Not Modified", b""
                 headers.pop("Content-Length", None)
-        if cond is None and m.status == 200 and "range" in req.headers and \
+        if cond is None and m.status == 200 and b"range" in names and \
                 rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):
             r = rfc9111.parse_range(req.headers.get("range"), len(body))
             if r == rfc9111.UNSATISFIABLE:
@@ -415,15 +486,15 @@ class Cache:
             body = b""
         now = time.time()
         version = req.http_version if req.http_version in ("HTTP/1.1", "HTTP/2.0", "HTTP/3") else "HTTP/1.1"
-        resp = http.Response(version, status, reason.encode() if isinstance(reason, str) else reason,
-                             headers, body, None, now, now)
+        resp = _make_response(version.encode("ascii", "strict"), status,
+                              reason.encode() if isinstance(reason, str) else reason, headers, body, now)
         return resp, cond
 
     def _serve(self, flow: http.HTTPFlow, entry: cachestore.Entry, tier: str, age: float, stale: bool,
-               code: str | None = None, warning: str | None = None) -> None:
+               code: str | None = None, warning: str | None = None, names: set[bytes] | None = None) -> None:
         if stale and warning is None:
             warning = '110 - "Response is Stale"'
-        flow.response, cond = self._build(flow, entry, age, warning)
+        flow.response, cond = self._build(flow, entry, age, warning, names=names)
         if code is None:
             if cond == "IMS":
                 code = "TCP_IMS_HIT"
@@ -502,7 +573,11 @@ class Cache:
         if local or self.store is None:
             return
         resp = flow.response
-        resp.headers["X-Cache"] = f"MISS from {HOSTNAME}"
+        h = resp.headers
+        if b"x-cache" in _names(h):
+            h["X-Cache"] = _X_CACHE_MISS
+        else:  # what h["X-Cache"] = ... does for an absent field, minus its overhead
+            h.fields = (*h.fields, (b"X-Cache", _X_CACHE_MISS))
         if not resp.stream or flow.request.method != "GET" or self.store.disk is None:
             return
         if flow.id in self.pending and resp.status_code == 304:
@@ -534,7 +609,7 @@ class Cache:
         request_time = req.timestamp_start or time.time()
         response_time = resp.timestamp_start or time.time()
         lifetime, source = rfc9111.freshness_lifetime(
-            resp.status_code, resp.headers, response_time, url=flow.request.pretty_url,
+            resp.status_code, resp.headers, response_time, url=lambda: flow.request.pretty_url,
             rules=self.rules, negative_ttl=self.negative_ttl)
         if lifetime <= 0 and not rfc9111.validators(resp.headers):
             return None  # never fresh and cannot be revalidated: storing it is useless
@@ -565,9 +640,11 @@ class Cache:
         pending = self.pending.pop(flow.id, None)
         stream = self.streams.pop(flow.id, None)
         local = flow.metadata.get(meta.LOCAL)
+        if local == "cache":
+            return
         req = flow.request
         key = primary_key(flow) if req.method != "CONNECT" else None
-        if local == "cache" or key is None:
+        if key is None:
             return
         if local == "errors":
             self._remember_failure(flow, key)
@@ -661,8 +738,9 @@ class Cache:
         body = resp.raw_content
         if body is None or flow.error:
             return
-        cl = resp.headers.get("content-length")
-        if cl is not None and "transfer-encoding" not in resp.headers:
+        rh = resp.headers
+        cl = _header(rh, b"content-length")
+        if cl is not None and b"transfer-encoding" not in _names(rh):
             try:
                 if int(cl) != len(body):
                     return  # truncated

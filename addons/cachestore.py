@@ -17,19 +17,23 @@ the HTTP decisions (rfc9111.py) and uses this for bytes.
   (crash mid-write, disk damage) is dropped and logged, never served.
   Disk writes happen on one background thread so the event loop never waits
   for fsync; disk reads are synchronous (SQLite lookups take microseconds).
+  The primary keys present on disk are also indexed in RAM (a set of their
+  hashes, loaded by the writer thread when the cache opens), so a miss costs
+  no SQLite read at all; a key the set does not know is not on disk.
 - Objects move between tiers by use: a disk hit that fits in RAM is
   promoted; RAM eviction keeps the disk copy.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import queue
 import shutil
 import tempfile
 import threading
-import uuid
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 NO_VARY: tuple = ()
+# body ids: unique across runs (random per process) and within one (a counter), 32 hex digits like
+# uuid4().hex, without a getrandom() system call per stored response
+_RUN_ID = os.urandom(8).hex()
+_BODY_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 def vary_hash(vary_key: tuple) -> str:
@@ -65,7 +73,7 @@ class Meta:
     vary_key: tuple
     length: int
     digest: str
-    body_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    body_id: str = field(default_factory=lambda: f"{_RUN_ID}{next(_BODY_COUNTER):016x}")
     initial_age: float = 0.0  # RFC 9111 4.2.3 corrected_initial_age, computed when stored
 
     def age(self, now: float) -> float:
@@ -83,6 +91,9 @@ class Meta:
 class Entry:
     meta: Meta
     body: bytes
+    # what cache.py derives from meta.headers to answer hits (encoded fields...), kept with the
+    # headers list it was made from; RAM only, never stored
+    derived: object = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -170,6 +181,10 @@ class DiskTier:
         self.backlog = 0
         self.dropped = 0
         self.corrupt = 0
+        # hash() of every primary key with an index on disk; None until the writer thread has read them
+        # (reads ask SQLite meanwhile). Only ever too large (evicted or removed keys): never misses one.
+        self.known: set[int] | None = None
+        self.q.put(("load",))
         self.thread = threading.Thread(target=self._run, name="relais-cache-disk", daemon=True)
         self.thread.start()
 
@@ -189,6 +204,9 @@ class DiskTier:
     def vary_sets(self, primary: str) -> list[tuple[str, ...]] | None:
         if not self.readable(primary):
             return None
+        known = self.known
+        if known is not None and hash(primary) not in known:
+            return None  # never stored on disk: no SQLite read
         try:
             idx = self.dc.get(self._ikey(primary))
             return idx[0] if idx else None
@@ -276,36 +294,94 @@ class DiskTier:
             return 0
 
     # --- writer thread ---
+    BATCHED = frozenset({"put", "meta", "drop", "remove"})  # ops applied together in one SQLite transaction
+    BATCH_OPS = 64
+    BATCH_BYTES = 8 * 1024 * 1024
+    COALESCE = 0.0  # seconds a write may wait for others to share its transaction (0: only what is queued)
+
     def _run(self) -> None:
         while True:
             op = self.q.get()
             if op is None:
                 return
+            if op[0] not in self.BATCHED:
+                self._apply_one(op)
+                continue
+            # What is queued is written in one transaction (one commit instead of one per key);
+            # an op that is not a plain write ends the batch and runs after the commit.
+            batch, size, tail = [op], (op[2].length if op[0] == "put" else 0), _NO_OP
+            if self.COALESCE and self.q.qsize() < self.BATCH_OPS:
+                time.sleep(self.COALESCE)  # let the writes of concurrent requests gather: fewer commits
+            while len(batch) < self.BATCH_OPS and size < self.BATCH_BYTES:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt[0] not in self.BATCHED:
+                    tail = nxt
+                    break
+                batch.append(nxt)
+                if nxt[0] == "put":
+                    size += nxt[2].length
             try:
-                self._apply(op)
+                with self.dc.transact():
+                    for one in batch:
+                        try:
+                            self._apply(one)
+                        except Exception as e:
+                            log.warning("cache: disk write failed (%s): %s", one[0], e)
             except Exception as e:
-                log.warning("cache: disk write failed (%s): %s", op[0], e)
+                log.warning("cache: disk write failed (commit of %d operations): %s", len(batch), e)
             finally:
-                if op[0] == "put":
-                    with self.lock:
-                        self.backlog -= op[2].length
-                elif op[0] == "remove":
-                    with self.lock:
-                        n = self.busy.get(op[1], 1) - 1
-                        if n <= 0:
-                            self.busy.pop(op[1], None)
-                        else:
-                            self.busy[op[1]] = n
-                elif op[0] == "clear":
-                    with self.lock:
-                        self.clearing -= 1
+                for one in batch:
+                    self._done(one)
+            if tail is None:  # close()
+                return
+            if tail is not _NO_OP:
+                self._apply_one(tail)
+
+    def _apply_one(self, op) -> None:
+        try:
+            self._apply(op)
+        except Exception as e:
+            log.warning("cache: disk write failed (%s): %s", op[0], e)
+        finally:
+            self._done(op)
+
+    def _done(self, op) -> None:
+        """Bookkeeping once an op is committed (or failed): backlog, pending removals, clears."""
+        if op[0] == "put":
+            with self.lock:
+                self.backlog -= op[2].length
+        elif op[0] == "remove":
+            with self.lock:
+                n = self.busy.get(op[1], 1) - 1
+                if n <= 0:
+                    self.busy.pop(op[1], None)
+                else:
+                    self.busy[op[1]] = n
+        elif op[0] == "clear":
+            with self.lock:
+                self.clearing -= 1
+
+    def _load_known(self) -> set[int]:
+        """hash() of the primary keys whose index (i|<primary>) is on disk."""
+        try:  # diskcache stores str keys raw: one indexed range scan
+            rows = self.dc._sql("SELECT key FROM Cache WHERE raw = 1 AND key >= 'i|' AND key < 'i}'").fetchall()
+            return {hash(k[2:]) for (k,) in rows if isinstance(k, str) and k.startswith("i|")}
+        except Exception:  # another diskcache layout: the public iterator
+            return {hash(k[2:]) for k in self.dc.iterkeys() if isinstance(k, str) and k.startswith("i|")}
 
     def _apply(self, op) -> None:
         kind = op[0]
         dc = self.dc
         if kind == "put":
             _, primary, meta, body, path, vary_sets = op
-            old = dc.get(self._mkey(primary, meta.vhash))
+            known = self.known
+            h = hash(primary)
+            # a primary the index of the disk keys does not know has nothing on disk: nothing to read
+            stored_before = known is None or h in known
+            old = dc.get(self._mkey(primary, meta.vhash)) if stored_before else None
             bkey = f"b|{meta.body_id}"
             if path:
                 with open(path, "rb") as f:
@@ -313,8 +389,10 @@ class DiskTier:
                 _unlink(path)
             else:
                 dc.set(bkey, body)
-            idx = dc.get(self._ikey(primary)) or ([], [])
+            idx = (dc.get(self._ikey(primary)) if stored_before else None) or ([], [])
             vhs = list(idx[1]) if meta.vhash in idx[1] else list(idx[1]) + [meta.vhash]
+            if known is not None:
+                known.add(h)  # before the index is written: the set never misses a key on disk
             dc.set(self._ikey(primary), (list(vary_sets or [NO_VARY]), vhs))
             dc.set(self._mkey(primary, meta.vhash), meta)  # last: makes the entry visible
             if old is not None and old.body_id != meta.body_id:
@@ -342,8 +420,15 @@ class DiskTier:
                     dc.delete(f"b|{meta.body_id}")
         elif kind == "clear":
             dc.clear()
+            if self.known is not None:
+                self.known = set()
+        elif kind == "load":
+            self.known = self._load_known()
         elif kind == "flush":
             op[1].set()
+
+
+_NO_OP = ("none",)
 
 
 def _unlink(path: str) -> None:

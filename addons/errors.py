@@ -105,12 +105,17 @@ class Errors:
             logger.info("reverse proxy: connection_strategy set to lazy so a dead backend gets an answer")
             ctx.options.update(connection_strategy="lazy")
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow):
+        # Not a coroutine function: most requests need no check, and mitmproxy awaits what a hook
+        # returns only when it is awaitable, so those cost no coroutine.
         if flow.response or flow.error or not flow.live or not self._needs_check(flow):
-            return
+            return None
         key = (flow.request.host, flow.request.port)
         if self.reachable.get(key, 0) > time.monotonic():
-            return
+            return None
+        return self._check(flow, key)
+
+    async def _check(self, flow: http.HTTPFlow, key: tuple[str, int]) -> None:
         try:
             await check_origin(*key, timeout=ctx.options.connect_timeout)
         except Failure as f:

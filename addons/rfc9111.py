@@ -42,10 +42,27 @@ CASE_INSENSITIVE_FIELDS = frozenset({"accept-encoding", "accept-charset", "accep
 
 # --- headers -------------------------------------------------------------
 
+_BYTE_NAMES: dict[str, bytes] = {}  # field name -> its lower-cased bytes (mitmproxy Headers fast path)
+
+
+def _byte_name(name: str) -> bytes:
+    n = _BYTE_NAMES.get(name)
+    if n is None:
+        n = name.encode("utf-8", "surrogateescape").lower()
+        if len(_BYTE_NAMES) < 4096:
+            _BYTE_NAMES[name] = n
+    return n
+
+
 def get_all(headers, name: str) -> list[str]:
     """All values of one field, in order, case-insensitively."""
     if headers is None:
         return []
+    fields = getattr(headers, "fields", None)
+    if fields.__class__ is tuple and hasattr(headers, "get_all"):
+        # mitmproxy Headers: the same as headers.get_all(name), without its per-call overhead
+        n = _byte_name(name)
+        return [v.decode("utf-8", "surrogateescape") for k, v in fields if k.lower() == n]
     if hasattr(headers, "get_all"):
         return list(headers.get_all(name))
     name = name.lower()
@@ -153,8 +170,20 @@ def parse_cache_control(values: Iterable[str] | str | None) -> CacheControl:
     return cc
 
 
+_CC_MEMO: dict[tuple[str, ...], CacheControl] = {}
+
+
 def cache_control(headers) -> CacheControl:
-    return parse_cache_control(get_all(headers, "cache-control"))
+    """The parsed Cache-Control of `headers`. Parsed once per distinct field value: the result is
+    shared, so callers must not modify it."""
+    values = tuple(get_all(headers, "cache-control"))
+    cc = _CC_MEMO.get(values)
+    if cc is None:
+        cc = parse_cache_control(values)
+        if len(_CC_MEMO) >= 4096:
+            _CC_MEMO.clear()
+        _CC_MEMO[values] = cc
+    return cc
 
 
 # --- RFC 9110 5.6.7: HTTP-date ------------------------------------------
@@ -309,7 +338,7 @@ def storable(method: str, status: int, req_headers, resp_headers, *, shared: boo
 
 # --- RFC 9111 4.2: freshness ------------------------------------------------
 
-def freshness_lifetime(status: int, resp_headers, response_time: float, *, url: str = "",
+def freshness_lifetime(status: int, resp_headers, response_time: float, *, url="",
                        rules: Iterable[RefreshRule] = (), shared: bool = True,
                        negative_ttl: float = 30.0) -> tuple[float, str]:
     """RFC 9111 4.2.1 (s-maxage > max-age > Expires) and 4.2.2 (heuristics) -> (seconds, source).
@@ -318,7 +347,8 @@ def freshness_lifetime(status: int, resp_headers, response_time: float, *, url: 
     an invalid Expires ("0" included) means already expired (5.3).
     Heuristics: negative_ttl for 404/405/410/414/501, else Squid's
     refresh_pattern (percent of Date - Last-Modified bounded by min/max;
-    min when there is no Last-Modified).
+    min when there is no Last-Modified). `url` (for refresh_pattern) may be a
+    callable returning it, called only when a heuristic needs it.
     """
     cc = cache_control(resp_headers)
     if shared:
@@ -345,7 +375,7 @@ def freshness_lifetime(status: int, resp_headers, response_time: float, *, url: 
         return 0.0, "not heuristically cacheable"
     if status in NEGATIVE_STATUSES:
         return float(max(0.0, negative_ttl)), "negative_ttl"
-    rule = pick_rule(rules, url)
+    rule = pick_rule(rules, url() if callable(url) else url)
     lm = parse_http_date(get(resp_headers, "last-modified"))
     if lm is None:
         return rule.min, "heuristic (min)"
@@ -412,7 +442,8 @@ def must_revalidate_when_stale(resp_cc: CacheControl, shared: bool = True) -> bo
             or (shared and ("proxy-revalidate" in resp_cc or "s-maxage" in resp_cc)))
 
 
-def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool = True) -> Decision:
+def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool = True,
+           resp_cc: CacheControl | None = None) -> Decision:
     """RFC 9111 4 (constructing responses from caches) with the request directives of 5.2.1.
 
     RELOAD: the client asked the origin be contacted (no-cache / Pragma);
@@ -421,7 +452,8 @@ def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool 
     refreshed in the background, RFC 5861 3).
     """
     req_cc = cache_control(req_headers)
-    resp_cc = cache_control(resp_headers)
+    if resp_cc is None:  # callers may pass cache_control(resp_headers), parsed before
+        resp_cc = cache_control(resp_headers)
     staleness = age - lifetime
     if "no-cache" in req_cc or pragma_no_cache(req_headers):
         return Decision(RELOAD, "request no-cache", staleness)
@@ -603,11 +635,13 @@ def storable_headers(headers) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
     items = list(headers.items(multi=True)) if hasattr(headers, "fields") else (
         list(headers.items()) if hasattr(headers, "items") else list(headers))
-    listed = {n.lower() for n in split_list(v for k, v in items if k.lower() == "connection")}
-    cc = parse_cache_control([v for k, v in items if k.lower() == "cache-control"])
+    lows = [k.lower() for k, _ in items]
+    listed = {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")} \
+        if "connection" in lows else ()
+    private = cache_control(items).field_names("private")
     # 5.2.2.7: a shared cache does not store the fields named by private="..."
-    drop = HOP_BY_HOP | listed | set(cc.field_names("private") or ())
-    return [(k, v) for k, v in items if k.lower() not in drop]
+    drop = HOP_BY_HOP | set(listed) | set(private) if (listed or private) else HOP_BY_HOP
+    return [(k, v) for (k, v), low in zip(items, lows) if low not in drop]
 
 
 # --- RFC 9111 4.4: invalidation ------------------------------------------------
