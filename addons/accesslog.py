@@ -95,23 +95,6 @@ def _hget(headers, name: str, default):
     return headers.get(name, default)
 
 
-def _user(flow):
-    """meta.user(flow), without asking proxyauth's connection table when it is empty (no proxy auth)."""
-    md = flow.metadata
-    name = md.get(meta.USER)
-    if name:
-        return name
-    auth = md.get("proxyauth")
-    if auth:
-        return auth[0]
-    try:
-        pa = ctx.master.addons.get("proxyauth")
-        table = pa.authenticated if pa else None
-    except Exception:
-        table = None
-    return meta.user(flow) if table else None
-
-
 def mime_of(headers) -> str:
     """Content type without parameters, as Squid logs it."""
     value = _hget(headers, "content-type", "") if headers is not None else ""
@@ -141,7 +124,7 @@ def body_size(flow: http.HTTPFlow) -> int:
         return 0
 
 
-def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) -> Record:
+def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, combined: bool = False) -> Record:
     """The log record of an HTTP flow, from its state and the metadata contract."""
     req, resp = flow.request, flow.response
     is_connect = req.method == "CONNECT"
@@ -175,8 +158,8 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False) 
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",
         version=req.http_version.replace("HTTP/", "") or "1.1",
-        referer=_hget(req.headers, "referer", "-"),
-        agent=_hget(req.headers, "user-agent", "-"),
+        referer=_hget(req.headers, "referer", "-") if combined else "-",
+        agent=_hget(req.headers, "user-agent", "-") if combined else "-",
     )
 
 
@@ -197,7 +180,7 @@ def rotate_files(path: Path, keep: int, writer: "Writer") -> None:
 def _who_and_when(flow, start: float | None) -> dict:
     end = time.time()
     return dict(end=end, elapsed_ms=max(0, int((end - (start or end)) * 1000)),
-                client=meta.client_ip(flow), user=_user(flow) or "-")
+                client=meta.client_ip(flow), user=meta.user(flow) or "-")
 
 
 def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> Record:
@@ -457,7 +440,8 @@ class AccessLog:
         self.logged.add(flow.id)
         if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
             self.intercepted.add(flow.client_conn)
-        self.write(http_record(flow, ctx.options.strip_query_terms, aborted))
+        self.write(http_record(flow, ctx.options.strip_query_terms, aborted,
+                               combined=ctx.options.logformat == "combined"))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import logging
 import os
 import sys
@@ -514,12 +513,7 @@ def _is_reverse(client) -> bool:
     return getattr(client.proxy_mode, "type_name", "") == "reverse"
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
+_is_ip = aclrules._is_ip
 
 
 addons = [AccessControl()]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import datetime as _dt
+import functools
 import ipaddress
 import re
 from pathlib import Path
@@ -117,15 +118,24 @@ class IPTable:
             self.ends[ver] = [m[1] for m in merged]
 
     def __contains__(self, ip: str) -> bool:
-        try:
-            a = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
+        parsed = _ip_number(ip)
+        if parsed is None:
             return False
-        if a.version == 6 and a.ipv4_mapped:
-            a = a.ipv4_mapped
-        starts = self.starts[a.version]
-        i = bisect.bisect_right(starts, int(a)) - 1
-        return i >= 0 and int(a) <= self.ends[a.version][i]
+        version, n = parsed
+        i = bisect.bisect_right(self.starts[version], n) - 1
+        return i >= 0 and n <= self.ends[version][i]
+
+
+@functools.lru_cache(maxsize=4096)  # the same client and server addresses come back request after request
+def _ip_number(ip: str) -> tuple[int, int] | None:
+    """(version, integer) of an address (IPv4-mapped IPv6 as IPv4), or None if it is not one."""
+    try:
+        a = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if a.version == 6 and a.ipv4_mapped:
+        a = a.ipv4_mapped
+    return a.version, int(a)
 
 
 def parse_ip_item(item: str) -> tuple[int, int, int]:
@@ -465,6 +475,7 @@ def _need_user(r: Request) -> str:
     return r.user
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host.strip("[]"))

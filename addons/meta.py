@@ -59,7 +59,8 @@ def user(flow) -> str | None:
         from mitmproxy import ctx
 
         pa = ctx.master.addons.get("proxyauth")
-        auth = pa.authenticated.get(flow.client_conn) if pa else None
+        table = pa.authenticated if pa else None
+        auth = table.get(flow.client_conn) if table else None  # empty without proxy auth: skip the hash
     except Exception:  # no master (unit tests) or a proxyauth without the table
         auth = None
     return auth[0] if auth else None
