@@ -98,6 +98,17 @@ class NeedAuth(Exception):
 
 # --- compiled matchers --------------------------------------------------------
 
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Sorted, non-overlapping (starts, ends) of inclusive integer ranges, for bisect lookups."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return [m[0] for m in merged], [m[1] for m in merged]
+
+
 class IPTable:
     """Sorted, merged address ranges per family; a lookup is one bisect."""
 
@@ -107,15 +118,7 @@ class IPTable:
             by[ver].append((lo, hi))
         self.starts, self.ends = {}, {}
         for ver, rs in by.items():
-            rs.sort()
-            merged: list[list[int]] = []
-            for lo, hi in rs:
-                if merged and lo <= merged[-1][1] + 1:
-                    merged[-1][1] = max(merged[-1][1], hi)
-                else:
-                    merged.append([lo, hi])
-            self.starts[ver] = [m[0] for m in merged]
-            self.ends[ver] = [m[1] for m in merged]
+            self.starts[ver], self.ends[ver] = merge_ranges(rs)
 
     def __contains__(self, ip: str) -> bool:
         parsed = _ip_number(ip)
@@ -214,18 +217,7 @@ class RegexSet:
 
 class PortSet:
     def __init__(self, ranges: Iterable[tuple[int, int]]):
-        rs = sorted(ranges)
-        self.starts = [r[0] for r in rs]
-        self.ends = [r[1] for r in rs]
-        # ends are not sorted after merging overlaps unless merged: merge
-        merged: list[list[int]] = []
-        for lo, hi in rs:
-            if merged and lo <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        self.starts = [m[0] for m in merged]
-        self.ends = [m[1] for m in merged]
+        self.starts, self.ends = merge_ranges(ranges)
 
     def __contains__(self, port: int) -> bool:
         i = bisect.bisect_right(self.starts, port) - 1

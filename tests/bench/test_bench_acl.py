@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from addons import aclrules  # noqa: E402
+from loadgen import PARALLEL, load  # noqa: E402
 from harness import ROOT, Proxy, free_port, wait_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -28,7 +29,6 @@ REGEXES = 100
 DECISIONS = 20_000
 N = 1500          # requests per throughput round
 ROUNDS = 5
-PARALLEL = 8
 
 
 def make_policy(tmp: Path) -> tuple[aclrules.Policy, list[str], list[str]]:
@@ -115,19 +115,6 @@ def test_bench_decision_cost(tmp_path):
     print(f"[acl bench] naive scan of the same lists: {scan:.1f} µs -> compiled is {scan / check:.0f}x faster")
 
 
-def _load(proxy: Proxy, urls: list[str], tmp: Path) -> float:
-    cfg = tmp / f"urls-{time.monotonic_ns()}.txt"
-    cfg.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
-    start = time.perf_counter()
-    r = subprocess.run(["curl", "-s", "--parallel", "--parallel-max", str(PARALLEL), "-x", proxy.url,
-                        "-w", "%{http_code}\\n", "-K", str(cfg)], capture_output=True, timeout=600)
-    elapsed = time.perf_counter() - start
-    codes = r.stdout.decode().split()
-    bad = [c for c in codes if c != "200"]
-    assert len(codes) == len(urls) and not bad, f"{len(bad)} failed requests: {bad[:5]}"
-    return len(urls) / elapsed
-
-
 def test_bench_relay_with_and_without_acl(tmp_path):
     port = free_port()
     origin = subprocess.Popen([sys.executable, str(HERE / "fast_origin.py"), str(port)])
@@ -145,10 +132,10 @@ def test_bench_relay_with_and_without_acl(tmp_path):
         proxies["without acl"] = Proxy(tmp_path / "without", script=str(without), options={"access_log": "none"})
         rates: dict[str, list[float]] = {k: [] for k in proxies}
         for name, p in proxies.items():  # warm-up
-            _load(p, [f"{url}/size/1000?warm={i}" for i in range(200)], tmp_path)
+            load(p.url, [f"{url}/size/1000?warm={i}" for i in range(200)], tmp_path)
         for rnd in range(ROUNDS):  # alternate, so drift hits both alike
             for name, p in proxies.items():
-                rates[name].append(_load(p, [f"{url}/size/1000?r={rnd}&n={i}" for i in range(N)], tmp_path))
+                rates[name].append(load(p.url, [f"{url}/size/1000?r={rnd}&n={i}" for i in range(N)], tmp_path))
         med = {k: statistics.median(v) for k, v in rates.items()}
         ratio = med["with acl (default policy)"] / med["without acl"]
         print()
