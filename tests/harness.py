@@ -286,6 +286,19 @@ class Proxy:
                 return lines
             time.sleep(0.05)
 
+    def log_line(self, needle: str, timeout: float = 10.0) -> str:
+        """The first access-log line containing `needle`, waiting for it."""
+        end = time.monotonic() + timeout
+        while True:
+            lines = self.log_lines(0, timeout=0)
+            for line in lines:
+                if needle in line:
+                    return line
+            if time.monotonic() >= end:
+                raise AssertionError(f"no access.log line with {needle!r}:\n" + "\n".join(lines) +
+                                     "\n--- mitmdump output ---\n" + self.text()[-3000:])
+            time.sleep(0.05)
+
     def signal(self, sig=signal.SIGHUP) -> None:
         self.proc.send_signal(sig)
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 ECHO_PORT = 5222  # a raw TCP (chat-like) service, also redirected
 CLIENT_IP, ROUTER_IN, ROUTER_OUT, SERVER_IP = "10.231.1.2", "10.231.1.1", "10.231.2.1", "10.231.2.2"
@@ -24,10 +28,25 @@ def sh(*cmd: str) -> None:
 
 
 class Topology:
-    def __init__(self) -> None:
-        tag = str(os.getpid() % 100000)
+    def __init__(self, tag: str = "") -> None:
+        tag = f"{os.getpid() % 10000}{tag}"  # interface names are at most 15 characters
         self.client, self.router, self.server = f"rlc{tag}", f"rlr{tag}", f"rls{tag}"
         self.made: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def serve(self, port: int, *args: str) -> None:
+        """Start origin_server.py on the server host (args: CERT KEY for TLS, or "echo")."""
+        p = subprocess.Popen(self.ns(self.server, sys.executable, str(HERE / "origin_server.py"),
+                                     SERVER_IP, str(port), *args),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(HERE))
+        self.procs.append(p)
+        if p.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"origin on {SERVER_IP}:{port} did not start")
+
+    def curl(self, *args: str) -> subprocess.CompletedProcess:
+        """curl run on the client host."""
+        return subprocess.run(self.ns(self.client, "curl", "-sS", "--max-time", "15", *args),
+                              capture_output=True, timeout=30)
 
     def ns(self, name: str, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", name, *cmd]
@@ -58,6 +77,10 @@ class Topology:
                         "--dport", port, "-j", "REDIRECT", "--to-port", str(proxy_port)))
 
     def down(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+        self.procs.clear()
         for name in self.made:
             subprocess.run(["ip", "netns", "pids", name], capture_output=True)
             pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()

@@ -78,16 +78,6 @@ def probes(proxy: Proxy, pred, timeout: float = 10.0) -> dict:
     raise AssertionError(f"no probe record matched; have:\n{proxy.probe_file.read_text() if proxy.probe_file.exists() else ''}")
 
 
-def log_line(proxy: Proxy, needle: str, timeout: float = 10.0) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in proxy.log_lines(0, timeout=0.1):
-            if needle in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access.log line with {needle!r}:\n" + "\n".join(proxy.log_lines(0, timeout=0.1)))
-
-
 class Echo:
     """A raw TCP echo server that records what it received."""
 
@@ -207,7 +197,7 @@ def test_regular_allowed_request_carries_the_allowing_rule(env):
     proxy, origin, *_ = env
     r = curl("-x", proxy.url, f"{origin.url}/ok1")
     assert r.stdout == b"hello /ok1"
-    assert " TCP_MISS/200 " in log_line(proxy, "/ok1")
+    assert " TCP_MISS/200 " in proxy.log_line("/ok1")
     rec = probes(proxy, lambda r: r["url"].endswith("/ok1"))
     assert rec["acl"]["action"] == "allow" and rec["acl"]["rule"] == "http_access allow localhost"
     assert rec["acl"]["policy"].endswith("policy.yaml")
@@ -223,7 +213,7 @@ def test_regular_denied_request_gets_the_page_log_line_and_metadata(env):
     assert head.startswith(b"HTTP/1.1 403")
     assert b"X-Squid-Error: ERR_ACCESS_DENIED 0" in head
     assert b"http_access deny secret" in body and b"ERR_ACCESS_DENIED" in body
-    line = log_line(proxy, "/SECRET/x")
+    line = proxy.log_line("/SECRET/x")
     assert " TCP_DENIED/403 " in line and f" GET {origin.url}/SECRET/x? - HIER_NONE/- text/html" in line
     rec = probes(proxy, lambda r: "/SECRET/x" in r["url"])
     assert rec["code"] == "TCP_DENIED" and rec["local"] == "acl" and rec["error"] == "ERR_ACCESS_DENIED"
@@ -257,7 +247,7 @@ def test_connect_denied_gets_403_and_no_tunnel(env):
     proxy, origin, *_ = env
     r = curl("-o", "/dev/null", "-w", "%{http_connect}", "-k", "-x", proxy.url, f"https://127.0.0.1:{origin.port}/t")
     assert r.stdout == b"403"
-    line = log_line(proxy, f"CONNECT 127.0.0.1:{origin.port}")
+    line = proxy.log_line(f"CONNECT 127.0.0.1:{origin.port}")
     assert " TCP_DENIED/403 " in line and " HIER_NONE/- " in line
     rec = probes(proxy, lambda r: r.get("method") == "CONNECT" and r["url"] == f"127.0.0.1:{origin.port}")
     assert rec["acl"]["rule"] == "http_access deny CONNECT !SSL_ports" and rec["code"] == "TCP_DENIED"
@@ -271,7 +261,7 @@ def test_connect_allowed_is_bumped_and_inner_requests_checked(env):
     assert b"mitmproxy" in r.stderr  # the certificate was made by the proxy: intercepted
     r = curl("-i", "-k", "-x", proxy.url, f"https://127.0.0.1:{tls_origin.port}/secret")
     assert b"\r\n\r\nHTTP/1.1 403 " in r.stdout  # after the CONNECT's 200: decrypted requests go through http_access too
-    line = log_line(proxy, f"https://127.0.0.1:{tls_origin.port}/secret")
+    line = proxy.log_line(f"https://127.0.0.1:{tls_origin.port}/secret")
     assert " TCP_DENIED/403 " in line
 
 
@@ -281,7 +271,7 @@ def test_ssl_bump_splice_passes_tls_through(env):
     assert r.stdout == b"hello /spliced", r.stderr
     assert b"issuer: CN=127.0.0.1" in r.stderr and b"mitmproxy" not in r.stderr.split(b"issuer:")[1][:80]
     # Logged once, as the tunnel it is, with the bytes the server sent (certificate and response).
-    line = log_line(proxy, f"CONNECT localhost:{tls_origin.port}")
+    line = proxy.log_line(f"CONNECT localhost:{tls_origin.port}")
     assert " TCP_TUNNEL/200 " in line and int(line.split()[4]) > 1000, line
 
 
@@ -299,7 +289,7 @@ def test_ssl_bump_terminate_closes_and_logs(env):
     r = curl("-k", "--socks5", f"127.0.0.1:{proxy.ports[1]}", "--resolve",
              f"x.terminate.test:{tls_origin.port}:127.0.0.1", f"https://x.terminate.test:{tls_origin.port}/t")
     assert r.returncode != 0
-    assert " TCP_DENIED/403 0 " in log_line(proxy, f"CONNECT x.terminate.test:{tls_origin.port}")
+    assert " TCP_DENIED/403 0 " in proxy.log_line(f"CONNECT x.terminate.test:{tls_origin.port}")
     rec = probes(proxy, lambda r: r["url"] == f"x.terminate.test:{tls_origin.port}")
     assert rec["acl"]["rule"] == "ssl_bump terminate doomed" and rec["acl"]["action"] == "deny"
 
@@ -311,7 +301,7 @@ def test_socks5_http_allow_and_deny(env):
     assert r.stdout == b"hello /viasocks"
     r = curl("-i", "--socks5-hostname", f"127.0.0.1:{socks}", f"{origin.url}/secret/socks")
     assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny secret" in r.stdout
-    assert " TCP_DENIED/403 " in log_line(proxy, "/secret/socks")
+    assert " TCP_DENIED/403 " in proxy.log_line("/secret/socks")
 
 
 def test_socks5_raw_tcp_denied_is_really_closed(env):
@@ -320,7 +310,7 @@ def test_socks5_raw_tcp_denied_is_really_closed(env):
     s.sendall(b"not http at all\x00\x01")
     assert eof_within(s, 3) < 2
     s.close()
-    line = log_line(proxy, f"CONNECT 127.0.0.1:{echo.port}")
+    line = proxy.log_line(f"CONNECT 127.0.0.1:{echo.port}")
     assert " TCP_DENIED/403 0 CONNECT " in line
     rec = probes(proxy, lambda r: r["kind"] == "tcp" and r["url"] == f"127.0.0.1:{echo.port}")
     assert rec["code"] == "TCP_DENIED" and rec["acl"]["rule"] == "http_access deny CONNECT !SSL_ports"
@@ -336,7 +326,7 @@ def test_socks5_tls_decided_by_sni(env):
     r = curl("-k", "--socks5", f"127.0.0.1:{socks}", "--resolve", f"www.denied.test:{tls_origin.port}:127.0.0.1",
              f"https://www.denied.test:{tls_origin.port}/sni")
     assert r.returncode != 0 and time.monotonic() - t < 5
-    line = log_line(proxy, f"CONNECT www.denied.test:{tls_origin.port}")
+    line = proxy.log_line(f"CONNECT www.denied.test:{tls_origin.port}")
     assert " TCP_DENIED/403 0 " in line
     rec = probes(proxy, lambda r: r["url"] == f"www.denied.test:{tls_origin.port}")
     assert rec["acl"]["rule"] == "http_access deny badsni"
@@ -351,7 +341,7 @@ def test_reverse_mode_uses_the_same_rules_and_myportname(env):
     assert curl(f"{rev}/rev-ok").stdout == b"hello /rev-ok"
     r = curl("-i", f"{rev}/admin/x")
     assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny rev admin" in r.stdout
-    assert " TCP_DENIED/403 " in log_line(proxy, "/admin/x")
+    assert " TCP_DENIED/403 " in proxy.log_line("/admin/x")
     r = curl("-i", f"{rev}/secret/rev")
     assert r.stdout.startswith(b"HTTP/1.1 403")
     # the same path through the regular listener is not denied: myportname tells them apart
@@ -402,10 +392,10 @@ def test_proxy_auth_required_gives_407_then_allows_users(auth_env):
     assert r.stdout.startswith(b"HTTP/1.1 407")
     assert b'Proxy-Authenticate: Basic realm="relais"' in r.stdout
     assert b"X-Squid-Error: ERR_CACHE_ACCESS_DENIED 0" in r.stdout
-    assert " TCP_DENIED/407 " in log_line(proxy, "/private")
+    assert " TCP_DENIED/407 " in proxy.log_line("/private")
     r = curl("-x", proxy.url, "-U", "bob:bpw", f"{origin.url}/private2")
     assert r.stdout == b"hello /private2"
-    line = log_line(proxy, "/private2")
+    line = proxy.log_line("/private2")
     assert " TCP_MISS/200 " in line and " bob HIER_DIRECT/" in line
     r = curl("-i", "-x", proxy.url, "-U", "bob:wrong", f"{origin.url}/private3")
     assert r.stdout.startswith(b"HTTP/1.1 407")
@@ -415,7 +405,7 @@ def test_deny_decided_by_a_user_acl_asks_again_like_squid(auth_env):
     proxy, origin, _ = auth_env
     r = curl("-i", "-x", proxy.url, "-U", "bob:bpw", f"{origin.url}/admin/1")
     assert r.stdout.startswith(b"HTTP/1.1 407")
-    line = log_line(proxy, "/admin/1")
+    line = proxy.log_line("/admin/1")
     assert " TCP_DENIED/407 " in line and " bob " in line
     assert curl("-x", proxy.url, "-U", "alice:apw", f"{origin.url}/admin/2").stdout == b"hello /admin/2"
 
@@ -427,7 +417,7 @@ def test_per_listener_authentication_through_the_policy(auth_env):
     assert curl(f"{rev}/public").stdout == b"hello /public"
     r = curl("-i", f"{rev}/admin/r")
     assert r.stdout.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Basic realm="relais"' in r.stdout
-    assert " TCP_DENIED/401 " in log_line(proxy, "/admin/r")
+    assert " TCP_DENIED/401 " in proxy.log_line("/admin/r")
     assert curl("-u", "alice:apw", f"{rev}/admin/r2").stdout == b"hello /admin/r2"
 
 
@@ -438,7 +428,7 @@ def test_socks5_user_feeds_acls_and_log_of_raw_streams(auth_env):
     s.settimeout(5)
     assert s.recv(100) == b"ping\x00"
     s.close()
-    line = log_line(proxy, f"CONNECT 127.0.0.1:{echo.port}")
+    line = proxy.log_line(f"CONNECT 127.0.0.1:{echo.port}")
     assert " TCP_TUNNEL/200 " in line and " bob " in line
     rec = probes(proxy, lambda r: r["kind"] == "tcp" and r["url"] == f"127.0.0.1:{echo.port}")
     assert rec["user"] == "bob" and rec["acl"]["rule"] == "http_access allow users"

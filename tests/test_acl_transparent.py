@@ -59,35 +59,20 @@ def lan(tmp_path_factory, cert):
     assert os.geteuid() == 0, "transparent-mode tests need root for network namespaces and iptables"
     tmp = tmp_path_factory.mktemp("acl_transparent")
     (tmp / "policy.yaml").write_text(POLICY)
-    topo = Topology()
-    tag = f"{os.getpid() % 10000}a"  # not test_transparent.py's names
-    topo.client, topo.router, topo.server = f"rlc{tag}", f"rlr{tag}", f"rls{tag}"
-    procs = []
+    topo = Topology("a")  # not test_transparent.py's names
     try:
         topo.up(PROXY_PORT)
         # also intercept port 25, which the policy refuses from connection facts alone
         sh(*topo.ns(topo.router, "iptables", "-t", "nat", "-A", "PREROUTING", "-s", CLIENT_IP, "-p", "tcp",
                     "--dport", "25", "-j", "REDIRECT", "--to-port", str(PROXY_PORT)))
-        for port, tls in ((80, ()), (443, cert)):
-            p = subprocess.Popen(topo.ns(topo.server, sys.executable, str(HERE / "origin_server.py"),
-                                         SERVER_IP, str(port), *tls),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(HERE))
-            procs.append(p)
-            assert p.stdout.readline().strip() == b"ready"
+        topo.serve(80)
+        topo.serve(443, *cert)
         proxy = Proxy(tmp / "proxy", modes=("transparent",), ports=[PROXY_PORT], listen_host="0.0.0.0",
                       prefix=topo.ns(topo.router), options={"policy": str(tmp / "policy.yaml")})
         yield topo, proxy
         proxy.stop()
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
         topo.down()
-
-
-def client_curl(topo, *args):
-    return subprocess.run(topo.ns(topo.client, "curl", "-sS", "--max-time", "15", *args),
-                          capture_output=True, timeout=30)
 
 
 def client_connect(topo, port: int, payload: bytes = b"") -> tuple[str, float]:
@@ -97,23 +82,13 @@ def client_connect(topo, port: int, payload: bytes = b"") -> tuple[str, float]:
     return how, float(seconds)
 
 
-def log_line(proxy, needle, timeout=10.0) -> str:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in proxy.log_lines(0, timeout=0.1):
-            if needle in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no line with {needle!r}:\n" + "\n".join(proxy.log_lines(0, timeout=0.1)) + proxy.text())
-
-
 def test_http_allowed_and_denied_by_host_header(lan):
     topo, proxy = lan
-    r = client_curl(topo, "-H", "Host: www.ok.test", f"http://{SERVER_IP}/acl-ok")
+    r = topo.curl("-H", "Host: www.ok.test", f"http://{SERVER_IP}/acl-ok")
     assert r.stdout == b"hello /acl-ok", r.stderr
-    r = client_curl(topo, "-i", "-H", "Host: www.blocked.test", f"http://{SERVER_IP}/acl-no")
+    r = topo.curl("-i", "-H", "Host: www.blocked.test", f"http://{SERVER_IP}/acl-no")
     assert r.stdout.startswith(b"HTTP/1.1 403") and b"http_access deny blocked" in r.stdout
-    line = log_line(proxy, "/acl-no")
+    line = proxy.log_line("/acl-no")
     assert f" {CLIENT_IP} TCP_DENIED/403 " in line and " GET http://www.blocked.test/acl-no " in line
 
 
@@ -121,7 +96,7 @@ def test_raw_stream_denied_at_tcp_start_is_closed_promptly(lan):
     topo, proxy = lan
     how, seconds = client_connect(topo, 80, b"\x01\x02 not http\r\n")
     assert how in ("eof", "reset") and seconds < 2
-    line = log_line(proxy, f"CONNECT {SERVER_IP}:80")
+    line = proxy.log_line(f"CONNECT {SERVER_IP}:80")
     assert f" {CLIENT_IP} TCP_DENIED/403 0 CONNECT {SERVER_IP}:80 " in line
 
 
@@ -132,7 +107,7 @@ def test_refused_before_connecting_upstream_closes_the_client_promptly(lan, payl
     before = proxy.text().count("killed before connect")
     how, seconds = client_connect(topo, 25, payload)
     assert how in ("eof", "reset") and seconds < 2, (how, seconds)
-    line = log_line(proxy, f"CONNECT {SERVER_IP}:25")
+    line = proxy.log_line(f"CONNECT {SERVER_IP}:25")
     assert " TCP_DENIED/403 0 " in line and " HIER_NONE/- " in line
     assert proxy.text().count("killed before connect") > before  # never connected upstream
 
@@ -140,9 +115,9 @@ def test_refused_before_connecting_upstream_closes_the_client_promptly(lan, payl
 def test_tls_decided_by_sni(lan):
     topo, proxy = lan
     t = time.monotonic()
-    r = client_curl(topo, "--cacert", proxy.ca, "--resolve", f"www.denied.test:443:{SERVER_IP}",
+    r = topo.curl("--cacert", proxy.ca, "--resolve", f"www.denied.test:443:{SERVER_IP}",
                     "https://www.denied.test/sni-no")
     assert r.returncode != 0 and time.monotonic() - t < 5
-    assert " TCP_DENIED/403 0 CONNECT www.denied.test:443 " in log_line(proxy, "www.denied.test:443")
-    r = client_curl(topo, "--cacert", proxy.ca, "--resolve", f"ok.test:443:{SERVER_IP}", "https://ok.test/sni-ok")
+    assert " TCP_DENIED/403 0 CONNECT www.denied.test:443 " in proxy.log_line("www.denied.test:443")
+    r = topo.curl("--cacert", proxy.ca, "--resolve", f"ok.test:443:{SERVER_IP}", "https://ok.test/sni-ok")
     assert r.stdout == b"hello /sni-ok", r.stderr

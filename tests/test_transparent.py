@@ -16,7 +16,6 @@ import pytest
 from harness import Proxy
 from netns import CLIENT_IP, ECHO_PORT, ROUTER_IN, SERVER_IP, Topology
 
-HERE = Path(__file__).resolve().parent
 PROXY_PORT = 8080
 FORWARD_PORT = 3128  # the router's forward-proxy listener, in the same process
 BLACKHOLE = 8082  # a Safe_port
@@ -27,15 +26,11 @@ def lan(tmp_path_factory, cert):
     assert os.geteuid() == 0, "transparent-mode tests need root for network namespaces and iptables"
     tmp = tmp_path_factory.mktemp("transparent")
     topo = Topology()
-    procs = []
     try:
         topo.up(PROXY_PORT)
-        for port, tls in ((80, ()), (443, cert), (ECHO_PORT, ("echo",))):
-            p = subprocess.Popen(topo.ns(topo.server, sys.executable, str(HERE / "origin_server.py"),
-                                         SERVER_IP, str(port), *tls),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(HERE))
-            procs.append(p)
-            assert p.stdout.readline().strip() == b"ready"
+        topo.serve(80)
+        topo.serve(443, *cert)
+        topo.serve(ECHO_PORT, "echo")
         # A port that silently drops connections, for the connect-timeout case.
         subprocess.run(topo.ns(topo.server, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", str(BLACKHOLE),
                                "-j", "DROP"), check=True)
@@ -44,20 +39,12 @@ def lan(tmp_path_factory, cert):
         yield topo, proxy
         proxy.stop()
     finally:
-        for p in procs:
-            p.kill()
-            p.wait()
         topo.down()
-
-
-def client_curl(topo, *args):
-    return subprocess.run(topo.ns(topo.client, "curl", "-sS", "--max-time", "15", *args),
-                          capture_output=True, timeout=30)
 
 
 def test_http_is_redirected_through_the_proxy(lan):
     topo, proxy = lan
-    r = client_curl(topo, "-H", "Host: www.example.test", f"http://{SERVER_IP}/t1")
+    r = topo.curl("-H", "Host: www.example.test", f"http://{SERVER_IP}/t1")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hello /t1"
     line = next(l for l in proxy.log_lines(1) if "/t1" in l)
@@ -68,7 +55,7 @@ def test_http_is_redirected_through_the_proxy(lan):
 
 def test_https_is_intercepted_with_the_proxy_ca(lan):
     topo, proxy = lan
-    r = client_curl(topo, "--cacert", proxy.ca, "--resolve", f"secure.example.test:443:{SERVER_IP}",
+    r = topo.curl("--cacert", proxy.ca, "--resolve", f"secure.example.test:443:{SERVER_IP}",
                     "https://secure.example.test/t2")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"hello /t2"
@@ -80,7 +67,7 @@ def test_without_the_redirect_the_proxy_sees_nothing(lan):
     """Control: traffic to another port is routed, not intercepted, so the proxy logs nothing for it."""
     topo, proxy = lan
     before = len(proxy.log_lines(0))
-    r = client_curl(topo, "--connect-timeout", "2", f"http://{SERVER_IP}:81/t3")
+    r = topo.curl("--connect-timeout", "2", f"http://{SERVER_IP}:81/t3")
     assert r.returncode != 0  # nothing listens on :81
     time.sleep(0.5)
     assert not any("/t3" in l for l in proxy.log_lines(0)[before:])
@@ -100,7 +87,7 @@ def test_connect_timeout_gets_squid_503(lan):
     """An origin that never answers the handshake: 503 ERR_CONNECT_FAIL (ETIMEDOUT) after connect_timeout."""
     topo, proxy = lan
     start = time.monotonic()
-    r = client_curl(topo, "-D", "-", "-o", "/dev/null", "-x", f"http://{ROUTER_IN}:{FORWARD_PORT}",
+    r = topo.curl("-D", "-", "-o", "/dev/null", "-x", f"http://{ROUTER_IN}:{FORWARD_PORT}",
                     f"http://{SERVER_IP}:{BLACKHOLE}/t5")
     took = time.monotonic() - start
     assert b" 503 " in r.stdout.split(b"\r\n")[0], r.stdout
@@ -114,7 +101,7 @@ def test_transparent_requests_are_cached(lan):
     topo, proxy = lan
     url = f"http://{SERVER_IP}/cached?h.Cache-Control=max-age%3D60"
     for _ in range(2):
-        r = client_curl(topo, "-H", "Host: cache.example.test", url)
+        r = topo.curl("-H", "Host: cache.example.test", url)
         assert r.stdout == b"hello /cached"
     lines = [l for l in proxy.log_lines(2) if "/cached" in l]
     assert len(lines) >= 2
