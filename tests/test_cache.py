@@ -318,15 +318,20 @@ def test_stale_if_error_when_origin_is_down(cproxy):
     assert codes(cproxy, f"{origin.url}/sie", 3)[1:] == ["TCP_REFRESH_FAIL_OLD/200"] * 2
 
 
-def test_stale_if_error_on_origin_5xx(cproxy, origin):
+def good_then_broken(cache_control: str):
+    """An origin route that answers 200 once, then 503."""
     calls = []
 
     def fn(seen):
         calls.append(1)
         if len(calls) == 1:
-            return 200, {"Cache-Control": "max-age=1, stale-if-error=60"}, b"good"
+            return 200, {"Cache-Control": cache_control}, b"good"
         return 503, {"Content-Type": "text/plain"}, b"broken"
-    origin.route("/sie5", fn)
+    return fn
+
+
+def test_stale_if_error_on_origin_5xx(cproxy, origin):
+    origin.route("/sie5", good_then_broken("max-age=1, stale-if-error=60"))
     url = f"{origin.url}/sie5"
     fetch(cproxy, url)
     time.sleep(1.3)
@@ -335,14 +340,7 @@ def test_stale_if_error_on_origin_5xx(cproxy, origin):
 
 
 def test_stale_without_stale_if_error_shows_error(cproxy, origin):
-    calls = []
-
-    def fn(seen):
-        calls.append(1)
-        if len(calls) == 1:
-            return 200, {"Cache-Control": "max-age=1"}, b"good"
-        return 503, {"Content-Type": "text/plain"}, b"broken"
-    origin.route("/nosie", fn)
+    origin.route("/nosie", good_then_broken("max-age=1"))
     url = f"{origin.url}/nosie"
     fetch(cproxy, url)
     time.sleep(1.3)

@@ -67,26 +67,14 @@ def test_bench_cache(tmp_path):
     try:
         relay_urls = [f"{origin.url}/size/{SIZE}?n={i % OBJECTS}" for i in range(N)]
 
-        p = Proxy(tmp_path / "bare", script=None)
-        try:
-            load(p.url, relay_urls[:200], tmp_path)
-            results["bare relay"] = load(p.url, relay_urls, tmp_path)
-        finally:
-            p.stop()
-
-        p = Proxy(tmp_path / "ceiling", script="tests/bench/ceiling_addon.py")
-        try:
-            load(p.url, relay_urls[:200], tmp_path)
-            results["ceiling"] = load(p.url, relay_urls, tmp_path)
-        finally:
-            p.stop()
-
-        p = Proxy(tmp_path / "pipe", script="tests/bench/pipeline_ceiling.py")
-        try:
-            load(p.url, relay_urls[:200], tmp_path)
-            results["ceiling in all.py"] = load(p.url, relay_urls, tmp_path)
-        finally:
-            p.stop()
+        for name, script in (("bare relay", None), ("ceiling", "tests/bench/ceiling_addon.py"),
+                             ("ceiling in all.py", "tests/bench/pipeline_ceiling.py")):
+            p = Proxy(tmp_path / name.replace(" ", "-"), script=script)
+            try:
+                load(p.url, relay_urls[:200], tmp_path)  # warm-up
+                results[name] = load(p.url, relay_urls, tmp_path)
+            finally:
+                p.stop()
 
         p = Proxy(tmp_path / "all", options={"cache_dir": str(tmp_path / "all" / "cache"),
                                                "cache_mem": f"{CACHE_MEM_MB} MB"})
