@@ -219,6 +219,7 @@ class Writer:
         self.path = path
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.file = open(path, "a", encoding="utf-8")
+        self.lost = 0  # lines dropped since the last successful write
         self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
         self.thread.start()
 
@@ -242,6 +243,26 @@ class Writer:
         self.queue.put(None)
         self.thread.join(10)
 
+    def _write(self, lines: list[str]) -> None:
+        """Write a batch; on failure (a full disk) drop it, say so once, and start clean."""
+        try:
+            self.file.write("\n".join(lines) + "\n")
+            self.file.flush()
+        except OSError as e:
+            if not self.lost:
+                logging.getLogger(__name__).error("access log %s: cannot write (%s); lines are lost "
+                                                  "until it can", self.path, e)
+            self.lost += len(lines)
+            try:  # a failed write leaves the buffer stuck with the batch: reopen
+                self.file = open(self.path, "a", encoding="utf-8")
+            except OSError:
+                pass
+            return
+        if self.lost:
+            logging.getLogger(__name__).warning("access log %s: writing again; %d lines were lost",
+                                                self.path, self.lost)
+            self.lost = 0
+
     def _run(self) -> None:
         while True:
             item = self.queue.get()
@@ -254,11 +275,7 @@ class Writer:
                     item = ""
                     break
             if lines:
-                try:
-                    self.file.write("\n".join(lines) + "\n")
-                    self.file.flush()
-                except OSError as e:  # a full disk must not stop the proxy; say so once per batch
-                    logging.getLogger(__name__).error("access log %s: cannot write: %s", self.path, e)
+                self._write(lines)
             if item is None:
                 self.file.close()
                 return

@@ -1,0 +1,58 @@
+"""Bad conditions lose nothing and stop nothing: full disks under the cache and the log."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from harness import curl
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs, so a full disk is reached in a few requests (needs root, as CI has)."""
+    assert os.geteuid() == 0, "mounting a small tmpfs needs root"
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_cache_disk_keeps_serving(start_proxy, origin, tiny_disk):
+    proxy = start_proxy(options={"cache_dir": str(tiny_disk / "cache"), "cache_mem": "0",
+                                 "maximum_object_size": "4 MB"})
+    urls = [f"{origin.url}/size/{300_000 + i}?h.Cache-Control=max-age%3D600&n={i}" for i in range(8)]
+    for rounds in range(2):
+        for i, url in enumerate(urls):
+            r = curl("-x", proxy.url, url)
+            assert r.returncode == 0 and len(r.stdout) == 300_000 + i, (rounds, i, r.stderr)
+    assert proxy.proc.poll() is None
+    # whatever fitted is served from disk; what did not was fetched again, never served short
+    assert all(origin.hits.get("/size/%d" % (300_000 + i), 0) in (1, 2) for i in range(8))
+    lines = [l for l in proxy.log_lines(16) if "/size/" in l]
+    assert len(lines) == 16 and all("/200 " in l for l in lines)
+
+
+def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
+    log = tiny_disk / "access.log"
+    proxy = start_proxy(options={"access_log": str(log)})
+    with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+    for i in range(100):
+        r = curl("-x", proxy.url, f"{origin.url}/logfull-{i}")
+        assert r.stdout == f"hello /logfull-{i}".encode()
+    assert proxy.proc.poll() is None
+    assert proxy.text().count("cannot write") == 1  # the admin is told, once
+    (tiny_disk / "filler").unlink()                  # room again: logging resumes
+    curl("-x", proxy.url, f"{origin.url}/after-room")
+    lines = proxy.log_lines(1, path=log)
+    assert any("/after-room" in l for l in lines), lines
+    assert "lines were lost" in proxy.text()
+    for line in lines:
+        assert line.count(" GET ") == 1  # whole lines only, no half-written one
