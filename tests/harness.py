@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -186,6 +187,21 @@ def make_cert(folder: Path, name: str = "127.0.0.1") -> tuple[str, str]:
 
 # --- proxy ------------------------------------------------------------------
 
+def hermetic_dns(folder: Path) -> list[str]:
+    """A command prefix that gives the proxy a resolver on 127.0.0.1, where none answers.
+
+    Names the tests use resolve from /etc/hosts (localhost) or not at all
+    (nosuchhost.invalid): no test may send a DNS query off the machine.
+    Needs root (a private mount namespace); without it, the prefix is empty.
+    """
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return []
+    resolv = folder / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    return ["unshare", "--mount", "--", "sh", "-c", f'mount --bind "{resolv}" /etc/resolv.conf && exec "$@"', "sh"]
+
+
+
 class Proxy:
     """A real `mitmdump -s <script>` subprocess listening on free loopback ports.
 
@@ -209,7 +225,8 @@ class Proxy:
             # Squid's default policy refuses CONNECT to the high ports of the test origins.
             opts["policy"] = str(ROOT / "tests" / "policies" / "test.yaml")
         opts.update({k: v for k, v in (options or {}).items()})
-        cmd = [*prefix, MITMDUMP, "--listen-host", listen_host]
+        other_netns = bool(prefix)  # then its ports cannot be probed from here
+        cmd = [*(prefix or hermetic_dns(self.tmp)), MITMDUMP, "--listen-host", listen_host]
         for mode, port in zip(modes, self.ports):
             cmd += ["--mode", f"{mode}@{port}"]
         if script:
@@ -228,7 +245,7 @@ class Proxy:
                                      env={**os.environ, **(env or {})}, start_new_session=True)
         if wait:
             try:
-                if prefix:  # in another network namespace: wait for its own word
+                if other_netns:  # wait for its own word
                     self.wait_output("listening at", timeout=30)
                 else:
                     for port in self.ports:
