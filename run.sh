@@ -39,7 +39,11 @@ need_system_packages() {
   local missing=()
   command -v curl >/dev/null || missing+=(curl)
   command -v openssl >/dev/null || missing+=(openssl)
-  command -v squid >/dev/null || [ -x /usr/sbin/squid ] || missing+=(squid)
+  # squid-openssl (Conflicts: squid, replaces it): the differential test needs ssl::* acls
+  case "$({ squid -v || /usr/sbin/squid -v; } 2>/dev/null)" in
+    *--with-openssl*) ;;
+    *) missing+=(squid-openssl) ;;
+  esac
   command -v goaccess >/dev/null || missing+=(goaccess)
   command -v calamaris >/dev/null || missing+=(calamaris)
   command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing+=(iptables)

@@ -61,6 +61,10 @@ class Request:
     `host` is the name the client asked for (URL host, Host header in
     transparent mode, CONNECT host, SNI); `dst_ips` the addresses it resolves
     to, or None when not resolved (then `dst` acls do not match).
+    As Squid, the acls see the URL host in lower case: `host` and the host
+    part of `url` are lowercased (the path is not).
+    `server_names` are the names in the server's certificate (CN and
+    subjectAltNames) when known; ssl::server_name --server-provided needs them.
     """
     src: str | None = None
     method: str = "GET"
@@ -78,6 +82,15 @@ class Request:
     rdns: tuple[str, ...] | None = None   # names of an IP host (reverse DNS; ("none",) if it failed)
     conns: int = 1                 # open connections from this client address (this one included)
     now: _dt.datetime | None = None
+    server_names: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        # Squid parses the URL host to lower case: dstdom_regex, url_regex, ssl::server_name* never
+        # see the client's capitals (differential test: http://LOCALHOST/ does not match ^LOCALHOST$).
+        if self.host:
+            self.host = self.host.lower()
+        if self.url:
+            self.url = _lower_url_host(self.url)
 
     def header(self, name: str) -> str | None:
         h = self.headers
@@ -256,6 +269,7 @@ REGEX_TYPES = {"dstdom_regex", "url_regex", "urlpath_regex", "browser", "referer
                "proxy_auth_regex", "ssl::server_name_regex"}
 DOMAIN_TYPES = {"dstdomain", "ssl::server_name"}
 AUTH_TYPES = {"proxy_auth", "proxy_auth_regex"}
+SERVER_NAME_OPTIONS = ("--client-requested", "--server-provided", "--consensus")
 # acl types that can be decided from a connection alone (no request, no protocol yet)
 CONNECTION_TYPES = frozenset({"all", "src", "dst", "port", "localport", "myportname", "time", "maxconn",
                               "proxy_auth", "proxy_auth_regex"})
@@ -328,7 +342,7 @@ class Acl:
             return lambda r: any(ip in table for ip in _dst_addresses(r))
         if t in DOMAIN_TYPES:
             items = []
-            for tok, _, f, l in self._tokens({"-n", "--client-requested", "--server-provided", "--consensus"}):
+            for tok, _, f, l in self._tokens({"-n", *SERVER_NAME_OPTIONS}):
                 if not re.fullmatch(r"\.?[A-Za-z0-9_*:\[\]\-.]+", tok) or tok in (".", ".."):
                     raise self._err(f"bad domain {tok!r}", f, l)
                 items.append(tok)
@@ -338,16 +352,19 @@ class Acl:
                     return lambda r: ds.match(r.host)
                 return lambda r: ds.match(r.host) or (r.rdns is not None and _is_ip(r.host)
                                                        and any(ds.match(n) for n in r.rdns))
-            return lambda r: ds.match(r.sni or r.host)
+            return self._server_name(ds.match)
         if t in REGEX_TYPES:
             pats = []
-            for tok, icase, f, l in self._tokens({"-n"}, toggles=True):
+            flags = {"-n", *SERVER_NAME_OPTIONS} if t == "ssl::server_name_regex" else {"-n"}
+            for tok, icase, f, l in self._tokens(flags, toggles=True):
                 try:
                     re.compile(tok)
                 except re.error as e:
                     raise self._err(f"bad regex {tok!r}: {e}", f, l) from None
                 pats.append((tok, icase))
             rs = RegexSet(pats)
+            if t == "ssl::server_name_regex":
+                return self._server_name(rs.search)
             if t == "dstdom_regex" and not self.noresolve:
                 return lambda r: rs.search(r.host) or (r.rdns is not None and _is_ip(r.host)
                                                        and any(rs.search(n) for n in r.rdns))
@@ -358,7 +375,6 @@ class Acl:
                 "browser": lambda r: r.header("user-agent"),
                 "referer_regex": lambda r: r.header("referer"),
                 "proxy_auth_regex": lambda r: _need_user(r),
-                "ssl::server_name_regex": lambda r: r.sni or r.host,
             }[t]
             return lambda r: rs.search(field(r))
         if t == "req_header":
@@ -457,8 +473,53 @@ class Acl:
             return lambda r: r.conns > limit
         raise self._err(f"unknown acl type {t!r}")  # pragma: no cover - checked earlier
 
+    def _server_name(self, match: Callable[[str], bool]) -> Callable[[Request], bool]:
+        """ssl::server_name[_regex] as Squid's ServerNameCheck: the client-requested name is the SNI,
+        else the URL/CONNECT host; the server-provided names are the certificate's, when known.
+        No option: the certificate's names if known, else the client's name. --client-requested:
+        the client's name. --server-provided: the certificate's names, else the name "none".
+        --consensus: the client's name if there is no certificate or the certificate is valid
+        for it, else "none"."""
+        opts = [tok for ln in self.lines for tok, _, _ in ln.values if tok in SERVER_NAME_OPTIONS]
+        if len(set(opts)) > 1:
+            raise self._err(f"at most one of {', '.join(SERVER_NAME_OPTIONS)}")
+        opt = opts[0] if opts else None
+
+        def names(r: Request) -> Iterable[str]:
+            client = r.sni or r.host or None
+            certs = r.server_names
+            if opt == "--client-requested":
+                return (client or "none",)
+            if opt == "--consensus":
+                ok = client and (certs is None or any(_cert_name_matches(c, client) for c in certs))
+                return (client if ok else "none",)
+            if certs is not None:
+                return certs
+            return ("none",) if opt == "--server-provided" or not client else (client,)
+        return lambda r: any(match(n) for n in names(r))
+
     def match(self, r: Request) -> bool:
         return self.matcher(r)
+
+
+def _lower_url_host(url: str) -> str:
+    """The URL with its scheme and host in lower case (host:port alone for CONNECT)."""
+    m = _URL_HEAD.match(url)
+    if m:
+        return m.group(0).lower() + url[m.end():]
+    return url.lower() if "/" not in url else url
+
+
+_URL_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def _cert_name_matches(pattern: str, host: str) -> bool:
+    """A certificate name (with a leading `*.` wildcard for one label) against a host name."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, dot, rest = host.partition(".")
+        return bool(head) and dot == "." and rest == pattern[2:]
+    return pattern == host
 
 
 def _need_user(r: Request) -> str:

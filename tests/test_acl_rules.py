@@ -184,6 +184,40 @@ def test_maxconn_ssl_server_name_all():
     assert allowed(p, src="203.0.113.9")
 
 
+
+def test_host_is_seen_lowercased_as_squid_does():
+    # Squid parses the URL host to lower case (differential test: http://LOCALHOST/ vs ^LOCALHOST$)
+    p = one("dstdom_regex ^LOCALHOST$")
+    assert not allowed(p, **http("http://LOCALHOST:8080/up"))
+    p = one("dstdom_regex ^localhost$")
+    assert allowed(p, **http("http://LOCALHOST:8080/up"))
+    p = one("url_regex ^http://localhost:8080/UP$")      # host lowercased, path kept as sent
+    assert allowed(p, **http("HTTP://LOCALHOST:8080/UP")) and not allowed(p, **http("http://localhost:8080/up"))
+    p = one("ssl::server_name_regex ^lower\\.test$")
+    assert allowed(p, method="CONNECT", host="LOWER.test", port=443, url="LOWER.test:443")
+    r = Request(host="WWW.Example.TEST", url="WWW.Example.TEST:443")
+    assert (r.host, r.url) == ("www.example.test", "www.example.test:443")
+
+
+def test_ssl_server_name_options_as_squid_without_a_certificate():
+    connect = dict(method="CONNECT", proto="NONE", host="www.bank.test", port=443, url="www.bank.test:443")
+    # no option / --client-requested / --consensus: the CONNECT host (or SNI) when no certificate is known
+    for opt in ("", "--client-requested ", "--consensus "):
+        assert allowed(one(f"ssl::server_name {opt}.bank.test"), **connect), opt
+        assert allowed(one(f"ssl::server_name_regex {opt}-i ^WWW\\."), **connect), opt
+    # --server-provided: only the certificate's names; without one Squid matches the name "none"
+    assert not allowed(one("ssl::server_name --server-provided .bank.test"), **connect)
+    assert allowed(one("ssl::server_name --server-provided none"), **connect)
+    assert not allowed(one("ssl::server_name_regex --server-provided bank"), **connect)
+    # with the certificate's names known
+    certs = dict(connect, server_names=("*.bank.test", "bank.test"))
+    assert allowed(one("ssl::server_name --server-provided bank.test"), **certs)
+    assert allowed(one("ssl::server_name --consensus .bank.test"), **certs)
+    assert not allowed(one("ssl::server_name --consensus .bank.test"), **dict(certs, server_names=("evil.test",)))
+    assert allowed(one("ssl::server_name --client-requested www.bank.test"), **dict(certs, server_names=("x.test",)))
+    with pytest.raises(PolicyError, match="at most one"):
+        one("ssl::server_name --server-provided --consensus .bank.test")
+
 # --- rules ------------------------------------------------------------------------
 
 def test_first_match_wins_and_and_and_negation():
