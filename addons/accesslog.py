@@ -15,7 +15,6 @@ so that logrotate's "move then signal" works.
 import dataclasses
 import functools
 import logging
-import os
 import queue
 import re
 import signal

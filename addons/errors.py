@@ -60,7 +60,7 @@ async def check_origin(host: str, port: int, timeout: float) -> str:
     except (socket.gaierror, UnicodeError, asyncio.TimeoutError) as e:
         raise Failure("ERR_DNS_FAIL", 0, f"cannot resolve {host}: {e}", None) from e
     last: Failure | None = None
-    for family, _, _, _, sockaddr in infos:
+    for _, _, _, _, sockaddr in infos:
         address = sockaddr[0]
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), timeout)

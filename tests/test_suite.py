@@ -1,7 +1,6 @@
 """The suite's composition: every addon loads alone, all.py keeps the documented order."""
 from __future__ import annotations
 
-import ast
 import re
 
 import pytest

@@ -5,7 +5,7 @@ GET /size/N?h.Name=value... -> N bytes of 'x' with the given extra headers, one 
 """
 import asyncio
 import sys
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 
 async def handle(reader, writer):

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from addons import aclrules  # noqa: E402
-from loadgen import PARALLEL, load  # noqa: E402
+from loadgen import load  # noqa: E402
 from harness import ROOT, Proxy, free_port, wait_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -133,7 +132,7 @@ def test_bench_cache(tmp_path):
     print(f"  peak RSS filling {10 * CACHE_MEM_MB} MB with cache_mem {CACHE_MEM_MB} MB: {rss:.0f} MB "
           f"(target < {limit} MB)  {'ok' if rss < limit else 'ABOVE TARGET'}")
     pipe = results["ceiling in all.py"]
-    print(f"  the same hits against the ceiling inside the all.py pipeline (the other addons' cost removed):")
+    print("  the same hits against the ceiling inside the all.py pipeline (the other addons' cost removed):")
     print(f"  mem hits / pipeline ceiling  {results['all.py mem hits'] / pipe:5.2f}x   "
           f"disk hits / pipeline ceiling {results['all.py disk hits'] / pipe:5.2f}x")
     for n in notes:
