@@ -323,6 +323,8 @@ class AccessLog:
     def __init__(self) -> None:
         self.bad_requests = BadRequestWatch()
         self.format = format_squid
+        self.combined = False     # logformat combined: Referer and User-Agent are logged
+        self.strip_query = True   # strip_query_terms
         self.path: Path | None = None
         self.writer: Writer | None = None
         self.logged: set[str] = set()          # flow ids already written (error after response...)
@@ -356,6 +358,9 @@ class AccessLog:
                 raise exceptions.OptionsError(
                     f"logformat: unknown format {ctx.options.logformat!r}; use one of {', '.join(FORMATS)}")
             self.format = FORMATTERS[ctx.options.logformat]
+            self.combined = ctx.options.logformat == "combined"
+        if "strip_query_terms" in updated:
+            self.strip_query = ctx.options.strip_query_terms
         if "logfile_rotate" in updated and ctx.options.logfile_rotate < 0:
             raise exceptions.OptionsError(f"logfile_rotate: must be 0 or more, not {ctx.options.logfile_rotate}")
         if "access_log" in updated:
@@ -456,8 +461,7 @@ class AccessLog:
         self.logged.add(flow.id)
         if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
             self.intercepted.add(flow.client_conn)
-        self.write(http_record(flow, ctx.options.strip_query_terms, aborted,
-                               combined=ctx.options.logformat == "combined"))
+        self.write(http_record(flow, self.strip_query, aborted, combined=self.combined))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:

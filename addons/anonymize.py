@@ -71,6 +71,8 @@ class Anonymize:
         self.next_check = 0.0
         self.hostname = socket.gethostname()
         self.last_error: str | None = None  # why the last reload failed
+        self.level = anonrules.AUTO         # the anonymize option
+        self.strip_backend = False          # the anonymize_backend option
 
     def load(self, loader):
         loader.add_option(
@@ -103,6 +105,9 @@ class Anonymize:
                 anonrules.check_level_option(ctx.options.anonymize)
             except ValueError as e:
                 raise exceptions.OptionsError(f"anonymize: {e}") from None
+            self.level = ctx.options.anonymize
+        if "anonymize_backend" in updated:
+            self.strip_backend = ctx.options.anonymize_backend
         if "anonymize_policy" in updated:
             value = ctx.options.anonymize_policy.strip()
             if not value:
@@ -151,7 +156,7 @@ class Anonymize:
 
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
-        return anonrules.choose_level(ctx.options.anonymize, meta.mode_name(flow),
+        return anonrules.choose_level(self.level, meta.mode_name(flow),
                                       flow.metadata.get(ACLS), self.policy)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -193,7 +198,7 @@ class Anonymize:
             return
         level = flow.metadata.get(meta.ANONYMIZE)
         rules = self.policy.levels.get(level) if level else None
-        strip = self.policy.strip_response if ctx.options.anonymize_backend and \
+        strip = self.policy.strip_response if self.strip_backend and \
             meta.mode_name(flow) == "reverse" else ()
         if not strip and not (rules and rules.strip_cookies):
             return  # nothing this level does to responses
