@@ -35,6 +35,7 @@ import ssl
 import sys
 import time
 import urllib.request
+from http.client import responses
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -713,7 +714,6 @@ class Cache:
             lifetime, source = rfc9111.freshness_lifetime(
                 old.status, new_headers, response_time, url=flow.request.pretty_url, rules=self.rules,
                 negative_ttl=self.negative_ttl)
-            import dataclasses
             new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
                                       response_time=response_time, lifetime=lifetime, lifetime_source=source)
             new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
@@ -820,7 +820,6 @@ class Cache:
                     lifetime, source = rfc9111.freshness_lifetime(m.status, new_headers, response_time,
                                                                   url=url, rules=self.rules,
                                                                   negative_ttl=self.negative_ttl)
-                    import dataclasses
                     new = dataclasses.replace(m, headers=new_headers, request_time=request_time,
                                               response_time=response_time, lifetime=lifetime,
                                               lifetime_source=source)
@@ -846,7 +845,6 @@ class Cache:
                                           vary_key=m.vary_key if fields == m.vary else (),
                                           length=len(body), digest=cachestore.digest(body))
                     new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
-                    from http.client import responses
                     new.reason = responses.get(status, "")
                     if fields == m.vary:
                         self.store.put(key, new, body)

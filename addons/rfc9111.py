@@ -15,7 +15,9 @@ section.
 from __future__ import annotations
 
 import calendar
+import email.utils
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Iterable
 from urllib.parse import urljoin, urlsplit
@@ -210,8 +212,7 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
             d, mon, y, hh, mm, ss = m.groups()
         elif m := _RFC850.match(v):
             d, mon, yy, hh, mm, ss = m.groups()
-            import time as _time
-            this_year = _time.gmtime(now).tm_year if now is not None else _time.gmtime().tm_year
+            this_year = time.gmtime(now).tm_year if now is not None else time.gmtime().tm_year
             y = 2000 + int(yy)
             if y > this_year + 50:
                 y -= 100
@@ -231,7 +232,6 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
 
 
 def format_http_date(ts: float) -> str:
-    import email.utils
     return email.utils.formatdate(ts, usegmt=True)
 
 
