@@ -206,6 +206,9 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
     )
 
 
+BATCH_DELAY = 0.05  # seconds a line may wait for others to be written with it
+
+
 class Writer:
     """Appends lines to a file from its own thread, so the event loop never waits for the disk.
 
@@ -265,6 +268,10 @@ class Writer:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
+            if isinstance(item, str):
+                # Let a burst gather: one write for many lines, instead of a wake-up,
+                # a write and a flush for each line, which cost the proxy CPU under load.
+                time.sleep(BATCH_DELAY)
             lines = []
             while isinstance(item, str):
                 lines.append(item)
