@@ -303,18 +303,26 @@ class Proxy:
                 return lines
             time.sleep(0.05)
 
-    def log_line(self, needle: str, timeout: float = 10.0) -> str:
-        """The first access-log line containing `needle`, waiting for it."""
+    def wait_lines(self, needle: str, count: int = 1, timeout: float = 10.0, path: Path | None = None) -> list[str]:
+        """The access-log lines containing `needle`, once there are at least `count` of them.
+
+        The log is written in batches, a little after each transaction: wait
+        for the lines a test is about, never for a total number of lines.
+        """
         end = time.monotonic() + timeout
         while True:
-            lines = self.log_lines(0, timeout=0)
-            for line in lines:
-                if needle in line:
-                    return line
+            lines = self.log_lines(0, timeout=0, path=path)
+            found = [line for line in lines if needle in line]
+            if len(found) >= count:
+                return found
             if time.monotonic() >= end:
-                raise AssertionError(f"no access.log line with {needle!r}:\n" + "\n".join(lines) +
+                raise AssertionError(f"fewer than {count} access.log lines with {needle!r}:\n" + "\n".join(lines) +
                                      "\n--- mitmdump output ---\n" + self.text()[-3000:])
             time.sleep(0.05)
+
+    def log_line(self, needle: str, timeout: float = 10.0) -> str:
+        """The first access-log line containing `needle`, waiting for it."""
+        return self.wait_lines(needle, 1, timeout)[0]
 
     def signal(self, sig=signal.SIGHUP) -> None:
         self.proc.send_signal(sig)

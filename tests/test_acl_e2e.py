@@ -277,10 +277,11 @@ def test_ssl_bump_splice_passes_tls_through(env):
 
 def test_ssl_bump_splice_through_socks5_is_logged_with_its_size(env):
     proxy, _, tls_origin, _ = env
-    before = len(proxy.log_lines(0, timeout=0.1))
+    needle = f"CONNECT localhost:{tls_origin.port}"
+    before = sum(needle in l for l in proxy.log_lines(0, timeout=0))
     r = curl("-k", "--socks5-hostname", f"127.0.0.1:{proxy.ports[1]}", f"https://localhost:{tls_origin.port}/sp5")
     assert r.stdout == b"hello /sp5", r.stderr
-    new = [l for l in proxy.log_lines(before + 1)[before:] if f"CONNECT localhost:{tls_origin.port}" in l]
+    new = proxy.wait_lines(needle, before + 1)[before:]
     assert len(new) == 1 and " TCP_TUNNEL/200 " in new[0] and int(new[0].split()[4]) > 1000, new
 
 

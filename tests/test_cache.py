@@ -380,7 +380,7 @@ def test_intercepted_https_is_cached_separately(start_proxy, tls_origin, tmp_pat
         r = curl("--cacert", p.ca, "-x", p.url, url)
         assert r.stdout == b"hello /tls", r.stderr
     assert tls_origin.hits["/tls"] == 1
-    lines = [l for l in p.log_lines(3) if "/tls" in l]
+    lines = p.wait_lines("/tls", 2)
     assert [l.split()[3] for l in lines] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
     assert lines[0].split()[6].startswith("https://")
 

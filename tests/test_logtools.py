@@ -49,7 +49,8 @@ def scenario(tmp_path_factory, cert):
             s.sendall(b"GARBAGE\r\n\r\n")
             s.recv(4096)
         curl("-x", http, f"{origin.url}/slow/100000?rate=2000", timeout=1)
-        lines = proxy.log_lines(16, timeout=15)
+        proxy.log_line("/slow/", timeout=15)  # the last transaction of the scenario
+        lines = proxy.log_lines(16)
         log = tmp / "access.log"
         yield log, lines
     finally:
