@@ -14,6 +14,7 @@ so that logrotate's "move then signal" works.
 # registering them in sys.modules, where dataclasses then look string annotations up.
 import dataclasses
 import functools
+import ipaddress
 import logging
 import queue
 import re
@@ -84,19 +85,9 @@ def strip_query(url: str) -> str:
     return url if i < 0 else url[: i + 1]
 
 
-def _hget(headers, name: str, default):
-    """headers.get(name, default) (repeated fields joined with ", "); quicker on mitmproxy Headers."""
-    fields = getattr(headers, "fields", None)
-    if fields.__class__ is tuple and hasattr(headers, "get_all"):
-        key = name.encode("utf-8", "surrogateescape").lower()
-        values = [v.decode("utf-8", "surrogateescape") for k, v in fields if k.lower() == key]
-        return ", ".join(values) if values else default
-    return headers.get(name, default)
-
-
 def mime_of(headers) -> str:
     """Content type without parameters, as Squid logs it."""
-    value = _hget(headers, "content-type", "") if headers is not None else ""
+    value = headers.get("content-type", "") if headers is not None else ""
     value = value.split(";", 1)[0].strip()
     return value.split()[0] if value else "-"
 
@@ -157,8 +148,8 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",
         version=req.http_version.replace("HTTP/", "") or "1.1",
-        referer=_hget(req.headers, "referer", "-") if combined else "-",
-        agent=_hget(req.headers, "user-agent", "-") if combined else "-",
+        referer=req.headers.get("referer", "-") if combined else "-",
+        agent=req.headers.get("user-agent", "-") if combined else "-",
     )
 
 
@@ -548,7 +539,6 @@ class AccessLog:
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
     try:
         ipaddress.ip_address(host)
         return True

@@ -189,26 +189,6 @@ def _derived(entry: cachestore.Entry) -> _Derived:
     return d
 
 
-# http.Response(...) type-checks every field of its data (mitmproxy's __debug__ check, ~30 us);
-# hits build the same object directly when ResponseData has the fields this was written for.
-_RESPONSE_FIELDS = {"http_version", "headers", "content", "trailers", "timestamp_start", "timestamp_end",
-                    "status_code", "reason"}
-_FAST_RESPONSE = {f.name for f in dataclasses.fields(http.ResponseData)} == _RESPONSE_FIELDS
-
-
-def _make_response(version: bytes, status: int, reason: bytes, headers: http.Headers, body: bytes,
-                   now: float) -> http.Response:
-    """http.Response(version, status, reason, headers, body, None, now, now)."""
-    if not (_FAST_RESPONSE and isinstance(reason, bytes) and isinstance(body, bytes)):
-        return http.Response(version, status, reason, headers, body, None, now, now)
-    data = object.__new__(http.ResponseData)
-    data.http_version, data.headers, data.content, data.trailers = version, headers, body, None
-    data.timestamp_start, data.timestamp_end, data.status_code, data.reason = now, now, status, reason
-    resp = object.__new__(http.Response)
-    resp.data = data
-    return resp
-
-
 def _enc(headers: list[tuple[str, str]]) -> http.Headers:
     return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
                          for k, v in headers])
@@ -486,8 +466,8 @@ class Cache:
             body = b""
         now = time.time()
         version = req.http_version if req.http_version in ("HTTP/1.1", "HTTP/2.0", "HTTP/3") else "HTTP/1.1"
-        resp = _make_response(version.encode("ascii", "strict"), status,
-                              reason.encode() if isinstance(reason, str) else reason, headers, body, now)
+        resp = http.Response(version.encode("ascii", "strict"), status,
+                             reason.encode() if isinstance(reason, str) else reason, headers, body, None, now, now)
         return resp, cond
 
     def _serve(self, flow: http.HTTPFlow, entry: cachestore.Entry, tier: str, age: float, stale: bool,

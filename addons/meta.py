@@ -20,9 +20,6 @@ PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
 ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
 
-ALL = (CODE, HIER, LOCAL, ERROR, ACL, USER, CACHE, APP, ANONYMIZE, SENT_BYTES, PEER, PASSTHROUGH)
-ALL += (ACLS,)
-
 
 def client_ip(flow) -> str:
     """The client's address as Squid prints it (IPv4-mapped IPv6 unwrapped)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Origin, Proxy, curl
+from harness import ROOT, Proxy, curl
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 import httpbin  # noqa: E402  (warns about flasgger on import)
@@ -249,22 +249,15 @@ def test_client_address_appears_nowhere_at_elite(proxies, hb, hbs, transport):
         pytest.fail(f"no access-log line for {CLIENT_IP}: {log.log_lines()}")
 
 
-@pytest.fixture
-def raw_origin():
-    o = Origin()
-    yield o
-    o.close()
-
-
 @pytest.mark.parametrize("how", ["-x", "--socks5-hostname"])
-def test_client_address_nowhere_in_raw_request(proxies, raw_origin, how):
+def test_client_address_nowhere_in_raw_request(proxies, origin, how):
     """The raw bytes an origin receives (request line, every header field, body) at elite."""
     proxy = proxies["elite"]
     addr = proxy.url if how == "-x" else f"127.0.0.1:{proxy.ports[1]}"
     hdrs = [a for k, v in CLIENT.items() for a in ("-H", f"{k}: {v}")]
-    r = curl(how, addr, "--interface", CLIENT_IP, *hdrs, "-d", "a=1&b=2", f"{raw_origin.url}/post?x=y")
+    r = curl(how, addr, "--interface", CLIENT_IP, *hdrs, "-d", "a=1&b=2", f"{origin.url}/post?x=y")
     assert r.returncode == 0 and r.stdout == b"hello /post", r.stderr
-    seen = raw_origin.requests[-1]
+    seen = origin.requests[-1]
     assert seen.method == "POST" and seen.path == "/post?x=y" and seen.body == b"a=1&b=2"
     for k, v in seen.header_list:
         assert CLIENT_IP not in k + v and "10.1.2.3" not in v
@@ -272,7 +265,7 @@ def test_client_address_nowhere_in_raw_request(proxies, raw_origin, how):
     assert {k.lower() for k, _ in seen.header_list} == {
         "host", "user-agent", "accept", "accept-language", "referer", "content-length", "content-type",
         *UNTOUCHED}
-    line = proxy.log_line(f"{raw_origin.url}/post?")  # this test's own origin: a line of its own
+    line = proxy.log_line(f"{origin.url}/post?")  # this test's own origin: a line of its own
     assert f" {CLIENT_IP} TCP_MISS/200 " in line
 
 
@@ -317,38 +310,38 @@ def test_policy_change_is_picked_up_and_broken_one_ignored(start_proxy, hb, tmp_
     assert via() == "1.1 second.test (relais)"
 
 
-def test_whole_suite_anonymizes_by_default(start_proxy, raw_origin):
+def test_whole_suite_anonymizes_by_default(start_proxy, origin):
     """addons/all.py as run.sh loads it: a forward proxy is elite out of the box."""
     p = start_proxy()  # addons/all.py, default options
     r = curl("-x", p.url, "-H", "X-Forwarded-For: 10.1.2.3", "-H", "Via: 1.0 clientside",
-             "-H", "X-Real-IP: 10.1.2.3", f"{raw_origin.url}/hello")
+             "-H", "X-Real-IP: 10.1.2.3", f"{origin.url}/hello")
     assert r.stdout == b"hello /hello", (r.stderr, p.text()[-2000:])
-    names = {k.lower() for k, _ in raw_origin.requests[-1].header_list}
+    names = {k.lower() for k, _ in origin.requests[-1].header_list}
     assert names == {"host", "user-agent", "accept"}
 
 
 @pytest.mark.parametrize("level,origin_hits", [("paranoid", 1), ("elite", 2)])
-def test_cache_varies_on_what_is_sent_upstream(start_proxy, raw_origin, level, origin_hits):
+def test_cache_varies_on_what_is_sent_upstream(start_proxy, origin, level, origin_hits):
     """With the whole suite, the cache (after anonymize) keys and varies on the rewritten request:
     at paranoid two browsers with different User-Agents are one variant of a `Vary: User-Agent` reply."""
-    raw_origin.route("/varied", lambda seen: (200, {"Content-Type": "text/plain", "Cache-Control": "max-age=600",
+    origin.route("/varied", lambda seen: (200, {"Content-Type": "text/plain", "Cache-Control": "max-age=600",
                                                     "Vary": "User-Agent"}, seen.headers["user-agent"].encode()))
     p = start_proxy(options={"anonymize": level})
-    bodies = [curl("-x", p.url, "-A", ua, f"{raw_origin.url}/varied").stdout for ua in ("Browser/1", "Browser/2")]
-    assert raw_origin.hits["/varied"] == origin_hits, p.text()[-2000:]
+    bodies = [curl("-x", p.url, "-A", ua, f"{origin.url}/varied").stdout for ua in ("Browser/1", "Browser/2")]
+    assert origin.hits["/varied"] == origin_hits, p.text()[-2000:]
     if level == "paranoid":
         assert bodies == [COMMON_UA.encode()] * 2
     else:
         assert bodies == [b"Browser/1", b"Browser/2"]
 
 
-def test_override_by_a_real_acl_of_the_whole_suite(start_proxy, raw_origin, tmp_path):
+def test_override_by_a_real_acl_of_the_whole_suite(start_proxy, origin, tmp_path):
     """addons/all.py: the access-control addon's predefined acl `localhost` (127.0.0.1, ::1) picks the level."""
     pol = tmp_path / "anon.yaml"
     pol.write_text(SHIPPED.replace("overrides: []", "overrides:\n  - {acl: localhost, level: transparent}"))
     p = start_proxy(options={"anonymize": "elite", "anonymize_policy": str(pol)})
     for source, via in (("127.0.0.1", True), (CLIENT_IP, False)):
-        r = curl("-x", p.url, "--interface", source, f"{raw_origin.url}/who")
+        r = curl("-x", p.url, "--interface", source, f"{origin.url}/who")
         assert r.stdout == b"hello /who", (r.stderr, p.text()[-2000:])
-        seen = raw_origin.requests[-1].headers
+        seen = origin.requests[-1].headers
         assert ("via" in seen) == via and (seen.get("x-forwarded-for") == "127.0.0.1") == via
