@@ -93,10 +93,10 @@ def mime_of(headers) -> str:
 
 
 def head_size(response: http.Response) -> int:
-    try:
-        return len(assemble.assemble_response_head(response))
-    except Exception:  # e.g. HTTP/2 pseudo-versions: count the fields
-        return 17 + sum(len(k) + len(v) + 4 for k, v in response.headers.fields) + 2
+    """Bytes of the response head as HTTP/1 sends it: status line, fields, blank line."""
+    d = response.data
+    return (len(d.http_version) + len(str(d.status_code)) + len(d.reason) + 4
+            + sum(len(k) + len(v) + 4 for k, v in d.headers.fields) + 2)
 
 
 def body_size(flow: http.HTTPFlow) -> int:
@@ -116,34 +116,32 @@ def body_size(flow: http.HTTPFlow) -> int:
 
 def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, combined: bool = False) -> Record:
     """The log record of an HTTP flow, from its state and the metadata contract."""
-    req, resp = flow.request, flow.response
-    is_connect = req.method == "CONNECT"
+    req, resp, md = flow.request, flow.response, flow.metadata
+    method = req.method
+    is_connect = method == "CONNECT"
     if is_connect:
         url = f"{req.host}:{req.port}"
     else:
         url = req.pretty_url if meta.mode_name(flow) in ("transparent", "reverse") else req.url
         if strip:
             url = strip_query(url)
-    code = flow.metadata.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")
+    code = md.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")
     if aborted and not code.endswith("_ABORTED"):
         code += "_ABORTED"
     peer = meta.peer(flow)
-    local = flow.metadata.get(meta.LOCAL)
-    hier = flow.metadata.get(meta.HIER) or ("HIER_DIRECT" if peer and not local else "HIER_NONE")
+    hier = md.get(meta.HIER) or ("HIER_DIRECT" if peer and not md.get(meta.LOCAL) else "HIER_NONE")
     status = resp.status_code if resp else 0
     if not resp or (is_connect and code == "NONE_NONE"):
         size = 0  # Squid counts nothing for a refused or bumped CONNECT
-    elif aborted and flow.metadata.get(meta.SENT_BYTES) is None:
+    elif aborted and md.get(meta.SENT_BYTES) is None:
         size = 0  # buffered, and the client left before any of it was sent
     else:
         size = head_size(resp) + body_size(flow)
+    end = time.time()
+    start = req.timestamp_start or end
     return Record(
-        **_who_and_when(flow, req.timestamp_start),
-        code=code,
-        status=status,
-        size=size,
-        method=req.method,
-        url=url,
+        end, max(0, int((end - start) * 1000)), meta.client_ip(flow), code, status, size, method, url,
+        user=meta.user(flow) or "-",
         hier=hier,
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",

@@ -63,6 +63,7 @@ class AccessControl:
     def __init__(self) -> None:
         self.policy: aclrules.Policy | None = None
         self.path: Path | None = None
+        self.path_name = "None"
         self.stamp: dict[str, float] = {}
         self.watcher: asyncio.Task | None = None
         self.interval = 2.0
@@ -121,6 +122,7 @@ class AccessControl:
         stamp = self._stamps(path, policy)
         stamp.update(before)
         self.policy, self.path, self.stamp = policy, path, stamp
+        self.path_name = str(path)
         log.info("policy %s: %d acls, %d http_access rules, %d ssl_bump rules", path, len(policy.acls),
                  len(policy.http_access), len(policy.ssl_bump))
 
@@ -202,7 +204,7 @@ class AccessControl:
             return None
         req = self._http_request(flow)
         if self._cached(req):  # the common case stays synchronous: no coroutine per request
-            self._apply(flow, req, self.policy.check(req))
+            self._apply(flow, req)
             return None
         return self._decide_later(flow, req)
 
@@ -220,10 +222,10 @@ class AccessControl:
         if connect:
             self._connect(flow, req)
         else:
-            self._apply(flow, req, self.policy.check(req))
+            self._apply(flow, req)
 
     def _connect(self, flow: http.HTTPFlow, req: aclrules.Request) -> None:
-        if self._apply(flow, req, self.policy.check(req)):
+        if self._apply(flow, req):
             self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
 
     def _undecided(self, flow: http.HTTPFlow) -> bool:
@@ -238,9 +240,10 @@ class AccessControl:
             return True
         return False
 
-    def _apply(self, flow: http.HTTPFlow, req: aclrules.Request, d: aclrules.Decision) -> bool:
-        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": str(self.path)}
-        flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched)
+    def _apply(self, flow: http.HTTPFlow, req: aclrules.Request) -> bool:
+        d, acls = self.policy.verdict(req)
+        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
+        flow.metadata[meta.ACLS] = list(acls)
         if req.user:
             flow.metadata.setdefault(meta.USER, req.user)
         if d.allowed:
@@ -408,7 +411,7 @@ class AccessControl:
         await self._resolve(req)
         d = self.policy.check(req)
         if d.allowed:
-            self.tunnels[client] = (req, {"action": d.action, "rule": d.rule, "policy": str(self.path)},
+            self.tunnels[client] = (req, {"action": d.action, "rule": d.rule, "policy": self.path_name},
                                     self.policy.matching(req, d.matched))
         return req, d
 
@@ -439,7 +442,7 @@ class AccessControl:
             flow.messages[-1].content = b""   # flow.kill() does not stop raw TCP: send nothing
 
     def _mark(self, flow, req: aclrules.Request, d: aclrules.Decision) -> None:
-        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": str(self.path)}
+        flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
         flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched)
         word = "allowed" if d.allowed else "denied"
         flow.comment = _comment(flow.comment, f"{word} by: {d.rule}")

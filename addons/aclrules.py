@@ -270,6 +270,18 @@ REGEX_TYPES = {"dstdom_regex", "url_regex", "urlpath_regex", "browser", "referer
 DOMAIN_TYPES = {"dstdomain", "ssl::server_name"}
 AUTH_TYPES = {"proxy_auth", "proxy_auth_regex"}
 SERVER_NAME_OPTIONS = ("--client-requested", "--server-provided", "--consensus")
+# What each acl type reads of a Request: a verdict is a pure function of these fields
+# (and of the minute, for time acls), so Policy.verdict can remember it.
+READS = {
+    "all": (), "src": ("src",), "dst": ("host", "dst_ips"), "dstdomain": ("host", "rdns"),
+    "dstdom_regex": ("host", "rdns"), "url_regex": ("url",), "urlpath_regex": ("path",), "port": ("port",),
+    "localport": ("local_port",), "myportname": ("port_names",), "proto": ("proto",), "method": ("method",),
+    "time": ("now",), "browser": ("headers",), "referer_regex": ("headers",), "req_header": ("headers",),
+    "proxy_auth": ("user",), "proxy_auth_regex": ("user",), "maxconn": ("conns",),
+    "ssl::server_name": ("sni", "host", "server_names"), "ssl::server_name_regex": ("sni", "host", "server_names"),
+}
+MEMO_SIZE = 4096  # verdicts remembered per policy
+
 # acl types that can be decided from a connection alone (no request, no protocol yet)
 CONNECTION_TYPES = frozenset({"all", "src", "dst", "port", "localport", "myportname", "time", "maxconn",
                               "proxy_auth", "proxy_auth_regex"})
@@ -501,6 +513,16 @@ class Acl:
     def match(self, r: Request) -> bool:
         return self.matcher(r)
 
+    def headers(self) -> set[str]:
+        """Lower-case names of the request headers this acl reads."""
+        if self.type == "browser":
+            return {"user-agent"}
+        if self.type == "referer_regex":
+            return {"referer"}
+        if self.type == "req_header":
+            return {ln.values[0][0].lower() for ln in self.lines if ln.values}
+        return set()
+
 
 def _lower_url_host(url: str) -> str:
     """The URL with its scheme and host in lower case (host:port alone for CONNECT)."""
@@ -590,6 +612,29 @@ class Policy:
                              for n in used)
         self.exports_dst = any(a.type == "dst" for a in acls.values())
         self.uses_maxconn = any(a.type == "maxconn" for a in acls.values())
+        reads = {f for a in acls.values() for f in READS[a.type]}
+        self.key_fields = tuple(sorted(reads - {"now", "headers"}))
+        self.key_headers = tuple(sorted({h for a in acls.values() for h in a.headers()}))
+        self.key_minute = "now" in reads
+        self.memo: dict[tuple, tuple[Decision, list[str]]] = {}
+
+    def verdict(self, r: Request) -> tuple[Decision, list[str]]:
+        """check(r) and matching(r), remembered: the same request facts get the same answer."""
+        key = tuple([getattr(r, f) for f in self.key_fields])
+        if self.key_headers:
+            key += tuple([r.header(h) for h in self.key_headers])
+        if self.key_minute:
+            if r.now is None:
+                r.now = _dt.datetime.now()
+            key += (r.now.replace(second=0, microsecond=0),)
+        hit = self.memo.get(key)
+        if hit is None:
+            d = self.check(r)
+            hit = (d, self.matching(r, d.matched))
+            if len(self.memo) >= MEMO_SIZE:
+                self.memo.clear()
+            self.memo[key] = hit
+        return hit
 
     # Squid: when no rule matches, the answer is the opposite of the last rule; deny without rules.
     def _implicit(self, rules: list[Rule], directive: str) -> tuple[str, str]:

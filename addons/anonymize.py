@@ -42,6 +42,7 @@ except ImportError:  # loaded by path without the project installed
 ROOT = Path(__file__).resolve().parents[1]
 ACLS = getattr(meta, "ACLS", "relais.acls")  # names of the acls that matched, written by the acl addon
 CHECK_EVERY = 1.0  # seconds between two looks at the policy file's mtime
+MEMO_SIZE = 4096  # anonymized header sets remembered
 logger = logging.getLogger(__name__)
 
 
@@ -73,6 +74,7 @@ class Anonymize:
         self.last_error: str | None = None  # why the last reload failed
         self.level = anonrules.AUTO         # the anonymize option
         self.strip_backend = False          # the anonymize_backend option
+        self.memo: dict[tuple, tuple] = {}  # request facts -> the anonymized header fields
 
     def load(self, loader):
         loader.add_option(
@@ -115,6 +117,7 @@ class Anonymize:
             path = resolve_policy(value)
             try:
                 self.policy, self.stamp = read_policy(path)
+                self.memo.clear()
             except anonrules.PolicyError as e:
                 raise exceptions.OptionsError(f"anonymize_policy: {e}") from None
             self.path = path
@@ -135,6 +138,7 @@ class Anonymize:
             logger.error("anonymize: policy not reloaded, keeping the last good one: %s", e)
             return False
         self.policy, self.stamp, self.last_error = policy, stamp, None
+        self.memo.clear()
         logger.info("anonymize: policy reloaded from %s", self.path)
         return True
 
@@ -164,24 +168,36 @@ class Anonymize:
             return
         self._watch()
         level, override = self.level_for(flow)
-        rules = self.policy.levels[level]
         req = flow.request
         keep = ()
         if meta.mode_name(flow) == "upstream" and getattr(ctx.options, "upstream_auth", None):
             keep = ("proxy-authorization",)  # mitmproxy's upstream_auth put it there for the next proxy
+        # plan_request is pure: the same headers from the same client for the same host get the same edits
+        key = (level, req.headers.fields, meta.client_ip(flow), req.scheme, req.host,
+               req.http_version, keep)
+        fields = self.memo.get(key)
+        if fields is None:
+            self._plan(req, self.policy.levels[level], meta.client_ip(flow), keep)
+            if len(self.memo) >= MEMO_SIZE:
+                self.memo.clear()
+            self.memo[key] = req.headers.fields
+        else:
+            req.headers.fields = fields
+        flow.metadata[meta.ANONYMIZE] = level
+        if override is not None:
+            flow.comment = (flow.comment + "\n" if flow.comment else "") + \
+                f"anonymize: {level} (override for acl {override.acl})"
+
+    def _plan(self, req: http.Request, rules: anonrules.LevelRules, client: str, keep: tuple[str, ...]) -> None:
         fields = list(req.headers.items(multi=True))
         # the host only matters to the Referer and cookie rules; pretty_host parses the Host header
         needs_host = rules.strip_cookies or (rules.referer != "keep" and any(k.lower() == "referer" for k, _ in fields))
-        info = anonrules.RequestInfo(client=meta.client_ip(flow), scheme=req.scheme,
+        info = anonrules.RequestInfo(client=client, scheme=req.scheme,
                                      host=req.pretty_host if needs_host else req.host,
                                      http_version=req.http_version, keep=keep)
         edits = anonrules.plan_request(fields, rules, info,
                                        self.policy.visible_hostname or self.hostname, self.policy.via_comment)
         anonrules.apply(edits, req.headers)
-        flow.metadata[meta.ANONYMIZE] = level
-        if override is not None:
-            flow.comment = (flow.comment + "\n" if flow.comment else "") + \
-                f"anonymize: {level} (override for acl {override.acl})"
 
     # --- responses ------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -11,10 +11,12 @@ the HTTP decisions (rfc9111.py) and uses this for bytes.
 - RAM: an LRU of whole entries bounded by `mem_limit` bytes, objects larger
   than `mem_object_max` never kept there.
 - Disk: diskcache (SQLite + files) bounded by `disk_limit` bytes, culled by
-  diskcache in least-recently-stored order. Metadata and body are separate
-  keys; the body key is unique per stored version and the metadata, written
-  last, records its length and BLAKE2b digest: a body that does not match
-  (crash mid-write, disk damage) is dropped and logged, never served.
+  diskcache in least-recently-stored order. A small body is stored with its
+  metadata in one value (one SQLite row, one write); a larger one under its
+  own key, unique per stored version, written before the metadata. The
+  metadata records the body's length and BLAKE2b digest: a body that does not
+  match (crash mid-write, disk damage) is dropped and logged, never served.
+  The Vary index of a primary key is written only when it has Vary variants.
   Disk writes happen on one background thread so the event loop never waits
   for fsync; disk reads are synchronous (SQLite lookups take microseconds).
   The primary keys present on disk are also indexed in RAM (a set of their
@@ -209,35 +211,54 @@ class DiskTier:
             return None  # never stored on disk: no SQLite read
         try:
             idx = self.dc.get(self._ikey(primary))
-            return idx[0] if idx else None
+            return idx[0] if idx else [NO_VARY]  # no index: the entry, if any, has no Vary
         except Exception as e:  # a damaged database must not break requests
             log.warning("cache: disk index read failed for %s: %s", primary, e)
             return None
 
-    def get_meta(self, primary: str, vh: str) -> Meta | None:
+    def has(self, primary: str) -> bool:
+        try:
+            return (self.dc.get(self._ikey(primary)) is not None
+                    or self.dc.get(self._mkey(primary, vary_hash(NO_VARY))) is not None)
+        except Exception:
+            return False
+
+    def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
+        """The stored metadata and its verified body, or None."""
         if not self.readable(primary):
             return None
         try:
-            return self.dc.get(self._mkey(primary, vh))
+            value = self.dc.get(self._mkey(primary, vh))
         except Exception as e:
             log.warning("cache: disk metadata read failed for %s: %s", primary, e)
             return None
+        if value is None:
+            return None
+        if isinstance(value, tuple):  # small body stored with its metadata
+            meta, body = value
+            return (meta, body) if self._verified(meta, body) else None
+        body = self.get_body(value)
+        return None if body is None else (value, body)
 
     def get_body(self, meta: Meta) -> bytes | None:
-        """The body, verified against the metadata; a bad one is dropped and logged."""
+        """A body stored under its own key, verified against the metadata."""
         try:
             body = self.dc.get(f"b|{meta.body_id}")
         except Exception as e:
             body = None
             log.warning("cache: disk body read failed for %s: %s", meta.url, e)
+        return body if self._verified(meta, body) else None
+
+    def _verified(self, meta: Meta, body: bytes | None) -> bool:
+        """True if the body matches the metadata; a bad one is dropped and logged."""
         if body is None or len(body) != meta.length or digest(body) != meta.digest:
             self.corrupt += 1
             got = "missing" if body is None else f"{len(body)} bytes"
             log.warning("cache: dropped a corrupt disk entry for %s (expected %d bytes, got %s)",
                         meta.url, meta.length, got)
             self.q.put(("drop", meta))
-            return None
-        return body
+            return False
+        return True
 
     # --- writes (queued) ---
     def put(self, primary: str, meta: Meta, body: bytes | None = None, path: str | None = None,
@@ -295,6 +316,7 @@ class DiskTier:
 
     # --- writer thread ---
     BATCHED = frozenset({"put", "meta", "drop", "remove"})  # ops applied together in one SQLite transaction
+    INLINE_MAX = 16 * 1024  # bodies up to this size are stored in the metadata's row
     BATCH_OPS = 64
     BATCH_BYTES = 8 * 1024 * 1024
     COALESCE = 0.0  # seconds a write may wait for others to share its transaction (0: only what is queued)
@@ -365,12 +387,13 @@ class DiskTier:
                 self.clearing -= 1
 
     def _load_known(self) -> set[int]:
-        """hash() of the primary keys whose index (i|<primary>) is on disk."""
+        """hash() of the primary keys with an entry (m|<vary hash>|<primary>) on disk."""
         try:  # diskcache stores str keys raw: one indexed range scan
-            rows = self.dc._sql("SELECT key FROM Cache WHERE raw = 1 AND key >= 'i|' AND key < 'i}'").fetchall()
-            return {hash(k[2:]) for (k,) in rows if isinstance(k, str) and k.startswith("i|")}
+            keys = [k for (k,) in self.dc._sql(
+                "SELECT key FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}'").fetchall()]
         except Exception:  # another diskcache layout: the public iterator
-            return {hash(k[2:]) for k in self.dc.iterkeys() if isinstance(k, str) and k.startswith("i|")}
+            keys = list(self.dc.iterkeys())
+        return {hash(k.split("|", 2)[2]) for k in keys if isinstance(k, str) and k.startswith("m|")}
 
     def _apply(self, op) -> None:
         kind = op[0]
@@ -381,43 +404,53 @@ class DiskTier:
             h = hash(primary)
             # a primary the index of the disk keys does not know has nothing on disk: nothing to read
             stored_before = known is None or h in known
-            old = dc.get(self._mkey(primary, meta.vhash)) if stored_before else None
-            bkey = f"b|{meta.body_id}"
+            mkey = self._mkey(primary, meta.vhash)
+            old = _meta_of(dc.get(mkey)) if stored_before else None
             if path:
                 with open(path, "rb") as f:
-                    dc.set(bkey, f, read=True)
+                    dc.set(f"b|{meta.body_id}", f, read=True)
                 _unlink(path)
+                value = meta
+            elif len(body) <= self.INLINE_MAX:
+                value = (meta, body)
             else:
-                dc.set(bkey, body)
-            idx = (dc.get(self._ikey(primary)) if stored_before else None) or ([], [])
-            vhs = list(idx[1]) if meta.vhash in idx[1] else list(idx[1]) + [meta.vhash]
+                dc.set(f"b|{meta.body_id}", body)
+                value = meta
+            sets = list(vary_sets or [NO_VARY])
+            idx = dc.get(self._ikey(primary)) if stored_before else None
+            if idx is not None or sets != [NO_VARY]:
+                vhs = list(idx[1]) if idx else [vary_hash(NO_VARY)]  # a no-Vary entry may be there
+                if meta.vhash not in vhs:
+                    vhs.append(meta.vhash)
+                dc.set(self._ikey(primary), (sets, vhs))
             if known is not None:
-                known.add(h)  # before the index is written: the set never misses a key on disk
-            dc.set(self._ikey(primary), (list(vary_sets or [NO_VARY]), vhs))
-            dc.set(self._mkey(primary, meta.vhash), meta)  # last: makes the entry visible
+                known.add(h)  # before the entry is written: the set never misses a key on disk
+            dc.set(mkey, value)  # last: makes the entry visible
             if old is not None and old.body_id != meta.body_id:
                 dc.delete(f"b|{old.body_id}")
         elif kind == "meta":
             _, primary, meta = op
-            cur = dc.get(self._mkey(primary, meta.vhash))
-            if cur is not None and cur.body_id == meta.body_id:
-                dc.set(self._mkey(primary, meta.vhash), meta)
+            mkey = self._mkey(primary, meta.vhash)
+            cur = dc.get(mkey)
+            old = _meta_of(cur)
+            if old is not None and old.body_id == meta.body_id:
+                dc.set(mkey, (meta, cur[1]) if isinstance(cur, tuple) else meta)
         elif kind == "drop":
             meta = op[1]
             primary = meta.url
-            cur = dc.get(self._mkey(primary, meta.vhash))
-            if cur is not None and cur.body_id == meta.body_id:
+            old = _meta_of(dc.get(self._mkey(primary, meta.vhash)))
+            if old is not None and old.body_id == meta.body_id:
                 dc.delete(self._mkey(primary, meta.vhash))
             dc.delete(f"b|{meta.body_id}")
         elif kind == "remove":
             primary = op[1]
-            idx = dc.get(self._ikey(primary)) or ([], [])
+            idx = dc.get(self._ikey(primary))
             dc.delete(self._ikey(primary))
-            for vh in idx[1]:
-                meta = dc.get(self._mkey(primary, vh))
+            for vh in (idx[1] if idx else [vary_hash(NO_VARY)]):
+                old = _meta_of(dc.get(self._mkey(primary, vh)))
                 dc.delete(self._mkey(primary, vh))
-                if meta is not None:
-                    dc.delete(f"b|{meta.body_id}")
+                if old is not None:
+                    dc.delete(f"b|{old.body_id}")
         elif kind == "clear":
             dc.clear()
             if self.known is not None:
@@ -429,6 +462,11 @@ class DiskTier:
 
 
 _NO_OP = ("none",)
+
+
+def _meta_of(value) -> Meta | None:
+    """The metadata of a stored value: Meta, or (Meta, body) for a small body stored with it."""
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _unlink(path: str) -> None:
@@ -470,13 +508,10 @@ class Store:
             return e, "mem"
         if self.disk is None:
             return None, None
-        meta = self.disk.get_meta(primary, vh)
-        if meta is None:
+        got = self.disk.get_entry(primary, vh)
+        if got is None:
             return None, None
-        body = self.disk.get_body(meta)
-        if body is None:
-            return None, None
-        e = Entry(meta, body)
+        e = Entry(*got)
         self.mem.put((primary, vh), e)  # promotion by use
         return e, "disk"
 
@@ -521,10 +556,7 @@ class Store:
         self.vary_index.pop(primary, None)
         if self.disk is not None:
             if not n and not known and self.disk.readable(primary):
-                try:
-                    known = self.disk.dc.get(DiskTier._ikey(primary)) is not None
-                except Exception:
-                    known = False
+                known = self.disk.has(primary)
             self.disk.remove(primary)
         return n or int(known)
 

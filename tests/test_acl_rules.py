@@ -432,3 +432,30 @@ def test_precheck_decides_only_when_certain():
           - allow u
         """)
     assert u.precheck(Request(src="10.0.0.1")) is None and u.precheck(Request(user="a")).allowed
+
+
+def test_verdicts_are_remembered_per_request_facts():
+    p = pol("""
+        acls:
+          ua: browser -i curl
+          lunch: time 12:00-12:59
+          admin: req_header X-Admin ^yes$
+        http_access:
+          - deny ua
+          - allow admin
+          - allow lunch
+          - deny all
+        """)
+    noon, night = dt.datetime(2026, 1, 5, 12, 30), dt.datetime(2026, 1, 5, 23, 30)
+    cases = [({"User-Agent": "curl/8"}, noon, False), ({"User-Agent": "Firefox"}, noon, True),
+             ({"User-Agent": "Firefox"}, night, False), ({"User-Agent": "Firefox", "X-Admin": "yes"}, night, True),
+             ({"User-Agent": "curl/8"}, noon, False)]
+    for headers, now, expected in cases:
+        d, acls = p.verdict(Request(src="127.0.0.1", url="http://a/", host="a", headers=headers, now=now))
+        assert d.allowed == expected, (headers, now)
+        assert d.allowed == p.check(Request(src="127.0.0.1", url="http://a/", host="a", headers=headers,
+                                            now=now)).allowed
+    assert len(p.memo) == 4, "the repeated request was answered from the memo"
+    d, acls = p.verdict(Request(src="127.0.0.1", url="http://a/", host="a", headers={"User-Agent": "Firefox"},
+                                now=noon))
+    assert acls == ["all", "localhost", "lunch"]

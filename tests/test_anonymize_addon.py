@@ -149,3 +149,18 @@ def test_backend_headers_only_in_reverse_mode_when_enabled(addon):
     h = resp("reverse:http://127.0.0.1:1")
     assert "Server" not in h and "X-Powered-By" not in h and h["Content-Type"] == "text/plain"
     assert resp("regular")["Server"] == "nginx/1.2"
+
+
+def test_remembered_edits_still_depend_on_client_and_headers(addon):
+    """Edits are remembered per (headers, client, host...): a repeat gets the same answer, a
+    different client or header does not get another request's."""
+    addon.tctx.configure(addon, anonymize="transparent")
+    seen = []
+    for client, xff in [("127.0.0.23", None), ("127.0.0.23", None), ("127.0.0.99", None),
+                        ("127.0.0.23", "10.1.1.1")]:
+        f = flow(headers=[("X-Forwarded-For", xff)] if xff else ())
+        f.client_conn.peername = (client, 50000)
+        addon.requestheaders(f)
+        seen.append(f.request.headers["X-Forwarded-For"])
+    assert seen == ["127.0.0.23", "127.0.0.23", "127.0.0.99", "10.1.1.1, 127.0.0.23"]
+    assert len(addon.memo) == 3

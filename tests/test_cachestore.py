@@ -1,0 +1,116 @@
+"""The cache's storage (addons/cachestore.py) on its own: the disk layout, Vary variants, damage, reopen."""
+from __future__ import annotations
+
+import pytest
+
+from addons import cachestore as cs
+
+
+def meta(url: str, body: bytes, vary=(), vary_key=()) -> cs.Meta:
+    return cs.Meta(url=url, status=200, reason="OK", http_version="HTTP/1.1",
+                   headers=[("Content-Type", "text/plain"), ("Content-Length", str(len(body)))],
+                   request_time=0.0, response_time=0.0, lifetime=60.0, lifetime_source="max-age",
+                   vary=vary, vary_key=vary_key, length=len(body), digest=cs.digest(body))
+
+
+def disk_store(path, mem=0) -> cs.Store:
+    return cs.Store(mem_limit=mem, mem_object_max=mem, object_max=10 << 20, disk_dir=path, disk_limit=1 << 30)
+
+
+SMALL = b"s" * 100
+LARGE = b"L" * (cs.DiskTier.INLINE_MAX + 1)
+
+
+@pytest.mark.parametrize("body", [SMALL, LARGE], ids=["inline", "separate"])
+def test_entry_survives_reopen(tmp_path, body):
+    s = disk_store(tmp_path)
+    s.put("http://a/x", meta("http://a/x", body), body)
+    s.close()
+    s = disk_store(tmp_path)
+    try:
+        s.disk.flush()  # the writer thread has loaded the index of the keys on disk
+        entry, tier = s.get("http://a/x", "-")
+        assert tier == "disk" and entry.body == body and entry.meta.url == "http://a/x"
+        assert s.get("http://a/other", "-") == (None, None)
+    finally:
+        s.close()
+
+
+def test_small_bodies_share_the_metadata_row_large_ones_do_not(tmp_path):
+    s = disk_store(tmp_path)
+    s.put("http://a/small", meta("http://a/small", SMALL), SMALL)
+    s.put("http://a/large", meta("http://a/large", LARGE), LARGE)
+    s.disk.flush()
+    keys = {k.split("|")[0] for k in s.disk.dc.iterkeys()}
+    assert isinstance(s.disk.dc.get("m|-|http://a/small"), tuple)
+    assert isinstance(s.disk.dc.get("m|-|http://a/large"), cs.Meta)
+    assert sum(1 for k in s.disk.dc.iterkeys() if k.startswith("b|")) == 1
+    assert "i" not in keys, "no Vary: no index written"
+    s.close()
+
+
+def test_vary_variants_are_indexed_and_found_after_reopen(tmp_path):
+    s = disk_store(tmp_path)
+    s.disk.flush()
+    for lang in ("en", "fr"):
+        body = lang.encode() * 10
+        s.put("http://a/v", meta("http://a/v", body, vary=("accept-language",), vary_key=(lang,)), body)
+    s.close()
+    s = disk_store(tmp_path)
+    try:
+        assert s.vary_sets("http://a/v") == [("accept-language",)]
+        for lang in ("en", "fr"):
+            entry, _ = s.get("http://a/v", cs.vary_hash((lang,)))
+            assert entry.body == lang.encode() * 10
+        assert s.remove("http://a/v") == 1
+        s.disk.flush()
+        assert not any(k.startswith(("m|", "i|")) for k in s.disk.dc.iterkeys())
+    finally:
+        s.close()
+
+
+def test_replacing_a_large_body_deletes_the_old_one(tmp_path):
+    s = disk_store(tmp_path)
+    s.put("http://a/x", meta("http://a/x", LARGE), LARGE)
+    s.put("http://a/x", meta("http://a/x", SMALL), SMALL)
+    s.disk.flush()
+    assert not any(k.startswith("b|") for k in s.disk.dc.iterkeys())
+    assert s.get("http://a/x", "-")[0].body == SMALL
+    s.close()
+
+
+@pytest.mark.parametrize("body", [SMALL, LARGE], ids=["inline", "separate"])
+def test_a_damaged_body_is_dropped_and_never_served(tmp_path, body, caplog):
+    s = disk_store(tmp_path)
+    m = meta("http://a/x", body)
+    s.put("http://a/x", m, body)
+    s.disk.flush()
+    bad = body[:-1] + b"!"
+    if isinstance(s.disk.dc.get("m|-|http://a/x"), tuple):
+        s.disk.dc.set("m|-|http://a/x", (m, bad))
+    else:
+        s.disk.dc.set(f"b|{m.body_id}", bad)
+    assert s.get("http://a/x", "-") == (None, None)
+    s.disk.flush()
+    assert s.disk.dc.get("m|-|http://a/x") is None, "the bad entry is dropped"
+    assert "corrupt disk entry" in caplog.text
+    s.close()
+
+
+def test_the_previous_layout_is_still_read(tmp_path):
+    """Caches written before small bodies moved into the metadata row: Meta, body and index apart."""
+    s = disk_store(tmp_path)
+    m = meta("http://a/old", SMALL)
+    s.disk.dc.set(f"b|{m.body_id}", SMALL)
+    s.disk.dc.set("i|http://a/old", ([()], ["-"]))
+    s.disk.dc.set("m|-|http://a/old", m)
+    s.close()
+    s = disk_store(tmp_path)
+    try:
+        s.disk.flush()
+        assert s.get("http://a/old", "-")[0].body == SMALL
+        assert s.remove("http://a/old") == 1
+        s.disk.flush()
+        assert not list(s.disk.dc.iterkeys())
+    finally:
+        s.close()
