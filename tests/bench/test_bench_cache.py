@@ -1,18 +1,21 @@
 """Cache benchmark (./run.sh bench): requests/s through mitmdump on loopback, in one invocation.
 
-Scenarios, each against a fresh mitmdump:
+Scenarios, each in its own mitmdump started once:
   bare      mitmdump without addons relaying to the local origin
   ceiling   a trivial addon answering every request in requestheaders (tests/bench/ceiling_addon.py)
   miss      addons/all.py, every request a cacheable miss (stored)
   mem hit   addons/all.py, every request a TCP_MEM_HIT
   disk hit  addons/all.py with cache_mem 0, every request a TCP_HIT
 and the peak RSS of mitmdump while filling the cache with 10x cache_mem of objects.
+The scenarios run in interleaved rounds (bare, ceiling, ..., bare, ceiling, ...) and each
+reports its median, so that a noisy moment of the machine does not land on one scenario.
 
 The load client is curl --parallel in its own process (keep-alive, 8 concurrent transfers).
 Ratios are printed against the targets of issue 3; nothing is asserted on timing.
 """
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -58,50 +61,48 @@ def count_codes(proxy: Proxy) -> dict[str, int]:
     return out
 
 
+ROUNDS = 3          # each scenario runs once per round, rounds interleaved; the median is reported
+
+
 def test_bench_cache(tmp_path):
     origin = FastOrigin()
-    results: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
     notes: list[str] = []
     cc = "h.Cache-Control=max-age=3600"
+    proxies: dict[str, Proxy] = {}
     try:
         relay_urls = [f"{origin.url}/size/{SIZE}?n={i % OBJECTS}" for i in range(N)]
-
         for name, script in (("bare relay", None), ("ceiling", "tests/bench/ceiling_addon.py"),
                              ("ceiling in all.py", "tests/bench/pipeline_ceiling.py")):
-            p = Proxy(tmp_path / name.replace(" ", "-"), script=script)
-            try:
-                load(p.url, relay_urls[:200], tmp_path)  # warm-up
-                results[name] = load(p.url, relay_urls, tmp_path)
-            finally:
-                p.stop()
+            proxies[name] = Proxy(tmp_path / name.replace(" ", "-"), script=script)
+            load(proxies[name].url, relay_urls[:200], tmp_path)  # warm-up
+        proxies["all"] = Proxy(tmp_path / "all", options={"cache_dir": str(tmp_path / "all" / "cache"),
+                                                           "cache_mem": f"{CACHE_MEM_MB} MB"})
+        load(proxies["all"].url, [f"{origin.url}/size/{SIZE}?warm={i}&{cc}" for i in range(200)], tmp_path)
+        hot = [f"{origin.url}/size/{SIZE}?hot={i}&{cc}" for i in range(OBJECTS)]
+        load(proxies["all"].url, hot, tmp_path)
+        proxies["disk"] = Proxy(tmp_path / "disk", options={"cache_dir": str(tmp_path / "disk" / "cache"),
+                                                             "cache_mem": "0"})
+        cold = [f"{origin.url}/size/{SIZE}?disk={i}&{cc}" for i in range(OBJECTS)]
+        load(proxies["disk"].url, cold, tmp_path)
+        wait_idle(proxies["disk"].proc.pid)  # the background writer puts them on disk
 
-        p = Proxy(tmp_path / "all", options={"cache_dir": str(tmp_path / "all" / "cache"),
-                                               "cache_mem": f"{CACHE_MEM_MB} MB"})
-        try:
-            load(p.url, [f"{origin.url}/size/{SIZE}?warm={i}&{cc}" for i in range(200)], tmp_path)
-            results["all.py misses"] = load(p.url, [f"{origin.url}/size/{SIZE}?miss={i}&{cc}" for i in range(N)],
-                                             tmp_path)
-            hot = [f"{origin.url}/size/{SIZE}?hot={i}&{cc}" for i in range(OBJECTS)]
-            load(p.url, hot, tmp_path)
-            wait_idle(p.proc.pid)  # the misses' disk writes are not the hits' cost
-            results["all.py mem hits"] = load(p.url, [hot[i % OBJECTS] for i in range(N)], tmp_path)
-            codes = count_codes(p)
-            notes.append(f"all.py log codes: {codes}")
-        finally:
-            p.stop()
+        def scenario(name: str, proxy: Proxy, urls: list[str]) -> None:
+            wait_idle(proxy.proc.pid)  # leftover background work (disk writes) is not this run's cost
+            runs.setdefault(name, []).append(load(proxy.url, urls, tmp_path))
 
-        p = Proxy(tmp_path / "disk", options={"cache_dir": str(tmp_path / "disk" / "cache"), "cache_mem": "0"})
-        try:
-            hot = [f"{origin.url}/size/{SIZE}?disk={i}&{cc}" for i in range(OBJECTS)]
-            load(p.url, hot, tmp_path)
-            wait_idle(p.proc.pid)  # the background writer puts them on disk
-            load(p.url, hot, tmp_path)
-            wait_idle(p.proc.pid)
-            results["all.py disk hits"] = load(p.url, [hot[i % OBJECTS] for i in range(N)], tmp_path)
-            codes = count_codes(p)
-            notes.append(f"disk run log codes: {codes}")
-        finally:
+        for r in range(ROUNDS):
+            for name in ("bare relay", "ceiling", "ceiling in all.py"):
+                scenario(name, proxies[name], relay_urls)
+            scenario("all.py misses", proxies["all"],
+                     [f"{origin.url}/size/{SIZE}?miss={i}&round={r}&{cc}" for i in range(N)])
+            scenario("all.py mem hits", proxies["all"], [hot[i % OBJECTS] for i in range(N)])
+            scenario("all.py disk hits", proxies["disk"], [cold[i % OBJECTS] for i in range(N)])
+        notes.append(f"all.py log codes: {count_codes(proxies['all'])}")
+        notes.append(f"disk run log codes: {count_codes(proxies['disk'])}")
+        for p in proxies.values():
             p.stop()
+        proxies.clear()
 
         # peak RSS while filling 10x cache_mem (100 KB objects, all cacheable)
         p = Proxy(tmp_path / "rss", options={"cache_dir": str(tmp_path / "rss" / "cache"),
@@ -114,12 +115,16 @@ def test_bench_cache(tmp_path):
         finally:
             p.stop()
     finally:
+        for p in proxies.values():
+            p.stop()
         origin.close()
 
+    results = {name: statistics.median(v) for name, v in runs.items()}
     bare, ceiling = results["bare relay"], results["ceiling"]
-    print("\n=== cache benchmark (requests/s, loopback, curl --parallel-max %d) ===" % PARALLEL)
+    print(f"\n=== cache benchmark (requests/s, loopback, curl --parallel-max {PARALLEL}, "
+          f"median of {ROUNDS} interleaved rounds of {N} requests) ===")
     for name, rps in results.items():
-        print(f"  {name:18s} {rps:8.0f} req/s")
+        print(f"  {name:18s} {rps:8.0f} req/s   rounds: {' '.join(f'{v:.0f}' for v in runs[name])}")
     print(f"  ceiling / bare relay        {ceiling / bare:5.2f}x")
     rows = [
         ("mem hits / ceiling", results["all.py mem hits"] / ceiling, 0.95),
