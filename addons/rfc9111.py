@@ -640,7 +640,7 @@ def storable_headers(headers) -> list[tuple[str, str]]:
         if "connection" in lows else ()
     private = cache_control(items).field_names("private")
     # 5.2.2.7: a shared cache does not store the fields named by private="..."
-    drop = HOP_BY_HOP | set(listed) | set(private) if (listed or private) else HOP_BY_HOP
+    drop = HOP_BY_HOP | set(listed) | set(private or ()) if (listed or private) else HOP_BY_HOP
     return [(k, v) for (k, v), low in zip(items, lows) if low not in drop]
 
 

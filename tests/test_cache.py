@@ -87,6 +87,17 @@ def test_miss_then_mem_hit(cproxy, origin):
     assert "HIER_DIRECT/127.0.0.1" in miss and "HIER_NONE/-" in hit
 
 
+def test_connection_header_from_origin_is_stored_without_what_it_lists(cproxy, origin):
+    def route(seen):
+        return 200, {"Connection": "keep-alive, x-hop", "X-Hop": "1", "X-End": "2",
+                     "Cache-Control": "max-age=60"}, b"conn"
+    origin.route("/conn", route)
+    fetch(cproxy, f"{origin.url}/conn")
+    s2, h2, b2 = fetch(cproxy, f"{origin.url}/conn")
+    assert (s2, b2, origin.hits["/conn"]) == (200, b"conn", 1)
+    assert h2["x-end"] == "2" and "x-hop" not in h2
+
+
 def test_head_answered_from_stored_get(cproxy, origin):
     url = f"{origin.url}/size/1000?h.Cache-Control=max-age=60"
     fetch(cproxy, url)

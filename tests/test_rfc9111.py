@@ -139,6 +139,11 @@ class TestStorable:
                                     cache_control='private="set-cookie"', set_cookie="a=1"))
         names = [k for k, _ in kept]
         assert names == ["content-type", "cache-control"]
+        # Connection without private="...", the usual "Connection: keep-alive" of an origin
+        kept = r.storable_headers(H(connection="keep-alive, x-a", x_a="1", x_c="3", cache_control="max-age=5"))
+        assert [k for k, _ in kept] == ["x-c", "cache-control"]
+        kept = r.storable_headers(H(cache_control='private="x-p"', x_p="1", x_c="3"))
+        assert [k for k, _ in kept] == ["cache-control", "x-c"]
 
 
 # --- 4.2.1 freshness lifetime -----------------------------------------------------
