@@ -114,13 +114,15 @@ def unquote(value: str) -> str:
 # --- RFC 9111 5.2: Cache-Control ------------------------------------------
 
 INVALID = object()  # a directive whose argument is not valid delta-seconds
+_ABSENT = object()
+_LEADING_DIGITS = re.compile(r"[0-9]+")
+_MALFORMED = "\x00malformed"  # the argument of a directive written with spaces around "="
 
 
 @dataclass
 class CacheControl:
     """Parsed Cache-Control directives (names lower-cased, arguments unquoted)."""
     directives: dict[str, str | None] = field(default_factory=dict)
-    conflicting: set[str] = field(default_factory=set)  # given twice with different arguments
 
     def __contains__(self, name: str) -> bool:
         return name in self.directives
@@ -129,19 +131,20 @@ class CacheControl:
         return self.directives.get(name)
 
     def delta(self, name: str):
-        """delta-seconds argument of `name`: int, None if absent, INVALID if malformed or conflicting.
+        """delta-seconds argument of `name`: int, None if absent, INVALID if malformed.
 
-        RFC 9111 1.2.2 (non-negative integer, 2^31 cap) and 4.2.1 (duplicates:
-        this cache considers conflicting values stale, the conservative choice).
+        RFC 9111 1.2.2: a non-negative integer, capped at 2^31. Like Squid, the
+        leading digits of a value such as "3600.5" or "3600a" are used; a value
+        that does not start with a digit is invalid. 4.2.1: of duplicates, the
+        first occurrence is used (as Squid does).
         """
-        if name not in self.directives:
+        value = self.directives.get(name, _ABSENT)
+        if value is _ABSENT:
             return None
-        if name in self.conflicting:
+        m = _LEADING_DIGITS.match(value) if value is not None else None
+        if m is None:
             return INVALID
-        value = self.directives[name]
-        if value is None or not value.isdigit() or not value.isascii():
-            return INVALID
-        return min(int(value), DELTA_MAX)
+        return min(int(m.group()), DELTA_MAX)
 
     def field_names(self, name: str) -> list[str] | None:
         """Qualified form (no-cache="a, b" / private="a"): the field names, or None if unqualified."""
@@ -160,14 +163,16 @@ def parse_cache_control(values: Iterable[str] | str | None) -> CacheControl:
     cc = CacheControl()
     for item in split_list(values):
         name, sep, arg = item.partition("=")
-        name = name.strip().lower()
-        if not name:
+        stripped = name.strip().lower()
+        if not stripped:
             continue
-        value = unquote(arg.strip()) if sep else None
+        if sep and (name != name.rstrip() or arg[:1].isspace()):
+            value = _MALFORMED  # "max-age =5", "max-age= 5": no whitespace is allowed around "="
+        else:
+            value = unquote(arg.strip()) if sep else None
+        name = stripped
         if name in cc.directives:
-            if cc.directives[name] != value:
-                cc.conflicting.add(name)
-            continue  # first occurrence wins otherwise
+            continue  # the first occurrence wins
         cc.directives[name] = value
     return cc
 
@@ -188,6 +193,54 @@ def cache_control(headers) -> CacheControl:
     return cc
 
 
+# --- RFC 9213: targeted cache control (CDN-Cache-Control) ---------------------
+
+_SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+_SF_ITEM = (r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[^"\\\x00-\x1f\x7f]|\\["\\])*"'
+            r"|[A-Za-z*][!#$%&'*+.^_`|~:/0-9A-Za-z-]*|:[A-Za-z0-9+/=]*:|\?[01])")
+_SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_ITEM}))?((?:;[ ]*{_SF_KEY}(?:={_SF_ITEM})?)*)")
+
+
+def targeted_directives(values: Iterable[str]) -> str | None:
+    """RFC 9213 2.1: a targeted field (CDN-Cache-Control...) is a Structured Fields Dictionary
+    (RFC 8941). Returns its directives as Cache-Control text, or None when the field is not a
+    valid Dictionary (then it is ignored). Members whose value has the wrong type for a cache
+    directive (a string, a decimal...) are ignored, as are false booleans."""
+    out = []
+    for member in split_list(values):
+        m = _SF_MEMBER.fullmatch(member)
+        if m is None:
+            return None
+        key, item = m.group(1), m.group(2)
+        if item is None or item == "?1":
+            out.append(key)
+        elif item.lstrip("-").isdigit():
+            out.append(f"{key}={item}")
+    return ", ".join(out)
+
+
+def targeted_view(headers, targets: Iterable[str]):
+    """RFC 9213 2.1: the response headers as a cache with this target list reads them for its
+    policy: the first targeted field with a valid value replaces Cache-Control, and Expires is
+    ignored. `headers` itself when no targeted field applies."""
+    for name in targets:
+        values = get_all(headers, name)
+        if not values:
+            continue
+        directives = targeted_directives(values)
+        if directives is None:
+            continue
+        kept = [(k, v) for k, v in _items(headers) if k.lower() not in ("cache-control", "expires")]
+        return kept + [("Cache-Control", directives)] if directives else kept
+    return headers
+
+
+def _items(headers) -> list[tuple[str, str]]:
+    if hasattr(headers, "fields"):
+        return list(headers.items(multi=True))
+    return list(headers.items()) if hasattr(headers, "items") else list(headers)
+
+
 # --- RFC 9110 5.6.7: HTTP-date ------------------------------------------
 
 _MONTHS = {m: i for i, m in enumerate(
@@ -195,7 +248,7 @@ _MONTHS = {m: i for i, m in enumerate(
 _IMF = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun), (\d\d) ([a-z]{3}) (\d{4}) (\d\d):(\d\d):(\d\d) gmt$")
 _RFC850 = re.compile(r"^(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday), "
                      r"(\d\d)-([a-z]{3})-(\d\d) (\d\d):(\d\d):(\d\d) gmt$")
-_ASCTIME = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun) ([a-z]{3}) (\d{1,2}) (\d\d):(\d\d):(\d\d) (\d{4})$")
+_ASCTIME = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun) ([a-z]{3}) ([ \d]\d) (\d\d):(\d\d):(\d\d) (\d{4})$")
 
 
 def parse_http_date(value: str | None, now: float | None = None) -> float | None:
@@ -206,7 +259,7 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
     """
     if not value:
         return None
-    v = " ".join(value.strip().lower().split())
+    v = value.strip().lower()  # the formats' spacing is exact: "18  Aug" is no date
     try:
         if m := _IMF.match(v):
             d, mon, y, hh, mm, ss = m.groups()
@@ -317,8 +370,6 @@ def storable(method: str, status: int, req_headers, resp_headers, *, shared: boo
         return False, "no-store"
     if "no-store" in req_cc:
         return False, "request no-store"
-    if status not in UNDERSTOOD_STATUSES:
-        return False, f"status {status} not understood"
     if "private" in resp_cc and shared:
         return False, "private"
     if shared and get_all(req_headers, "authorization"):
@@ -343,7 +394,7 @@ def freshness_lifetime(status: int, resp_headers, response_time: float, *, url="
                        negative_ttl: float = 30.0) -> tuple[float, str]:
     """RFC 9111 4.2.1 (s-maxage > max-age > Expires) and 4.2.2 (heuristics) -> (seconds, source).
 
-    Invalid or conflicting max-age/s-maxage make the response stale (0);
+    Invalid max-age/s-maxage make the response stale (0);
     an invalid Expires ("0" included) means already expired (5.3).
     Heuristics: negative_ttl for 404/405/410/414/501, else Squid's
     refresh_pattern (percent of Date - Last-Modified bounded by min/max;
@@ -385,11 +436,15 @@ def freshness_lifetime(status: int, resp_headers, response_time: float, *, url="
 
 
 def age_value(resp_headers) -> float:
-    """RFC 9111 5.1: the Age field; invalid values are ignored (0), huge ones capped."""
+    """RFC 9111 5.1: the Age field; invalid values are ignored (0), huge ones capped.
+
+    Of a list ("7200, 0", or several lines) the first member is used, as 5.1
+    says; parameters ("7200;foo=bar") are ignored.
+    """
     value = get(resp_headers, "age")
     if value is None:
         return 0.0
-    value = value.strip()
+    value = value.split(",", 1)[0].split(";", 1)[0].strip()
     if not value.isdigit() or not value.isascii():
         return 0.0
     return float(min(int(value), DELTA_MAX))
@@ -613,8 +668,7 @@ def freshen_headers(stored: list[tuple[str, str]], new) -> list[tuple[str, str]]
     Each field present in `new` replaces the stored field of that name,
     except hop-by-hop fields and Content-Length.
     """
-    new_items = list(new.items(multi=True)) if hasattr(new, "fields") else (
-        list(new.items()) if hasattr(new, "items") else list(new))
+    new_items = _items(new)
     skip = HOP_BY_HOP | {"content-length"}
     replace = {k.lower() for k, _ in new_items} - skip
     out = [(k, v) for k, v in stored if k.lower() not in replace]
@@ -633,8 +687,7 @@ def validator_mismatch(stored_headers, new_headers) -> bool:
 
 def storable_headers(headers) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
-    items = list(headers.items(multi=True)) if hasattr(headers, "fields") else (
-        list(headers.items()) if hasattr(headers, "items") else list(headers))
+    items = _items(headers)
     lows = [k.lower() for k, _ in items]
     listed = {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")} \
         if "connection" in lows else ()

@@ -28,7 +28,7 @@ class TestDeltaSeconds:
     def test_overflow_capped_at_2_31(self):
         assert r.parse_cache_control("max-age=99999999999999999999").delta("max-age") == 2147483648
 
-    @pytest.mark.parametrize("value", ["max-age=-1", "max-age=1.5", "max-age=abc", "max-age", "max-age="])
+    @pytest.mark.parametrize("value", ["max-age=-1", "max-age=abc", "max-age", "max-age="])
     def test_invalid(self, value):
         assert r.parse_cache_control(value).delta("max-age") is r.INVALID
 
@@ -51,9 +51,20 @@ class TestCacheControlParsing:
     def test_duplicate_same_value_is_fine(self):
         assert r.parse_cache_control("max-age=5, max-age=5").delta("max-age") == 5
 
-    def test_conflicting_duplicates_are_invalid(self):
+    def test_duplicates_first_occurrence_wins(self):
         # 4.2.1: "either the first occurrence should be used or the response should be considered stale"
-        assert r.parse_cache_control("max-age=5, max-age=60").delta("max-age") is r.INVALID
+        assert r.parse_cache_control("max-age=5, max-age=60").delta("max-age") == 5
+        assert r.parse_cache_control(["max-age=60", "max-age=5"]).delta("max-age") == 60
+
+    @pytest.mark.parametrize("value, expected", [("3600a", 3600), ("3600.5", 3600), ("3600.0", 3600),
+                                                 ("a3600", r.INVALID), ("-5", r.INVALID), ("", r.INVALID)])
+    def test_leading_digits_as_squid(self, value, expected):
+        assert r.parse_cache_control(f"max-age={value}").delta("max-age") is expected or \
+            r.parse_cache_control(f"max-age={value}").delta("max-age") == expected
+
+    @pytest.mark.parametrize("value", ["max-age =3600", "max-age= 3600", "max-age = 3600"])
+    def test_whitespace_around_equals_makes_the_directive_invalid(self, value):
+        assert r.parse_cache_control(value).delta("max-age") is r.INVALID
 
     def test_unknown_extensions_ignored(self):
         cc = r.parse_cache_control("foo=bar, max-age=1, baz")
@@ -70,7 +81,8 @@ class TestDates:
         assert r.parse_http_date("Sun Nov  6 08:49:37 1994") == t
 
     @pytest.mark.parametrize("bad", ["0", "-1", "tomorrow", "Sun, 06 Nov 1994 08:49:37 PST", "", None,
-                                     "Sun, 32 Nov 1994 08:49:37 GMT"])
+                                     "Sun, 32 Nov 1994 08:49:37 GMT", "Thu, 18  Aug  2050 02:01:18 GMT",
+                                     "Sun,  06 Nov 1994 08:49:37 GMT", "Sun Nov 6 08:49:37 1994"])
     def test_invalid(self, bad):
         assert r.parse_http_date(bad) is None
 
@@ -130,6 +142,12 @@ class TestStorable:
         assert self.ok(resp=H(cache_control="must-understand, no-store, max-age=10"))
         assert not self.ok(299, resp=H(cache_control="must-understand, max-age=10"))
 
+    @pytest.mark.parametrize("status", [299, 499, 599])
+    def test_unknown_final_status_with_explicit_freshness_or_public(self, status):  # 3
+        assert self.ok(status, resp=H(cache_control="max-age=10"))
+        assert self.ok(status, resp=H(cache_control="public", last_modified=DATE))
+        assert not self.ok(status, resp=H(last_modified=DATE))
+
     def test_vary_star(self):
         assert not self.ok(resp=H(cache_control="max-age=10", vary="*"))
 
@@ -163,7 +181,7 @@ class TestFreshnessLifetime:
 
     def test_invalid_max_age_is_stale(self):
         assert self.lt(H(cache_control="max-age=abc")) == 0
-        assert self.lt(H(cache_control="max-age=1, max-age=100")) == 0
+        assert self.lt(H(cache_control="max-age=1, max-age=100")) == 1  # 4.2.1: the first occurrence
 
     def test_expires_relative_to_date(self):
         assert self.lt(H(date=r.format_http_date(NOW - 100), expires=r.format_http_date(NOW))) == 100
@@ -240,6 +258,13 @@ class TestAge:
         assert r.age_value(H(age="abc")) == 0
         assert r.age_value(H(age="-5")) == 0
         assert r.age_value(H(age="99999999999999")) == 2147483648
+        assert r.age_value(H(age="7200.0")) == 0
+
+    @pytest.mark.parametrize("value, expected", [("7200, 0", 7200), ("0, 7200", 0), ("7200;foo=bar", 7200),
+                                                 ("7200;foo=111", 7200), ("0, 0", 0)])
+    def test_first_member_of_a_list_parameters_ignored(self, value, expected):  # 5.1
+        assert r.age_value(H(age=value)) == expected
+        assert r.age_value([("Age", value), ("Age", "99")]) == expected
 
     def test_age_header_value(self):
         assert r.age_header(12.9) == "12"
@@ -413,3 +438,34 @@ class TestRanges:
         assert not r.if_range_ok('"b"', stored)
         assert r.if_range_ok(lm, stored)
         assert not r.if_range_ok(DATE, stored)
+
+
+# --- RFC 9213 targeted cache control -------------------------------------------------
+
+class TestTargeted:
+    @pytest.mark.parametrize("value, expected", [
+        ("max-age=3600", "max-age=3600"), ("foobar, max-age=3600", "foobar, max-age=3600"),
+        ("no-store", "no-store"), ("private;x=1", "private"), ("max-age=99999999999", "max-age=99999999999"),
+        ('max-age="10000"', ""),            # a string: the directive is ignored
+        ("no-cache=?0, no-store=?1", "no-store"),
+        ("MaX-aGe=3600", None), ("max-age=10000, &&&&&", None), ("max-age =100", None), ("max-age= 100", None)])
+    def test_structured_dictionary(self, value, expected):
+        assert r.targeted_directives([value]) == expected
+
+    def test_view_replaces_cache_control_and_expires(self):
+        h = [("Cache-Control", "no-store"), ("Expires", "0"), ("CDN-Cache-Control", "max-age=60"), ("X", "1")]
+        view = r.targeted_view(h, ["cdn-cache-control"])
+        assert view == [("CDN-Cache-Control", "max-age=60"), ("X", "1"), ("Cache-Control", "max-age=60")]
+        assert r.freshness_lifetime(200, view, NOW)[0] == 60
+        assert r.storable("GET", 200, {}, view)[0]
+
+    def test_invalid_or_absent_field_leaves_headers_alone(self):
+        h = [("Cache-Control", "max-age=5"), ("CDN-Cache-Control", "max-age=&")]
+        assert r.targeted_view(h, ["cdn-cache-control"]) is h
+        assert r.targeted_view(h, []) is h
+
+    def test_first_valid_target_wins(self):
+        h = [("A-Cache-Control", "max-age=1"), ("CDN-Cache-Control", "max-age=2")]
+        assert r.cache_control(r.targeted_view(h, ["a-cache-control", "cdn-cache-control"])).delta("max-age") == 1
+        h = [("A-Cache-Control", "max-age=&"), ("CDN-Cache-Control", "max-age=2")]
+        assert r.cache_control(r.targeted_view(h, ["a-cache-control", "cdn-cache-control"])).delta("max-age") == 2
