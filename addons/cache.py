@@ -174,19 +174,12 @@ class _Derived:
     """What answering from a stored entry needs from its headers, computed once per headers list."""
     __slots__ = ("headers", "fields", "plain", "cc")
 
-    def __init__(self, headers: list[tuple[str, str]]):
+    def __init__(self, headers: list[tuple[str, str]], policy):
         self.headers = headers
         self.fields = tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
                             for k, v in headers)
         self.plain = not any(k.lower() in (b"age", b"x-cache") for k, _ in self.fields)
-        self.cc = rfc9111.cache_control(headers)
-
-
-def _derived(entry: cachestore.Entry) -> _Derived:
-    d = entry.derived
-    if d is None or d.headers is not entry.meta.headers:  # new entry, or its headers were replaced
-        d = entry.derived = _Derived(entry.meta.headers)
-    return d
+        self.cc = rfc9111.cache_control(policy)
 
 
 def _enc(headers: list[tuple[str, str]]) -> http.Headers:
@@ -198,6 +191,7 @@ class Cache:
     def __init__(self) -> None:
         self.store: cachestore.Store | None = None
         self.rules: list[rfc9111.RefreshRule] = [rfc9111.DEFAULT_RULE]
+        self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
         self.policy_file: str | None = None
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
@@ -255,7 +249,7 @@ class Cache:
                     raise exceptions.OptionsError(f"purge_from: bad network {spec!r}: {e}") from e
             self.purge_nets = nets
         if "cache_policy" in updated or first:
-            self.rules = self._load_policy(o.cache_policy)
+            self.rules, self.targets = self._load_policy(o.cache_policy)
         self.negative_ttl = float(o.negative_ttl)
         self.object_max = sizes["maximum_object_size"]
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
@@ -271,9 +265,9 @@ class Cache:
                 raise exceptions.OptionsError(f"cache_dir: cannot open {o.cache_dir!r}: {e}") from e
             self.sizes = sizes
 
-    def _load_policy(self, value: str) -> list[rfc9111.RefreshRule]:
+    def _load_policy(self, value: str) -> tuple[list[rfc9111.RefreshRule], tuple[str, ...]]:
         if not value or value == "none":
-            return [rfc9111.DEFAULT_RULE]
+            return [rfc9111.DEFAULT_RULE], ()
         path = resolve(value)
         try:
             doc = yaml.safe_load(path.read_text()) or {}
@@ -285,13 +279,38 @@ class Cache:
                 rules.append(rfc9111.parse_refresh_pattern(str(line)))
             except ValueError as e:
                 raise exceptions.OptionsError(f"cache_policy {value}: {e}") from e
+        targets = doc.get("targeted_fields") or []
+        if not isinstance(targets, list) or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9-]+", t)
+                                                    for t in targets):
+            raise exceptions.OptionsError(f"cache_policy {value}: targeted_fields must be a list of header "
+                                          f"field names, not {targets!r}")
         self.policy_file = str(path)
-        return rules or [rfc9111.DEFAULT_RULE]
+        return rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets)
 
     def done(self):
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    # --- RFC 9213 targeted fields -------------------------------------------
+    def _view(self, flow: http.HTTPFlow, headers):
+        """Response headers as read for caching policy. In reverse mode Relais is the site's CDN:
+        a valid targeted field (the policy's targeted_fields, CDN-Cache-Control) replaces
+        Cache-Control and Expires; forward modes are no CDN and ignore them."""
+        if self.targets and meta.mode_name(flow) == "reverse":
+            return rfc9111.targeted_view(headers, self.targets)
+        return headers
+
+    def _policy(self, m: cachestore.Meta, headers=None):
+        """The policy view of a stored response's headers (or of `headers` replacing them)."""
+        headers = m.headers if headers is None else headers
+        return rfc9111.targeted_view(headers, self.targets) if m.targeted and self.targets else headers
+
+    def _derived(self, entry: cachestore.Entry) -> _Derived:
+        d = entry.derived
+        if d is None or d.headers is not entry.meta.headers:  # new entry, or its headers were replaced
+            d = entry.derived = _Derived(entry.meta.headers, self._policy(entry.meta))
+        return d
 
     # --- lookups ----------------------------------------------------------
     def lookup(self, key: str, req_headers) -> tuple[cachestore.Entry | None, str | None]:
@@ -344,7 +363,7 @@ class Cache:
         now = time.time()
         m = entry.meta
         age = m.age(now)
-        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime, resp_cc=_derived(entry).cc)
+        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
         if d.action == rfc9111.RELOAD:
             self.counts["reload"] += 1
             return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
@@ -358,7 +377,7 @@ class Cache:
                 self._refresh_in_background(key, entry)
             return None
         # must revalidate
-        if failure and rfc9111.stale_if_error_ok(req.headers, m.headers, d.staleness):
+        if failure and rfc9111.stale_if_error_ok(req.headers, self._policy(m), d.staleness):
             self._serve(flow, entry, tier, age, stale=True, code="TCP_REFRESH_FAIL_OLD",
                         warning='111 - "Revalidation Failed"')
             return None
@@ -428,7 +447,7 @@ class Cache:
         if names is None:
             names = _names(req.headers)
         m = entry.meta
-        derived = _derived(entry)
+        derived = self._derived(entry)
         if derived.plain:  # no stored Age / X-Cache: the fields below are appended, as h[name] = value does
             extra = [(b"Age", rfc9111.age_header(age).encode())]
             if warning:
@@ -563,7 +582,7 @@ class Cache:
         if flow.id in self.pending and resp.status_code == 304:
             return
         key = primary_key(flow)
-        ok, _ = rfc9111.storable("GET", resp.status_code, flow.request.headers, resp.headers,
+        ok, _ = rfc9111.storable("GET", resp.status_code, flow.request.headers, self._view(flow, resp.headers),
                                  negative_ttl=self.negative_ttl)
         try:
             expected = int(resp.headers["content-length"]) if "content-length" in resp.headers else None
@@ -588,8 +607,9 @@ class Cache:
             return None
         request_time = req.timestamp_start or time.time()
         response_time = resp.timestamp_start or time.time()
+        policy = self._view(flow, resp.headers)
         lifetime, source = rfc9111.freshness_lifetime(
-            resp.status_code, resp.headers, response_time, url=lambda: flow.request.pretty_url,
+            resp.status_code, policy, response_time, url=lambda: flow.request.pretty_url,
             rules=self.rules, negative_ttl=self.negative_ttl)
         if lifetime <= 0 and not rfc9111.validators(resp.headers):
             return None  # never fresh and cannot be revalidated: storing it is useless
@@ -606,6 +626,7 @@ class Cache:
             length=length, digest=digest)
         m.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
         m.headers = [(k, v) for k, v in m.headers if k.lower() != "age"]
+        m.targeted = policy is not resp.headers
         return m
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -628,7 +649,7 @@ class Cache:
             return
         if local == "errors":
             self._remember_failure(flow, key)
-            if pending and rfc9111.stale_if_error_ok(req.headers, pending.entry.meta.headers,
+            if pending and rfc9111.stale_if_error_ok(req.headers, self._policy(pending.entry.meta),
                                                      pending.entry.meta.age(time.time()) - pending.entry.meta.lifetime):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
@@ -648,7 +669,7 @@ class Cache:
                 self._freshen(flow, pending)
                 return
             if resp.status_code >= 500 and rfc9111.stale_if_error_ok(
-                    req.headers, m.headers, m.age(time.time()) - m.lifetime):
+                    req.headers, self._policy(m), m.age(time.time()) - m.lifetime):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
                                         warning='111 - "Revalidation Failed"')
@@ -692,8 +713,8 @@ class Cache:
             request_time = flow.request.timestamp_start or time.time()
             response_time = resp.timestamp_start or time.time()
             lifetime, source = rfc9111.freshness_lifetime(
-                old.status, new_headers, response_time, url=flow.request.pretty_url, rules=self.rules,
-                negative_ttl=self.negative_ttl)
+                old.status, self._policy(old, new_headers), response_time, url=flow.request.pretty_url,
+                rules=self.rules, negative_ttl=self.negative_ttl)
             new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
                                       response_time=response_time, lifetime=lifetime, lifetime_source=source)
             new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
@@ -725,7 +746,7 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        ok, reason = rfc9111.storable(req.method, resp.status_code, req.headers, resp.headers,
+        ok, reason = rfc9111.storable(req.method, resp.status_code, req.headers, self._view(flow, resp.headers),
                                       negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:
             return
@@ -797,7 +818,8 @@ class Cache:
                 if status == 304:
                     new_headers = rfc9111.freshen_headers(m.headers, headers_list)
                     new_headers = [(k, v) for k, v in new_headers if k.lower() not in ("age",)]
-                    lifetime, source = rfc9111.freshness_lifetime(m.status, new_headers, response_time,
+                    lifetime, source = rfc9111.freshness_lifetime(m.status, self._policy(m, new_headers),
+                                                                  response_time,
                                                                   url=url, rules=self.rules,
                                                                   negative_ttl=self.negative_ttl)
                     new = dataclasses.replace(m, headers=new_headers, request_time=request_time,
@@ -806,11 +828,12 @@ class Cache:
                     new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
                     self.store.update_meta(key, new, entry.body)
                 else:
-                    ok, _ = rfc9111.storable("GET", status, headers, headers_list, negative_ttl=self.negative_ttl)
+                    policy = self._policy(m, headers_list)
+                    ok, _ = rfc9111.storable("GET", status, headers, policy, negative_ttl=self.negative_ttl)
                     if not ok or len(body) > self.object_max:
                         self.store.remove(key)
                         return
-                    lifetime, source = rfc9111.freshness_lifetime(status, headers_list, response_time, url=url,
+                    lifetime, source = rfc9111.freshness_lifetime(status, policy, response_time, url=url,
                                                                   rules=self.rules, negative_ttl=self.negative_ttl)
                     hl = [(k, v) for k, v in rfc9111.storable_headers(headers_list)
                           if k.lower() not in ("age", "content-length", "x-cache")] + \
@@ -826,6 +849,7 @@ class Cache:
                                           length=len(body), digest=cachestore.digest(body))
                     new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
                     new.reason = responses.get(status, "")
+                    new.targeted = policy is not headers_list
                     if fields == m.vary:
                         self.store.put(key, new, body)
             except Exception as e:

@@ -77,6 +77,7 @@ class Meta:
     digest: str
     body_id: str = field(default_factory=lambda: f"{_RUN_ID}{next(_BODY_COUNTER):016x}")
     initial_age: float = 0.0  # RFC 9111 4.2.3 corrected_initial_age, computed when stored
+    targeted: bool = False    # its policy came from a targeted field (RFC 9213, CDN-Cache-Control)
 
     def age(self, now: float) -> float:
         return self.initial_age + max(0.0, now - self.response_time)

@@ -416,6 +416,29 @@ def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
         b.close()
 
 
+def test_cdn_cache_control_rules_in_reverse_mode_only(start_proxy, origin, tmp_path):
+    """RFC 9213: a reverse proxy is the site's CDN; CDN-Cache-Control replaces Cache-Control and
+    Expires for it, and a forward proxy ignores it."""
+    origin.route("/cdn-fresh", lambda s: (200, {"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=600"},
+                                          b"cdn"))
+    origin.route("/cdn-nostore", lambda s: (200, {"Cache-Control": "max-age=600", "CDN-Cache-Control": "no-store"},
+                                            b"cdn"))
+    origin.route("/cdn-bad", lambda s: (200, {"Cache-Control": "max-age=600", "CDN-Cache-Control": "max-age=\"x"},
+                                        b"cdn"))
+    p = start_proxy(modes=(f"reverse:{origin.url}", "regular"), options={"cache_dir": str(tmp_path / "c")})
+    rev, fwd = p.ports
+    for path in ("/cdn-fresh", "/cdn-nostore", "/cdn-bad"):
+        for _ in range(2):
+            r = curl("-i", f"http://127.0.0.1:{rev}{path}")
+            assert b"CDN-Cache-Control" in r.stdout, "clients still get the field"
+    assert origin.hits["/cdn-fresh"] == 1        # stored for max-age=600 despite no-store
+    assert origin.hits["/cdn-nostore"] == 2      # not stored despite max-age=600
+    assert origin.hits["/cdn-bad"] == 1          # not a valid Dictionary: ignored, Cache-Control rules
+    for _ in range(2):
+        curl("-x", f"http://127.0.0.1:{fwd}", f"{origin.url}/cdn-nostore?fwd")
+    assert origin.hits["/cdn-nostore"] == 3      # a forward proxy is no CDN: max-age=600 applies
+
+
 # --- storage: disk tier, persistence, streaming, crash safety ----------------------------------------
 
 def test_disk_hit_after_restart(start_proxy, origin, tmp_path):

@@ -120,6 +120,17 @@ def test_bad_options(tmp_path, option, value):
     c.done()
 
 
+@pytest.mark.parametrize("targets", ["CDN-Cache-Control", "[bad name]", "[1]"])
+def test_bad_targeted_fields_named(tmp_path, targets):
+    pol = tmp_path / "cache.yaml"
+    pol.write_text(f"targeted_fields: {targets}\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError, match=r"targeted_fields must be a list of header field names"):
+            tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+    c.done()
+
+
 def test_policy_resolved_against_project_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = cachemod.Cache()
@@ -127,6 +138,7 @@ def test_policy_resolved_against_project_root(tmp_path, monkeypatch):
         tctx.configure(c, cache_dir="none", cache_policy="policies/cache.yaml")
         assert c.policy_file.endswith("policies/cache.yaml")
         assert [r.pattern for r in c.rules][-1] == "."
+        assert c.targets == ("cdn-cache-control",)
     c.done()
 
 
