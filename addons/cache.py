@@ -663,6 +663,8 @@ class Cache:
         if resp is None:
             return
         self.failures.pop(origin_of(key), None) if self.failures else None
+        if req.method == "HEAD" and resp.status_code == 200 and self._update_from_head(flow, key, pending):
+            return
         if pending is not None:
             m = pending.entry.meta
             if resp.status_code == 304:
@@ -723,6 +725,21 @@ class Cache:
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", "HIER_DIRECT")
+
+    def _update_from_head(self, flow: http.HTTPFlow, key: str, pending: Pending | None) -> bool:
+        """4.3.5: a 200 to a HEAD updates the stored GET response it describes (same validators and
+        length), which then answers it; one it no longer describes is invalidated."""
+        if pending is None:
+            entry, tier = self.lookup(key, flow.request.headers)
+            if entry is None:
+                return False
+            pending = Pending(key, entry, tier, [])
+        if rfc9111.head_mismatch(pending.entry.meta.headers, flow.response.headers):
+            if self.store.remove(key):
+                self.counts["invalidated"] += 1
+            return False
+        self._freshen(flow, pending)
+        return True
 
     def _serve_revalidated(self, flow: http.HTTPFlow, pending: Pending, code: str, hier: str,
                            warning: str | None = None) -> None:

@@ -685,6 +685,16 @@ def validator_mismatch(stored_headers, new_headers) -> bool:
     return False
 
 
+def head_mismatch(stored_headers, head_headers) -> bool:
+    """4.3.5: does a 200 to a HEAD describe another representation than the stored GET response
+    (a different ETag, Last-Modified or Content-Length, where both have one)?"""
+    for name in ("etag", "last-modified", "content-length"):
+        old, new = get(stored_headers, name), get(head_headers, name)
+        if old is not None and new is not None and old.strip() != new.strip():
+            return True
+    return False
+
+
 def storable_headers(headers) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
     items = _items(headers)

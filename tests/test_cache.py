@@ -107,6 +107,31 @@ def test_head_answered_from_stored_get(cproxy, origin):
     assert codes(cproxy, f"{origin.url}/size/1000", 2)[1] == "TCP_MEM_HIT/200"
 
 
+def test_head_response_updates_the_stored_get(cproxy, origin):
+    """4.3.5: a 200 to a HEAD freshens the stored GET it describes; one that describes another
+    representation (another ETag) invalidates it."""
+    state = {"v": "1", "cc": "max-age=1", "etag": '"a"'}
+
+    def route(seen):
+        return 200, {"Cache-Control": state["cc"], "X-V": state["v"], "ETag": state["etag"],
+                     "Content-Length": "4"}, b"body"
+    origin.route("/headupd", route)
+    url = f"{origin.url}/headupd"
+    fetch(cproxy, url)
+    time.sleep(1.5)                        # stale
+    state.update(v="2", cc="max-age=600")
+    status, headers, _ = fetch(cproxy, url, head=True)
+    assert status == 200 and headers["x-v"] == "2"
+    s, h, body = fetch(cproxy, url)         # fresh again, with the HEAD's fields
+    assert (s, body, h["x-v"]) == (200, b"body", "2")
+    assert [r.method for r in origin.requests if r.path == "/headupd"] == ["GET", "HEAD"]
+    state.update(etag='"b"', cc="max-age=0")
+    time.sleep(0.1)
+    fetch(cproxy, url, "-H", "Cache-Control: no-cache", head=True)   # a HEAD describing another body
+    fetch(cproxy, url)
+    assert [r.method for r in origin.requests if r.path == "/headupd"] == ["GET", "HEAD", "HEAD", "GET"]
+
+
 def test_client_conditionals_answered_304(cproxy, origin):
     conditional_route(origin, "/cond")
     url = f"{origin.url}/cond"

@@ -469,3 +469,14 @@ class TestTargeted:
         assert r.cache_control(r.targeted_view(h, ["a-cache-control", "cdn-cache-control"])).delta("max-age") == 1
         h = [("A-Cache-Control", "max-age=&"), ("CDN-Cache-Control", "max-age=2")]
         assert r.cache_control(r.targeted_view(h, ["a-cache-control", "cdn-cache-control"])).delta("max-age") == 2
+
+
+# --- 4.3.5 HEAD ----------------------------------------------------------------------
+
+def test_head_mismatch():
+    stored = H(etag='"a"', last_modified=DATE, content_length="10")
+    assert not r.head_mismatch(stored, H(etag='"a"', content_length="10"))
+    assert not r.head_mismatch(stored, H(cache_control="max-age=5"))   # nothing to compare: it describes it
+    assert r.head_mismatch(stored, H(etag='"b"'))
+    assert r.head_mismatch(stored, H(content_length="11"))
+    assert r.head_mismatch(stored, H(last_modified=r.format_http_date(NOW + 5)))
