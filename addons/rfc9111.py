@@ -493,8 +493,14 @@ def pragma_no_cache(req_headers) -> bool:
 
 def must_revalidate_when_stale(resp_cc: CacheControl, shared: bool = True) -> bool:
     """5.2.2.2 must-revalidate, 5.2.2.8 proxy-revalidate and 5.2.2.10 s-maxage forbid serving stale."""
-    return ("must-revalidate" in resp_cc or "no-cache" in resp_cc
+    return ("must-revalidate" in resp_cc or _unqualified_no_cache(resp_cc)
             or (shared and ("proxy-revalidate" in resp_cc or "s-maxage" in resp_cc)))
+
+
+def _unqualified_no_cache(resp_cc: CacheControl) -> bool:
+    """5.2.2.4: plain no-cache means "revalidate first"; the qualified form (no-cache="Set-Cookie")
+    only keeps the fields it names out of stored responses (storable_headers drops them)."""
+    return "no-cache" in resp_cc and resp_cc.field_names("no-cache") is None
 
 
 def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool = True,
@@ -512,8 +518,7 @@ def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool 
     staleness = age - lifetime
     if "no-cache" in req_cc or pragma_no_cache(req_headers):
         return Decision(RELOAD, "request no-cache", staleness)
-    if "no-cache" in resp_cc:
-        # qualified or not: this cache always revalidates (the conservative reading of 5.2.2.4)
+    if _unqualified_no_cache(resp_cc):
         return Decision(REVALIDATE, "response no-cache", staleness)
     max_age = req_cc.delta("max-age")
     if max_age is INVALID:
@@ -701,9 +706,11 @@ def storable_headers(headers) -> list[tuple[str, str]]:
     lows = [k.lower() for k, _ in items]
     listed = {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")} \
         if "connection" in lows else ()
-    private = cache_control(items).field_names("private")
-    # 5.2.2.7: a shared cache does not store the fields named by private="..."
-    drop = HOP_BY_HOP | set(listed) | set(private or ()) if (listed or private) else HOP_BY_HOP
+    cc = cache_control(items)
+    # 5.2.2.7: a shared cache does not store the fields named by private="..."; 5.2.2.4: nor those
+    # named by no-cache="...", which must not be sent without revalidation
+    named = (cc.field_names("private") or []) + (cc.field_names("no-cache") or [])
+    drop = HOP_BY_HOP | set(listed) | set(named) if (listed or named) else HOP_BY_HOP
     return [(k, v) for (k, v), low in zip(items, lows) if low not in drop]
 
 

@@ -288,6 +288,11 @@ class TestDecide:
     def test_response_no_cache_always_revalidates(self):  # 5.2.2.4
         assert self.d(resp=H(cache_control="no-cache, max-age=100")).action == r.REVALIDATE
 
+    def test_qualified_no_cache_only_drops_the_named_fields(self):  # 5.2.2.4
+        resp = H(cache_control='no-cache="set-cookie, x-a", max-age=100', set_cookie="a=1", x_a="1", x_b="2")
+        assert self.d(resp=resp, age=10).action == r.FRESH
+        assert [k for k, _ in r.storable_headers(resp)] == ["cache-control", "x-b"]
+
     def test_request_max_age(self):  # 5.2.1.1
         assert self.d(H(cache_control="max-age=5"), age=10).action == r.REVALIDATE
         assert self.d(H(cache_control="max-age=0"), age=0.5).action == r.REVALIDATE
