@@ -39,7 +39,7 @@ from http.client import responses
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import yaml
 from mitmproxy import command, ctx, exceptions, http
@@ -682,6 +682,8 @@ class Cache:
             self.counts["TCP_REFRESH_MODIFIED"] += 1
         if req.method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
+            if req.method == "POST" and self._describes_target(flow, key):
+                self._store(flow, key, as_get=True)
             return
         if req.method == "GET":
             if stream is not None:
@@ -750,7 +752,14 @@ class Cache:
         status = code.replace("TCP_", "")
         self._tag(flow, code, status, pending.tier, hier=hier)
 
-    def _store(self, flow: http.HTTPFlow, key: str) -> None:
+    def _describes_target(self, flow: http.HTTPFlow, key: str) -> bool:
+        """RFC 9110 9.3.3: a POST response with explicit freshness and a Content-Location equal to
+        the target URI is a representation of that URI, reusable for later GETs."""
+        location = flow.response.headers.get("content-location")
+        return (location is not None and url_key(urljoin(key, location.strip())) == key
+                and rfc9111.has_explicit_freshness(self._view(flow, flow.response.headers)))
+
+    def _store(self, flow: http.HTTPFlow, key: str, as_get: bool = False) -> None:
         req, resp = flow.request, flow.response
         body = resp.raw_content
         if body is None or flow.error:
@@ -763,7 +772,7 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        ok, reason = rfc9111.storable(req.method, resp.status_code, req.headers, self._view(flow, resp.headers),
+        ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers, self._view(flow, resp.headers),
                                       negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:
             return

@@ -259,6 +259,21 @@ def test_unsafe_methods_invalidate(cproxy, origin):
     assert origin.hits["/inv"] == 3 and origin.hits["/other"] == 2
 
 
+def test_post_response_describing_its_target_answers_later_gets(cproxy, origin):
+    """RFC 9110 9.3.3: explicit freshness + Content-Location equal to the target URI."""
+    def route(seen):
+        headers = {"Cache-Control": "max-age=60"}
+        if seen.method == "POST" and "with=" in seen.path:
+            headers["Content-Location"] = seen.path
+        return 200, headers, f"{seen.method} answer".encode()
+    origin.route("/post-cl", route)
+    for query in ("?with=1", "?without=1"):
+        url = f"{origin.url}/post-cl{query}"
+        fetch(cproxy, url, "-X", "POST", "-d", "x=1")
+        assert fetch(cproxy, url)[2] == (b"POST answer" if query == "?with=1" else b"GET answer")
+    assert [r.method for r in origin.requests if r.path.startswith("/post-cl")] == ["POST", "POST", "GET"]
+
+
 def test_failed_post_does_not_invalidate(cproxy, origin):
     url = f"{origin.url}/inv2?h.Cache-Control=max-age=60"
     fetch(cproxy, url)
