@@ -25,6 +25,7 @@ Commands: cache.purge URL, cache.clear, cache.stats.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import ipaddress
@@ -374,7 +375,7 @@ class Cache:
                 return None  # If-Match / If-Unmodified-Since: the origin decides
             self._serve(flow, entry, tier, age, stale=d.staleness >= 0, names=names)
             if d.action == rfc9111.SWR:
-                self._refresh_in_background(key, entry)
+                self._refresh_in_background(key, entry, flow)
             return None
         # must revalidate
         if failure and rfc9111.stale_if_error_ok(req.headers, self._policy(m), d.staleness):
@@ -812,21 +813,29 @@ class Cache:
         self._release(flow)
 
     # --- stale-while-revalidate -------------------------------------------------
-    def _refresh_in_background(self, key: str, entry: cachestore.Entry) -> None:
+    def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:
         if key in self.refreshing:
             return
         self.refreshing.add(key)
         m = entry.meta
-        url = m.url
+        url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
         headers = dict(rfc9111.validators(m.headers))
         for name, value in m.vary_key:
             if value is not None:
                 headers[name] = value
         insecure = getattr(ctx.options, "ssl_insecure", False)
+        # the way the flow went: through the upstream proxy of an upstream-mode listener, else direct
+        mode = getattr(flow.client_conn, "proxy_mode", None)
+        proxies = {}
+        if getattr(mode, "type_name", "") == "upstream":
+            proxies = {"http": mode.data, "https": mode.data}
+            auth = getattr(ctx.options, "upstream_auth", None)
+            if auth:
+                headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
         def fetch():
             opener = urllib.request.build_opener(
-                urllib.request.ProxyHandler({}),
+                urllib.request.ProxyHandler(proxies),
                 urllib.request.HTTPSHandler(context=ssl._create_unverified_context() if insecure else None))
             r = urllib.request.Request(url, headers=headers)
             request_time = time.time()

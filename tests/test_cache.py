@@ -630,6 +630,28 @@ def test_stale_while_revalidate(cproxy, origin):
     assert codes(cproxy, url, 3) == ["TCP_MISS/200", "TCP_MEM_HIT/200", "TCP_MEM_HIT/200"]
 
 
+def test_stale_while_revalidate_refreshes_through_the_upstream_proxy(start_proxy, origin, tmp_path):
+    """In upstream mode the background refresh goes through the upstream proxy too (here the origin
+    plays the proxy: the host name exists nowhere else)."""
+    n = []
+
+    def fn(seen):
+        n.append(seen.path)
+        return 200, {"Cache-Control": "max-age=1, stale-while-revalidate=60"}, f"version {len(n)}".encode()
+    origin.route("/swr-up", fn)
+    p = start_proxy(modes=(f"upstream:{origin.url}",), options={"cache_dir": "none"})
+    url = "http://only-upstream-knows.invalid/swr-up"
+    assert fetch(p, url)[2] == b"version 1"
+    time.sleep(1.3)
+    assert fetch(p, url)[2] == b"version 1"      # stale, refreshed in the background
+    end = time.monotonic() + 5
+    while len(n) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert fetch(p, url)[2] == b"version 2"
+    assert n == [url, url], "both requests reached the upstream proxy in absolute form"
+
+
 def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):
     url = f"{origin.url}/oics?h.Cache-Control=max-age=1"
     fetch(cproxy, url)
