@@ -222,7 +222,8 @@ class Cache:
                           "Squid negative_ttl: seconds errors without explicit freshness (404, 405, 410, 414, 501) "
                           "and unreachable origins are remembered; 0 disables negative caching.")
         loader.add_option("cache_policy", str, "policies/cache.yaml",
-                          "Cache policy file (refresh_pattern table), relative to the cwd or the Relais folder.")
+                          "Cache policy file (refresh_pattern table, targeted_fields such as CDN-Cache-Control), "
+                          "relative to the cwd or the Relais folder.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
         loader.add_option("collapsed_forwarding", bool, True,
