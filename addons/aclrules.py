@@ -225,7 +225,10 @@ class RegexSet:
     def search(self, text: str | None) -> bool:
         if text is None:
             return False
-        return any(r.search(text) for r in self.compiled)
+        for r in self.compiled:
+            if r.search(text):
+                return True
+        return False
 
 
 class PortSet:
@@ -281,6 +284,8 @@ READS = {
     "ssl::server_name": ("sni", "host", "server_names"), "ssl::server_name_regex": ("sni", "host", "server_names"),
 }
 MEMO_SIZE = 4096  # verdicts remembered per policy
+# acl types that key the verdict memo by their result (a pure regex on one field, never NeedAuth)
+KEYED_BY_RESULT = frozenset({"url_regex", "urlpath_regex", "referer_regex"})
 
 # acl types that can be decided from a connection alone (no request, no protocol yet)
 CONNECTION_TYPES = frozenset({"all", "src", "dst", "port", "localport", "myportname", "time", "maxconn",
@@ -612,15 +617,22 @@ class Policy:
                              for n in used)
         self.exports_dst = any(a.type == "dst" for a in acls.values())
         self.uses_maxconn = any(a.type == "maxconn" for a in acls.values())
-        reads = {f for a in acls.values() for f in READS[a.type]}
+        # The memo key holds what the acls read, except that acls on text new with almost every request
+        # (the URL, its path, the Referer) enter it by their result: keyed by the URL, the memo would
+        # miss on every new URL (the predefined `manager` acl is a url_regex).
+        by_input = [a for a in acls.values() if a.type not in KEYED_BY_RESULT]
+        reads = {f for a in by_input for f in READS[a.type]}
         self.key_fields = tuple(sorted(reads - {"now", "headers"}))
-        self.key_headers = tuple(sorted({h for a in acls.values() for h in a.headers()}))
+        self.key_headers = tuple(sorted({h for a in by_input for h in a.headers()}))
         self.key_minute = "now" in reads
+        self.key_acls = tuple(a for a in acls.values() if a.type in KEYED_BY_RESULT)
         self.memo: dict[tuple, tuple[Decision, list[str]]] = {}
 
     def verdict(self, r: Request) -> tuple[Decision, list[str]]:
         """check(r) and matching(r), remembered: the same request facts get the same answer."""
         key = tuple([getattr(r, f) for f in self.key_fields])
+        if self.key_acls:
+            key += tuple([a.matcher(r) for a in self.key_acls])
         if self.key_headers:
             key += tuple([r.header(h) for h in self.key_headers])
         if self.key_minute:

@@ -459,3 +459,27 @@ def test_verdicts_are_remembered_per_request_facts():
     d, acls = p.verdict(Request(src="127.0.0.1", url="http://a/", host="a", headers={"User-Agent": "Firefox"},
                                 now=noon))
     assert acls == ["all", "localhost", "lunch"]
+
+
+def test_new_urls_are_answered_from_the_memo_by_the_url_acls_results():
+    p = pol("""
+        acls:
+          ads: url_regex -i /ads/
+          images: urlpath_regex \\.png
+          from_search: referer_regex ^https?://search\\.example/
+        http_access:
+          - deny ads
+          - deny images !from_search
+          - allow all
+        """)
+    cases = [("http://a/ads/1", "/ads/1", None, False), ("http://a/x/1", "/x/1", None, True),
+             ("http://a/x.png", "/x.png", None, False), ("http://a/y.png", "/y.png", "https://search.example/q", True),
+             ("http://a/ADS/2", "/ADS/2", "https://other.example/", False)]
+    for i in range(50):
+        for url, path, referer, allowed in cases:
+            r = dict(src="127.0.0.1", host="a", url=f"{url}?n={i}", path=f"{path}?n={i}",
+                     headers={"Referer": referer} if referer else {})
+            d, acls = p.verdict(Request(**r))
+            assert d.allowed == allowed == p.check(Request(**r)).allowed, (url, referer)
+            assert acls == p.matching(Request(**r))
+    assert len(p.memo) == 4, "one verdict per combination of the url acls' results, not one per URL"
