@@ -114,3 +114,50 @@ def test_the_previous_layout_is_still_read(tmp_path):
         assert not list(s.disk.dc.iterkeys())
     finally:
         s.close()
+
+
+def test_writes_are_made_by_a_writer_process_that_ends_with_the_store(tmp_path):
+    """The writer is a process (no GIL shared with the event loop) in a session of its own (a Ctrl-C for
+    the proxy is not for it): the proxy closes the store, and what was queued is still written."""
+    import os
+    s = disk_store(tmp_path)
+    writer = s.disk.proc
+    assert os.getsid(writer.pid) != os.getsid(0)
+    urls = [f"http://a/{i}" for i in range(200)]
+    for u in urls:
+        s.put(u, meta(u, SMALL), SMALL)
+    s.close()
+    assert writer.poll() is not None, "the writer ends with the store"
+    s = disk_store(tmp_path)
+    try:
+        s.disk.flush()
+        assert all(s.get(u, "-")[0].body == SMALL for u in urls)
+    finally:
+        s.close()
+
+
+def test_a_dead_writer_turns_the_disk_tier_off(tmp_path, caplog):
+    """A delete the writer never made must not be read back: without a writer, no disk reads or writes."""
+    s = disk_store(tmp_path)
+    s.put("http://a/x", meta("http://a/x", SMALL), SMALL)
+    s.disk.flush()
+    s.disk.proc.kill()
+    s.disk.proc.wait()
+    s.disk.receiver.join(5)  # it sees the end of the writer's output
+    assert "disk writer process exited" in caplog.text
+    assert s.get("http://a/x", "-") == (None, None)
+    assert s.put("http://a/y", meta("http://a/y", SMALL), SMALL) is None
+    s.disk.flush(timeout=1)  # returns at once
+    s.close()
+
+
+def test_a_write_that_cannot_be_sent_to_the_writer_is_dropped_alone(tmp_path, caplog):
+    s = disk_store(tmp_path)
+    bad = meta("http://a/bad", SMALL)
+    bad.note = lambda: None  # cannot be pickled
+    s.put("http://a/bad", bad, SMALL)
+    s.put("http://a/ok", meta("http://a/ok", SMALL), SMALL)
+    s.disk.flush()
+    assert "disk write failed (put)" in caplog.text and s.disk.backlog == 0
+    assert s.get("http://a/ok", "-")[0].body == SMALL and s.get("http://a/bad", "-") == (None, None)
+    s.close()
