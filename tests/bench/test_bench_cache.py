@@ -6,7 +6,8 @@ Scenarios, each in its own mitmdump started once:
   miss      addons/all.py, every request a cacheable miss (stored)
   mem hit   addons/all.py, every request a TCP_MEM_HIT
   disk hit  addons/all.py with cache_mem 0, every request a TCP_HIT
-and the peak RSS of mitmdump while filling the cache with 10x cache_mem of objects.
+and the peak RSS of mitmdump (with its disk writer process) while filling the cache with 10x
+cache_mem of objects.
 The scenarios run in interleaved rounds (bare, ceiling, ..., bare, ceiling, ...) and each
 reports its median, so that a noisy moment of the machine does not land on one scenario.
 
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadgen import PARALLEL, load, wait_idle  # noqa: E402
+from loadgen import PARALLEL, family, load, wait_idle  # noqa: E402
 from harness import Proxy, free_port, wait_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -47,10 +48,13 @@ CACHE_MEM_MB = 8
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    """Peak RSS of mitmdump plus that of its child processes (the cache's disk writer)."""
+    total = 0.0
+    for p in family(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def count_codes(proxy: Proxy) -> dict[str, int]:
