@@ -602,33 +602,32 @@ class Cache:
         resp.stream = (lambda chunk: copy(inner(chunk))) if inner else copy
         self.streams[flow.id] = (key, copy, m)
 
-    def _meta(self, flow: http.HTTPFlow, key: str, length: int, digest: str) -> cachestore.Meta | None:
+    def _meta(self, flow: http.HTTPFlow, key: str, length: int, digest: str,
+              rh: rfc9111.Fields | None = None) -> cachestore.Meta | None:
         req, resp = flow.request, flow.response
-        fields = rfc9111.vary_fields(resp.headers)
+        if rh is None:
+            rh = rfc9111.Fields(resp.headers.items(multi=True))
+        fields = rfc9111.vary_fields(rh)
         if fields is None:
             return None
         request_time = req.timestamp_start or time.time()
         response_time = resp.timestamp_start or time.time()
-        policy = self._view(flow, resp.headers)
+        policy = self._view(flow, rh)
         lifetime, source = rfc9111.freshness_lifetime(
             resp.status_code, policy, response_time, url=lambda: flow.request.pretty_url,
             rules=self.rules, negative_ttl=self.negative_ttl)
-        if lifetime <= 0 and not rfc9111.validators(resp.headers):
+        if lifetime <= 0 and not rfc9111.validators(rh):
             return None  # never fresh and cannot be revalidated: storing it is useless
-        headers = [(k, v) for k, v in rfc9111.storable_headers(resp.headers)
-                   if k.lower() not in ("x-cache", "age")]
-        age = rfc9111.age_value(resp.headers)
-        if age:
-            headers.append(("Age", str(int(age))))  # kept for initial_age; replaced when served
+        # Age and X-Cache are recomputed when served
+        headers = [(k, v) for k, v in rfc9111.storable_headers(rh) if k.lower() not in ("x-cache", "age")]
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
             headers=headers, request_time=request_time, response_time=response_time,
             lifetime=lifetime, lifetime_source=source, vary=fields,
             vary_key=rfc9111.vary_values(fields, req.headers) if fields else (),
             length=length, digest=digest)
-        m.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
-        m.headers = [(k, v) for k, v in m.headers if k.lower() != "age"]
-        m.targeted = policy is not resp.headers
+        m.initial_age = rfc9111.initial_age(rh, request_time, response_time)
+        m.targeted = policy is not rh
         return m
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -774,11 +773,12 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers, self._view(flow, resp.headers),
-                                      negative_ttl=self.negative_ttl)
+        fields = rfc9111.Fields(rh.items(multi=True))  # indexed once for the many look-ups below
+        ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers,
+                                      self._view(flow, fields), negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:
             return
-        m = self._meta(flow, key, len(body), cachestore.digest(body))
+        m = self._meta(flow, key, len(body), cachestore.digest(body), fields)
         if m is None:
             return
         m.headers = [(k, v) for k, v in m.headers if k.lower() != "content-length"] + \

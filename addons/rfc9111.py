@@ -72,6 +72,20 @@ def get_all(headers, name: str) -> list[str]:
     return [v for k, v in items if k.lower() == name]
 
 
+class Fields(list):
+    """(name, value) pairs with an index of their lower-cased names, for the many look-ups made
+    in one response (get_all uses it)."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()):
+        super().__init__(items)
+        self.index: dict[str, list[str]] = {}
+        for k, v in self:
+            self.index.setdefault(k.lower(), []).append(v)
+
+    def get_all(self, name: str) -> list[str]:
+        return list(self.index.get(name.lower(), ()))
+
+
 def get(headers, name: str) -> str | None:
     values = get_all(headers, name)
     return values[0] if values else None

@@ -485,3 +485,11 @@ def test_head_mismatch():
     assert r.head_mismatch(stored, H(etag='"b"'))
     assert r.head_mismatch(stored, H(content_length="11"))
     assert r.head_mismatch(stored, H(last_modified=r.format_http_date(NOW + 5)))
+
+
+def test_fields_index_answers_like_a_scan():
+    items = [("Cache-Control", "max-age=5"), ("X-A", "1"), ("cache-control", "public"), ("Vary", "Accept")]
+    f = r.Fields(items)
+    assert f == items and r.get_all(f, "CACHE-CONTROL") == r.get_all(items, "cache-control") == ["max-age=5", "public"]
+    assert r.get_all(f, "missing") == [] and r.cache_control(f).delta("max-age") == 5
+    assert r.storable_headers(f) == r.storable_headers(items)
