@@ -28,7 +28,7 @@ def test_entry_survives_reopen(tmp_path, body):
     s.close()
     s = disk_store(tmp_path)
     try:
-        s.disk.flush()  # the writer thread has loaded the index of the keys on disk
+        s.disk.flush()  # the index of the keys on disk is loaded
         entry, tier = s.get("http://a/x", "-")
         assert tier == "disk" and entry.body == body and entry.meta.url == "http://a/x"
         assert s.get("http://a/other", "-") == (None, None)
