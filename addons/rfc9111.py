@@ -83,7 +83,7 @@ class Fields(list):
             self.index.setdefault(k.lower(), []).append(v)
 
     def get_all(self, name: str) -> list[str]:
-        return list(self.index.get(name.lower(), ()))
+        return self.index.get(name.lower(), [])  # the module's get_all copies it
 
 
 def get(headers, name: str) -> str | None:
@@ -163,7 +163,7 @@ class CacheControl:
     def field_names(self, name: str) -> list[str] | None:
         """Qualified form (no-cache="a, b" / private="a"): the field names, or None if unqualified."""
         value = self.directives.get(name)
-        if value is None:
+        if value is None or value == _MALFORMED:  # "no-cache = x": read as the stricter, plain form
             return None
         return [f.strip().lower() for f in value.split(",") if f.strip()]
 

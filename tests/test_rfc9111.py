@@ -292,6 +292,8 @@ class TestDecide:
         resp = H(cache_control='no-cache="set-cookie, x-a", max-age=100', set_cookie="a=1", x_a="1", x_b="2")
         assert self.d(resp=resp, age=10).action == r.FRESH
         assert [k for k, _ in r.storable_headers(resp)] == ["cache-control", "x-b"]
+        malformed = H(cache_control='no-cache = "x-a", max-age=100', x_a="1")
+        assert self.d(resp=malformed, age=10).action == r.REVALIDATE  # malformed: the plain, stricter form
 
     def test_request_max_age(self):  # 5.2.1.1
         assert self.d(H(cache_control="max-age=5"), age=10).action == r.REVALIDATE
