@@ -3,8 +3,9 @@
     mitmdump -s addons/all.py
     mitmweb  -s addons/all.py
 
-mitmproxy calls each hook on the addons in list order, so the list is the
-pipeline (addons/README.md says why each sits where it does):
+The addons run as one mitmproxy addon (addons/suite.py), which calls each hook on
+them in list order, so the list is the pipeline (addons/README.md says why each
+sits where it does):
 
 1. acl        - access control, first so a denied request costs nothing
 2. anonymize  - strips the client's identity before the cache keys on the request
@@ -21,11 +22,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from addons import accesslog, acl, anonymize, cache, errors  # noqa: E402
+from addons.suite import Suite  # noqa: E402
 
-addons = [
+pipeline = [
     acl.AccessControl(),
     anonymize.Anonymize(),
     cache.Cache(),
     errors.Errors(),
     accesslog.AccessLog(),
 ]
+addons = [Suite(*pipeline)]

@@ -39,7 +39,7 @@ def show(value) -> str:
 def table() -> str:
     from addons import all as suite
     rows = ["| addon | option | default | meaning |", "|---|---|---|---|"]
-    for addon in suite.addons:
+    for addon in suite.pipeline:
         rec = Recorder()
         if hasattr(addon, "load"):
             addon.load(rec)
@@ -61,7 +61,7 @@ def test_readme_options_table_matches_the_addons():
 
 def test_every_addon_of_the_suite_declares_its_options_with_help():
     from addons import all as suite
-    for addon in suite.addons:
+    for addon in suite.pipeline:
         rec = Recorder()
         if hasattr(addon, "load"):
             addon.load(rec)

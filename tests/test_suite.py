@@ -34,7 +34,7 @@ def documented_order() -> list[str]:
 
 def suite_order() -> list[str]:
     from addons import all as suite
-    return [type(a).__module__.rsplit(".", 1)[-1] for a in suite.addons]
+    return [type(a).__module__.rsplit(".", 1)[-1] for a in suite.pipeline]
 
 
 def test_all_py_follows_the_documented_pipeline():

@@ -12,4 +12,4 @@ from addons import all as suite  # noqa: E402
 from addons.cache import Cache  # noqa: E402
 from ceiling_addon import Ceiling  # noqa: E402
 
-addons = [Ceiling() if isinstance(a, Cache) else a for a in suite.addons]
+addons = [suite.Suite(*(Ceiling() if isinstance(a, Cache) else a for a in suite.pipeline))]

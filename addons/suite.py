@@ -1,0 +1,88 @@
+"""Several Relais addons run as one mitmproxy addon, in order (how addons/all.py composes the suite).
+
+mitmproxy calls every hook on every addon it knows, through a few layers of generic
+dispatch per addon and per event, eight events per request. With the suite's addons
+registered one by one, that dispatch alone cost about as much as answering a cache hit.
+Suite is one addon: for each hook, it calls the members that define it, in order, with
+mitmproxy's own rules:
+
+- a hook that returns an awaitable is awaited before the next member's hook runs;
+- an exception in one member's hook is logged as mitmproxy logs it ("Addon error: ...")
+  and the next member still runs; AddonHalt and OptionsError go up, as in mitmproxy.
+
+The members keep their options (each one's `load` declares them), their commands, and
+their `configure`, `running` and `done` hooks. Each member stays loadable alone
+(`mitmdump -s addons/cache.py`). What changes: mitmproxy sees one addon, named "suite",
+so `ctx.master.addons.get("cache")` finds nothing; addons talk through flow.metadata
+anyway (addons/README.md).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+from mitmproxy import exceptions, hooks
+# Importing these registers every hook mitmproxy can call in hooks.all_hooks.
+import mitmproxy.addonmanager  # noqa: F401  (load)
+import mitmproxy.proxy.layers  # noqa: F401  (http, tcp, udp, tls, dns, websocket, quic)
+import mitmproxy.proxy.server_hooks  # noqa: F401  (client/server connection events)
+
+logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs addon errors
+PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
+
+
+class Suite:
+    name = "suite"
+
+    def __init__(self, *members):
+        self.members = list(members)
+        for event in hooks.all_hooks:
+            calls = [(m, f) for m in self.members if callable(f := getattr(m, event, None))]
+            if calls:
+                setattr(self, event, _dispatcher(calls))
+        for m in self.members:  # mitmproxy finds commands among an addon's attributes
+            for attr in dir(type(m)):
+                if isinstance(getattr(getattr(type(m), attr), "command_name", None), str):
+                    setattr(self, f"{type(m).__name__}_{attr}", getattr(m, attr))
+
+    def __repr__(self) -> str:
+        return f"Suite({', '.join(type(m).__name__ for m in self.members)})"
+
+
+def _failed(member, exc: Exception) -> None:
+    logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, exc.__traceback__.tb_next))
+
+
+def _dispatcher(calls: list):
+    def dispatch(*args):
+        for i, (member, fn) in enumerate(calls):
+            try:
+                res = fn(*args)
+            except PASS_UP:
+                raise
+            except Exception as e:
+                _failed(member, e)
+                continue
+            if res is not None and inspect.isawaitable(res):
+                # the rest waits for this one, as mitmproxy awaits each addon in turn
+                return _finish(res, member, calls[i + 1:], args)
+        return None
+    return dispatch
+
+
+async def _finish(pending, member, rest: list, args) -> None:
+    try:
+        await pending
+    except PASS_UP:
+        raise
+    except Exception as e:
+        _failed(member, e)
+    for member, fn in rest:
+        try:
+            res = fn(*args)
+            if res is not None and inspect.isawaitable(res):
+                await res
+        except PASS_UP:
+            raise
+        except Exception as e:
+            _failed(member, e)
