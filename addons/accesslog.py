@@ -12,6 +12,7 @@ so that logrotate's "move then signal" works.
 """
 # No `from __future__ import annotations` here: mitmproxy loads scripts without
 # registering them in sys.modules, where dataclasses then look string annotations up.
+import asyncio
 import dataclasses
 import functools
 import ipaddress
@@ -87,7 +88,12 @@ def strip_query(url: str) -> str:
 
 def mime_of(headers) -> str:
     """Content type without parameters, as Squid logs it."""
-    value = headers.get("content-type", "") if headers is not None else ""
+    if headers is None:
+        value = ""
+    elif isinstance(getattr(headers, "fields", None), tuple):  # mitmproxy Headers: the first field, no join
+        value = next((v for k, v in headers.fields if k.lower() == b"content-type"), b"").decode("latin-1")
+    else:
+        value = headers.get("content-type", "")
     value = value.split(";", 1)[0].strip()
     return value.split()[0] if value else "-"
 
@@ -202,23 +208,37 @@ class Writer:
     """Appends lines to a file from its own thread, so the event loop never waits for the disk.
 
     It is the only writer of the file and writes whole lines, so lines are
-    never split or interleaved; what is queued when several lines wait is
-    written with one write() call.
+    never split or interleaved. Lines gather on the event loop for BATCH_DELAY
+    and go to the thread as one batch, written with one write() call: a
+    hand-over per line would wake the thread, and make it take the GIL from
+    the event loop, once per request.
     """
 
     def __init__(self, path: Path):
         self.path = path
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: list[str] = []  # lines not yet handed to the thread (event loop side)
         self.file = open(path, "a", encoding="utf-8")
         self.lost = 0  # lines dropped since the last successful write
         self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
         self.thread.start()
 
     def put(self, line: str) -> None:
-        self.queue.put(line)
+        self.pending.append(line)
+        if len(self.pending) == 1:
+            try:
+                asyncio.get_running_loop().call_later(BATCH_DELAY, self.hand_over)
+            except RuntimeError:  # no event loop (in-process use): no batching
+                self.hand_over()
+
+    def hand_over(self) -> None:
+        if self.pending:
+            lines, self.pending = self.pending, []
+            self.queue.put(lines)
 
     def call(self, fn) -> None:
-        """Run fn() in the writer thread, after the lines queued before it."""
+        """Run fn() in the writer thread, after the lines put before it."""
+        self.hand_over()
         self.queue.put(fn)
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -231,6 +251,7 @@ class Writer:
         self.file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
+        self.hand_over()
         self.queue.put(None)
         self.thread.join(10)
 
@@ -257,24 +278,12 @@ class Writer:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
-            if isinstance(item, str):
-                # Let a burst gather: one write for many lines, instead of a wake-up,
-                # a write and a flush for each line, which cost the proxy CPU under load.
-                time.sleep(BATCH_DELAY)
-            lines = []
-            while isinstance(item, str):
-                lines.append(item)
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    item = ""
-                    break
-            if lines:
-                self._write(lines)
-            if item is None:
+            if isinstance(item, list):
+                self._write(item)
+            elif item is None:
                 self.file.close()
                 return
-            if callable(item):
+            else:
                 try:
                     item()
                 except Exception as e:
@@ -377,7 +386,6 @@ class AccessLog:
         logging.getLogger("mitmproxy").addHandler(self.bad_requests)
         if hasattr(signal, "SIGHUP"):
             try:
-                import asyncio
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reopen)
             except (RuntimeError, NotImplementedError, ValueError):
                 pass
@@ -457,7 +465,8 @@ class AccessLog:
         self.logged.add(flow.id)
         if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
             self.intercepted.add(flow.client_conn)
-        self.write(http_record(flow, self.strip_query, aborted, combined=self.combined))
+        if self.writer:
+            self.writer.put(self.format(http_record(flow, self.strip_query, aborted, combined=self.combined)))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:

@@ -6,6 +6,8 @@ is shared between addons.
 """
 from __future__ import annotations
 
+from mitmproxy import ctx
+
 CODE = "relais.code"          # Squid result code for the log, e.g. "TCP_DENIED", "TCP_MEM_HIT"
 HIER = "relais.hier"          # Squid hierarchy code, e.g. "HIER_NONE" when the origin was not contacted
 LOCAL = "relais.local"        # name of the addon that answered the request itself
@@ -53,8 +55,6 @@ def user(flow) -> str | None:
     if auth:
         return auth[0]
     try:
-        from mitmproxy import ctx
-
         pa = ctx.master.addons.get("proxyauth")
         table = pa.authenticated if pa else None
         auth = table.get(flow.client_conn) if table else None  # empty without proxy auth: skip the hash
