@@ -78,12 +78,19 @@ class Fields(list):
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()):
         super().__init__(items)
+        self.cc: CacheControl | None = None  # cache_control() of these fields, once asked
         self.index: dict[str, list[str]] = {}
         for k, v in self:
             self.index.setdefault(k.lower(), []).append(v)
 
     def get_all(self, name: str) -> list[str]:
         return self.index.get(name.lower(), [])  # the module's get_all copies it
+
+    @classmethod
+    def of(cls, headers) -> "Fields":
+        """The fields of mitmproxy Headers, decoded as Headers.items(multi=True) does."""
+        return cls([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                    for k, v in headers.fields])
 
 
 def get(headers, name: str) -> str | None:
@@ -95,6 +102,9 @@ def split_list(values: Iterable[str]) -> list[str]:
     """Split comma-separated field values (RFC 9110 5.6.1), keeping quoted strings whole."""
     out: list[str] = []
     for value in values:
+        if '"' not in value:  # the common case: no quoted string, so every comma separates
+            out.extend(s for s in (p.strip() for p in value.split(",")) if s)
+            continue
         item, quoted, escaped = [], False, False
         for ch in value:
             if escaped:
@@ -197,7 +207,14 @@ _CC_MEMO: dict[tuple[str, ...], CacheControl] = {}
 def cache_control(headers) -> CacheControl:
     """The parsed Cache-Control of `headers`. Parsed once per distinct field value: the result is
     shared, so callers must not modify it."""
-    values = tuple(get_all(headers, "cache-control"))
+    if isinstance(headers, Fields):  # read once per response however many questions are asked
+        if headers.cc is None:
+            headers.cc = _cache_control_of(tuple(headers.index.get("cache-control", ())))
+        return headers.cc
+    return _cache_control_of(tuple(get_all(headers, "cache-control")))
+
+
+def _cache_control_of(values: tuple[str, ...]) -> CacheControl:
     cc = _CC_MEMO.get(values)
     if cc is None:
         cc = parse_cache_control(values)
@@ -265,6 +282,9 @@ _RFC850 = re.compile(r"^(?:monday|tuesday|wednesday|thursday|friday|saturday|sun
 _ASCTIME = re.compile(r"^(?:mon|tue|wed|thu|fri|sat|sun) ([a-z]{3}) ([ \d]\d) (\d\d):(\d\d):(\d\d) (\d{4})$")
 
 
+_DATES: dict[str, float] = {}
+
+
 def parse_http_date(value: str | None, now: float | None = None) -> float | None:
     """Epoch seconds of an HTTP-date in any of the three formats, or None if invalid.
 
@@ -273,18 +293,24 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
     """
     if not value:
         return None
+    seen = _DATES.get(value)
+    if seen is not None:
+        return seen
     v = value.strip().lower()  # the formats' spacing is exact: "18  Aug" is no date
     try:
         if m := _IMF.match(v):
             d, mon, y, hh, mm, ss = m.groups()
+            memo = True  # the result depends on the text alone (an RFC 850 year depends on today)
         elif m := _RFC850.match(v):
             d, mon, yy, hh, mm, ss = m.groups()
+            memo = False
             this_year = time.gmtime(now).tm_year if now is not None else time.gmtime().tm_year
             y = 2000 + int(yy)
             if y > this_year + 50:
                 y -= 100
         elif m := _ASCTIME.match(v):
             mon, d, hh, mm, ss, y = m.groups()
+            memo = True
         else:
             return None
         month = _MONTHS.get(mon)
@@ -293,7 +319,12 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
         d, y, hh, mm, ss = int(d), int(y), int(hh), int(mm), int(ss)
         if not (1 <= d <= 31 and hh < 24 and mm < 60 and ss < 61):
             return None
-        return float(calendar.timegm((y, month, d, hh, mm, min(ss, 59), 0, 0, 0)))
+        t = float(calendar.timegm((y, month, d, hh, mm, min(ss, 59), 0, 0, 0)))
+        if memo:  # responses of the same second carry the same Date: parsed once
+            if len(_DATES) >= 4096:
+                _DATES.clear()
+            _DATES[value] = t
+        return t
     except (ValueError, OverflowError):
         return None
 
@@ -716,15 +747,18 @@ def head_mismatch(stored_headers, head_headers) -> bool:
 
 def storable_headers(headers) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
-    items = _items(headers)
+    items = headers if isinstance(headers, Fields) else _items(headers)
     lows = [k.lower() for k, _ in items]
-    listed = {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")} \
-        if "connection" in lows else ()
-    cc = cache_control(items)
-    # 5.2.2.7: a shared cache does not store the fields named by private="..."; 5.2.2.4: nor those
-    # named by no-cache="...", which must not be sent without revalidation
-    named = (cc.field_names("private") or []) + (cc.field_names("no-cache") or [])
-    drop = HOP_BY_HOP | set(listed) | set(named) if (listed or named) else HOP_BY_HOP
+    drop = HOP_BY_HOP
+    if "connection" in lows:
+        drop = drop | {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")}
+    if "cache-control" in lows:
+        cc = cache_control(headers if isinstance(headers, Fields) else items)
+        # 5.2.2.7: a shared cache does not store the fields named by private="..."; 5.2.2.4: nor those
+        # named by no-cache="...", which must not be sent without revalidation
+        for name in ("private", "no-cache"):
+            if name in cc:
+                drop = drop | set(cc.field_names(name) or ())
     return [(k, v) for (k, v), low in zip(items, lows) if low not in drop]
 
 
