@@ -169,6 +169,7 @@ def _header(headers: http.Headers, name: bytes) -> str | None:
 
 
 _CONDITIONALS = (b"if-none-match", b"if-modified-since")
+_RECOMPUTED = ("x-cache", "age", "content-length")  # stored headers without these fields
 
 
 class _Derived:
@@ -181,6 +182,28 @@ class _Derived:
                             for k, v in headers)
         self.plain = not any(k.lower() in (b"age", b"x-cache") for k, _ in self.fields)
         self.cc = rfc9111.cache_control(policy)
+
+
+_VERSIONS = {v: v for v in (b"HTTP/1.1", b"HTTP/2.0", b"HTTP/3")}  # what a stored response is served as
+_TEMPLATE = http.Response.make(200)
+
+
+def make_response(version: bytes, status: int, reason: bytes, headers: http.Headers, body: bytes,
+                  now: float) -> http.Response:
+    """http.Response(version, status, reason, headers, body, None, now, now), for a cache hit.
+
+    The constructor type-checks every field (mitmproxy's dataclass __post_init__ when Python runs
+    without -O), which cost more than all the rest of a memory hit. The values here have their
+    types by construction, so a copy of a checked template takes them as they are.
+    tests/test_cache_addon.py checks that both ways give the same response.
+    """
+    r = object.__new__(http.Response)
+    r.__dict__.update(_TEMPLATE.__dict__)
+    d = r.data = object.__new__(type(_TEMPLATE.data))
+    d.__dict__.update(_TEMPLATE.data.__dict__)
+    d.http_version, d.status_code, d.reason, d.headers, d.content = version, status, reason, headers, body
+    d.trailers, d.timestamp_start, d.timestamp_end = None, now, now
+    return r
 
 
 def _enc(headers: list[tuple[str, str]]) -> http.Headers:
@@ -253,6 +276,7 @@ class Cache:
         if "cache_policy" in updated or first:
             self.rules, self.targets = self._load_policy(o.cache_policy)
         self.negative_ttl = float(o.negative_ttl)
+        self.collapse = o.collapsed_forwarding
         self.object_max = sizes["maximum_object_size"]
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
                       "cache_dir_size"}
@@ -405,7 +429,7 @@ class Cache:
         req = flow.request
         if names is None:
             names = _names(req.headers)
-        return (ctx.options.collapsed_forwarding and req.method == "GET"
+        return (self.collapse and req.method == "GET"
                 and b"range" not in names and b"authorization" not in names
                 and not (b"if-none-match" in names or b"if-modified-since" in names))
 
@@ -485,11 +509,9 @@ class Cache:
                 headers["Content-Length"] = str(len(body))
         if req.method == "HEAD":
             body = b""
-        now = time.time()
-        version = req.http_version if req.http_version in ("HTTP/1.1", "HTTP/2.0", "HTTP/3") else "HTTP/1.1"
-        resp = http.Response(version.encode("ascii", "strict"), status,
-                             reason.encode() if isinstance(reason, str) else reason, headers, body, None, now, now)
-        return resp, cond
+        version = _VERSIONS.get(req.data.http_version, b"HTTP/1.1")
+        reason = reason.encode("utf-8", "surrogateescape") if isinstance(reason, str) else reason
+        return make_response(version, status, reason, headers, body, time.time()), cond
 
     def _serve(self, flow: http.HTTPFlow, entry: cachestore.Entry, tier: str, age: float, stale: bool,
                code: str | None = None, warning: str | None = None, names: set[bytes] | None = None) -> None:
@@ -606,7 +628,7 @@ class Cache:
               rh: rfc9111.Fields | None = None) -> cachestore.Meta | None:
         req, resp = flow.request, flow.response
         if rh is None:
-            rh = rfc9111.Fields(resp.headers.items(multi=True))
+            rh = rfc9111.Fields.of(resp.headers)
         fields = rfc9111.vary_fields(rh)
         if fields is None:
             return None
@@ -618,8 +640,8 @@ class Cache:
             rules=self.rules, negative_ttl=self.negative_ttl)
         if lifetime <= 0 and not rfc9111.validators(rh):
             return None  # never fresh and cannot be revalidated: storing it is useless
-        # Age and X-Cache are recomputed when served
-        headers = [(k, v) for k, v in rfc9111.storable_headers(rh) if k.lower() not in ("x-cache", "age")]
+        # Age and X-Cache are recomputed when served; Content-Length is the stored body's, added by the caller
+        headers = [(k, v) for k, v in rfc9111.storable_headers(rh) if k.lower() not in _RECOMPUTED]
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
             headers=headers, request_time=request_time, response_time=response_time,
@@ -773,7 +795,7 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        fields = rfc9111.Fields(rh.items(multi=True))  # indexed once for the many look-ups below
+        fields = rfc9111.Fields.of(rh)  # indexed once for the many look-ups below
         ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers,
                                       self._view(flow, fields), negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:
@@ -781,8 +803,7 @@ class Cache:
         m = self._meta(flow, key, len(body), cachestore.digest(body), fields)
         if m is None:
             return
-        m.headers = [(k, v) for k, v in m.headers if k.lower() != "content-length"] + \
-                    [("Content-Length", str(len(body)))]
+        m.headers.append(("Content-Length", str(len(body))))
         tier = self.store.put(key, m, body)
         if tier:
             self.counts["stored"] += 1
@@ -792,8 +813,7 @@ class Cache:
             return
         m.length = copy.n
         m.digest = copy.h.hexdigest()
-        m.headers = [(k, v) for k, v in m.headers if k.lower() != "content-length"] + \
-                    [("Content-Length", str(copy.n))]
+        m.headers.append(("Content-Length", str(copy.n)))
         if self.store.put_file(key, m, copy.path):
             self.counts["stored"] += 1
             self.counts["stored_streamed"] += 1

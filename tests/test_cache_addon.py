@@ -52,6 +52,20 @@ def test_store_and_hit(cache):
     assert "TCP_MEM_HIT" in f.comment
 
 
+@pytest.mark.parametrize("version,status,reason,body", [
+    (b"HTTP/1.1", 200, b"OK", b"hello"), (b"HTTP/2.0", 304, b"Not Modified", b""),
+    (b"HTTP/1.1", 206, b"Partial Content", b"ell"), (b"HTTP/1.1", 404, b"", b"gone")])
+def test_make_response_is_the_constructor_without_its_checks(version, status, reason, body):
+    from mitmproxy import http
+    headers = ((b"Content-Type", b"text/plain"), (b"Age", b"3"))
+    fast = cachemod.make_response(version, status, reason, http.Headers(headers), body, 1234.5)
+    slow = http.Response(version, status, reason, http.Headers(headers), body, None, 1234.5, 1234.5)
+    assert type(fast) is http.Response and fast.get_state() == slow.get_state()
+    assert fast.stream == slow.stream and vars(fast).keys() == vars(slow).keys()
+    fast.headers["X"] = "1"  # its own objects, not the template's
+    assert "X" not in cachemod.make_response(version, status, reason, http.Headers(headers), body, 1.0).headers
+
+
 def test_own_answers_and_other_addons_answers_not_stored(cache):
     c, _ = cache
     f = stored_flow()
