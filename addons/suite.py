@@ -15,13 +15,18 @@ their `configure`, `running` and `done` hooks. Each member stays loadable alone
 (`mitmdump -s addons/cache.py`). What changes: mitmproxy sees one addon, named "suite",
 so `ctx.master.addons.get("cache")` finds nothing; addons talk through flow.metadata
 anyway (addons/README.md).
+
+If mitmproxy loads the suite but never applies its options (it does so, silently, when
+one option is given twice), Suite logs an error and stops the proxy: without its
+options no Relais hook would ever run, and the proxy would be open to anyone.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
-from mitmproxy import exceptions, hooks
+from mitmproxy import ctx, exceptions, hooks
 # Importing these registers every hook mitmproxy can call in hooks.all_hooks.
 import mitmproxy.addonmanager  # noqa: F401  (load)
 import mitmproxy.proxy.layers  # noqa: F401  (http, tcp, udp, tls, dns, websocket, quic)
@@ -36,14 +41,39 @@ class Suite:
 
     def __init__(self, *members):
         self.members = list(members)
+        self.configured = False
+        self._load_members = self._configure_members = None
         for event in hooks.all_hooks:
             calls = [(m, f) for m in self.members if callable(f := getattr(m, event, None))]
             if calls:
-                setattr(self, event, _dispatcher(calls))
+                setattr(self, f"_{event}_members" if event in ("load", "configure") else event, _dispatcher(calls))
         for m in self.members:  # mitmproxy finds commands among an addon's attributes
             for attr in dir(type(m)):
                 if isinstance(getattr(getattr(type(m), attr), "command_name", None), str):
                     setattr(self, f"{type(m).__name__}_{attr}", getattr(m, attr))
+
+    def load(self, loader):
+        if self._load_members:
+            self._load_members(loader)
+        try:
+            asyncio.get_running_loop().call_soon(self._check_configured)
+        except RuntimeError:  # no event loop: in-process use, where the caller configures
+            pass
+
+    def configure(self, updated):
+        self.configured = True
+        if self._configure_members:
+            self._configure_members(updated)
+
+    def _check_configured(self) -> None:
+        """mitmproxy 11 loads a script whose options it cannot apply (one given twice: --set
+        cache_dir=a --set cache_dir=b) without a word and without calling any of its hooks:
+        the proxy would run without access control. Stop it instead."""
+        if not self.configured:
+            logger.error("Relais stopped: mitmproxy loaded the suite but never applied its options "
+                         "(is an option given twice, as in --set cache_dir=a --set cache_dir=b?); "
+                         "it will not run as a proxy without access control.")
+            asyncio.get_running_loop().call_later(1, ctx.master.shutdown)  # if mitmproxy has not exited on the error
 
     def __repr__(self) -> str:
         return f"Suite({', '.join(type(m).__name__ for m in self.members)})"

@@ -84,3 +84,17 @@ def test_all_py_works_without_the_project_installed(start_proxy, origin, tmp_pat
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_path):
+    """mitmproxy 11 loads a script whose option is set twice without applying any option or
+    calling any hook; Relais must not then serve as a proxy without access control."""
+    from harness import Proxy
+    proxy = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "a")},
+                  args=["--set", f"cache_dir={tmp_path / 'b'}"], wait=False)
+    try:
+        rc = proxy.proc.wait(30)
+    finally:
+        proxy.stop()
+    assert rc != 0
+    assert "never applied its options" in proxy.text()
