@@ -1,6 +1,8 @@
 """The benchmarks' load client: curl --parallel in its own process (keep-alive), so the
 client never shares an interpreter with what is measured."""
 import os
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -54,3 +56,54 @@ def wait_idle(pid: int, timeout: float = 30.0, busy: float = 0.05) -> None:
         time.sleep(0.3)
         if cpu_seconds(pid) - before < busy * 0.3:
             return
+
+
+# --- paired runs: two proxies at once on one core -------------------------------------------------
+#
+# On a shared 2-core VM the speed of the machine itself drifts by 20 % from one minute to the next, so
+# two scenarios run one after the other compare the machine as much as the proxies. A paired run puts
+# both proxies on core 0 at the same time (their load clients and the origin on core 1): whatever slows
+# the core slows both alike, and the ratio of the requests each completes in the same seconds is the
+# ratio of their speeds.
+
+PROXY_CORE, CLIENT_CORE = "0", "1"
+
+
+def can_pin() -> bool:
+    return (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None and shutil.which("stdbuf") is not None
+
+
+def pin(pid: int, core: str) -> None:
+    """Pin a process, its threads and its child processes (the cache's disk writer) to `core`."""
+    for p in family(pid):
+        subprocess.run(["taskset", "-a", "-p", "-c", core, str(p)], capture_output=True, check=False)
+
+
+def _start(proxy_url: str, urls: list[str], tmp: Path) -> subprocess.Popen:
+    cfg = tmp / f"urls-{time.monotonic_ns()}.txt"
+    cfg.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
+    # stdbuf: one status line per answer as it completes, so that what is counted at the end is exact
+    return subprocess.Popen(["taskset", "-c", CLIENT_CORE, "stdbuf", "-oL", "curl", "-s", "--parallel",
+                             "--parallel-max", str(PARALLEL), "-x", proxy_url, "-w", "%{http_code}\\n",
+                             "-K", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+
+def paired(a: tuple[str, list[str]], b: tuple[str, list[str]], tmp: Path, seconds: float,
+           b_first: bool) -> float:
+    """Load proxies a and b (each (proxy url, urls)) at the same time for `seconds`; returns the
+    requests b completed divided by those a completed. The urls lists must outlast the run."""
+    first, second = (b, a) if b_first else (a, b)
+    procs = [_start(first[0], first[1], tmp), _start(second[0], second[1], tmp)]
+    if b_first:
+        procs.reverse()  # procs[0] is a's, procs[1] is b's
+    time.sleep(seconds)
+    counts = []
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        out, _ = p.communicate(timeout=30)
+        codes = out.decode().split()
+        bad = [c for c in codes if c not in ("200", "000")]  # 000: a transfer the interruption cut
+        assert "200" in codes and not bad, f"{len(bad)} failed requests in a paired run: {bad[:5]}"
+        counts.append(codes.count("200"))
+    return counts[1] / counts[0]

@@ -12,7 +12,12 @@ The scenarios run in interleaved rounds (bare, ceiling, ..., bare, ceiling, ...)
 reports its median, so that a noisy moment of the machine does not land on one scenario.
 
 The load client is curl --parallel in its own process (keep-alive, 8 concurrent transfers).
-Ratios are printed against the targets of issue 3; nothing is asserted on timing.
+
+This machine's speed drifts by up to 20 % between one minute and the next, more than the
+differences measured. So the ratios judged against the targets of issue 3 come from paired
+runs (tests/bench/loadgen.py): the two proxies compared run at the same time on one core,
+their clients and the origin on the other, and each ratio is the median over runs in both
+starting orders. The sequential figures are printed too. Nothing is asserted on timing.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadgen import PARALLEL, family, load, wait_idle  # noqa: E402
+from loadgen import PARALLEL, CLIENT_CORE, PROXY_CORE, can_pin, family, load, paired, pin, wait_idle  # noqa: E402
 from harness import Proxy, free_port, wait_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -66,11 +71,14 @@ def count_codes(proxy: Proxy) -> dict[str, int]:
 
 
 ROUNDS = 3          # each scenario runs once per round, rounds interleaved; the median is reported
+PAIR_ROUNDS = 4     # paired runs per ratio, half of them with each proxy started first
+PAIR_SECONDS = 6
 
 
 def test_bench_cache(tmp_path):
     origin = FastOrigin()
     runs: dict[str, list[float]] = {}
+    pairs: dict[str, list[float]] = {}
     notes: list[str] = []
     cc = "h.Cache-Control=max-age=3600"
     proxies: dict[str, Proxy] = {}
@@ -102,6 +110,23 @@ def test_bench_cache(tmp_path):
                      [f"{origin.url}/size/{SIZE}?miss={i}&round={r}&{cc}" for i in range(N)])
             scenario("all.py mem hits", proxies["all"], [hot[i % OBJECTS] for i in range(N)])
             scenario("all.py disk hits", proxies["disk"], [cold[i % OBJECTS] for i in range(N)])
+        if can_pin():
+            pin(origin.proc.pid, CLIENT_CORE)
+            for p in proxies.values():
+                pin(p.proc.pid, PROXY_CORE)
+            many = 40 * N  # more than a run can use
+            relay = [relay_urls[i % len(relay_urls)] for i in range(many)]
+            for r in range(PAIR_ROUNDS):
+                b_first = r % 2 == 1  # each order as often: the one started first may have an edge
+                for name, a, b in (
+                        ("misses / bare relay", ("bare relay", relay),
+                         ("all", [f"{origin.url}/size/{SIZE}?pmiss={i}&round={r}&{cc}" for i in range(many)])),
+                        ("mem hits / ceiling", ("ceiling", relay), ("all", [hot[i % OBJECTS] for i in range(many)])),
+                        ("disk hits / ceiling", ("ceiling", relay), ("disk", [cold[i % OBJECTS] for i in range(many)]))):
+                    for p in (proxies[a[0]], proxies[b[0]]):
+                        wait_idle(p.proc.pid)
+                    pairs.setdefault(name, []).append(paired((proxies[a[0]].url, a[1]), (proxies[b[0]].url, b[1]),
+                                                             tmp_path, PAIR_SECONDS, b_first))
         notes.append(f"all.py log codes: {count_codes(proxies['all'])}")
         notes.append(f"disk run log codes: {count_codes(proxies['disk'])}")
         for p in proxies.values():
@@ -130,12 +155,21 @@ def test_bench_cache(tmp_path):
     for name, rps in results.items():
         print(f"  {name:18s} {rps:8.0f} req/s   rounds: {' '.join(f'{v:.0f}' for v in runs[name])}")
     print(f"  ceiling / bare relay        {ceiling / bare:5.2f}x")
-    rows = [
-        ("mem hits / ceiling", results["all.py mem hits"] / ceiling, 0.95),
-        ("disk hits / ceiling", results["all.py disk hits"] / ceiling, 0.85),
-        ("misses / bare relay", results["all.py misses"] / bare, 0.85),
-    ]
-    for name, ratio, target in rows:
+    targets = {"mem hits / ceiling": 0.95, "disk hits / ceiling": 0.85, "misses / bare relay": 0.85}
+    sequential = {"mem hits / ceiling": results["all.py mem hits"] / ceiling,
+                  "disk hits / ceiling": results["all.py disk hits"] / ceiling,
+                  "misses / bare relay": results["all.py misses"] / bare}
+    if pairs:
+        print(f"  ratios from paired runs (both proxies at once on one core, {PAIR_ROUNDS} runs of "
+              f"{PAIR_SECONDS} s each, median; the machine's drift cancels out):")
+        for name, target in targets.items():
+            ratio = statistics.median(pairs[name])
+            print(f"  {name:26s} {ratio:5.2f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}"
+                  f"   runs: {' '.join(f'{v:.2f}' for v in pairs[name])}")
+        print("  the same ratios from the sequential medians above (they also compare the machine's speed "
+              "at different moments):")
+    for name, target in targets.items():
+        ratio = sequential[name]
         print(f"  {name:26s} {ratio:5.2f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}")
     limit = CACHE_MEM_MB + 150
     print(f"  peak RSS filling {10 * CACHE_MEM_MB} MB with cache_mem {CACHE_MEM_MB} MB: {rss:.0f} MB "
@@ -146,4 +180,4 @@ def test_bench_cache(tmp_path):
           f"disk hits / pipeline ceiling {results['all.py disk hits'] / pipe:5.2f}x")
     for n in notes:
         print("  " + n)
-    assert all(v > 0 for v in results.values())
+    assert all(v > 0 for v in results.values()) and all(v > 0 for r in pairs.values() for v in r)
