@@ -44,7 +44,7 @@ class Suite:
         self.configured = False
         self._load_members = self._configure_members = None
         for event in hooks.all_hooks:
-            calls = [(m, f) for m in self.members if callable(f := getattr(m, event, None))]
+            calls = [f for m in self.members if callable(f := getattr(m, event, None))]
             if calls:
                 setattr(self, f"_{event}_members" if event in ("load", "configure") else event, _dispatcher(calls))
         for m in self.members:  # mitmproxy finds commands among an addon's attributes
@@ -79,35 +79,35 @@ class Suite:
         return f"Suite({', '.join(type(m).__name__ for m in self.members)})"
 
 
-def _failed(member, exc: Exception) -> None:
+def _failed(exc: Exception) -> None:
     logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, exc.__traceback__.tb_next))
 
 
 def _dispatcher(calls: list):
     def dispatch(*args):
-        for i, (member, fn) in enumerate(calls):
+        for i, fn in enumerate(calls):
             try:
                 res = fn(*args)
             except PASS_UP:
                 raise
             except Exception as e:
-                _failed(member, e)
+                _failed(e)
                 continue
             if res is not None and inspect.isawaitable(res):
                 # the rest waits for this one, as mitmproxy awaits each addon in turn
-                return _finish(res, member, calls[i + 1:], args)
+                return _finish(res, calls[i + 1:], args)
         return None
     return dispatch
 
 
-async def _finish(pending, member, rest: list, args) -> None:
+async def _finish(pending, rest: list, args) -> None:
     try:
         await pending
     except PASS_UP:
         raise
     except Exception as e:
-        _failed(member, e)
-    for member, fn in rest:
+        _failed(e)
+    for fn in rest:
         try:
             res = fn(*args)
             if res is not None and inspect.isawaitable(res):
@@ -115,4 +115,4 @@ async def _finish(pending, member, rest: list, args) -> None:
         except PASS_UP:
             raise
         except Exception as e:
-            _failed(member, e)
+            _failed(e)
