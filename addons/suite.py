@@ -4,17 +4,20 @@ mitmproxy calls every hook on every addon it knows, through a few layers of gene
 dispatch per addon and per event, eight events per request. With the suite's addons
 registered one by one, that dispatch alone cost about as much as answering a cache hit.
 Suite is one addon: for each hook, it calls the members that define it, in order, with
-mitmproxy's own rules:
+the rules mitmproxy applies to the addons of one script:
 
 - a hook that returns an awaitable is awaited before the next member's hook runs;
 - an exception in one member's hook is logged as mitmproxy logs it ("Addon error: ...")
-  and the next member still runs; AddonHalt and OptionsError go up, as in mitmproxy.
+  and the later members' hooks for that event are skipped; AddonHalt and OptionsError
+  go up, as in mitmproxy;
+- lifecycle hooks (load, configure, running, done) must not be coroutines, since
+  mitmproxy may call them synchronously.
 
 The members keep their options (each one's `load` declares them), their commands, and
 their `configure`, `running` and `done` hooks. Each member stays loadable alone
-(`mitmdump -s addons/cache.py`). What changes: mitmproxy sees one addon, named "suite",
-so `ctx.master.addons.get("cache")` finds nothing; addons talk through flow.metadata
-anyway (addons/README.md).
+(`mitmdump -s addons/cache.py`). mitmproxy's table of addon names lists them too, so
+`ctx.master.addons.get("cache")` finds the cache, and loading one a second time
+(`-s addons/all.py -s addons/cache.py`) is refused as before.
 
 If mitmproxy loads the suite but never applies its options (it does so, silently, when
 one option is given twice), Suite logs an error and stops the proxy: without its
@@ -34,6 +37,8 @@ import mitmproxy.proxy.server_hooks  # noqa: F401  (client/server connection eve
 
 logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs addon errors
 PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
+LIFECYCLE = ("load", "configure", "running", "done")
+OWN = ("load", "configure", "done")  # Suite's own methods, which call the members' hooks
 
 
 class Suite:
@@ -42,17 +47,22 @@ class Suite:
     def __init__(self, *members):
         self.members = list(members)
         self.configured = False
-        self._load_members = self._configure_members = None
+        self._load_members = self._configure_members = self._done_members = None
+        for m in self.members:
+            for event in LIFECYCLE:
+                if inspect.iscoroutinefunction(getattr(m, event, None)):
+                    raise TypeError(f"{type(m).__name__}.{event} is a coroutine; mitmproxy may call it synchronously")
         for event in hooks.all_hooks:
             calls = [f for m in self.members if callable(f := getattr(m, event, None))]
             if calls:
-                setattr(self, f"_{event}_members" if event in ("load", "configure") else event, _dispatcher(calls))
+                setattr(self, f"_{event}_members" if event in OWN else event, _dispatcher(calls))
         for m in self.members:  # mitmproxy finds commands among an addon's attributes
             for attr in dir(type(m)):
                 if isinstance(getattr(getattr(type(m), attr), "command_name", None), str):
                     setattr(self, f"{type(m).__name__}_{attr}", getattr(m, attr))
 
     def load(self, loader):
+        self._names(add=True)
         if self._load_members:
             self._load_members(loader)
         try:
@@ -64,6 +74,27 @@ class Suite:
         self.configured = True
         if self._configure_members:
             self._configure_members(updated)
+
+    def done(self):
+        if self._done_members:
+            self._done_members()
+        self._names(add=False)
+
+    def _names(self, add: bool) -> None:
+        """The members' names in mitmproxy's table of addons, as if each were loaded by itself."""
+        table = getattr(getattr(ctx.master, "addons", None), "lookup", None) if hasattr(ctx, "master") else None
+        if not isinstance(table, dict):
+            return
+        named = {getattr(m, "name", type(m).__name__.lower()): m for m in self.members}
+        if not add:
+            for name, m in named.items():
+                if table.get(name) is m:
+                    del table[name]
+            return
+        for name, m in named.items():
+            if table.get(name, m) is not m:
+                raise exceptions.AddonManagerError(f"An addon called '{name}' already exists.")
+        table.update(named)
 
     def _check_configured(self) -> None:
         """mitmproxy 11 loads a script whose options it cannot apply (one given twice: --set
@@ -90,9 +121,9 @@ def _dispatcher(calls: list):
                 res = fn(*args)
             except PASS_UP:
                 raise
-            except Exception as e:
+            except Exception as e:  # the later members' hooks are skipped, as within one script
                 _failed(e)
-                continue
+                return None
             if res is not None and inspect.isawaitable(res):
                 # the rest waits for this one, as mitmproxy awaits each addon in turn
                 return _finish(res, calls[i + 1:], args)
@@ -103,16 +134,11 @@ def _dispatcher(calls: list):
 async def _finish(pending, rest: list, args) -> None:
     try:
         await pending
+        for fn in rest:
+            res = fn(*args)
+            if res is not None and inspect.isawaitable(res):
+                await res
     except PASS_UP:
         raise
     except Exception as e:
         _failed(e)
-    for fn in rest:
-        try:
-            res = fn(*args)
-            if res is not None and inspect.isawaitable(res):
-                await res
-        except PASS_UP:
-            raise
-        except Exception as e:
-            _failed(e)

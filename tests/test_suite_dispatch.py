@@ -81,13 +81,64 @@ def test_an_awaitable_hook_holds_back_the_next_member():
     assert calls == [("slow", "started"), ("slow", "done"), ("after", "slow")]
 
 
-def test_an_error_is_logged_and_the_next_member_still_runs(caplog):
+def test_an_error_is_logged_and_skips_the_later_members_for_that_event(caplog):
+    """As within one script: an access check that crashed must not be followed by a cache answer."""
     calls = []
-    s = Suite(Broken(), Recorder("after", calls))
+    s = Suite(Recorder("before", calls), Broken(), Recorder("after", calls))
     with caplog.at_level(logging.ERROR):
-        s.requestheaders(tflow.tflow())
-    assert calls == [("after", None)]
+        assert s.requestheaders(tflow.tflow()) is None
+    assert calls == [("before", None)]
     assert "Addon error: boom" in caplog.text and "ValueError" in caplog.text
+
+
+class BrokenLater(Slow):
+    def requestheaders(self, flow):
+        async def later():
+            raise ValueError("late boom")
+        return later()
+
+
+def test_an_error_in_an_awaited_hook_skips_the_later_members_too(caplog):
+    calls = []
+    s = Suite(BrokenLater("x", calls), Recorder("after", calls))
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(s.requestheaders(tflow.tflow()))
+    assert calls == [] and "Addon error: late boom" in caplog.text
+
+
+class AsyncRunning:
+    async def running(self):
+        pass
+
+
+def test_a_coroutine_lifecycle_hook_is_refused():
+    with pytest.raises(TypeError, match="AsyncRunning.running"):
+        Suite(AsyncRunning())
+
+
+class Cache:  # named like the real one: mitmproxy knows addons by their lower-cased class name
+    pass
+
+
+def test_members_are_known_to_mitmproxy_by_name_and_not_loaded_twice():
+    member = Cache()
+    with taddons.context(Suite(member, Recorder("x", []))) as tctx:
+        assert tctx.master.addons.get("cache") is member
+        with pytest.raises(exceptions.AddonManagerError, match="'cache' already exists"):
+            tctx.master.addons.add(Cache())  # -s addons/all.py -s addons/cache.py
+    alone = Cache()
+    with taddons.context(alone) as tctx:
+        with pytest.raises(exceptions.AddonManagerError, match="'cache' already exists"):
+            tctx.master.addons.add(Suite(Cache(), Recorder("x", [])))  # the other order
+        assert tctx.master.addons.get("cache") is alone and tctx.master.addons.get("recorder") is None
+
+
+def test_done_takes_the_members_names_back():
+    s = Suite(Cache())
+    with taddons.context(s) as tctx:
+        tctx.master.addons.remove(s)
+        assert tctx.master.addons.get("cache") is None
+        tctx.master.addons.add(Suite(Cache()))  # as a script reload does
 
 
 def test_options_configure_and_commands_of_members_reach_mitmproxy():

@@ -79,13 +79,17 @@ def pin(pid: int, core: str) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", core, str(p)], capture_output=True, check=False)
 
 
-def _start(proxy_url: str, urls: list[str], tmp: Path) -> subprocess.Popen:
-    cfg = tmp / f"urls-{time.monotonic_ns()}.txt"
+def _start(proxy_url: str, urls: list[str], tmp: Path) -> tuple[subprocess.Popen, Path]:
+    stem = tmp / f"paired-{time.monotonic_ns()}"
+    cfg, out = stem.with_suffix(".urls"), stem.with_suffix(".codes")
     cfg.write_text("".join(f'url = "{u}"\noutput = "/dev/null"\n' for u in urls))
-    # stdbuf: one status line per answer as it completes, so that what is counted at the end is exact
-    return subprocess.Popen(["taskset", "-c", CLIENT_CORE, "stdbuf", "-oL", "curl", "-s", "--parallel",
-                             "--parallel-max", str(PARALLEL), "-x", proxy_url, "-w", "%{http_code}\\n",
-                             "-K", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # stdbuf: one status line per answer as it completes, so that what is counted at the end is exact;
+    # into a file, which never fills up as a pipe would
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(["taskset", "-c", CLIENT_CORE, "stdbuf", "-oL", "curl", "-s", "--parallel",
+                                 "--parallel-max", str(PARALLEL), "-x", proxy_url, "-w", "%{http_code}\\n",
+                                 "-K", str(cfg)], stdout=f, stderr=subprocess.DEVNULL)
+    return proc, out
 
 
 def paired(a: tuple[str, list[str]], b: tuple[str, list[str]], tmp: Path, seconds: float,
@@ -93,16 +97,25 @@ def paired(a: tuple[str, list[str]], b: tuple[str, list[str]], tmp: Path, second
     """Load proxies a and b (each (proxy url, urls)) at the same time for `seconds`; returns the
     requests b completed divided by those a completed. The urls lists must outlast the run."""
     first, second = (b, a) if b_first else (a, b)
-    procs = [_start(first[0], first[1], tmp), _start(second[0], second[1], tmp)]
+    started = []
+    try:
+        started.append(_start(first[0], first[1], tmp))
+        started.append(_start(second[0], second[1], tmp))
+        time.sleep(seconds)
+    finally:
+        for p, _ in started:
+            p.send_signal(signal.SIGINT)
+        for p, _ in started:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
     if b_first:
-        procs.reverse()  # procs[0] is a's, procs[1] is b's
-    time.sleep(seconds)
+        started.reverse()  # started[0] is a's, started[1] is b's
     counts = []
-    for p in procs:
-        p.send_signal(signal.SIGINT)
-    for p in procs:
-        out, _ = p.communicate(timeout=30)
-        codes = out.decode().split()
+    for _, out in started:
+        codes = out.read_text().split()
         bad = [c for c in codes if c not in ("200", "000")]  # 000: a transfer the interruption cut
         assert "200" in codes and not bad, f"{len(bad)} failed requests in a paired run: {bad[:5]}"
         counts.append(codes.count("200"))
