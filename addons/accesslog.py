@@ -465,8 +465,8 @@ class AccessLog:
         self.logged.add(flow.id)
         if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
             self.intercepted.add(flow.client_conn)
-        if self.writer:
-            self.writer.put(self.format(http_record(flow, self.strip_query, aborted, combined=self.combined)))
+        if self.writer:  # the record is built only for a log that is written
+            self.write(http_record(flow, self.strip_query, aborted, combined=self.combined))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:

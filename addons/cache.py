@@ -184,7 +184,7 @@ class _Derived:
         self.cc = rfc9111.cache_control(policy)
 
 
-_VERSIONS = {v: v for v in (b"HTTP/1.1", b"HTTP/2.0", b"HTTP/3")}  # what a stored response is served as
+_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/2.0", b"HTTP/3"})  # a hit answers in the request's version, or 1.1
 _TEMPLATE = http.Response.make(200)
 
 
@@ -509,7 +509,7 @@ class Cache:
                 headers["Content-Length"] = str(len(body))
         if req.method == "HEAD":
             body = b""
-        version = _VERSIONS.get(req.data.http_version, b"HTTP/1.1")
+        version = req.data.http_version if req.data.http_version in _VERSIONS else b"HTTP/1.1"
         reason = reason.encode("utf-8", "surrogateescape") if isinstance(reason, str) else reason
         return make_response(version, status, reason, headers, body, time.time()), cond
 

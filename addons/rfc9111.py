@@ -747,13 +747,13 @@ def head_mismatch(stored_headers, head_headers) -> bool:
 
 def storable_headers(headers) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
-    items = headers if isinstance(headers, Fields) else _items(headers)
+    items = headers if isinstance(headers, Fields) else Fields(_items(headers))
     lows = [k.lower() for k, _ in items]
     drop = HOP_BY_HOP
     if "connection" in lows:
         drop = drop | {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")}
     if "cache-control" in lows:
-        cc = cache_control(headers if isinstance(headers, Fields) else items)
+        cc = cache_control(items)
         # 5.2.2.7: a shared cache does not store the fields named by private="..."; 5.2.2.4: nor those
         # named by no-cache="...", which must not be sent without revalidation
         for name in ("private", "no-cache"):

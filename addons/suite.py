@@ -85,7 +85,7 @@ class Suite:
         table = getattr(getattr(ctx.master, "addons", None), "lookup", None) if hasattr(ctx, "master") else None
         if not isinstance(table, dict):
             return
-        named = {getattr(m, "name", type(m).__name__.lower()): m for m in self.members}
+        named = {getattr(m, "name", type(m).__name__.lower()): m for m in self.members}  # mitmproxy's naming
         if not add:
             for name, m in named.items():
                 if table.get(name) is m:

@@ -89,6 +89,19 @@ class TestDates:
     def test_roundtrip(self):
         assert r.parse_http_date(r.format_http_date(NOW)) == NOW
 
+    def test_a_remembered_date_is_the_same_and_rfc850_years_follow_today(self):
+        imf = "Sun, 06 Nov 1994 08:49:37 GMT"
+        assert r.parse_http_date(imf) == r.parse_http_date(imf) == 784111777.0
+        rfc850 = "Sunday, 06-Nov-94 08:49:37 GMT"  # two-digit year: 1994 seen from 2026, 2094 from 2060
+        assert r.parse_http_date(rfc850, now=1_800_000_000) == 784111777.0
+        import calendar
+        assert r.parse_http_date(rfc850, now=2_840_000_000) == calendar.timegm((2094, 11, 6, 8, 49, 37, 0, 0, 0))
+
+
+def test_split_list_with_and_without_quoted_strings():  # RFC 9110 5.6.1
+    assert r.split_list([" a , ,b,", "c"]) == ["a", "b", "c"]
+    assert r.split_list(['a="x, y", b', ' "q\\"r" ']) == ['a="x, y"', "b", '"q\\"r"']
+
 
 # --- 3 storing responses ----------------------------------------------------------
 
