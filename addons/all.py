@@ -22,7 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from addons import accesslog, acl, anonymize, cache, errors  # noqa: E402
-from addons.suite import Suite  # noqa: E402
+from addons.suite import Suite, no_missing_hooks  # noqa: E402
 
 pipeline = [
     acl.AccessControl(),
@@ -32,3 +32,4 @@ pipeline = [
     accesslog.AccessLog(),
 ]
 addons = [Suite(*pipeline)]
+no_missing_hooks(globals())

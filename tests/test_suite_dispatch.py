@@ -150,3 +150,32 @@ def test_options_configure_and_commands_of_members_reach_mitmproxy():
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(s, suite_test_value=-1)
         assert tctx.master.commands.call("suitetest.hello") == "hello"
+
+
+def test_the_script_module_names_every_hook_so_mitmproxy_finds_none_missing():
+    """mitmproxy looks every event up on the script module; all.py names them all, as None
+    where the module has no hook of its own, and mitmproxy then calls nothing there."""
+    import types
+
+    from mitmproxy import hooks
+    from addons.suite import no_missing_hooks
+
+    ns = types.ModuleType("script")
+    ns.addons = [Suite(Recorder("a", []))]
+    ns.request = print  # a hook the module defines itself is kept
+    no_missing_hooks(ns.__dict__)
+    assert all(hasattr(ns, event) for event in hooks.all_hooks)
+    assert ns.request is print and ns.requestheaders is None and ns.update is None
+    with taddons.context() as tctx:
+        manager = tctx.master.addons
+        called = lambda event: [a for a, _ in manager._iter_hooks(ns, event)]  # noqa: E731
+        f = tflow.tflow()
+        assert called(hooks.all_hooks["requestheaders"](f)) == [ns.addons[0]]
+        assert called(hooks.UpdateHook([f])) == []
+        assert called(hooks.all_hooks["request"](f)) == [ns]
+
+
+def test_all_py_names_every_hook():
+    import addons.all as suite_script
+    from mitmproxy import hooks
+    assert all(hasattr(suite_script, event) for event in hooks.all_hooks)
