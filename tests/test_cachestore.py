@@ -161,3 +161,24 @@ def test_a_write_that_cannot_be_sent_to_the_writer_is_dropped_alone(tmp_path, ca
     assert "disk write failed (put)" in caplog.text and s.disk.backlog == 0
     assert s.get("http://a/ok", "-")[0].body == SMALL and s.get("http://a/bad", "-") == (None, None)
     s.close()
+
+
+def test_the_disk_tier_stays_within_its_size_evicting_the_least_recently_stored(tmp_path):
+    limit = 2 << 20
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=limit)
+    try:
+        body = b"B" * (200 * 1024)  # files of their own: the volume counts them
+        urls = [f"http://a/{i}" for i in range(40)]  # 8 MB through a 2 MB disk tier
+        for u in urls:
+            s.put(u, meta(u, body), body)
+            if u.endswith("0"):
+                s.disk.flush()  # several batches, each culled after its commit
+        s.disk.flush()
+        assert s.disk.volume() <= limit
+        kept = [u for u in urls if s.disk.get_entry(u, "-") is not None]
+        assert kept and len(kept) < len(urls)
+        assert kept == urls[-len(kept):], "the least recently stored go first"
+        entry, tier = s.get(urls[-1], "-")
+        assert tier == "disk" and entry.body == body
+    finally:
+        s.close()
