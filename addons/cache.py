@@ -169,7 +169,7 @@ def _header(headers: http.Headers, name: bytes) -> str | None:
 
 
 _CONDITIONALS = (b"if-none-match", b"if-modified-since")
-_RECOMPUTED = ("x-cache", "age", "content-length")  # stored headers without these fields
+_RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
 
 
 class _Derived:
@@ -369,8 +369,8 @@ class Cache:
     def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
         req = flow.request
         entry, tier = self.lookup(key, req.headers)
+        names = _names(req.headers)
         if entry is None:
-            names = _names(req.headers)
             if b"cache-control" in names and rfc9111.only_if_cached(req.headers):
                 return self._only_if_cached(flow)
             if failure:
@@ -389,12 +389,13 @@ class Cache:
         now = time.time()
         m = entry.meta
         age = m.age(now)
-        d = rfc9111.decide(req.headers, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
+        # without Cache-Control or Pragma the request asks nothing: decide() need not read its fields
+        asks = req.headers if b"cache-control" in names or b"pragma" in names else ()
+        d = rfc9111.decide(asks, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
         if d.action == rfc9111.RELOAD:
             self.counts["reload"] += 1
             return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
         if d.serve:
-            names = _names(req.headers)
             if (b"if-match" in names or b"if-unmodified-since" in names) and \
                     not rfc9111.cache_can_evaluate(req.headers):
                 return None  # If-Match / If-Unmodified-Since: the origin decides
@@ -641,7 +642,7 @@ class Cache:
         if lifetime <= 0 and not rfc9111.validators(rh):
             return None  # never fresh and cannot be revalidated: storing it is useless
         # Age and X-Cache are recomputed when served; Content-Length is the stored body's, added by the caller
-        headers = [(k, v) for k, v in rfc9111.storable_headers(rh) if k.lower() not in _RECOMPUTED]
+        headers = rfc9111.storable_headers(rh, also_drop=_RECOMPUTED)
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
             headers=headers, request_time=request_time, response_time=response_time,

@@ -79,9 +79,10 @@ class Fields(list):
     def __init__(self, items: Iterable[tuple[str, str]] = ()):
         super().__init__(items)
         self.cc: CacheControl | None = None  # cache_control() of these fields, once asked
+        self.lows = [k.lower() for k, _ in self]  # the names in lower case, in order
         self.index: dict[str, list[str]] = {}
-        for k, v in self:
-            self.index.setdefault(k.lower(), []).append(v)
+        for low, (_, v) in zip(self.lows, self):
+            self.index.setdefault(low, []).append(v)
 
     def get_all(self, name: str) -> list[str]:
         return self.index.get(name.lower(), [])  # the module's get_all copies it
@@ -745,11 +746,12 @@ def head_mismatch(stored_headers, head_headers) -> bool:
     return False
 
 
-def storable_headers(headers) -> list[tuple[str, str]]:
-    """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed)."""
+def storable_headers(headers, also_drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed,
+    and the lower-case names in `also_drop`)."""
     items = headers if isinstance(headers, Fields) else Fields(_items(headers))
-    lows = [k.lower() for k, _ in items]
-    drop = HOP_BY_HOP
+    lows = items.lows
+    drop = HOP_BY_HOP | also_drop if also_drop else HOP_BY_HOP
     if "connection" in lows:
         drop = drop | {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")}
     if "cache-control" in lows:
