@@ -183,7 +183,10 @@ class DiskTier:
 
     MAX_BACKLOG = 64 * 1024 * 1024  # bytes of queued writes before new writes are dropped
     INLINE_MAX = 16 * 1024  # bodies up to this size are stored in the metadata's row
-    GATHER = 0.05  # seconds a write waits for others to be sent (and committed) with it
+    # seconds a write waits for others to be sent and committed with it: a commit rewrites the same
+    # index pages whatever the batch's size (0.2 s instead of 0.05 s: 42 instead of 65 us of the
+    # writer's CPU per stored object). The entry is in RAM meanwhile, unless cache_mem is 0.
+    GATHER = 0.2
 
     def __init__(self, directory: Path, limit: int):
         self.directory = Path(directory)
@@ -517,7 +520,7 @@ class _Writer:
     """Applies the operations in order, a frame at a time; its writes are committed together."""
 
     BATCHED = frozenset({"put", "meta", "drop", "remove"})  # ops applied together in one SQLite transaction
-    BATCH_OPS = 64
+    BATCH_OPS = 256  # a commit every 256 writes at most (about 0.2 s of misses at 1,000/s)
     BATCH_BYTES = 8 * 1024 * 1024
 
     def __init__(self, dc, source, sink):
