@@ -187,6 +187,7 @@ class DiskTier:
     # index pages whatever the batch's size (0.2 s instead of 0.05 s: 42 instead of 65 us of the
     # writer's CPU per stored object). The entry is in RAM meanwhile, unless cache_mem is 0.
     GATHER = 0.2
+    FRAME_BYTES = 2 * 1024 * 1024
 
     def __init__(self, directory: Path, limit: int):
         self.directory = Path(directory)
@@ -379,14 +380,7 @@ class DiskTier:
         """Queued operations to the writer process; what is queued together goes in one write."""
         pipe = self.proc.stdin
         while True:
-            ops = [self.q.get()]
-            if ops[0] is not None and ops[0][0] != "flush":
-                time.sleep(self.GATHER)  # let a burst gather: one write and one transaction for many puts
-            while ops[-1] is not None:
-                try:
-                    ops.append(self.q.get_nowait())
-                except queue.Empty:
-                    break
+            ops = self._gather()
             end = ops[-1] is None
             try:
                 if len(ops) > end:
@@ -398,6 +392,26 @@ class DiskTier:
                 pass
             if end:
                 return
+
+    def _gather(self) -> list:
+        """The next operations to send in one write (and commit in one transaction): those queued
+        within GATHER seconds of the first, up to FRAME_BYTES of bodies (a frame is in memory twice,
+        pickled here and unpickled in the writer); a flush or the end goes at once."""
+        ops = [self.q.get()]
+        size = _body_bytes(ops[0])
+        deadline = time.monotonic() + self.GATHER
+        while ops[-1] is not None and ops[-1][0] != "flush" and size < self.FRAME_BYTES:
+            try:
+                op = self.q.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, self.GATHER / 10))  # a few wake-ups, not one per queued write
+                continue
+            ops.append(op)
+            size += _body_bytes(op)
+        return ops
 
     def _encode(self, ops: list) -> bytes:
         try:
@@ -477,6 +491,11 @@ def _open(directory: Path, limit: int):
     import diskcache
     return diskcache.Cache(str(directory), size_limit=limit, eviction_policy="least-recently-stored",
                            cull_limit=10, statistics=False)
+
+
+def _body_bytes(op) -> int:
+    """Bytes of body an operation carries in memory (a put of a streamed body carries a path)."""
+    return len(op[3]) if op is not None and op[0] == "put" and op[3] else 0
 
 
 def _frame(obj) -> bytes:
