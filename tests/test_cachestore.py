@@ -182,3 +182,21 @@ def test_the_disk_tier_stays_within_its_size_evicting_the_least_recently_stored(
         assert tier == "disk" and entry.body == body
     finally:
         s.close()
+
+
+def test_the_sender_gathers_writes_within_a_time_and_a_size():
+    import queue
+    import time
+
+    d = cs.DiskTier.__new__(cs.DiskTier)  # the gathering alone: no writer process
+    d.q, d.GATHER, d.FRAME_BYTES = queue.SimpleQueue(), 0.2, 1000
+    put = lambda n: ("put", "http://a/", None, b"x" * n, None, None, False)  # noqa: E731
+    for _ in range(5):
+        d.q.put(put(300))
+    first = d._gather()
+    assert len(first) == 4, "stops once the bodies reach FRAME_BYTES; the rest waits for the next frame"
+    d.q.put(("flush", 1))
+    d.q.put(put(10))
+    assert [op[0] for op in d._gather()] == ["put", "flush"], "a flush goes at once"
+    start = time.monotonic()
+    assert len(d._gather()) == 1 and time.monotonic() - start >= 0.19, "a lone write waits GATHER for others"
