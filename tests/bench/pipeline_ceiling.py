@@ -13,3 +13,4 @@ from addons.cache import Cache  # noqa: E402
 from ceiling_addon import Ceiling  # noqa: E402
 
 addons = [suite.Suite(*(Ceiling() if isinstance(a, Cache) else a for a in suite.pipeline))]
+suite.no_missing_hooks(globals())  # as all.py does
