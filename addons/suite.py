@@ -39,6 +39,7 @@ logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs add
 PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
 LIFECYCLE = ("load", "configure", "running", "done")
 OWN = ("load", "configure", "done")  # Suite's own methods, which call the members' hooks
+WARNED = frozenset({"add_log"})  # mitmproxy warns of a deprecated hook when a script has the name at all
 
 
 class Suite:
@@ -119,7 +120,8 @@ def no_missing_hooks(namespace: dict) -> None:
     skips a hook that is None.
     """
     for event in hooks.all_hooks:
-        namespace.setdefault(event, None)
+        if event not in WARNED:
+            namespace.setdefault(event, None)
 
 
 def _failed(exc: Exception) -> None:
