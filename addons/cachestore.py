@@ -12,7 +12,9 @@ the HTTP decisions (rfc9111.py) and uses this for bytes.
   than `mem_object_max` never kept there.
 - Disk: diskcache (SQLite + files) bounded by `disk_limit` bytes, culled in
   least-recently-stored order after each batch of writes (diskcache's own cull
-  on every write measured its volume each time: an eighth of the writer's work). A small body is stored with its
+  on every write measured its volume each time: an eighth of the writer's work).
+  A batch holds at most 1/16 of the limit (8 MB at most) plus one object, so the
+  tier never goes over by more than that, and only until the batch is culled. A small body is stored with its
   metadata in one value (one SQLite row, one write); a larger one under its
   own key, unique per stored version, written before the metadata. The
   metadata records the body's length and BLAKE2b digest: a body that does not
@@ -545,6 +547,8 @@ class _Writer:
     def __init__(self, dc, source, sink):
         self.dc, self.source, self.sink = dc, source, sink
         self.acks: list[tuple] = []
+        # the tier is culled after each batch: until then it may hold one batch (and one object) too many
+        self.batch_bytes = min(self.BATCH_BYTES, max(1, int(dc.size_limit) // 16))
 
     def _warn(self, msg: str) -> None:
         self.acks.append(("log", msg))
@@ -576,7 +580,7 @@ class _Writer:
                 continue
             batch, size = [], 0
             while i < len(ops) and ops[i][0] in self.BATCHED and len(batch) < self.BATCH_OPS \
-                    and size < self.BATCH_BYTES:
+                    and size < self.batch_bytes:
                 batch.append(ops[i])
                 if ops[i][0] == "put":
                     size += ops[i][2].length
