@@ -111,7 +111,7 @@ def test_bench_cache(tmp_path):
             runs.setdefault(name, []).append(load(proxy.url, urls, tmp_path))
 
         for r in range(ROUNDS):
-            for name in ("bare relay", "ceiling", "ceiling in all.py"):
+            for name in ("bare relay", "ceiling", "ceiling in all.py", "all.py without cache"):
                 scenario(name, proxies[name], relay_urls)
             scenario("all.py misses", proxies["all"],
                      [f"{origin.url}/size/{SIZE}?miss={i}&round={r}&{cc}" for i in range(N)])
@@ -187,11 +187,15 @@ def test_bench_cache(tmp_path):
     limit = CACHE_MEM_MB + 150
     print(f"  peak RSS filling {10 * CACHE_MEM_MB} MB with cache_mem {CACHE_MEM_MB} MB: {rss:.0f} MB "
           f"(target < {limit} MB)  {'ok' if rss < limit else 'ABOVE TARGET'}")
-    if pairs:
-        print("  what the cache itself costs, the other Relais addons running on both sides (paired runs):")
-        for name in ("misses / all.py without cache", "mem hits / ceiling in all.py"):
-            print(f"  {name:32s} {statistics.median(pairs[name]):5.2f}x   runs: "
-                  f"{' '.join(f'{v:.2f}' for v in pairs[name])}")
+    print("  what the cache itself costs, the other Relais addons running on both sides"
+          + (" (paired runs, then sequential medians):" if pairs else " (sequential medians):"))
+    own = {"misses / all.py without cache": results["all.py misses"] / results["all.py without cache"],
+           "mem hits / ceiling in all.py": results["all.py mem hits"] / results["ceiling in all.py"],
+           "disk hits / ceiling in all.py": results["all.py disk hits"] / results["ceiling in all.py"]}
+    for name, ratio in own.items():
+        paired_text = (f"{statistics.median(pairs[name]):5.2f}x   runs: {' '.join(f'{v:.2f}' for v in pairs[name])};  "
+                       if name in pairs else "")
+        print(f"  {name:32s} {paired_text}sequential {ratio:5.2f}x")
     for n in notes:
         print("  " + n)
     assert all(v > 0 for v in results.values()) and all(v > 0 for r in pairs.values() for v in r)
