@@ -225,6 +225,9 @@ def _cache_control_of(values: tuple[str, ...]) -> CacheControl:
     return cc
 
 
+NO_DIRECTIVES = parse_cache_control(())
+
+
 # --- RFC 9213: targeted cache control (CDN-Cache-Control) ---------------------
 
 _SF_KEY = r"[a-z*][a-z0-9_.*-]*"
@@ -558,11 +561,11 @@ def decide(req_headers, resp_headers, age: float, lifetime: float, shared: bool 
     FRESH / STALE_OK / SWR: the stored response may be sent now (SWR: and
     refreshed in the background, RFC 5861 3).
     """
-    req_cc = cache_control(req_headers)
+    req_cc = cache_control(req_headers) if req_headers else NO_DIRECTIVES  # no fields: nothing asked
     if resp_cc is None:  # callers may pass cache_control(resp_headers), parsed before
         resp_cc = cache_control(resp_headers)
     staleness = age - lifetime
-    if "no-cache" in req_cc or pragma_no_cache(req_headers):
+    if "no-cache" in req_cc or (req_headers and pragma_no_cache(req_headers)):
         return Decision(RELOAD, "request no-cache", staleness)
     if _unqualified_no_cache(resp_cc):
         return Decision(REVALIDATE, "response no-cache", staleness)
