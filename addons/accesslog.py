@@ -128,7 +128,7 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
     if is_connect:
         url = f"{req.host}:{req.port}"
     else:
-        url = req.pretty_url if meta.mode_name(flow) in ("transparent", "reverse") else req.url
+        url = req.pretty_url if meta.mode_name(flow) in ("transparent", "reverse") else meta.request_url(req)
         if strip:
             url = strip_query(url)
     code = md.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")

@@ -277,7 +277,7 @@ class AccessControl:
         if r.method == "CONNECT":
             url, path, proto = f"{r.host}:{r.port}", "", "NONE"
         else:
-            url = r.pretty_url if by_host_header else r.url
+            url = r.pretty_url if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
         return self._request(flow.client_conn, method=r.method, proto=proto, host=host, port=r.port,
                              path=path, url=url, headers=r.headers, user=meta.user(flow), dst_ips=dst)

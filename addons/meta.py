@@ -63,6 +63,19 @@ def user(flow) -> str | None:
     return auth[0] if auth else None
 
 
+def request_url(request) -> str:
+    """request.url of a request that is not CONNECT, computed as mitmproxy computes it but from
+    request.data directly (its property passes through six others: 1.7 us, on every request).
+    tests/test_suite.py checks both agree."""
+    d = request.data
+    scheme, port, path = d.scheme.decode("utf-8", "surrogateescape"), d.port, d.path.decode("utf-8", "surrogateescape")
+    if path == "*":
+        path = ""
+    if (scheme == "http" and port == 80) or (scheme == "https" and port == 443):
+        return f"{scheme}://{d.host}{path}"
+    return f"{scheme}://{d.host}:{port}{path}"
+
+
 def mode_name(flow) -> str:
     """The listener the flow came through, e.g. "regular", "socks5", "reverse"."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
