@@ -162,13 +162,6 @@ def _names(headers: http.Headers) -> set[bytes]:
     return {k.lower() for k, _ in headers.fields}
 
 
-def _header(headers: http.Headers, name: bytes) -> str | None:
-    """headers.get(name) (values of repeated fields joined with ", "), for a lower-case bytes name."""
-    values = [v.decode("utf-8", "surrogateescape") for k, v in headers.fields if k.lower() == name]
-    return ", ".join(values) if values else None
-
-
-_CONDITIONALS = (b"if-none-match", b"if-modified-since")
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
 
 
@@ -798,15 +791,14 @@ class Cache:
         body = resp.raw_content
         if body is None or flow.error:
             return
-        rh = resp.headers
-        cl = _header(rh, b"content-length")
-        if cl is not None and b"transfer-encoding" not in _names(rh):
+        fields = rfc9111.Fields.of(resp.headers)  # indexed once for the many look-ups below
+        cl = fields.index.get("content-length")
+        if cl is not None and "transfer-encoding" not in fields.index:
             try:
-                if int(cl) != len(body):
+                if int(", ".join(cl)) != len(body):
                     return  # truncated
             except ValueError:
                 return
-        fields = rfc9111.Fields.of(rh)  # indexed once for the many look-ups below
         ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers,
                                       self._view(flow, fields), negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:

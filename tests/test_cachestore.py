@@ -204,7 +204,6 @@ def test_the_disk_tier_stays_within_its_size_evicting_the_least_recently_stored(
 
 def test_the_sender_gathers_writes_within_a_time_and_a_size():
     import queue
-    import time
 
     d = cs.DiskTier.__new__(cs.DiskTier)  # the gathering alone: no writer process
     d.q, d.GATHER, d.FRAME_BYTES = queue.SimpleQueue(), 0.2, 1000

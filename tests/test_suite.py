@@ -102,13 +102,14 @@ def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_pa
     assert "never applied its options" in proxy.text()
 
 
-@pytest.mark.parametrize("scheme", ["http", "https", "HTTP", "ftp", ""])
-@pytest.mark.parametrize("host", ["example.com", "127.0.0.1", "::1", "xn--bcher-kva.example", "", "Ex.AMPLE"])
-@pytest.mark.parametrize("port", [80, 443, 8080, 0, 65535])
-@pytest.mark.parametrize("path", ["/", "/a?b=c&d", "*", "", "/\udcff%20é", "//x"])
-def test_request_url_is_mitmproxys_url(scheme, host, port, path):
+def test_request_url_is_mitmproxys_url():
+    import itertools
+
     from mitmproxy import http
     from addons import meta
-    req = http.Request(host, port, b"GET", scheme.encode(), b"", path.encode("utf-8", "surrogateescape"),
-                       b"HTTP/1.1", http.Headers(), b"", None, 0, None)
-    assert meta.request_url(req) == req.url
+    for scheme, host, port, path in itertools.product(
+            ["http", "https", "HTTP", "ftp", ""], ["example.com", "127.0.0.1", "::1", "xn--bcher-kva.example", "", "Ex.AMPLE"],
+            [80, 443, 8080, 0, 65535], ["/", "/a?b=c&d", "*", "", "/\udcff%20é", "//x"]):
+        req = http.Request(host, port, b"GET", scheme.encode(), b"", path.encode("utf-8", "surrogateescape"),
+                           b"HTTP/1.1", http.Headers(), b"", None, 0, None)
+        assert meta.request_url(req) == req.url, (scheme, host, port, path)
