@@ -44,12 +44,13 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 NO_VARY: tuple = ()
+ONLY_NO_VARY: tuple = (NO_VARY,)  # the Vary sets of a URL whose responses have no Vary
 # body ids: unique across runs (random per process) and within one (a counter), 32 hex digits like
 # uuid4().hex, without a getrandom() system call per stored response
 _RUN_ID = os.urandom(8).hex()
@@ -95,6 +96,15 @@ class Meta:
 
     def size(self) -> int:
         return self.length + sum(len(k) + len(v) + 4 for k, v in self.headers) + 256
+
+    def __getstate__(self) -> dict:
+        # What pickle stores by default (the attributes by name), built here: the default reads
+        # __dict__, which makes Python create a dict for the instance that then stays with the
+        # entry in RAM, one more object for every full garbage collection to walk.
+        return {name: getattr(self, name) for name in _META_FIELDS}
+
+
+_META_FIELDS = tuple(f.name for f in fields(Meta))
 
 
 @dataclass
@@ -695,23 +705,29 @@ class Store:
         self.mem = MemTier(mem_limit, mem_object_max)
         self.object_max = object_max
         self.disk = DiskTier(Path(disk_dir), disk_limit) if disk_dir else None
-        self.vary_index: OrderedDict[str, list[tuple[str, ...]]] = OrderedDict()
+        # primary -> the Vary field sets stored for it, most recent first. Values are tuples, and
+        # the common one (no Vary) is one shared object: 200,000 keys cost their strings and
+        # nothing the garbage collector has to walk (a list each made every full collection slower
+        # as the proxy aged).
+        self.vary_index: OrderedDict[str, tuple[tuple[str, ...], ...]] = OrderedDict()
         self.VARY_INDEX_MAX = 200_000
 
     # --- lookups ---
-    def vary_sets(self, primary: str) -> list[tuple[str, ...]]:
+    def vary_sets(self, primary: str) -> tuple[tuple[str, ...], ...]:
         sets = self.vary_index.get(primary)
         if sets is None and self.disk is not None:
             sets = self.disk.vary_sets(primary)
             if sets is not None:
-                self._remember_vary(primary, sets)
-        return sets or []
+                sets = self._remember_vary(primary, sets)
+        return sets or ()
 
-    def _remember_vary(self, primary: str, sets) -> None:
-        self.vary_index[primary] = list(sets)
+    def _remember_vary(self, primary: str, sets) -> tuple[tuple[str, ...], ...]:
+        sets = ONLY_NO_VARY if len(sets) == 1 and sets[0] == NO_VARY else tuple(sets)
+        self.vary_index[primary] = sets
         self.vary_index.move_to_end(primary)
         if len(self.vary_index) > self.VARY_INDEX_MAX:
             self.vary_index.popitem(last=False)
+        return sets
 
     def get(self, primary: str, vh: str) -> tuple[Entry | None, str | None]:
         e = self.mem.get((primary, vh))
@@ -727,12 +743,11 @@ class Store:
         return e, "disk"
 
     # --- writes ---
-    def add_vary(self, primary: str, fields: tuple[str, ...]) -> list:
+    def add_vary(self, primary: str, fields: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
         sets = self.vary_sets(primary)
         if fields not in sets:
-            sets = [fields] + [s for s in sets if s != fields]
-        self._remember_vary(primary, sets)
-        return sets
+            sets = (fields, *(s for s in sets if s != fields))
+        return self._remember_vary(primary, sets)
 
     def put(self, primary: str, meta: Meta, body: bytes) -> str | None:
         """Store a complete response; returns the tier(s) it went to, or None if too big."""
