@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from itertools import chain
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http, tcp
@@ -101,13 +102,14 @@ def mime_of(headers) -> str:
 def head_size(response: http.Response) -> int:
     """Bytes of the response head as HTTP/1 sends it: status line, fields, blank line."""
     d = response.data
+    fields = d.headers.fields  # "name: value\r\n" each; summed in C, not per field in Python
     return (len(d.http_version) + len(str(d.status_code)) + len(d.reason) + 4
-            + sum(len(k) + len(v) + 4 for k, v in d.headers.fields) + 2)
+            + sum(map(len, chain.from_iterable(fields))) + 4 * len(fields) + 2)
 
 
-def body_size(flow: http.HTTPFlow) -> int:
+def body_size(flow: http.HTTPFlow, method: str | None = None) -> int:
     resp = flow.response
-    if resp is None or flow.request.method == "HEAD":
+    if resp is None or (method or flow.request.method) == "HEAD":
         return 0
     sent = flow.metadata.get(meta.SENT_BYTES)
     if sent is not None:
@@ -142,7 +144,7 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
     elif aborted and md.get(meta.SENT_BYTES) is None:
         size = 0  # buffered, and the client left before any of it was sent
     else:
-        size = head_size(resp) + body_size(flow)
+        size = head_size(resp) + body_size(flow, method)
     end = time.time()
     start = req.timestamp_start or end
     return Record(
@@ -336,7 +338,7 @@ class AccessLog:
         self.connects: dict[object, http.HTTPFlow] = {}  # client conn -> its pending CONNECT
         self.tunnelled: set[object] = set()    # client conns whose CONNECT was logged by a TCP flow
         self.intercepted: set[object] = set()  # client conns with decrypted requests inside their CONNECT
-        self.seen: set[object] = set()         # client conns that carried at least one flow
+        self.seen: set[str] = set()            # ids of the client conns that carried at least one flow
 
     def load(self, loader):
         loader.add_option(
@@ -417,7 +419,7 @@ class AccessLog:
 
     # --- HTTP ---------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self.seen.add(flow.client_conn)
+        self.seen.add(flow.client_conn.id)  # the id: a str hashes in C, a Connection in Python
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         stream = flow.response.stream
@@ -445,7 +447,7 @@ class AccessLog:
             self._log_http(flow, aborted=True)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        self.seen.add(flow.client_conn)
+        self.seen.add(flow.client_conn.id)
         if flow.response and flow.response.status_code >= 300:  # refused by an earlier addon
             self._log_http(flow)
         else:
@@ -463,7 +465,7 @@ class AccessLog:
         if flow.id in self.logged:
             return
         self.logged.add(flow.id)
-        if flow.request.method != "CONNECT" and flow.client_conn in self.connects:
+        if self.connects and flow.client_conn in self.connects and flow.request.method != "CONNECT":
             self.intercepted.add(flow.client_conn)
         if self.writer:  # the record is built only for a log that is written
             self.write(http_record(flow, self.strip_query, aborted, combined=self.combined))
@@ -489,7 +491,7 @@ class AccessLog:
             nextlayer.layer.flow.metadata[meta.SENT_BYTES] = 0
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        self.seen.add(flow.client_conn)
+        self.seen.add(flow.client_conn.id)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
         if flow.metadata.get(meta.PASSTHROUGH):
@@ -521,8 +523,8 @@ class AccessLog:
         tunnelled, intercepted = client in self.tunnelled, client in self.intercepted
         self.tunnelled.discard(client)
         self.intercepted.discard(client)
-        seen = client in self.seen
-        self.seen.discard(client)
+        seen = client.id in self.seen
+        self.seen.discard(client.id)
         if connect is not None and not tunnelled:  # a tunnel was logged by its TCP flow
             if intercepted:
                 # Each inner request was logged; the CONNECT itself as a bumping Squid does.

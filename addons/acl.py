@@ -274,12 +274,13 @@ class AccessControl:
         by_host_header = mode in ("transparent", "socks5", "wireguard", "local", "reverse")
         host = r.pretty_host if by_host_header else r.host
         dst = (r.host,) if mode in ("transparent", "wireguard", "local") and _is_ip(r.host) else None
-        if r.method == "CONNECT":
+        method = r.method  # a property that decodes on every read
+        if method == "CONNECT":
             url, path, proto = f"{r.host}:{r.port}", "", "NONE"
         else:
             url = r.pretty_url if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
-        return self._request(flow.client_conn, method=r.method, proto=proto, host=host, port=r.port,
+        return self._request(flow.client_conn, method=method, proto=proto, host=host, port=r.port,
                              path=path, url=url, headers=r.headers, user=meta.user(flow), dst_ips=dst)
 
     def _request(self, client, **kw) -> aclrules.Request:

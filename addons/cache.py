@@ -671,7 +671,8 @@ class Cache:
         if local == "cache":
             return
         req = flow.request
-        key = primary_key(flow) if req.method != "CONNECT" else None
+        method = req.method  # a property that decodes on every read
+        key = primary_key(flow) if method != "CONNECT" else None
         if key is None:
             return
         if local == "errors":
@@ -690,7 +691,7 @@ class Cache:
         if resp is None:
             return
         self.failures.pop(origin_of(key), None) if self.failures else None
-        if req.method == "HEAD" and resp.status_code == 200 and self._update_from_head(flow, key, pending):
+        if method == "HEAD" and resp.status_code == 200 and self._update_from_head(flow, key, pending):
             return
         if pending is not None:
             m = pending.entry.meta
@@ -707,12 +708,12 @@ class Cache:
             flow.metadata[meta.CACHE] = {"status": "REFRESH_MODIFIED", "tier": None}
             flow.comment = "cache: TCP_REFRESH_MODIFIED"
             self.counts["TCP_REFRESH_MODIFIED"] += 1
-        if req.method not in ("GET", "HEAD"):
+        if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
-            if req.method == "POST" and self._describes_target(flow, key):
-                self._store(flow, key, as_get=True)
+            if method == "POST" and self._describes_target(flow, key):
+                self._store(flow, key)  # as a response to GET
             return
-        if req.method == "GET":
+        if method == "GET":
             if stream is not None:
                 self._store_stream(flow, *stream)
             else:
@@ -720,7 +721,7 @@ class Cache:
         if pending is not None and pending.client_conditionals:
             # the client's own conditionals, stripped for our revalidation, answered from the new response
             self._restore_conditionals(flow, pending)
-            if resp.status_code == 200 and rfc9111.conditional_result(req.method, req.headers, resp.headers):
+            if resp.status_code == 200 and rfc9111.conditional_result(method, req.headers, resp.headers):
                 flow.response = http.Response(resp.http_version, 304, b"Not Modified", resp.headers.copy(),
                                               b"", None, resp.timestamp_start, resp.timestamp_end)
                 flow.response.headers.pop("Content-Length", None)
@@ -786,7 +787,8 @@ class Cache:
         return (location is not None and url_key(urljoin(key, location.strip())) == key
                 and rfc9111.has_explicit_freshness(self._view(flow, flow.response.headers)))
 
-    def _store(self, flow: http.HTTPFlow, key: str, as_get: bool = False) -> None:
+    def _store(self, flow: http.HTTPFlow, key: str) -> None:
+        """Store the response to a GET (or a POST response that describes the GET target, RFC 9110 9.3.3)."""
         req, resp = flow.request, flow.response
         body = resp.raw_content
         if body is None or flow.error:
@@ -799,7 +801,7 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        ok, reason = rfc9111.storable("GET" if as_get else req.method, resp.status_code, req.headers,
+        ok, reason = rfc9111.storable("GET", resp.status_code, req.headers,
                                       self._view(flow, fields), negative_ttl=self.negative_ttl)
         if not ok or len(body) > self.object_max:
             return

@@ -60,6 +60,8 @@ def get_all(headers, name: str) -> list[str]:
     """All values of one field, in order, case-insensitively."""
     if headers is None:
         return []
+    if headers.__class__ is Fields:  # indexed: the common case inside one response's decisions
+        return list(headers.index.get(name.lower(), ()))
     fields = getattr(headers, "fields", None)
     if fields.__class__ is tuple and hasattr(headers, "get_all"):
         # mitmproxy Headers: the same as headers.get_all(name), without its per-call overhead
