@@ -625,7 +625,10 @@ def stale_if_error_ok(req_headers, resp_headers, staleness: float, shared: bool 
 
 def vary_fields(resp_headers) -> tuple[str, ...] | None:
     """The request fields a response varies on, lower-cased and sorted; None for `Vary: *`."""
-    names = [n.lower() for n in split_list(get_all(resp_headers, "vary"))]
+    values = get_all(resp_headers, "vary")
+    if not values:  # most responses: asked twice for each one stored
+        return ()
+    names = [n.lower() for n in split_list(values)]
     if "*" in names:
         return None
     return tuple(sorted(set(names)))
