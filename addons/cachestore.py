@@ -44,7 +44,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -101,11 +102,16 @@ class Meta:
     def __getstate__(self) -> dict:
         # What pickle stores by default (the attributes by name), built here: the default reads
         # __dict__, which makes Python create a dict for the instance that then stays with the
-        # entry in RAM, one more object for every full garbage collection to walk.
+        # entry in RAM, one more object for every full garbage collection to walk. Only the
+        # fields are kept: an attribute set outside them does not survive pickling or copying.
         return {name: getattr(self, name) for name in _META_FIELDS}
 
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():  # one by one, for the same reason (entries read from disk)
+            object.__setattr__(self, name, value)
 
-_META_FIELDS = tuple(f.name for f in fields(Meta))
+
+_META_FIELDS = tuple(f.name for f in dataclass_fields(Meta))
 
 
 @dataclass
@@ -312,7 +318,7 @@ class DiskTier:
 
     # --- writes (queued) ---
     def put(self, primary: str, meta: Meta, body: bytes | None = None, path: str | None = None,
-            vary_sets: list | None = None) -> bool:
+            vary_sets: Sequence[tuple[str, ...]] | None = None) -> bool:
         size = meta.length
         h = hash(primary)
         with self.lock:

@@ -19,11 +19,12 @@ runs (tests/bench/loadgen.py): the two proxies compared run at the same time on 
 their clients and the origin on the other, and each ratio is the median over runs in both
 starting orders. The sequential figures are printed too. Nothing is asserted on timing.
 Each proxy is a session of its own (tests/harness.py), so the kernel's autogroup scheduler
-shares the core equally between the two, whatever the threads of each: the ratio compares
-the CPU each spends per request. (In one session the proxy with more threads gets a larger
-share: all.py on misses measured 0.84 against the bare relay that way, 0.80 this way.) The
-cache's disk writer is a session of its own too, so its work is taken from both alike, as
-it would run on another core in production.
+(Linux with kernel.sched_autogroup_enabled=1 and the processes in the root cpu cgroup, as
+on these machines) shares the core equally between the two, whatever the threads of each:
+the ratio compares the CPU each spends per request. (In one session the proxy with more
+threads gets a larger share: all.py on misses measured 0.84 against the bare relay that
+way, 0.80 this way.) The cache's disk writer is a session of its own too, so its work is
+taken from both alike, as it would run on another core in production.
 
 Two more paired ratios say what the cache itself costs, every other Relais addon running
 on both sides: all.py on misses against all.py without the cache
