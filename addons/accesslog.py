@@ -107,9 +107,9 @@ def head_size(response: http.Response) -> int:
             + sum(map(len, chain.from_iterable(fields))) + 4 * len(fields) + 2)
 
 
-def body_size(flow: http.HTTPFlow, method: str | None = None) -> int:
+def body_size(flow: http.HTTPFlow, method: str) -> int:
     resp = flow.response
-    if resp is None or (method or flow.request.method) == "HEAD":
+    if resp is None or method == "HEAD":
         return 0
     sent = flow.metadata.get(meta.SENT_BYTES)
     if sent is not None:

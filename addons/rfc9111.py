@@ -61,7 +61,7 @@ def get_all(headers, name: str) -> list[str]:
     if headers is None:
         return []
     if headers.__class__ is Fields:  # indexed: the common case inside one response's decisions
-        return list(headers.index.get(name.lower(), ()))
+        return headers.get_all(name)
     fields = getattr(headers, "fields", None)
     if fields.__class__ is tuple and hasattr(headers, "get_all"):
         # mitmproxy Headers: the same as headers.get_all(name), without its per-call overhead
@@ -87,7 +87,7 @@ class Fields(list):
             self.index.setdefault(low, []).append(v)
 
     def get_all(self, name: str) -> list[str]:
-        return self.index.get(name.lower(), [])  # the module's get_all copies it
+        return list(self.index.get(name.lower(), ()))  # a copy: the index stays as built
 
     @classmethod
     def of(cls, headers) -> "Fields":

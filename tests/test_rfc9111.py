@@ -508,3 +508,6 @@ def test_fields_index_answers_like_a_scan():
     assert f == items and r.get_all(f, "CACHE-CONTROL") == r.get_all(items, "cache-control") == ["max-age=5", "public"]
     assert r.get_all(f, "missing") == [] and r.cache_control(f).delta("max-age") == 5
     assert r.storable_headers(f) == r.storable_headers(items)
+    fresh = r.Fields(items)
+    r.get_all(fresh, "cache-control").append("no-store")  # a caller's list is its own
+    assert r.get_all(fresh, "cache-control") == ["max-age=5", "public"] and "no-store" not in r.cache_control(fresh)
