@@ -104,7 +104,9 @@ def paired(a: tuple[str, list[str]], b: tuple[str, list[str]], tmp: Path, second
         time.sleep(seconds)
     finally:
         for p, _ in started:
-            p.send_signal(signal.SIGINT)
+            # SIGTERM: a shell runs a background job with SIGINT ignored (`./run.sh bench &`),
+            # and curl would then go on to the end of its list
+            p.send_signal(signal.SIGTERM)
         for p, _ in started:
             try:
                 p.wait(30)
@@ -119,4 +121,6 @@ def paired(a: tuple[str, list[str]], b: tuple[str, list[str]], tmp: Path, second
         bad = [c for c in codes if c not in ("200", "000")]  # 000: a transfer the interruption cut
         assert "200" in codes and not bad, f"{len(bad)} failed requests in a paired run: {bad[:5]}"
         counts.append(codes.count("200"))
+    for n, (_, urls) in zip(counts, (a, b)):
+        assert n < len(urls), f"a load client finished all {len(urls)} URLs: the run did not stop after {seconds} s"
     return counts[1] / counts[0]
