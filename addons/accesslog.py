@@ -203,6 +203,7 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
     )
 
 
+LOGGED_MAX = 10000  # flow ids remembered against logging a flow twice (an error after its response)
 BATCH_DELAY = 0.05  # seconds a line may wait for others to be written with it
 
 
@@ -461,10 +462,19 @@ class AccessLog:
             flow.metadata.setdefault(meta.PEER, flow.request.host)
         self._log_http(flow)
 
-    def _log_http(self, flow: http.HTTPFlow, aborted: bool = False) -> None:
+    def _first_time(self, flow) -> bool:
+        """True the first time a flow is to be logged. Only recent flow ids are kept: a flow fires its
+        last hooks soon after it is logged, and a keep-alive connection can carry any number of flows."""
         if flow.id in self.logged:
-            return
+            return False
+        if len(self.logged) >= LOGGED_MAX:
+            self.logged.clear()
         self.logged.add(flow.id)
+        return True
+
+    def _log_http(self, flow: http.HTTPFlow, aborted: bool = False) -> None:
+        if not self._first_time(flow):
+            return
         if self.connects and flow.client_conn in self.connects and flow.request.method != "CONNECT":
             self.intercepted.add(flow.client_conn)
         if self.writer:  # the record is built only for a log that is written
@@ -508,9 +518,8 @@ class AccessLog:
         self._log_tcp(flow, None if connected else "NONE_NONE", 200 if connected else 503)
 
     def _log_tcp(self, flow: tcp.TCPFlow, code: str | None = None, status: int = 200) -> None:
-        if flow.id in self.logged:
+        if not self._first_time(flow):
             return
-        self.logged.add(flow.id)
         connect = self.connects.get(flow.client_conn)
         if connect is not None:
             self.tunnelled.add(flow.client_conn)
@@ -537,9 +546,6 @@ class AccessLog:
                 end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername),
                 code="NONE_NONE", status=0, size=0, method="-",
                 url="error:transaction-end-before-headers"))
-        # logged ids are only needed while a flow can still fire hooks
-        if len(self.logged) > 10000:
-            self.logged.clear()
 
     @staticmethod
     def _is_http_listener(client) -> bool:

@@ -168,3 +168,24 @@ def test_concurrent_load_gives_whole_lines(proxy, origin):
         assert STRICT.match(line), line
     sizes = sorted(int(re.search(r"/size/(\d+) ", l).group(1)) for l in lines)
     assert sizes == list(range(1000, 1200))
+
+
+def test_a_long_keep_alive_connection_does_not_grow_the_log_without_bound(tmp_path):
+    """Flows on one connection that never closes (a keep-alive client, a load balancer): the ids kept
+    against logging a flow twice stay bounded, and an error after a response still adds no line."""
+    from mitmproxy.test import tflow
+    addon = accesslog.AccessLog()
+    path = tmp_path / "access.log"
+    client = tflow.tclient_conn()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, access_log=str(path))
+        n = accesslog.LOGGED_MAX * 2 + 10
+        for _ in range(n):
+            f = tflow.tflow(client_conn=client, resp=True)
+            addon.requestheaders(f)
+            addon.response(f)
+            assert len(addon.logged) <= accesslog.LOGGED_MAX
+        f.error = tflow.terr()
+        addon.error(f)  # the last flow fails after its response was logged
+        addon.writer.flush()
+    assert len(path.read_text().splitlines()) == n
