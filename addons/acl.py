@@ -47,6 +47,7 @@ DEFAULT_POLICY = "policies/default.yaml"
 PRECHECK_MODES = ("transparent", "socks5", "wireguard", "local")
 REALM = "relais"
 MARK = ":no_entry:"  # mitmweb marker of denied flows (the comment names the rule)
+DNS_MAX = 10000  # names (and reverse lookups) whose DNS answers are cached
 log = logging.getLogger(__name__)
 
 
@@ -323,10 +324,7 @@ class AccessControl:
             ips = tuple(dict.fromkeys(i[4][0] for i in infos))
         except (OSError, asyncio.TimeoutError, UnicodeError):
             ips = ()
-        if len(self.dns) > 10000:
-            self.dns.clear()
-        self.dns[req.host] = (time.monotonic() + 60, ips)
-        req.dst_ips = ips
+        req.dst_ips = self._remember(req.host, ips)
 
     async def _reverse(self, ip: str) -> tuple[str, ...]:
         key = f"rev:{ip}"
@@ -338,8 +336,14 @@ class AccessControl:
             names = ("none",) if _is_ip(name) else (name,)
         except (OSError, asyncio.TimeoutError, UnicodeError):
             names = ("none",)
-        self.dns[key] = (time.monotonic() + 60, names)
-        return names
+        return self._remember(key, names)
+
+    def _remember(self, key: str, answer: tuple[str, ...]) -> tuple[str, ...]:
+        """Cache a DNS answer for 60 s; a forward proxy sees many names, so the cache stays bounded."""
+        if len(self.dns) >= DNS_MAX:
+            self.dns.clear()
+        self.dns[key] = (time.monotonic() + 60, answer)
+        return answer
 
     # --- TLS ---------------------------------------------------------------------------
     async def next_layer(self, nextlayer) -> None:

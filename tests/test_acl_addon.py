@@ -113,3 +113,30 @@ def test_denied_raw_stream_sends_nothing():
         f.metadata[meta.CODE] = "TCP_DENIED"
         ac.tcp_message(f)
         assert f.messages[-1].content == b""
+
+
+def test_the_dns_answers_kept_for_the_rules_stay_bounded(monkeypatch):
+    """A forward proxy meets any number of names and addresses: forward and reverse answers alike are
+    cached for the rules, and the cache never holds more than DNS_MAX of them."""
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def no_name(addr, flags=0):  # what a resolver answers for an address without a name
+            return addr[0], "0"
+
+        async def one_address(host, port, **kw):
+            return [(2, 1, 6, "", ("192.0.2.1", port))]
+        monkeypatch.setattr(loop, "getnameinfo", no_name)
+        monkeypatch.setattr(loop, "getaddrinfo", one_address)
+        ac = acl.AccessControl()
+        ac.policy = type("P", (), {"uses_rdns": True, "uses_dst": True})()
+        for i in range(acl.DNS_MAX + 50):
+            assert await ac._reverse(f"10.0.{i // 256}.{i % 256}") == ("none",)
+            assert len(ac.dns) <= acl.DNS_MAX
+        for i in range(acl.DNS_MAX + 50):
+            req = acl.aclrules.Request(host=f"h{i}.example", port=80)
+            await ac._resolve(req)
+            assert req.dst_ips == ("192.0.2.1",) and len(ac.dns) <= acl.DNS_MAX
+    asyncio.run(main())
