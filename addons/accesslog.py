@@ -221,7 +221,7 @@ class Writer:
         self.path = path
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.pending: list[str] = []  # lines not yet handed to the thread (event loop side)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = self._open()
         self.lost = 0  # lines dropped since the last successful write
         self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
         self.thread.start()
@@ -251,17 +251,26 @@ class Writer:
 
     def reopen(self) -> None:
         self.file.close()
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = self._open()
 
     def close(self) -> None:
         self.hand_over()
         self.queue.put(None)
         self.thread.join(10)
 
+    def _open(self):
+        # mitmproxy keeps bytes that are not UTF-8 (in a URL, a header) as lone surrogates:
+        # they are written back as the bytes the client sent, as Squid logs them
+        return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+
     def _write(self, lines: list[str]) -> None:
         """Write a batch; on failure (a full disk) drop it, say so once, and start clean."""
+        text = "\n".join(lines) + "\n"
         try:
-            self.file.write("\n".join(lines) + "\n")
+            try:
+                self.file.write(text)
+            except UnicodeEncodeError:  # a surrogate that stands for no byte: written as \udXXX
+                self.file.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
             self.file.flush()
         except OSError as e:
             if not self.lost:
@@ -269,7 +278,7 @@ class Writer:
                                                   "until it can", self.path, e)
             self.lost += len(lines)
             try:  # a failed write leaves the buffer stuck with the batch: reopen
-                self.file = open(self.path, "a", encoding="utf-8")
+                self.file = self._open()
             except OSError:
                 pass
             return
@@ -281,16 +290,16 @@ class Writer:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
-            if isinstance(item, list):
-                self._write(item)
-            elif item is None:
+            if item is None:
                 self.file.close()
                 return
-            else:
-                try:
+            try:  # the thread outlives any one batch or call: nothing else would write the log
+                if isinstance(item, list):
+                    self._write(item)
+                else:
                     item()
-                except Exception as e:
-                    logging.getLogger(__name__).error("access log %s: %s", self.path, e)
+            except Exception as e:
+                logging.getLogger(__name__).error("access log %s: %s", self.path, e)
 
 
 class BadRequestWatch(logging.Handler):

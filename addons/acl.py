@@ -201,33 +201,48 @@ class AccessControl:
 
     # --- HTTP ------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow):
-        if self.policy is None or not self._undecided(flow):
-            return None
-        req = self._http_request(flow)
-        if self._cached(req):  # the common case stays synchronous: no coroutine per request
-            self._apply(flow, req)
-            return None
-        return self._decide_later(flow, req)
+        return self._decide(flow, connect=False)
 
     def http_connect(self, flow: http.HTTPFlow):
+        return self._decide(flow, connect=True)
+
+    def _decide(self, flow: http.HTTPFlow, connect: bool):
         if self.policy is None or not self._undecided(flow):
             return None
-        req = self._http_request(flow)
-        if self._cached(req):
-            self._connect(flow, req)
-            return None
-        return self._decide_later(flow, req, connect=True)
+        try:
+            req = self._http_request(flow)
+            if not self._cached(req):
+                return self._decide_later(flow, req, connect)
+            self._verdict(flow, req, connect)  # the common case stays synchronous: no coroutine
+        except Exception as e:
+            self._deny_on_error(flow, e)
+        return None
 
-    async def _decide_later(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool = False) -> None:
-        await self._resolve(req)
-        if connect:
-            self._connect(flow, req)
-        else:
-            self._apply(flow, req)
+    async def _decide_later(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool) -> None:
+        try:
+            await self._resolve(req)
+            self._verdict(flow, req, connect)
+        except Exception as e:
+            self._deny_on_error(flow, e)
 
-    def _connect(self, flow: http.HTTPFlow, req: aclrules.Request) -> None:
-        if self._apply(flow, req):
+    def _verdict(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool) -> None:
+        if self._apply(flow, req) and connect:  # the tunnel's TCP flow gets the CONNECT's verdict
             self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
+
+    def _deny_on_error(self, flow: http.HTTPFlow, e: Exception) -> None:
+        """An error while deciding denies the request, as a firewall fails closed (left to mitmproxy,
+        the error would be logged and the request let through)."""
+        log.error("access control failed (%s: %s); the request is denied", type(e).__name__, e,
+                  exc_info=(type(e), e, e.__traceback__))
+        rule = "an error in access control"
+        flow.response = errorpage.make("ERR_ACCESS_DENIED", detail=rule)  # no URL: it may be what failed
+        flow.metadata[meta.ACL] = {"action": aclrules.DENY, "rule": rule, "policy": self.path_name}
+        flow.metadata[meta.ACLS] = []
+        flow.metadata[meta.CODE] = "TCP_DENIED"
+        flow.metadata[meta.LOCAL] = "acl"
+        flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
+        flow.comment = _comment(flow.comment, f"denied by: {rule}")
+        flow.marked = flow.marked or MARK
 
     def _undecided(self, flow: http.HTTPFlow) -> bool:
         """False when an earlier addon answered; mitmproxy's proxyauth challenge is taken over."""

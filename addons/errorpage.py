@@ -71,4 +71,5 @@ def make(name: str, url: str = "", detail: str = "", errno: int = 0,
         "Connection": "close" if status == 400 else "keep-alive",
     }
     headers.update(extra_headers or {})
-    return http.Response.make(status, body.encode(), headers)
+    # a URL with bytes that are not UTF-8 (kept by mitmproxy as lone surrogates) is shown escaped
+    return http.Response.make(status, body.encode("utf-8", "backslashreplace"), headers)

@@ -296,7 +296,7 @@ class Proxy:
         end = time.monotonic() + timeout
         while True:
             try:
-                lines = [l for l in path.read_text().splitlines() if l.strip()]
+                lines = [l for l in path.read_text(errors="surrogateescape").splitlines() if l.strip()]
             except FileNotFoundError:
                 lines = []
             if len(lines) >= at_least or time.monotonic() >= end:

@@ -189,3 +189,18 @@ def test_a_long_keep_alive_connection_does_not_grow_the_log_without_bound(tmp_pa
         addon.error(f)  # the last flow fails after its response was logged
         addon.writer.flush()
     assert len(path.read_text().splitlines()) == n
+
+
+def test_lines_with_bytes_that_are_not_utf8_are_written_and_the_writer_goes_on(tmp_path):
+    """A URL byte that is not UTF-8 (a lone surrogate in mitmproxy's str) is written as the byte the
+    client sent; a surrogate that stands for no byte is escaped; later lines are still written."""
+    path = tmp_path / "access.log"
+    w = accesslog.Writer(path)
+    try:
+        for line in ("GET /caf\udce9", "GET /odd\ud800", "GET /after"):
+            w.put(line)
+            w.flush()
+        assert w.thread.is_alive()
+    finally:
+        w.close()
+    assert path.read_bytes() == b"GET /caf\xe9\nGET /odd\\ud800\nGET /after\n"

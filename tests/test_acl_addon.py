@@ -140,3 +140,25 @@ def test_the_dns_answers_kept_for_the_rules_stay_bounded(monkeypatch):
             await ac._resolve(req)
             assert req.dst_ips == ("192.0.2.1",) and len(ac.dns) <= acl.DNS_MAX
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("hook", ["requestheaders", "http_connect"])
+def test_an_error_while_deciding_denies_the_request(tmp_path, caplog, hook):
+    """Access control fails closed: left to mitmproxy, an error in a hook is logged and the request
+    goes on upstream."""
+    (tmp_path / "p.yaml").write_text(POLICY.format(path="no"))
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(tmp_path / "p.yaml"))
+
+        def broken(req):
+            raise ValueError("a bug")
+        ac.policy.verdict = broken
+        f = flow("/ok", method="CONNECT" if hook == "http_connect" else "GET")
+        with caplog.at_level(logging.ERROR):
+            assert getattr(ac, hook)(f) is None
+        assert f.response.status_code == 403 and f.response.headers["X-Squid-Error"] == "ERR_ACCESS_DENIED 0"
+        assert f.metadata[meta.CODE] == "TCP_DENIED" and f.metadata[meta.LOCAL] == "acl"
+        assert f.metadata[meta.ACL]["action"] == "deny" and f.metadata[meta.ACLS] == []
+        assert f.client_conn not in ac.tunnels
+        assert "access control failed (ValueError: a bug); the request is denied" in caplog.text

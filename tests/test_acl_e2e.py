@@ -223,6 +223,29 @@ def test_regular_denied_request_gets_the_page_log_line_and_metadata(env):
     assert "/SECRET/x" not in origin.hits  # never forwarded
 
 
+def test_a_url_that_is_not_utf8_is_denied_like_any_other(env):
+    """Bytes that are not UTF-8 in the path (mitmproxy keeps them as lone surrogates) neither break
+    the deny page nor let the request through: the rule still decides, and the log still writes."""
+    proxy, origin, *_ = env
+    for path in (b"/secret/caf\xe9", b"/ok-caf\xe9"):  # through the reverse listener: in a proxy
+        # request's absolute URL, mitmproxy itself refuses such bytes (400)
+        s = socket.create_connection(("127.0.0.1", proxy.ports[2]), timeout=10)
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % path)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        s.close()
+        if path.startswith(b"/secret"):
+            assert answer.startswith(b"HTTP/1.1 403") and b"http_access deny secret" in answer
+        else:
+            assert answer.startswith(b"HTTP/1.1 200")
+    assert not any(h.startswith("/secret/caf") for h in origin.hits)  # never forwarded
+    assert " TCP_DENIED/403 " in proxy.log_line("/secret/caf\udce9")  # the byte as the client sent it
+    assert " TCP_MISS/200 " in proxy.log_line("/ok-caf\udce9")
+    r = curl("-x", proxy.url, f"{origin.url}/after-caf")  # the log goes on writing
+    assert r.stdout == b"hello /after-caf" and proxy.log_line("/after-caf")
+
+
 def test_denied_before_the_body_is_read(env):
     proxy, origin, *_ = env
     body = b"x" * 2_000_000  # curl sends Expect: 100-continue and waits for the verdict
