@@ -89,7 +89,15 @@ def primary_key(flow: http.HTTPFlow) -> str:
         host, port = mode.address
     else:
         scheme, host, port = req.scheme, req.host, req.port
-    return f"{scheme}://{host.lower()}:{port}{req.path}"
+    path = req.path
+    return f"{scheme}://{host.lower()}:{port}{path if path.isascii() else ascii_path(path)}"
+
+
+def ascii_path(path: str) -> str:
+    """The bytes of a path beyond ASCII percent-encoded, as a browser sends them. Raw or encoded, one
+    resource has one key, and the key can go to the disk tier: mitmproxy keeps bytes that are not
+    UTF-8 as lone surrogates, which SQLite refuses."""
+    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in path.encode("utf-8", "surrogateescape"))
 
 
 def url_key(url: str) -> str | None:
@@ -104,7 +112,7 @@ def url_key(url: str) -> str | None:
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
-    return f"{u.scheme}://{u.hostname.lower()}:{port}{path}"
+    return f"{u.scheme}://{u.hostname.lower()}:{port}{ascii_path(path)}"
 
 
 def origin_of(key: str) -> str:

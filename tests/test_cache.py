@@ -456,6 +456,31 @@ def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
         b.close()
 
 
+def test_a_path_beyond_ascii_is_cached_on_disk_under_one_key(start_proxy, origin, tmp_path):
+    """Raw bytes that are not UTF-8 in a path (mitmproxy keeps them as lone surrogates, which the disk
+    tier's SQLite refuses) are stored and served from disk; the percent-encoded path, as a browser
+    sends it, is the same resource."""
+    import socket
+    p = start_proxy(modes=(f"reverse:{origin.url}",), options={"cache_dir": str(tmp_path / "c"), "cache_mem": 0})
+
+    def raw_get(target: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+            s.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % target)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer
+    query = b"?h.Cache-Control=max-age=60"
+    for target in (b"/raw/caf\xe9" + query, b"/raw/caf\xe9" + query, b"/raw/caf%E9" + query):
+        answer = raw_get(target)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith("hello /raw/café".encode())  # the first
+        time.sleep(0.5)  # the disk writer stores it meanwhile
+    assert sum(n for path, n in origin.hits.items() if path.startswith("/raw/caf")) == 1
+    assert [line.split()[3] for line in p.log_lines(3) if "/raw/caf" in line] == \
+        ["TCP_MISS/200", "TCP_HIT/200", "TCP_HIT/200"]
+    assert "failed" not in p.text()
+
+
 def test_cdn_cache_control_rules_in_reverse_mode_only(start_proxy, origin, tmp_path):
     """RFC 9213: a reverse proxy is the site's CDN; CDN-Cache-Control replaces Cache-Control and
     Expires for it, and a forward proxy ignores it."""

@@ -175,3 +175,12 @@ def test_purge_method_checks_purge_from(cache):
     f.client_conn.peername = ("127.0.0.1", 5000)
     c.requestheaders(f)
     assert f.response.status_code == 200
+
+
+def test_keys_percent_encode_the_bytes_of_a_path_beyond_ascii():
+    """Raw or percent-encoded, one resource has one key, which holds no lone surrogate (the disk tier's
+    SQLite refuses them): a purge by URL finds what a request stored."""
+    f = tflow.tflow(req=tutils.treq(method=b"GET", path=b"/caf\xe9/\xc3\xa9?q=\xff"))
+    assert cachemod.primary_key(f) == "http://address:22/caf%E9/%C3%A9?q=%FF"
+    assert cachemod.url_key("http://ADDRESS:22/caf\udce9/é?q=\udcff") == cachemod.primary_key(f)
+    assert cachemod.primary_key(tflow.tflow(req=tutils.treq(path=b"/plain?a=%E9"))) == "http://address:22/plain?a=%E9"
