@@ -16,7 +16,8 @@ mitmproxy's hooks:
   temporary file chunk by chunk, by wrapping flow.response.stream.
 - response: 304 to a revalidation -> stored headers updated and the stored
   body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
-  (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error; storable
+  (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error, or the error
+  (TCP_REFRESH_FAIL_ERR); storable
   responses stored; unsafe methods invalidate (RFC 9111 4.4).
 - error: an aborted transfer is never stored.
 
@@ -133,6 +134,7 @@ class StreamCopy:
         self.h = hashlib.blake2b(digest_size=16)
         self.n = 0
         self.ok = True
+        self.handed = False  # the file went to the store, which owns it now
 
     def __call__(self, chunk: bytes):
         if self.ok and chunk:
@@ -665,16 +667,18 @@ class Cache:
         return m
 
     def response(self, flow: http.HTTPFlow) -> None:
+        stream = self.streams.pop(flow.id, None)
         try:
-            self._response(flow)
+            self._response(flow, stream)
         finally:
             self._release(flow)
+            if stream is not None and not stream[1].handed:  # not stored: no temp file is left behind
+                stream[1].abort()
 
-    def _response(self, flow: http.HTTPFlow) -> None:
+    def _response(self, flow: http.HTTPFlow, stream: tuple[str, StreamCopy, cachestore.Meta] | None) -> None:
         if self.store is None:
             return
         pending = self.pending.pop(flow.id, None)
-        stream = self.streams.pop(flow.id, None)
         local = flow.metadata.get(meta.LOCAL)
         if local == "cache":
             return
@@ -692,8 +696,6 @@ class Cache:
                                         warning='111 - "Revalidation Failed"')
             return
         if local:
-            if stream:
-                stream[1].abort()
             return
         resp = flow.response
         if resp is None:
@@ -706,16 +708,19 @@ class Cache:
             if resp.status_code == 304:
                 self._freshen(flow, pending)
                 return
-            if resp.status_code >= 500 and rfc9111.stale_if_error_ok(
+            # a streamed error already went to the client: too late to answer with the stale entry
+            if resp.status_code >= 500 and stream is None and rfc9111.stale_if_error_ok(
                     req.headers, self._policy(m), m.age(time.time()) - m.lifetime):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
                                         warning='111 - "Revalidation Failed"')
                 return
-            flow.metadata[meta.CODE] = "TCP_REFRESH_MODIFIED"
-            flow.metadata[meta.CACHE] = {"status": "REFRESH_MODIFIED", "tier": None}
-            flow.comment = "cache: TCP_REFRESH_MODIFIED"
-            self.counts["TCP_REFRESH_MODIFIED"] += 1
+            # Squid's names: a new response replaces the entry; an error that could not be answered stale
+            code = "TCP_REFRESH_FAIL_ERR" if resp.status_code >= 500 else "TCP_REFRESH_MODIFIED"
+            flow.metadata[meta.CODE] = code
+            flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
+            flow.comment = f"cache: {code}"
+            self.counts[code] += 1
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
             if method == "POST" and self._describes_target(flow, key):
@@ -824,6 +829,7 @@ class Cache:
     def _store_stream(self, flow: http.HTTPFlow, key: str, copy: StreamCopy, m: cachestore.Meta) -> None:
         if flow.error or not copy.finish():
             return
+        copy.handed = True
         m.length = copy.n
         m.digest = copy.h.hexdigest()
         m.headers.append(("Content-Length", str(copy.n)))
@@ -952,7 +958,8 @@ class Cache:
         """Entries and bytes per tier, hits, misses and hit ratios (JSON)."""
         s = self.store
         hits, misses = self.counts["hit"], self.counts["miss"] + self.counts["reload"]
-        lookups = hits + misses + self.counts["TCP_REFRESH_UNMODIFIED"] + self.counts["TCP_REFRESH_MODIFIED"]
+        lookups = hits + misses + sum(self.counts[c] for c in (
+            "TCP_REFRESH_UNMODIFIED", "TCP_REFRESH_MODIFIED", "TCP_REFRESH_FAIL_ERR"))
         data = {
             "mem": {"entries": len(s.mem.items) if s else 0, "bytes": s.mem.bytes if s else 0,
                     "limit": s.mem.limit if s else 0},

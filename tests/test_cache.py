@@ -579,6 +579,31 @@ def test_truncated_origin_body_is_not_stored(start_proxy, origin, tmp_path):
     assert origin.hits["/short"] == 2
 
 
+def test_a_streamed_error_during_revalidation_is_what_the_client_gets_and_leaves_no_file(
+        start_proxy, origin, tmp_path):
+    """A stale entry with stale-if-error, revalidated while the origin answers a 500 large enough to be
+    streamed: the 500 went out as it came, so it is what the log says, and the copy the cache was
+    writing of it leaves no file behind."""
+    state = {"n": 0}
+
+    def flip(seen):
+        state["n"] += 1
+        if state["n"] == 1:
+            return 200, {"Cache-Control": "max-age=1, stale-if-error=600", "ETag": '"e1"'}, b"good"
+        return 500, {"Cache-Control": "max-age=600"}, b"e" * 5000
+    origin.route("/flip", flip)
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "1k"})
+    url = f"{origin.url}/flip"
+    assert fetch(p, url)[2] == b"good"
+    time.sleep(2.2)  # stale now
+    for _ in range(3):
+        status, _, body = fetch(p, url)
+        assert (status, body) == (500, b"e" * 5000)
+        time.sleep(0.6)  # the disk writer takes the stored 500 meanwhile
+    assert codes(p, url, 4)[1:] == ["TCP_REFRESH_FAIL_ERR/500", "TCP_NEGATIVE_HIT/500", "TCP_NEGATIVE_HIT/500"]
+    assert list((tmp_path / "c" / "incoming").iterdir()) == []
+
+
 def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path):
     opts = {"cache_dir": str(tmp_path / "crash"), "cache_mem": "0", "access_log": "none"}
     p1 = start_proxy(options=opts)
