@@ -207,6 +207,7 @@ class DiskTier:
     # writer's CPU per stored object). The entry is in RAM meanwhile, unless cache_mem is 0.
     GATHER = 0.2
     FRAME_BYTES = 2 * 1024 * 1024
+    KNOWN_MIN = 100_000  # keys `known` may hold before it is rebuilt from the disk (see put)
 
     def __init__(self, directory: Path, limit: int):
         self.directory = Path(directory)
@@ -230,6 +231,7 @@ class DiskTier:
         # (evicted or removed keys): never misses one.
         self.known: set[int] | None = None
         self.added: set[int] = set()
+        self.known_limit = self.KNOWN_MIN
         self.q: queue.SimpleQueue = queue.SimpleQueue()  # operations for the sender thread
         # the writer imports this module under the same name (it unpickles our Meta objects)
         root = Path(__file__).resolve().parents[__name__.count(".")]
@@ -335,6 +337,8 @@ class DiskTier:
             else:
                 stored_before = h in known  # if not, the writer need not read what is there: nothing
                 known.add(h)  # before the entry is written: the set never misses a key on disk
+                if len(known) > self.known_limit:  # the keys of evicted entries pile up: read it anew
+                    self._reindex(h)
         self.q.put(("put", primary, meta, body, path, vary_sets, stored_before))
         return True
 
@@ -343,6 +347,8 @@ class DiskTier:
 
     def remove(self, primary: str) -> None:
         with self.lock:
+            if self.failed:  # no writer to acknowledge it, and nothing is read from the disk any more
+                return
             self.busy[primary] = self.busy.get(primary, 0) + 1
         self.q.put(("remove", primary))
 
@@ -489,6 +495,13 @@ class DiskTier:
             if ack[0] == "log":
                 log.warning(ack[1])
 
+    def _reindex(self, h: int) -> None:
+        """Rebuild `known` from the disk in the background (the caller holds the lock). A key queued
+        but not yet written when the loader reads may be left out: a lookup of it misses, no more."""
+        self.known, self.added = None, {h}
+        self.loader = threading.Thread(target=self._load, name="relais-cache-disk-load", daemon=True)
+        self.loader.start()
+
     def _load(self) -> None:
         """hash() of the primary keys with an entry (m|<vary hash>|<primary>) on disk."""
         try:
@@ -504,6 +517,7 @@ class DiskTier:
         with self.lock:
             self.known = known | self.added
             self.added = set()
+            self.known_limit = max(self.KNOWN_MIN, 2 * len(self.known))
 
 
 def _open(directory: Path, limit: int):

@@ -150,6 +150,9 @@ def test_a_dead_writer_turns_the_disk_tier_off(tmp_path, caplog):
     assert "disk writer process exited" in caplog.text
     assert s.get("http://a/x", "-") == (None, None)
     assert s.put("http://a/y", meta("http://a/y", SMALL), SMALL) is None
+    for i in range(100):  # nothing is left waiting for an answer that will never come
+        s.remove(f"http://a/{i}")
+    assert s.disk.busy == {}
     s.disk.flush(timeout=1)  # returns at once
     s.close()
 
@@ -197,6 +200,28 @@ def test_the_disk_tier_stays_within_its_size_evicting_the_least_recently_stored(
         assert kept and len(kept) < len(urls)
         assert kept == urls[-len(kept):], "the least recently stored go first"
         entry, tier = s.get(urls[-1], "-")
+        assert tier == "disk" and entry.body == body
+    finally:
+        s.close()
+
+
+def test_the_index_of_keys_on_disk_stays_bounded_as_entries_are_evicted(tmp_path, monkeypatch):
+    """`known` (the keys stored on disk, so that a lookup of another key skips SQLite) keeps the keys of
+    evicted entries; past a bound it is read anew from the disk, and the entries there are still found."""
+    monkeypatch.setattr(cs.DiskTier, "KNOWN_MIN", 300)
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=1 << 20)
+    try:
+        body = b"k" * 20_000  # about 50 entries fit
+        s.disk.flush()
+        sizes = []
+        for i in range(3000):
+            u = f"http://a/{i}"
+            s.put(u, meta(u, body), body)
+            if i % 100 == 99:
+                s.disk.flush()  # its writes and any reindexing done
+                sizes.append(len(s.disk.known))
+        assert max(sizes) <= 300 + 100, sizes  # 3000 distinct keys went through
+        entry, tier = s.get("http://a/2999", "-")
         assert tier == "disk" and entry.body == body
     finally:
         s.close()
