@@ -428,8 +428,12 @@ class AccessLog:
             self.writer.put(self.format(record))
 
     # --- HTTP ---------------------------------------------------------
+    # A client can be gone by the time a hook runs here (it left while an earlier addon's hook was
+    # awaited): its disconnect was handled already, so it is noted nowhere, or nothing would remove it.
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self.seen.add(flow.client_conn.id)  # the id: a str hashes in C, a Connection in Python
+        client = flow.client_conn
+        if client.timestamp_end is None:
+            self.seen.add(client.id)  # the id: a str hashes in C, a Connection in Python
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         stream = flow.response.stream
@@ -457,11 +461,16 @@ class AccessLog:
             self._log_http(flow, aborted=True)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        self.seen.add(flow.client_conn.id)
+        client = flow.client_conn
+        if client.timestamp_end is not None:  # gone: no tunnel will follow, nor any other hook
+            flow.metadata.setdefault(meta.CODE, "NONE_NONE")
+            self._log_http(flow)
+            return
+        self.seen.add(client.id)
         if flow.response and flow.response.status_code >= 300:  # refused by an earlier addon
             self._log_http(flow)
         else:
-            self.connects[flow.client_conn] = flow
+            self.connects[client] = flow
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         self.connects.pop(flow.client_conn, None)
@@ -510,7 +519,9 @@ class AccessLog:
             nextlayer.layer.flow.metadata[meta.SENT_BYTES] = 0
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        self.seen.add(flow.client_conn.id)
+        client = flow.client_conn
+        if client.timestamp_end is None:
+            self.seen.add(client.id)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
         if flow.metadata.get(meta.PASSTHROUGH):

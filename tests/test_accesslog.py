@@ -204,3 +204,24 @@ def test_lines_with_bytes_that_are_not_utf8_are_written_and_the_writer_goes_on(t
     finally:
         w.close()
     assert path.read_bytes() == b"GET /caf\xe9\nGET /odd\\ud800\nGET /after\n"
+
+
+def test_a_client_gone_before_the_log_hears_of_its_flow_is_noted_nowhere(tmp_path):
+    """A client can leave while an earlier addon's hook is awaited (a DNS lookup, a collapsed miss);
+    its disconnect was handled before the log's hook runs, so nothing may be kept for it, and its
+    CONNECT is logged at once (no tunnel follows)."""
+    from mitmproxy.test import tflow, tutils
+    addon = accesslog.AccessLog()
+    path = tmp_path / "access.log"
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, access_log=str(path))
+        get = tflow.tflow()
+        connect = tflow.tflow(req=tutils.treq(method=b"CONNECT", host="example.com", port=443, path=b""))
+        for f in (get, connect):
+            f.client_conn.timestamp_end = time.time()
+        addon.requestheaders(get)
+        addon.http_connect(connect)
+        assert addon.seen == set() and addon.connects == {}
+        addon.writer.flush()
+    line, = path.read_text().splitlines()
+    assert " NONE_NONE/000 0 CONNECT example.com:443 " in line
