@@ -230,7 +230,7 @@ class DiskTier:
         # them (reads ask SQLite meanwhile; puts made meanwhile are kept in `added`). Only ever too large
         # (evicted or removed keys): never misses one.
         self.known: set[int] | None = None
-        self.added: set[int] = set()
+        self.added: set[int] | None = set()
         self.known_limit = self.KNOWN_MIN
         self.q: queue.SimpleQueue = queue.SimpleQueue()  # operations for the sender thread
         # the writer imports this module under the same name (it unpickles our Meta objects)
@@ -333,7 +333,8 @@ class DiskTier:
             known = self.known
             if known is None:
                 stored_before = True
-                self.added.add(h)
+                if self.added is not None:  # None: the keys could not be read, lookups ask SQLite
+                    self.added.add(h)
             else:
                 stored_before = h in known  # if not, the writer need not read what is there: nothing
                 known.add(h)  # before the entry is written: the set never misses a key on disk
@@ -513,6 +514,8 @@ class DiskTier:
             known = {hash(k.split("|", 2)[2]) for k in keys if isinstance(k, str) and k.startswith("m|")}
         except Exception as e:
             log.warning("cache: cannot index the disk keys (%s); lookups read the disk", e)
+            with self.lock:
+                self.added = None
             return
         with self.lock:
             self.known = known | self.added

@@ -227,6 +227,36 @@ def test_the_index_of_keys_on_disk_stays_bounded_as_entries_are_evicted(tmp_path
         s.close()
 
 
+def test_keys_that_cannot_be_indexed_leave_lookups_to_sqlite_and_keep_nothing(tmp_path, monkeypatch, caplog):
+    import diskcache
+    sql = diskcache.Cache._sql
+
+    def failing_scan(self):  # the loader's scan of the keys fails, all else works
+        run = sql.fget(self)
+
+        def query(statement, *args):
+            if statement.startswith("SELECT key FROM Cache"):
+                raise OSError("unreadable index")
+            return run(statement, *args)
+        return query
+
+    def broken(self, *a, **kw):
+        raise OSError("unreadable index")
+    monkeypatch.setattr(diskcache.Cache, "_sql", property(failing_scan))
+    monkeypatch.setattr(diskcache.Cache, "iterkeys", broken)
+    s = disk_store(tmp_path)
+    try:
+        s.disk.loader.join(5)
+        assert "cannot index the disk keys" in caplog.text
+        for i in range(50):
+            s.put(f"http://a/{i}", meta(f"http://a/{i}", SMALL), SMALL)
+        s.disk.flush()
+        assert s.disk.known is None and s.disk.added is None  # nothing piles up for an index never built
+        assert s.get("http://a/49", "-")[0].body == SMALL
+    finally:
+        s.close()
+
+
 def test_the_sender_gathers_writes_within_a_time_and_a_size():
     import queue
 
