@@ -190,11 +190,15 @@ class AccessControl:
         # Transparent/socks5: before connecting upstream, deny what the connection alone already decides.
         self.prechecked[client] = True
         host, port = data.server.address
-        req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
-                            url=f"{host}:{port}", user=_user_of(client),
-                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
-        await self._resolve(req)
-        d = self.policy.precheck(req)
+        try:
+            req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
+                                url=f"{host}:{port}", user=_user_of(client),
+                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
+            await self._resolve(req)
+            d = self.policy.precheck(req)
+        except Exception as e:
+            data.server.error = f"denied by {_failed(e).rule}"
+            return
         if d is not None and not d.allowed:
             data.server.error = f"denied by {d.rule}"
             await self._deny_connection(client, data.server, req, d, close_server=False)
@@ -230,19 +234,10 @@ class AccessControl:
             self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
 
     def _deny_on_error(self, flow: http.HTTPFlow, e: Exception) -> None:
-        """An error while deciding denies the request, as a firewall fails closed (left to mitmproxy,
-        the error would be logged and the request let through)."""
-        log.error("access control failed (%s: %s); the request is denied", type(e).__name__, e,
-                  exc_info=(type(e), e, e.__traceback__))
-        rule = "an error in access control"
-        flow.response = errorpage.make("ERR_ACCESS_DENIED", detail=rule)  # no URL: it may be what failed
-        flow.metadata[meta.ACL] = {"action": aclrules.DENY, "rule": rule, "policy": self.path_name}
-        flow.metadata[meta.ACLS] = []
-        flow.metadata[meta.CODE] = "TCP_DENIED"
-        flow.metadata[meta.LOCAL] = "acl"
-        flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
-        flow.comment = _comment(flow.comment, f"denied by: {rule}")
-        flow.marked = flow.marked or MARK
+        d = _failed(e)
+        flow.response = errorpage.make("ERR_ACCESS_DENIED", detail=d.rule)  # no URL: it may be what failed
+        flow.request.headers.pop("expect", None)  # no "100 Continue": the body is not invited
+        self._mark(flow, None, d)
 
     def _undecided(self, flow: http.HTTPFlow) -> bool:
         """False when an earlier addon answered; mitmproxy's proxyauth challenge is taken over."""
@@ -401,7 +396,12 @@ class AccessControl:
         client, server = data.context.client, data.context.server
         if client in self.denied or _is_reverse(client):
             return  # reverse listeners terminate TLS; their requests are decided one by one
-        req, d = await self._tls_decision(client, server, data.client_hello.sni)
+        try:
+            req, d = await self._tls_decision(client, server, data.client_hello.sni)
+        except Exception as e:
+            _failed(e)
+            _close(client, server)
+            return
         if d is not None and not d.allowed:
             data.ignore_connection = True
             await self._deny_connection(client, server, req, d)
@@ -447,12 +447,16 @@ class AccessControl:
             _, flow.metadata[meta.ACL], flow.metadata[meta.ACLS] = self.tunnels[client]
             return
         host, port = flow.server_conn.address or ("", 0)
-        req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
-                            url=f"{host}:{port}", user=user,
-                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
-        await self._resolve(req)
-        d = self.policy.check(req)
-        self._mark(flow, req, d)
+        try:
+            req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
+                                url=f"{host}:{port}", user=user,
+                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
+            await self._resolve(req)
+            d = self.policy.check(req)
+            self._mark(flow, req, d)
+        except Exception as e:
+            req, d = None, _failed(e)
+            self._mark(flow, req, d)
         if not d.allowed:
             self.denied[client] = (d, req)
             _close(client, flow.server_conn)
@@ -461,9 +465,10 @@ class AccessControl:
         if flow.metadata.get(meta.CODE) == "TCP_DENIED":
             flow.messages[-1].content = b""   # flow.kill() does not stop raw TCP: send nothing
 
-    def _mark(self, flow, req: aclrules.Request, d: aclrules.Decision) -> None:
+    def _mark(self, flow, req: aclrules.Request | None, d: aclrules.Decision) -> None:
+        """The verdict in the flow's metadata, comment and mark (req None: deciding failed)."""
         flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
-        flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched)
+        flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched) if req is not None else []
         word = "allowed" if d.allowed else "denied"
         flow.comment = _comment(flow.comment, f"{word} by: {d.rule}")
         if not d.allowed:
@@ -521,6 +526,13 @@ def _close(client, server=None) -> None:
                 pass
         if io.handler is not None and io.handler is not asyncio.current_task():
             handler.close_connection(conn)
+
+
+def _failed(e: Exception) -> aclrules.Decision:
+    """An error while deciding denies, as a firewall fails closed: left to mitmproxy, the error
+    would be logged and the request or connection let through."""
+    log.error("access control failed (%s: %s); denied", type(e).__name__, e, exc_info=(type(e), e, e.__traceback__))
+    return aclrules.Decision(aclrules.DENY, "an error in access control")
 
 
 def _comment(old: str, new: str) -> str:

@@ -161,4 +161,36 @@ def test_an_error_while_deciding_denies_the_request(tmp_path, caplog, hook):
         assert f.metadata[meta.CODE] == "TCP_DENIED" and f.metadata[meta.LOCAL] == "acl"
         assert f.metadata[meta.ACL]["action"] == "deny" and f.metadata[meta.ACLS] == []
         assert f.client_conn not in ac.tunnels
-        assert "access control failed (ValueError: a bug); the request is denied" in caplog.text
+        assert "access control failed (ValueError: a bug); denied" in caplog.text
+
+
+def test_an_error_after_a_dns_lookup_or_on_a_raw_stream_denies_too(tmp_path, monkeypatch):
+    """The asynchronous path (a dst acl needs the host's addresses) and raw TCP streams fail closed."""
+    import asyncio
+    (tmp_path / "p.yaml").write_text("acls:\n  lan: dst 10.0.0.0/8\nhttp_access:\n  - allow lan\n  - allow localhost\n")
+    ac = acl.AccessControl()
+
+    async def main():
+        async def one_address(host, port, **kw):
+            return [(2, 1, 6, "", ("10.1.2.3", port))]
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", one_address)
+        with taddons.context(ac) as tctx:
+            tctx.configure(ac, policy=str(tmp_path / "p.yaml"))
+
+            def broken(*a):
+                raise ValueError("a bug")
+            monkeypatch.setattr(ac.policy, "verdict", broken)
+            monkeypatch.setattr(ac.policy, "check", broken)
+            f = flow("/x", host="lan.example")
+            f.request.headers["Expect"] = "100-continue"
+            pending = ac.requestheaders(f)
+            assert pending is not None  # the lookup first
+            await pending
+            assert f.response.status_code == 403 and f.metadata[meta.CODE] == "TCP_DENIED"
+            assert "expect" not in f.request.headers  # the body is not invited
+            t = tflow.ttcpflow()
+            t.server_conn.address = ("10.1.2.3", 5222)
+            await ac.tcp_start(t)
+            assert t.metadata[meta.CODE] == "TCP_DENIED" and t.metadata[meta.ACL]["rule"] == "an error in access control"
+            assert t.client_conn in ac.denied
+    asyncio.run(main())
