@@ -269,10 +269,10 @@ class Writer:
         try:
             try:
                 self.file.write(text)
-            except UnicodeEncodeError:  # a surrogate that stands for no byte: written as \udXXX
-                self.file.write(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+            except UnicodeEncodeError:  # a surrogate that stands for no byte: that line escapes it
+                self.file.write("".join(_writable(line) + "\n" for line in lines))
             self.file.flush()
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: the file is closed (a reopen failed)
             if not self.lost:
                 logging.getLogger(__name__).error("access log %s: cannot write (%s); lines are lost "
                                                   "until it can", self.path, e)
@@ -300,6 +300,14 @@ class Writer:
                     item()
             except Exception as e:
                 logging.getLogger(__name__).error("access log %s: %s", self.path, e)
+
+
+def _writable(line: str) -> str:
+    try:
+        line.encode("utf-8", "surrogateescape")
+        return line
+    except UnicodeEncodeError:
+        return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class BadRequestWatch(logging.Handler):
@@ -345,6 +353,7 @@ class AccessLog:
         self.path: Path | None = None
         self.writer: Writer | None = None
         self.logged: set[str] = set()          # flow ids already written (error after response...)
+        self.logged_before: set[str] = set()   # the ones before those
         self.connects: dict[object, http.HTTPFlow] = {}  # client conn -> its pending CONNECT
         self.tunnelled: set[object] = set()    # client conns whose CONNECT was logged by a TCP flow
         self.intercepted: set[object] = set()  # client conns with decrypted requests inside their CONNECT
@@ -481,13 +490,15 @@ class AccessLog:
         self._log_http(flow)
 
     def _first_time(self, flow) -> bool:
-        """True the first time a flow is to be logged. Only recent flow ids are kept: a flow fires its
-        last hooks soon after it is logged, and a keep-alive connection can carry any number of flows."""
-        if flow.id in self.logged:
+        """True the first time a flow is to be logged. Only the ids of the last LOGGED_MAX to
+        2 * LOGGED_MAX flows are kept: a flow fires its last hooks soon after it is logged, and a
+        keep-alive connection can carry any number of flows."""
+        fid = flow.id
+        if fid in self.logged or fid in self.logged_before:
             return False
         if len(self.logged) >= LOGGED_MAX:
-            self.logged.clear()
-        self.logged.add(flow.id)
+            self.logged_before, self.logged = self.logged, set()
+        self.logged.add(fid)
         return True
 
     def _log_http(self, flow: http.HTTPFlow, aborted: bool = False) -> None:

@@ -170,9 +170,10 @@ def test_concurrent_load_gives_whole_lines(proxy, origin):
     assert sizes == list(range(1000, 1200))
 
 
-def test_a_long_keep_alive_connection_does_not_grow_the_log_without_bound(tmp_path):
+def test_the_flow_ids_kept_against_double_lines_stay_bounded_on_a_long_keep_alive_connection(tmp_path):
     """Flows on one connection that never closes (a keep-alive client, a load balancer): the ids kept
-    against logging a flow twice stay bounded, and an error after a response still adds no line."""
+    against logging a flow twice stay bounded, and an error after a response adds no line, even for
+    the flows logged just before the oldest ids are let go."""
     from mitmproxy.test import tflow
     addon = accesslog.AccessLog()
     path = tmp_path / "access.log"
@@ -180,13 +181,16 @@ def test_a_long_keep_alive_connection_does_not_grow_the_log_without_bound(tmp_pa
     with taddons.context(addon) as tctx:
         tctx.configure(addon, access_log=str(path))
         n = accesslog.LOGGED_MAX * 2 + 10
+        flows = []
         for _ in range(n):
             f = tflow.tflow(client_conn=client, resp=True)
             addon.requestheaders(f)
             addon.response(f)
-            assert len(addon.logged) <= accesslog.LOGGED_MAX
-        f.error = tflow.terr()
-        addon.error(f)  # the last flow fails after its response was logged
+            flows.append(f)
+            assert len(addon.logged) + len(addon.logged_before) <= 2 * accesslog.LOGGED_MAX
+        for f in (flows[2 * accesslog.LOGGED_MAX - 1], flows[-1]):  # the last before a turnover, the last
+            f.error = tflow.terr()
+            addon.error(f)
         addon.writer.flush()
     assert len(path.read_text().splitlines()) == n
 
@@ -197,13 +201,39 @@ def test_lines_with_bytes_that_are_not_utf8_are_written_and_the_writer_goes_on(t
     path = tmp_path / "access.log"
     w = accesslog.Writer(path)
     try:
-        for line in ("GET /caf\udce9", "GET /odd\ud800", "GET /after"):
-            w.put(line)
-            w.flush()
+        w.queue.put(["GET /caf\udce9", "GET /odd\ud800"])  # one batch
+        w.put("GET /after")
+        w.flush()
         assert w.thread.is_alive()
     finally:
         w.close()
     assert path.read_bytes() == b"GET /caf\xe9\nGET /odd\\ud800\nGET /after\n"
+
+
+def test_a_log_that_cannot_be_reopened_loses_lines_until_it_can_then_writes_again(tmp_path, caplog):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    path = folder / "access.log"
+    w = accesslog.Writer(path)
+    try:
+        w.put("GET /before")
+        w.flush()
+        (folder / "access.log").unlink()
+        folder.rmdir()
+        w.call(w.reopen)  # fails: the folder is gone
+        for n in range(3):
+            w.put(f"GET /lost{n}")
+            w.flush()
+        folder.mkdir()
+        w.put("GET /lost-while-reopening")  # the batch that finds the file writable again is lost
+        w.flush()
+        w.put("GET /after")
+        w.flush()
+        assert w.thread.is_alive()
+    finally:
+        w.close()
+    assert path.read_text().splitlines() == ["GET /after"]
+    assert caplog.text.count("cannot write") == 1 and "writing again; 4 lines were lost" in caplog.text
 
 
 def test_a_client_gone_before_the_log_hears_of_its_flow_is_noted_nowhere(tmp_path):
