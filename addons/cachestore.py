@@ -497,14 +497,20 @@ class DiskTier:
                 log.warning(ack[1])
 
     def _reindex(self, h: int) -> None:
-        """Rebuild `known` from the disk in the background (the caller holds the lock). A key queued
-        but not yet written when the loader reads may be left out: a lookup of it misses, no more."""
+        """Rebuild `known` from the disk in the background (the caller holds the lock), once the writer
+        has written what is queued: puts from now on are kept in `added` meanwhile."""
         self.known, self.added = None, {h}
-        self.loader = threading.Thread(target=self._load, name="relais-cache-disk-load", daemon=True)
+        token, written = next(self.tokens), threading.Event()
+        self.flushes[token] = written
+        self.q.put(("flush", token))  # behind every put queued so far (that of h is in `added`)
+        self.loader = threading.Thread(target=self._load, args=(written,), name="relais-cache-disk-load",
+                                       daemon=True)
         self.loader.start()
 
-    def _load(self) -> None:
+    def _load(self, written: threading.Event | None = None) -> None:
         """hash() of the primary keys with an entry (m|<vary hash>|<primary>) on disk."""
+        if written is not None:
+            written.wait(60)  # set when the writer has written what was queued before, or is gone
         try:
             try:  # diskcache stores str keys raw: one indexed range scan
                 keys = [k for (k,) in self.dc._sql(

@@ -227,6 +227,22 @@ def test_the_index_of_keys_on_disk_stays_bounded_as_entries_are_evicted(tmp_path
         s.close()
 
 
+def test_the_index_of_keys_on_disk_rebuilt_while_writes_are_queued_misses_none(tmp_path, monkeypatch):
+    monkeypatch.setattr(cs.DiskTier, "KNOWN_MIN", 200)
+    s = disk_store(tmp_path)
+    try:
+        s.disk.flush()
+        for i in range(1000):  # no flush between: each rebuild starts with writes still queued
+            u = f"http://a/{i}"
+            s.put(u, meta(u, SMALL), SMALL)
+        s.disk.flush()
+        on_disk = [k.split("|", 2)[2] for k in s.disk.dc.iterkeys() if isinstance(k, str) and k.startswith("m|")]
+        assert len(on_disk) == 1000
+        assert [k for k in on_disk if hash(k) not in s.disk.known] == []
+    finally:
+        s.close()
+
+
 def test_keys_that_cannot_be_indexed_leave_lookups_to_sqlite_and_keep_nothing(tmp_path, monkeypatch, caplog):
     import diskcache
     sql = diskcache.Cache._sql
