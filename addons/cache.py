@@ -95,10 +95,14 @@ def primary_key(flow: http.HTTPFlow) -> str:
 
 
 def ascii_path(path: str) -> str:
-    """The bytes of a path beyond ASCII percent-encoded, as a browser sends them. Raw or encoded, one
-    resource has one key, and the key can go to the disk tier: mitmproxy keeps bytes that are not
-    UTF-8 as lone surrogates, which SQLite refuses."""
-    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in path.encode("utf-8", "surrogateescape"))
+    """The bytes of a path beyond ASCII percent-encoded (%XX, upper case), as a browser sends them:
+    the raw bytes and that form are one key, and the key can go to the disk tier. mitmproxy keeps
+    bytes that are not UTF-8 as lone surrogates, which SQLite refuses."""
+    try:
+        raw = path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a command's argument): kept apart
+        raw = path.encode("utf-8", "surrogatepass")
+    return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
 
 
 def url_key(url: str) -> str | None:
@@ -689,8 +693,7 @@ class Cache:
             return
         if local == "errors":
             self._remember_failure(flow, key)
-            if pending and rfc9111.stale_if_error_ok(req.headers, self._policy(pending.entry.meta),
-                                                     pending.entry.meta.age(time.time()) - pending.entry.meta.lifetime):
+            if pending and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
                                         warning='111 - "Revalidation Failed"')
@@ -708,9 +711,9 @@ class Cache:
             if resp.status_code == 304:
                 self._freshen(flow, pending)
                 return
-            # a streamed error already went to the client: too late to answer with the stale entry
-            if resp.status_code >= 500 and stream is None and rfc9111.stale_if_error_ok(
-                    req.headers, self._policy(m), m.age(time.time()) - m.lifetime):
+            # A streamed error already went to the client: too late to answer with the stale entry.
+            # (mitmproxy 11 streams a body over stream_large_bodies even if a hook says not to.)
+            if resp.status_code >= 500 and stream is None and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
                                         warning='111 - "Revalidation Failed"')
@@ -740,6 +743,10 @@ class Cache:
                 flow.response.headers.pop("Content-Length", None)
         if not flow.metadata.get(meta.CODE) and resp.status_code < 400:
             flow.metadata[meta.CACHE] = {"status": "MISS", "tier": None}
+
+    def _stale_if_error(self, flow: http.HTTPFlow, pending: Pending) -> bool:
+        m = pending.entry.meta
+        return rfc9111.stale_if_error_ok(flow.request.headers, self._policy(m), m.age(time.time()) - m.lifetime)
 
     def _restore_conditionals(self, flow: http.HTTPFlow, pending: Pending) -> None:
         for name in ("If-None-Match", "If-Modified-Since"):

@@ -184,3 +184,4 @@ def test_keys_percent_encode_the_bytes_of_a_path_beyond_ascii():
     assert cachemod.primary_key(f) == "http://address:22/caf%E9/%C3%A9?q=%FF"
     assert cachemod.url_key("http://ADDRESS:22/caf\udce9/é?q=\udcff") == cachemod.primary_key(f)
     assert cachemod.primary_key(tflow.tflow(req=tutils.treq(path=b"/plain?a=%E9"))) == "http://address:22/plain?a=%E9"
+    assert cachemod.url_key("http://h/odd\ud800") == "http://h:80/odd%ED%A0%80"  # no byte behind it: no error
