@@ -140,7 +140,7 @@ def test_bench_relay_with_and_without_acl(tmp_path):
                 pin(p.proc.pid, PROXY_CORE)
             ratios = []
             for rnd in range(ROUNDS):  # half of the runs with each proxy started first
-                urls = [f"{url}/size/1000?r={rnd}&n={i}" for i in range(8 * N)]  # more than a run can use
+                urls = [f"{url}/size/1000?r={rnd}&n={i}" for i in range(16 * N)]  # more than a run can use
                 for p in proxies.values():
                     wait_idle(p.proc.pid)
                 ratios.append(paired((proxies[without_acl].url, urls), (proxies[with_acl].url, urls),
