@@ -121,7 +121,10 @@ def url_key(url: str) -> str | None:
 
 
 def origin_of(key: str) -> str:
-    return key[: key.index("/", key.index("//") + 2)] if "//" in key else key
+    """scheme://host:port of a key; its path may be "*" (OPTIONS *) or empty (OPTIONS to a host)."""
+    start = key.find("//") + 2 if "//" in key else 0
+    end = min((i for i in (key.find(c, start) for c in "/*?") if i >= 0), default=len(key))
+    return key[:end]
 
 
 Pending, Failure = cachestore.Pending, cachestore.Failure
@@ -528,7 +531,8 @@ class Cache:
         if req.method == "HEAD":
             body = b""
         version = req.data.http_version if req.data.http_version in _VERSIONS else b"HTTP/1.1"
-        reason = reason.encode("utf-8", "surrogateescape") if isinstance(reason, str) else reason
+        # stored as mitmproxy reads it (ISO-8859-1): the origin's bytes back, whatever they were
+        reason = reason.encode("iso-8859-1", "replace") if isinstance(reason, str) else reason
         return make_response(version, status, reason, headers, body, time.time()), cond
 
     def _serve(self, flow: http.HTTPFlow, entry: cachestore.Entry, tier: str, age: float, stale: bool,

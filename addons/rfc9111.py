@@ -171,7 +171,7 @@ class CacheControl:
         m = _LEADING_DIGITS.match(value) if value is not None else None
         if m is None:
             return INVALID
-        return min(int(m.group()), DELTA_MAX)
+        return delta_seconds(m.group())
 
     def field_names(self, name: str) -> list[str] | None:
         """Qualified form (no-cache="a, b" / private="a"): the field names, or None if unqualified."""
@@ -498,7 +498,13 @@ def age_value(resp_headers) -> float:
     value = value.split(",", 1)[0].split(";", 1)[0].strip()
     if not value.isdigit() or not value.isascii():
         return 0.0
-    return float(min(int(value), DELTA_MAX))
+    return float(delta_seconds(value))
+
+
+def delta_seconds(digits: str) -> int:
+    """1.2.2: a delta-seconds value (ASCII digits) too large to represent is 2^31. Python's int()
+    refuses strings of over 4300 digits, so those are never converted."""
+    return DELTA_MAX if len(digits) > 10 else min(int(digits), DELTA_MAX)
 
 
 def initial_age(resp_headers, request_time: float, response_time: float) -> float:
@@ -785,10 +791,14 @@ def invalidation_targets(method: str, status: int, url: str, resp_headers) -> li
         value = get(resp_headers, name)
         if not value:
             continue
-        target = urljoin(url, value.strip())
-        t = urlsplit(target)
-        if (t.scheme, t.hostname, t.port or _default_port(t.scheme)) == (
-                base.scheme, base.hostname, base.port or _default_port(base.scheme)):
+        try:
+            target = urljoin(url, value.strip())
+            t = urlsplit(target)
+            same = (t.scheme, t.hostname, t.port or _default_port(t.scheme)) == (
+                base.scheme, base.hostname, base.port or _default_port(base.scheme))
+        except ValueError:  # not a URL (a bad IPv6 literal, a port out of range): nothing to invalidate
+            continue
+        if same:
             targets.append(target)
     return targets
 
@@ -818,22 +828,28 @@ def parse_range(value: str | None, length: int):
         return None
     first_s, dash, last_s = ranges[0].partition("-")
     first_s, last_s = first_s.strip(), last_s.strip()
-    if not dash or (first_s and not first_s.isdigit()) or (last_s and not last_s.isdigit()):
+    if not dash or not (first_s + last_s).isascii() or (first_s and not first_s.isdigit()) \
+            or (last_s and not last_s.isdigit()):  # isdigit() alone takes "²", which int() refuses
         return None
     if not first_s:  # suffix range
         if not last_s:
             return None
-        n = int(last_s)
+        n = _position(last_s)
         if n == 0 or length == 0:
             return UNSATISFIABLE
         return max(0, length - n), length - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else length - 1
+    first = _position(first_s)
+    last = _position(last_s) if last_s else length - 1
     if last_s and last < first:
         return None
     if first >= length:
         return UNSATISFIABLE
     return first, min(last, length - 1)
+
+
+def _position(digits: str) -> int:
+    """A byte position; past any length when it has too many digits for int() (4300)."""
+    return int(digits) if len(digits) <= 18 else 10 ** 18
 
 
 def if_range_ok(value: str | None, stored_headers) -> bool:

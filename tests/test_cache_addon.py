@@ -185,3 +185,20 @@ def test_keys_percent_encode_the_bytes_of_a_path_beyond_ascii():
     assert cachemod.url_key("http://ADDRESS:22/caf\udce9/é?q=\udcff") == cachemod.primary_key(f)
     assert cachemod.primary_key(tflow.tflow(req=tutils.treq(path=b"/plain?a=%E9"))) == "http://address:22/plain?a=%E9"
     assert cachemod.url_key("http://h/odd\ud800") == "http://h:80/odd%ED%A0%80"  # no byte behind it: no error
+
+
+def test_a_hit_replays_the_origins_reason_phrase_bytes(cache):
+    c, _ = cache
+    f = stored_flow()
+    f.response.data.reason = b"Fine \xff"  # mitmproxy reads a reason as ISO-8859-1
+    c.response(f)
+    hit = request_flow()
+    c.requestheaders(hit)
+    assert hit.metadata[meta.CODE] == "TCP_MEM_HIT" and hit.response.data.reason == b"Fine \xff"
+
+
+@pytest.mark.parametrize("key, origin", [
+    ("http://h:80/x?q", "http://h:80"), ("http://h:80*", "http://h:80"),  # OPTIONS *
+    ("http://h:80", "http://h:80"), ("https://h:443?q", "https://h:443")])
+def test_the_origin_of_any_key(key, origin):
+    assert cachemod.origin_of(key) == origin

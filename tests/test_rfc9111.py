@@ -32,6 +32,12 @@ class TestDeltaSeconds:
     def test_invalid(self, value):
         assert r.parse_cache_control(value).delta("max-age") is r.INVALID
 
+    def test_values_too_large_to_represent_are_2_to_the_31(self):
+        # 1.2.2; Python's int() refuses more than 4300 digits
+        assert r.parse_cache_control("max-age=" + "9" * 5000).delta("max-age") == 2 ** 31
+        assert r.parse_cache_control("s-maxage=99999999999").delta("s-maxage") == 2 ** 31
+        assert r.age_value(H(age="9" * 5000)) == 2 ** 31
+
 
 # --- 5.2 Cache-Control parsing ------------------------------------------------
 
@@ -425,6 +431,10 @@ class TestInvalidation:
     def test_other_origin_location_not_invalidated(self):
         assert r.invalidation_targets("PUT", 200, "http://a/x", H(location="http://b/y")) == ["http://a/x"]
 
+    @pytest.mark.parametrize("location", ["http://[::1", "http://a:99999/y", "http://a:1:2/y", "http://a:" + "9" * 5000])
+    def test_a_location_that_is_no_url_invalidates_the_target_alone(self, location):
+        assert r.invalidation_targets("POST", 201, "http://a:80/x", H(location=location)) == ["http://a:80/x"]
+
     def test_safe_methods_and_errors_do_not_invalidate(self):
         assert r.invalidation_targets("GET", 200, "http://a/x", []) == []
         assert r.invalidation_targets("DELETE", 500, "http://a/x", []) == []
@@ -445,9 +455,16 @@ class TestRanges:
         assert r.parse_range("bytes=100-", 100) == r.UNSATISFIABLE
         assert r.parse_range("bytes=-0", 100) == r.UNSATISFIABLE
 
-    @pytest.mark.parametrize("v", ["items=0-1", "bytes=5-1", "bytes=a-b", "bytes=0-1,5-6", "bytes", None])
-    def test_ignored(self, v):
+    @pytest.mark.parametrize("v", ["items=0-1", "bytes=5-1", "bytes=a-b", "bytes=0-1,5-6", "bytes", None,
+                                   "bytes=\u00b2-", "bytes=-\u00b2", "bytes=0-\u00b2", "bytes=\u0661-"])
+    def test_ignored(self, v):  # "²" and other non-ASCII digits pass str.isdigit() but not int()
         assert r.parse_range(v, 100) is None
+
+    def test_positions_with_more_digits_than_int_takes(self):
+        many = "9" * 5000
+        assert r.parse_range(f"bytes={many}-", 100) == r.UNSATISFIABLE
+        assert r.parse_range(f"bytes=10-{many}", 100) == (10, 99)
+        assert r.parse_range(f"bytes=-{many}", 100) == (0, 99)
 
     def test_if_range(self):
         lm = r.format_http_date(NOW - 10)
