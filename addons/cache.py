@@ -105,10 +105,11 @@ def ascii_path(path: str) -> str:
     return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
 
 
-def url_key(url: str) -> str | None:
-    """The primary key of an absolute URL (cache.purge, Location invalidation)."""
+def url_key(url: str, base: str | None = None) -> str | None:
+    """The primary key of an absolute URL, or of a reference relative to `base` (cache.purge,
+    Location invalidation); None if it is no URL."""
     try:
-        u = urlsplit(url.strip())
+        u = urlsplit(urljoin(base, url.strip()) if base else url.strip())
         port = u.port or (443 if u.scheme == "https" else 80)
     except ValueError:
         return None
@@ -808,7 +809,7 @@ class Cache:
         """RFC 9110 9.3.3: a POST response with explicit freshness and a Content-Location equal to
         the target URI is a representation of that URI, reusable for later GETs."""
         location = flow.response.headers.get("content-location")
-        return (location is not None and url_key(urljoin(key, location.strip())) == key
+        return (location is not None and url_key(location, base=key) == key
                 and rfc9111.has_explicit_freshness(self._view(flow, flow.response.headers)))
 
     def _store(self, flow: http.HTTPFlow, key: str) -> None:

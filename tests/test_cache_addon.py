@@ -202,3 +202,15 @@ def test_a_hit_replays_the_origins_reason_phrase_bytes(cache):
     ("http://h:80", "http://h:80"), ("https://h:443?q", "https://h:443")])
 def test_the_origin_of_any_key(key, origin):
     assert cachemod.origin_of(key) == origin
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://example.com:99999/a", "/a"])
+def test_a_post_whose_content_location_is_no_url_describes_nothing(cache, location):
+    c, _ = cache
+    f = stored_flow(cc="max-age=60")
+    f.request.method = "POST"
+    f.response.headers["Content-Location"] = location
+    c.response(f)  # no error
+    hit = request_flow()
+    c.requestheaders(hit)
+    assert (hit.response is not None) == (location == "/a")  # only a real URL of the target answers GETs
