@@ -504,6 +504,7 @@ def age_value(resp_headers) -> float:
 def delta_seconds(digits: str) -> int:
     """1.2.2: a delta-seconds value (ASCII digits) too large to represent is 2^31. Python's int()
     refuses strings of over 4300 digits, so those are never converted."""
+    digits = digits.lstrip("0") or "0"
     return DELTA_MAX if len(digits) > 10 else min(int(digits), DELTA_MAX)
 
 
@@ -849,6 +850,7 @@ def parse_range(value: str | None, length: int):
 
 def _position(digits: str) -> int:
     """A byte position; past any length when it has too many digits for int() (4300)."""
+    digits = digits.lstrip("0") or "0"
     return int(digits) if len(digits) <= 18 else 10 ** 18
 
 

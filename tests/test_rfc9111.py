@@ -37,6 +37,7 @@ class TestDeltaSeconds:
         assert r.parse_cache_control("max-age=" + "9" * 5000).delta("max-age") == 2 ** 31
         assert r.parse_cache_control("s-maxage=99999999999").delta("s-maxage") == 2 ** 31
         assert r.age_value(H(age="9" * 5000)) == 2 ** 31
+        assert r.parse_cache_control("max-age=" + "0" * 5000 + "60").delta("max-age") == 60  # not large
 
 
 # --- 5.2 Cache-Control parsing ------------------------------------------------
@@ -465,6 +466,7 @@ class TestRanges:
         assert r.parse_range(f"bytes={many}-", 100) == r.UNSATISFIABLE
         assert r.parse_range(f"bytes=10-{many}", 100) == (10, 99)
         assert r.parse_range(f"bytes=-{many}", 100) == (0, 99)
+        assert r.parse_range("bytes=" + "0" * 5000 + "5-" + "0" * 30 + "9", 100) == (5, 9)  # leading zeros
 
     def test_if_range(self):
         lm = r.format_http_date(NOW - 10)
