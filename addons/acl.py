@@ -189,11 +189,8 @@ class AccessControl:
             return
         # Transparent/socks5: before connecting upstream, deny what the connection alone already decides.
         self.prechecked[client] = True
-        host, port = data.server.address
         try:
-            req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
-                                url=f"{host}:{port}", user=_user_of(client),
-                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
+            req = self._tunnel_request(client, data.server.address, _user_of(client))
             await self._resolve(req)
             d = self.policy.precheck(req)
         except Exception as e:
@@ -301,6 +298,14 @@ class AccessControl:
         ip = _ip(client.peername)
         return aclrules.Request(src=ip, sni=client.sni, port_names=names, local_port=sock[1],
                                 conns=self.conns.get(ip, 1), **kw)
+
+    def _tunnel_request(self, client, address, user: str | None, name: str | None = None) -> aclrules.Request:
+        """The request a connection stands for (raw stream, TLS ClientHello): a CONNECT to its
+        address, shown by `name` (the SNI) when there is one."""
+        host, port = str(address[0]), address[1]
+        shown = name or host
+        return self._request(client, method="CONNECT", proto="NONE", host=shown, port=port, url=f"{shown}:{port}",
+                             user=user, dst_ips=(host,) if _is_ip(host) else None)
 
     def _cached(self, req: aclrules.Request) -> bool:
         """Fills in the DNS answers the rules need from the cache; False if a lookup is still needed."""
@@ -423,10 +428,7 @@ class AccessControl:
             req = connect[0]
             req.sni = sni
             return req, None
-        host, port = server.address or (sni or "", 0)
-        req = self._request(client, method="CONNECT", proto="NONE", host=sni or str(host), port=port,
-                            url=f"{sni or host}:{port}", user=_user_of(client),
-                            dst_ips=(str(host),) if _is_ip(str(host)) else None)
+        req = self._tunnel_request(client, server.address or (sni or "", 0), _user_of(client), name=sni)
         req.sni = sni
         await self._resolve(req)
         d = self.policy.check(req)
@@ -446,11 +448,8 @@ class AccessControl:
         if client in self.tunnels:   # the CONNECT (or the TLS ClientHello) already decided
             _, flow.metadata[meta.ACL], flow.metadata[meta.ACLS] = self.tunnels[client]
             return
-        host, port = flow.server_conn.address or ("", 0)
         try:
-            req = self._request(client, method="CONNECT", proto="NONE", host=str(host), port=port,
-                                url=f"{host}:{port}", user=user,
-                                dst_ips=(str(host),) if _is_ip(str(host)) else None)
+            req = self._tunnel_request(client, flow.server_conn.address or ("", 0), user)
             await self._resolve(req)
             d = self.policy.check(req)
             self._mark(flow, req, d)

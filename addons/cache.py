@@ -121,11 +121,13 @@ def url_key(url: str, base: str | None = None) -> str | None:
     return f"{u.scheme}://{u.hostname.lower()}:{port}{ascii_path(path)}"
 
 
+_ORIGIN = re.compile(r"[^/]*//[^/*?]*")
+
+
 def origin_of(key: str) -> str:
     """scheme://host:port of a key; its path may be "*" (OPTIONS *) or empty (OPTIONS to a host)."""
-    start = key.find("//") + 2 if "//" in key else 0
-    end = min((i for i in (key.find(c, start) for c in "/*?") if i >= 0), default=len(key))
-    return key[:end]
+    m = _ORIGIN.match(key)
+    return m.group() if m else key
 
 
 Pending, Failure = cachestore.Pending, cachestore.Failure

@@ -24,6 +24,7 @@ from urllib.parse import urljoin, urlsplit
 
 # RFC 9111 1.2.2: delta-seconds too large to represent become 2^31.
 DELTA_MAX = 2147483648
+POSITION_MAX = 10 ** 18  # a byte position past any body
 
 # RFC 9110 15.1: heuristically cacheable status codes.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -502,10 +503,14 @@ def age_value(resp_headers) -> float:
 
 
 def delta_seconds(digits: str) -> int:
-    """1.2.2: a delta-seconds value (ASCII digits) too large to represent is 2^31. Python's int()
-    refuses strings of over 4300 digits, so those are never converted."""
+    """1.2.2: a delta-seconds value (ASCII digits) too large to represent is 2^31."""
+    return _at_most(digits, DELTA_MAX)
+
+
+def _at_most(digits: str, cap: int) -> int:
+    """min(int(digits), cap), also for more digits than int() takes (4300): those are never converted."""
     digits = digits.lstrip("0") or "0"
-    return DELTA_MAX if len(digits) > 10 else min(int(digits), DELTA_MAX)
+    return cap if len(digits) > len(str(cap)) else min(int(digits), cap)
 
 
 def initial_age(resp_headers, request_time: float, response_time: float) -> float:
@@ -835,23 +840,17 @@ def parse_range(value: str | None, length: int):
     if not first_s:  # suffix range
         if not last_s:
             return None
-        n = _position(last_s)
+        n = _at_most(last_s, POSITION_MAX)
         if n == 0 or length == 0:
             return UNSATISFIABLE
         return max(0, length - n), length - 1
-    first = _position(first_s)
-    last = _position(last_s) if last_s else length - 1
+    first = _at_most(first_s, POSITION_MAX)
+    last = _at_most(last_s, POSITION_MAX) if last_s else length - 1
     if last_s and last < first:
         return None
     if first >= length:
         return UNSATISFIABLE
     return first, min(last, length - 1)
-
-
-def _position(digits: str) -> int:
-    """A byte position; past any length when it has too many digits for int() (4300)."""
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else 10 ** 18
 
 
 def if_range_ok(value: str | None, stored_headers) -> bool:
