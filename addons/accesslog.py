@@ -205,6 +205,7 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
 
 LOGGED_MAX = 10000  # flow ids remembered against logging a flow twice (an error after its response)
 BATCH_DELAY = 0.05  # seconds a line may wait for others to be written with it
+QUEUED_MAX = 100_000  # lines waiting for the writer thread (about 20 MB); more are dropped and counted
 
 
 class Writer:
@@ -223,6 +224,9 @@ class Writer:
         self.pending: list[str] = []  # lines not yet handed to the thread (event loop side)
         self.file = self._open()
         self.lost = 0  # lines dropped since the last successful write
+        self.lock = threading.Lock()
+        self.queued = 0   # lines handed to the thread and not yet written
+        self.dropped = 0  # lines not handed over because QUEUED_MAX were waiting
         self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
         self.thread.start()
 
@@ -237,6 +241,15 @@ class Writer:
     def hand_over(self) -> None:
         if self.pending:
             lines, self.pending = self.pending, []
+            with self.lock:
+                if self.queued + len(lines) > QUEUED_MAX:  # the thread is stuck (a hung disk): memory stays bounded
+                    if not self.dropped:
+                        logging.getLogger(__name__).error(
+                            "access log %s: %d lines wait to be written (is the disk hung?); new lines are "
+                            "dropped until they are", self.path, self.queued)
+                    self.dropped += len(lines)
+                    return
+                self.queued += len(lines)
             self.queue.put(lines)
 
     def call(self, fn) -> None:
@@ -295,11 +308,22 @@ class Writer:
                 return
             try:  # the thread outlives any one batch or call: nothing else would write the log
                 if isinstance(item, list):
-                    self._write(item)
+                    try:
+                        self._write(item)
+                    finally:
+                        self._written(len(item))
                 else:
                     item()
             except Exception as e:
                 logging.getLogger(__name__).error("access log %s: %s", self.path, e)
+
+    def _written(self, n: int) -> None:
+        with self.lock:
+            self.queued -= n
+            dropped, self.dropped = self.dropped, 0
+        if dropped:
+            logging.getLogger(__name__).warning("access log %s: writing again; %d lines were dropped",
+                                                self.path, dropped)
 
 
 def _writable(line: str) -> str:

@@ -37,6 +37,7 @@ import ssl
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from http.client import responses
 from collections import Counter
 from collections.abc import Sequence
@@ -56,6 +57,12 @@ except ImportError:  # loaded by path without the project installed
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 HOSTNAME = errorpage.HOSTNAME
+
+# Stale-while-revalidate refreshes run in threads of their own, never in asyncio's default pool:
+# that pool also resolves host names (mitmproxy's upstream connections, the ACL's DNS lookups), and a
+# few slow origins would stall them all.
+REFRESH_THREADS = 4
+REFRESH_MAX = 256  # refreshes queued or running at once; past it a stale entry is served unrefreshed
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -244,6 +251,7 @@ class Cache:
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
         self.refreshing: set[str] = set()           # keys refreshed in the background (SWR)
+        self.refresher: ThreadPoolExecutor | None = None
         self.counts: Counter = Counter()
         self.purge_nets: list = []
         self.negative_ttl = 30.0
@@ -337,6 +345,9 @@ class Cache:
         return rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets)
 
     def done(self):
+        if self.refresher is not None:
+            self.refresher.shutdown(wait=False, cancel_futures=True)
+            self.refresher = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -868,8 +879,8 @@ class Cache:
 
     # --- stale-while-revalidate -------------------------------------------------
     def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:
-        if key in self.refreshing:
-            return
+        if key in self.refreshing or len(self.refreshing) >= REFRESH_MAX:
+            return  # served stale all the same; a later request asks for the refresh again
         self.refreshing.add(key)
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
@@ -901,7 +912,10 @@ class Cache:
 
         async def run():
             try:
-                request_time, status, headers_list, body = await asyncio.to_thread(fetch)
+                if self.refresher is None:
+                    self.refresher = ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="relais-cache-refresh")
+                loop = asyncio.get_running_loop()
+                request_time, status, headers_list, body = await loop.run_in_executor(self.refresher, fetch)
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
                 if status == 304:

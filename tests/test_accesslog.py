@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import signal
+import threading
 import time
 
 import httpx
@@ -201,7 +202,8 @@ def test_lines_with_bytes_that_are_not_utf8_are_written_and_the_writer_goes_on(t
     path = tmp_path / "access.log"
     w = accesslog.Writer(path)
     try:
-        w.queue.put(["GET /caf\udce9", "GET /odd\ud800"])  # one batch
+        w.pending = ["GET /caf\udce9", "GET /odd\ud800"]
+        w.hand_over()  # one batch
         w.put("GET /after")
         w.flush()
         assert w.thread.is_alive()
@@ -234,6 +236,31 @@ def test_a_log_that_cannot_be_reopened_loses_lines_until_it_can_then_writes_agai
         w.close()
     assert path.read_text().splitlines() == ["GET /after"]
     assert caplog.text.count("cannot write") == 1 and "writing again; 4 lines were lost" in caplog.text
+
+
+def test_a_stuck_writer_holds_a_bounded_number_of_lines_and_says_how_many_it_dropped(tmp_path, caplog,
+                                                                                     monkeypatch):
+    """A hung disk stops the writer thread: lines past QUEUED_MAX are dropped and counted, not queued
+    without end; once it writes again it says how many were dropped."""
+    monkeypatch.setattr(accesslog, "QUEUED_MAX", 100)
+    path = tmp_path / "access.log"
+    w = accesslog.Writer(path)
+    gate = threading.Event()
+    try:
+        w.call(lambda: gate.wait(10))  # the thread hangs as on a hung disk
+        for n in range(250):
+            w.put(f"GET /{n}")  # no event loop: each line is its own batch
+        assert w.queued == 100 and w.dropped == 150
+        assert "new lines are dropped" in caplog.text
+        gate.set()
+        w.flush()
+        w.put("GET /after")
+        w.flush()
+    finally:
+        gate.set()
+        w.close()
+    assert path.read_text().splitlines() == [f"GET /{n}" for n in range(100)] + ["GET /after"]
+    assert "writing again; 150 lines were dropped" in caplog.text and w.queued == 0
 
 
 def test_a_client_gone_before_the_log_hears_of_its_flow_is_noted_nowhere(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, curl, free_port
+from harness import Origin, Proxy, curl, curl_status, free_port
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -701,6 +701,35 @@ def test_stale_while_revalidate_refreshes_through_the_upstream_proxy(start_proxy
     time.sleep(0.2)
     assert fetch(p, url)[2] == b"version 2"
     assert n == [url, url], "both requests, the refresh too, reached the upstream proxy in absolute form"
+
+
+def test_hung_background_refreshes_do_not_stall_name_lookups(cproxy, origin):
+    """Refreshes of stale-while-revalidate entries whose origin hangs keep their own threads:
+    asyncio's default pool, which resolves the host names of new upstream connections, stays free."""
+    release = threading.Event()
+    seen_paths: list[str] = []
+
+    def fn(seen):
+        first = seen.path not in seen_paths
+        seen_paths.append(seen.path)
+        if not first:
+            release.wait(20)  # the refresh hangs until the test ends
+        return 200, {"Cache-Control": "max-age=1, stale-while-revalidate=60"}, b"v"
+    origin.route("/swr-hang", fn)
+    urls = [f"{origin.url}/swr-hang?k={i}" for i in range(40)]  # more than any default pool's threads
+    try:
+        for u in urls:
+            fetch(cproxy, u)
+        time.sleep(2.2)
+        for u in urls:
+            assert fetch(cproxy, u)[2] == b"v"  # served stale; each starts a refresh that hangs
+        end = time.monotonic() + 5
+        while len(seen_paths) < 44 and time.monotonic() < end:  # a few refreshes have reached the origin
+            time.sleep(0.05)
+        # "localhost": a name, which mitmproxy resolves in asyncio's default thread pool
+        assert curl_status("-x", cproxy.url, f"http://localhost:{origin.port}/after-hang", timeout=8) == 200
+    finally:
+        release.set()
 
 
 def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):

@@ -1,6 +1,7 @@
 """In-process tests of addons/cache.py: options, keys, commands (cache.purge, cache.clear, cache.stats)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -214,3 +215,58 @@ def test_a_post_whose_content_location_is_no_url_describes_nothing(cache, locati
     hit = request_flow()
     c.requestheaders(hit)
     assert (hit.response is not None) == (location == "/a")  # only a real URL of the target answers GETs
+
+
+def test_background_refreshes_are_bounded(cache, monkeypatch):
+    """Past REFRESH_MAX refreshes at once, a stale entry is served without starting another."""
+    c, _ = cache
+    monkeypatch.setattr(cachemod, "REFRESH_MAX", 2)
+    c.response(stored_flow("http://example.com/r"))
+    key = "http://example.com:80/r"
+    entry, _ = c.lookup(key, request_flow("http://example.com/r").request.headers)
+    assert entry is not None
+
+    async def refresh(busy: set[str]) -> set[str]:
+        c.refreshing = set(busy)
+        c._refresh_in_background(key, entry, request_flow("http://example.com/r"))
+        return set(c.refreshing)
+    assert asyncio.run(refresh({"k1", "k2"})) == {"k1", "k2"}       # at the bound: none started
+    assert asyncio.run(refresh({"k1"})) == {"k1", key}               # below it: this one starts
+
+
+def streamed_flow(url="http://example.com/big", body=b"0123456789"):
+    f = stored_flow(url, body=b"")
+    f.response.headers["Content-Length"] = str(len(body))
+    f.response.stream = True  # as mitmproxy sets it past stream_large_bodies
+    return f, body
+
+
+def test_a_streamed_copy_that_is_not_stored_leaves_no_temp_file(cache, monkeypatch):
+    """Whatever stops a streamed response from being stored (here an error in the cache's own response
+    handling), its temp file does not stay in cache_dir/incoming."""
+    c, _ = cache
+    incoming = c.store.disk.tmpdir
+    f, body = streamed_flow()
+    c.responseheaders(f)
+    assert callable(f.response.stream) and len(list(incoming.iterdir())) == 1
+    f.response.stream(body)
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(c, "_response", broken)
+    with pytest.raises(RuntimeError):
+        c.response(f)
+    assert list(incoming.iterdir()) == []
+
+
+def test_a_streamed_copy_that_is_stored_is_handed_to_the_store(cache):
+    c, _ = cache
+    f, body = streamed_flow()
+    c.responseheaders(f)
+    f.response.stream(body)
+    c.response(f)
+    c.store.disk.flush()
+    g = request_flow("http://example.com/big")
+    c.requestheaders(g)
+    assert g.response is not None and g.response.content == body
+    assert list(c.store.disk.tmpdir.iterdir()) == []
