@@ -369,6 +369,11 @@ def bad_request_record(client, message: str) -> Record:
 
 
 class AccessLog:
+    # In the suite (addons/suite.py) note_client runs before any addon's hook for these events: a
+    # client that leaves while a later hook is awaited (a DNS lookup) is then known to have sent a
+    # request, and its connection is not also logged as closed before one.
+    first_hooks = {"requestheaders": "note_client", "http_connect": "note_client", "tcp_start": "note_client"}
+
     def __init__(self) -> None:
         self.bad_requests = BadRequestWatch()
         self.format = format_squid
@@ -463,10 +468,12 @@ class AccessLog:
     # --- HTTP ---------------------------------------------------------
     # A client can be gone by the time a hook runs here (it left while an earlier addon's hook was
     # awaited): its disconnect was handled already, so it is noted nowhere, or nothing would remove it.
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def note_client(self, flow) -> None:
         client = flow.client_conn
         if client.timestamp_end is None:
             self.seen.add(client.id)  # the id: a str hashes in C, a Connection in Python
+
+    requestheaders = note_client  # loaded alone; the suite calls it once, first
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         stream = flow.response.stream
@@ -553,10 +560,7 @@ class AccessLog:
             nextlayer.layer.flow.metadata[meta.PASSTHROUGH] = True
             nextlayer.layer.flow.metadata[meta.SENT_BYTES] = 0
 
-    def tcp_start(self, flow: tcp.TCPFlow) -> None:
-        client = flow.client_conn
-        if client.timestamp_end is None:
-            self.seen.add(client.id)
+    tcp_start = note_client
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
         if flow.metadata.get(meta.PASSTHROUGH):

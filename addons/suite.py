@@ -13,6 +13,13 @@ the rules mitmproxy applies to the addons of one script:
 - lifecycle hooks (load, configure, running, done) must not be coroutines, since
   mitmproxy may call them synchronously.
 
+A member may map events to methods in `first_hooks` ({"requestheaders": "note", ...}):
+those methods run before every member's hook for that event, whatever the member's
+place in the list (its own hook for the event still runs in its place). They are for
+observers that only take note (the access log noting that a client sent a request,
+before access control awaits a DNS lookup that the client may not wait for); they must
+not return awaitables, and an error in one is logged without skipping anything.
+
 The members keep their options (each one's `load` declares them), their commands, and
 their `configure`, `running` and `done` hooks. Each member stays loadable alone
 (`mitmdump -s addons/cache.py`). mitmproxy's table of addon names lists them too, so
@@ -53,10 +60,14 @@ class Suite:
             for event in LIFECYCLE:
                 if inspect.iscoroutinefunction(getattr(m, event, None)):
                     raise TypeError(f"{type(m).__name__}.{event} is a coroutine; mitmproxy may call it synchronously")
+            for event, name in getattr(m, "first_hooks", {}).items():
+                if inspect.iscoroutinefunction(getattr(m, name)) or event in LIFECYCLE:
+                    raise TypeError(f"{type(m).__name__}.{name}: a first hook must be a plain function of a flow event")
         for event in hooks.all_hooks:
-            calls = [f for m in self.members if callable(f := getattr(m, event, None))]
-            if calls:
-                setattr(self, f"_{event}_members" if event in OWN else event, _dispatcher(calls))
+            first = [getattr(m, name) for m in self.members if (name := getattr(m, "first_hooks", {}).get(event))]
+            calls = [f for m in self.members if callable(f := getattr(m, event, None)) and f not in first]
+            if first or calls:
+                setattr(self, f"_{event}_members" if event in OWN else event, _dispatcher(calls, first))
         for m in self.members:  # mitmproxy finds commands among an addon's attributes
             for attr in dir(type(m)):
                 if isinstance(getattr(getattr(type(m), attr), "command_name", None), str):
@@ -128,7 +139,21 @@ def _failed(exc: Exception) -> None:
     logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, exc.__traceback__.tb_next))
 
 
-def _dispatcher(calls: list):
+def _dispatcher(calls: list, first: list):
+    if first:
+        rest = _dispatcher(calls, [])
+
+        def dispatch_first(*args):
+            for fn in first:
+                try:
+                    fn(*args)
+                except PASS_UP:
+                    raise
+                except Exception as e:  # an observer's error skips nothing
+                    _failed(e)
+            return rest(*args)
+        return dispatch_first
+
     def dispatch(*args):
         for i, fn in enumerate(calls):
             try:

@@ -422,6 +422,31 @@ def test_collapsed_forwarding(cproxy, origin):
     assert found.count("TCP_MISS/200") == 1 and found.count("TCP_MEM_HIT/200") == 5
 
 
+def test_a_client_that_leaves_while_its_miss_waits_for_another_is_logged_once(start_proxy, origin, tmp_path):
+    """A collapsed miss waits in the cache's hook, before the access log's own hook: the client
+    that gives up meanwhile gets its aborted line only, not also "closed before a request"."""
+    p = start_proxy(options={"cache_dir": "none"})
+
+    def slow(seen):
+        time.sleep(1.5)
+        return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"slow body"
+    origin.route("/collapse-leave", slow)
+    url = f"{origin.url}/collapse-leave"
+    time.sleep(0.3)
+    start = time.time()  # lines before it: the harness's own check that the port is open
+    first = threading.Thread(target=lambda: curl("-x", p.url, url))
+    first.start()
+    time.sleep(0.3)
+    curl("-x", p.url, url, "--max-time", "0.6")  # waits for the first one's answer, gives up before it
+    first.join(20)
+    found = codes(p, url, 2)
+    time.sleep(0.5)
+    lines = [l for l in p.log_lines(1, timeout=0.5) if float(l.split()[0]) >= start]
+    assert sorted(found) == ["TCP_MEM_HIT_ABORTED/200", "TCP_MISS/200"], lines
+    assert len(lines) == 2, lines
+    assert origin.hits["/collapse-leave"] == 1
+
+
 # --- HTTPS interception and reverse mode keys --------------------------------------------------------
 
 def test_intercepted_https_is_cached_separately(start_proxy, tls_origin, tmp_path):

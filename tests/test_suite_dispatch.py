@@ -182,3 +182,51 @@ def test_all_py_names_every_hook():
     # the hooks registered by the modules suite.py imports (mitmproxy.log's add_log is left out)
     assert all(hasattr(suite_script, event) for event in hooks.all_hooks if event != "add_log")
     assert not hasattr(suite_script, "add_log")
+
+
+class Observer(Recorder):
+    first_hooks = {"requestheaders": "note", "response": "broken_note"}
+
+    def note(self, flow):
+        self.calls.append((self.name, "noted"))
+
+    def broken_note(self, flow):
+        raise ValueError("observer boom")
+
+    def response(self, flow):
+        self.calls.append((self.name, "response"))
+
+
+def test_first_hooks_run_before_every_member_and_their_errors_skip_nothing(caplog):
+    calls: list = []
+    suite = Suite(Slow("a", calls), Observer("log", calls))
+    f = tflow.tflow(resp=True)
+
+    async def run():
+        await suite.requestheaders(f)
+    asyncio.run(run())
+    # the observer's note came before the awaited hook; its own requestheaders ran in its place
+    assert calls == [("log", "noted"), ("a", "started"), ("a", "done"), ("log", "a")]
+    calls.clear()
+    assert suite.response(f) is None
+    assert calls == [("log", "response")] and "observer boom" in caplog.text
+
+
+def test_a_first_hook_that_is_the_members_own_hook_runs_once():
+    calls: list = []
+
+    class Same(Recorder):
+        first_hooks = {"requestheaders": "requestheaders"}
+    suite = Suite(Recorder("a", calls), Same("b", calls))
+    suite.requestheaders(tflow.tflow())
+    assert calls == [("b", None), ("a", "b")]
+
+
+def test_a_coroutine_first_hook_is_refused():
+    class Bad:
+        first_hooks = {"requestheaders": "note"}
+
+        async def note(self, flow):
+            pass
+    with pytest.raises(TypeError, match="first hook"):
+        Suite(Bad())
