@@ -227,6 +227,7 @@ class Writer:
         self.lock = threading.Lock()
         self.queued = 0   # lines handed to the thread and not yet written
         self.dropped = 0  # lines not handed over because QUEUED_MAX were waiting
+        self.dropping = False
         self.thread = threading.Thread(target=self._run, name="relais-accesslog", daemon=True)
         self.thread.start()
 
@@ -242,11 +243,14 @@ class Writer:
         if self.pending:
             lines, self.pending = self.pending, []
             with self.lock:
-                if self.queued + len(lines) > QUEUED_MAX:  # the thread is stuck (a hung disk): memory stays bounded
-                    if not self.dropped:
+                # the thread is stuck (a hung disk): memory stays bounded; dropping goes on until half
+                # the queue is written, so that a slow disk does not flip it on and off at every batch
+                if self.dropping or self.queued + len(lines) > QUEUED_MAX:
+                    if not self.dropping:
+                        self.dropping = True
                         logging.getLogger(__name__).error(
                             "access log %s: %d lines wait to be written (is the disk hung?); new lines are "
-                            "dropped until they are", self.path, self.queued)
+                            "dropped until half of them are", self.path, self.queued)
                     self.dropped += len(lines)
                     return
                 self.queued += len(lines)
@@ -276,7 +280,7 @@ class Writer:
         # they are written back as the bytes the client sent, as Squid logs them
         return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
 
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, lines: list[str]) -> bool:
         """Write a batch; on failure (a full disk) drop it, say so once, and start clean."""
         text = "\n".join(lines) + "\n"
         try:
@@ -294,11 +298,12 @@ class Writer:
                 self.file = self._open()
             except OSError:
                 pass
-            return
+            return False
         if self.lost:
             logging.getLogger(__name__).warning("access log %s: writing again; %d lines were lost",
                                                 self.path, self.lost)
             self.lost = 0
+        return True
 
     def _run(self) -> None:
         while True:
@@ -308,19 +313,22 @@ class Writer:
                 return
             try:  # the thread outlives any one batch or call: nothing else would write the log
                 if isinstance(item, list):
+                    written = False
                     try:
-                        self._write(item)
+                        written = self._write(item)
                     finally:
-                        self._written(len(item))
+                        self._written(len(item), written)
                 else:
                     item()
             except Exception as e:
                 logging.getLogger(__name__).error("access log %s: %s", self.path, e)
 
-    def _written(self, n: int) -> None:
+    def _written(self, n: int, ok: bool) -> None:
+        dropped = 0
         with self.lock:
             self.queued -= n
-            dropped, self.dropped = self.dropped, 0
+            if ok and self.dropping and self.queued <= QUEUED_MAX // 2:
+                self.dropping, dropped, self.dropped = False, self.dropped, 0
         if dropped:
             logging.getLogger(__name__).warning("access log %s: writing again; %d lines were dropped",
                                                 self.path, dropped)

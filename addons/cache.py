@@ -32,12 +32,13 @@ import hashlib
 import ipaddress
 import json
 import logging
+import queue
 import re
 import ssl
 import sys
+import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from http.client import responses
 from collections import Counter
 from collections.abc import Sequence
@@ -60,9 +61,12 @@ HOSTNAME = errorpage.HOSTNAME
 
 # Stale-while-revalidate refreshes run in threads of their own, never in asyncio's default pool:
 # that pool also resolves host names (mitmproxy's upstream connections, the ACL's DNS lookups), and a
-# few slow origins would stall them all.
+# few slow origins would stall them all. Past these limits a stale entry is served unrefreshed (a later
+# request asks again): refreshes queued or running at once, and per origin, so that one hung origin
+# holds at most REFRESH_PER_ORIGIN of the threads.
 REFRESH_THREADS = 4
-REFRESH_MAX = 256  # refreshes queued or running at once; past it a stale entry is served unrefreshed
+REFRESH_MAX = 256
+REFRESH_PER_ORIGIN = 2
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -139,6 +143,45 @@ def origin_of(key: str) -> str:
 
 Pending, Failure = cachestore.Pending, cachestore.Failure
 _X_CACHE_MISS = f"MISS from {HOSTNAME}".encode("utf-8", "surrogateescape")
+
+
+class Refresher:
+    """A few daemon threads that run blocking fetches for the event loop. Daemon threads: a refresh
+    hung on a slow origin never holds up the proxy's exit, as a ThreadPoolExecutor's would."""
+
+    def __init__(self, threads: int):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"relais-cache-refresh-{i}", daemon=True).start()
+
+    def run(self, fn) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.jobs.put((loop, fut, fn))
+        return fut
+
+    def close(self) -> None:
+        self.closed = True  # queued jobs are skipped; each thread ends at its next job
+        self.jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None and not self.closed:
+            loop, fut, fn = job
+            try:
+                result, error = fn(), None
+            except Exception as e:
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the event loop is closed
+                pass
+        self.jobs.put(None)  # for the next thread
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if not fut.done():  # the awaiting task may have been cancelled meanwhile
+        fut.set_exception(error) if error is not None else fut.set_result(result)
 
 
 class StreamCopy:
@@ -251,7 +294,8 @@ class Cache:
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
         self.refreshing: set[str] = set()           # keys refreshed in the background (SWR)
-        self.refresher: ThreadPoolExecutor | None = None
+        self.refreshing_origins: Counter = Counter()  # how many of them per origin
+        self.refresher: Refresher | None = None
         self.counts: Counter = Counter()
         self.purge_nets: list = []
         self.negative_ttl = 30.0
@@ -346,7 +390,7 @@ class Cache:
 
     def done(self):
         if self.refresher is not None:
-            self.refresher.shutdown(wait=False, cancel_futures=True)
+            self.refresher.close()
             self.refresher = None
         if self.store is not None:
             self.store.close()
@@ -879,9 +923,12 @@ class Cache:
 
     # --- stale-while-revalidate -------------------------------------------------
     def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:
-        if key in self.refreshing or len(self.refreshing) >= REFRESH_MAX:
+        origin = origin_of(key)
+        if (key in self.refreshing or len(self.refreshing) >= REFRESH_MAX
+                or self.refreshing_origins[origin] >= REFRESH_PER_ORIGIN):
             return  # served stale all the same; a later request asks for the refresh again
         self.refreshing.add(key)
+        self.refreshing_origins[origin] += 1
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
         headers = dict(rfc9111.validators(m.headers))
@@ -912,10 +959,13 @@ class Cache:
 
         async def run():
             try:
+                if self.store is None:  # the addon is done (mitmproxy exits, or the script was reloaded)
+                    return
                 if self.refresher is None:
-                    self.refresher = ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="relais-cache-refresh")
-                loop = asyncio.get_running_loop()
-                request_time, status, headers_list, body = await loop.run_in_executor(self.refresher, fetch)
+                    self.refresher = Refresher(REFRESH_THREADS)
+                request_time, status, headers_list, body = await self.refresher.run(fetch)
+                if self.store is None:
+                    return
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
                 if status == 304:
@@ -959,6 +1009,9 @@ class Cache:
                 log.info("cache: background revalidation of %s failed: %s", url, e)
             finally:
                 self.refreshing.discard(key)
+                self.refreshing_origins[origin] -= 1
+                if self.refreshing_origins[origin] <= 0:
+                    del self.refreshing_origins[origin]
 
         asyncio.get_running_loop().create_task(run())
 

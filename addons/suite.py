@@ -15,10 +15,12 @@ the rules mitmproxy applies to the addons of one script:
 
 A member may map events to methods in `first_hooks` ({"requestheaders": "note", ...}):
 those methods run before every member's hook for that event, whatever the member's
-place in the list (its own hook for the event still runs in its place). They are for
-observers that only take note (the access log noting that a client sent a request,
-before access control awaits a DNS lookup that the client may not wait for); they must
-not return awaitables, and an error in one is logged without skipping anything.
+place in the list; its own hook for the event still runs in its place, unless it is
+that same method, which then runs once, first. They are for observers that only take
+note (the access log noting that a client sent a request, before access control awaits
+a DNS lookup that the client may not wait for). They must not be coroutines (an
+awaitable one returns is an error); an error in one is logged and skips nothing, but
+AddonHalt and OptionsError go up as from any hook.
 
 The members keep their options (each one's `load` declares them), their commands, and
 their `configure`, `running` and `done` hooks. Each member stays loadable alone
@@ -146,7 +148,9 @@ def _dispatcher(calls: list, first: list):
         def dispatch_first(*args):
             for fn in first:
                 try:
-                    fn(*args)
+                    if inspect.isawaitable(res := fn(*args)):
+                        getattr(res, "close", lambda: None)()  # never awaited: no "never awaited" warning
+                        raise TypeError(f"first hook {fn.__qualname__} returned an awaitable")
                 except PASS_UP:
                     raise
                 except Exception as e:  # an observer's error skips nothing

@@ -263,6 +263,30 @@ def test_a_stuck_writer_holds_a_bounded_number_of_lines_and_says_how_many_it_dro
     assert "writing again; 150 lines were dropped" in caplog.text and w.queued == 0
 
 
+def test_a_slow_writer_stops_dropping_once_half_its_queue_is_written(tmp_path, caplog, monkeypatch):
+    """Dropping, once begun, goes on until the queue is half written (a slow disk near the limit does
+    not log an error and a warning at every batch); a failed write does not count as writing again."""
+    monkeypatch.setattr(accesslog, "QUEUED_MAX", 100)
+    w = accesslog.Writer(tmp_path / "access.log")
+    gate = threading.Event()
+    try:
+        w.call(lambda: gate.wait(10))  # the thread is busy: the counts below move only as we say
+        for n in range(101):
+            w.put(f"GET /{n}")
+        assert (w.queued, w.dropped, w.dropping) == (100, 1, True)
+        w._written(10, True)  # 90 left: still dropping
+        w.put("GET /x")
+        assert (w.queued, w.dropped) == (90, 2)
+        w._written(40, False)  # 50 left, but that write failed
+        assert w.dropping and "writing again" not in caplog.text
+        w._written(1, True)  # 49 left, written: new lines are taken again
+        assert not w.dropping and "writing again; 2 lines were dropped" in caplog.text
+        assert caplog.text.count("new lines are dropped") == 1
+    finally:
+        gate.set()
+        w.close()
+
+
 def test_a_client_gone_before_the_log_hears_of_its_flow_is_noted_nowhere(tmp_path):
     """A client can leave while an earlier addon's hook is awaited (a DNS lookup, a collapsed miss);
     its disconnect was handled before the log's hook runs, so nothing may be kept for it, and its

@@ -428,7 +428,7 @@ def test_a_client_that_leaves_while_its_miss_waits_for_another_is_logged_once(st
     p = start_proxy(options={"cache_dir": "none"})
 
     def slow(seen):
-        time.sleep(1.5)
+        time.sleep(2)
         return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"slow body"
     origin.route("/collapse-leave", slow)
     url = f"{origin.url}/collapse-leave"
@@ -436,7 +436,9 @@ def test_a_client_that_leaves_while_its_miss_waits_for_another_is_logged_once(st
     start = time.time()  # lines before it: the harness's own check that the port is open
     first = threading.Thread(target=lambda: curl("-x", p.url, url))
     first.start()
-    time.sleep(0.3)
+    end = time.monotonic() + 10
+    while not origin.hits.get("/collapse-leave") and time.monotonic() < end:  # the first one is upstream
+        time.sleep(0.02)
     curl("-x", p.url, url, "--max-time", "0.6")  # waits for the first one's answer, gives up before it
     first.join(20)
     found = codes(p, url, 2)
@@ -728,33 +730,42 @@ def test_stale_while_revalidate_refreshes_through_the_upstream_proxy(start_proxy
     assert n == [url, url], "both requests, the refresh too, reached the upstream proxy in absolute form"
 
 
-def test_hung_background_refreshes_do_not_stall_name_lookups(cproxy, origin):
-    """Refreshes of stale-while-revalidate entries whose origin hangs keep their own threads:
-    asyncio's default pool, which resolves the host names of new upstream connections, stays free."""
+def test_hung_background_refreshes_stall_neither_name_lookups_nor_the_exit(start_proxy, origin):
+    """Refreshes of stale-while-revalidate entries whose origins hang keep their own threads, at
+    most two per origin: asyncio's default pool (at most 32 threads), which resolves the host names
+    of new upstream connections, stays free, and the proxy still exits at once on Ctrl-C."""
     release = threading.Event()
-    seen_paths: list[str] = []
+    seen_paths: list[tuple[str, str]] = []
 
     def fn(seen):
-        first = seen.path not in seen_paths
-        seen_paths.append(seen.path)
+        where = (seen.headers.get("host", ""), seen.path)
+        first = where not in seen_paths
+        seen_paths.append(where)
         if not first:
             release.wait(20)  # the refresh hangs until the test ends
         return 200, {"Cache-Control": "max-age=1, stale-while-revalidate=60"}, b"v"
-    origin.route("/swr-hang", fn)
-    urls = [f"{origin.url}/swr-hang?k={i}" for i in range(40)]  # more than any default pool's threads
+    origins = [Origin(host=f"127.0.0.{i}") for i in range(2, 19)]  # 17 origins, two refreshes each
+    p = start_proxy(options={"cache_dir": "none"})
     try:
+        for o in origins:
+            o.route("/swr-hang", fn)
+        urls = [f"{o.url}/swr-hang?k={i}" for o in origins for i in range(3)]
         for u in urls:
-            fetch(cproxy, u)
+            fetch(p, u)
         time.sleep(2.2)
         for u in urls:
-            assert fetch(cproxy, u)[2] == b"v"  # served stale; each starts a refresh that hangs
+            assert fetch(p, u)[2] == b"v"  # served stale; two per origin start a refresh that hangs
         end = time.monotonic() + 5
-        while len(seen_paths) < 44 and time.monotonic() < end:  # a few refreshes have reached the origin
+        while len(seen_paths) < len(urls) + 2 * len(origins) and time.monotonic() < end:
             time.sleep(0.05)
         # "localhost": a name, which mitmproxy resolves in asyncio's default thread pool
-        assert curl_status("-x", cproxy.url, f"http://localhost:{origin.port}/after-hang", timeout=8) == 200
+        assert curl_status("-x", p.url, f"http://localhost:{origin.port}/after-hang", timeout=8) == 200
+        p.proc.send_signal(signal.SIGINT)
+        p.proc.wait(8)  # refreshes still hung: the exit does not wait for them
     finally:
         release.set()
+        for o in origins:
+            o.close()
 
 
 def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):

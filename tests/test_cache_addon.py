@@ -218,20 +218,23 @@ def test_a_post_whose_content_location_is_no_url_describes_nothing(cache, locati
 
 
 def test_background_refreshes_are_bounded(cache, monkeypatch):
-    """Past REFRESH_MAX refreshes at once, a stale entry is served without starting another."""
+    """Past REFRESH_MAX refreshes at once, or REFRESH_PER_ORIGIN for one origin, a stale entry is
+    served without starting another. (Port 9 of loopback: a refresh that starts is refused at once.)"""
     c, _ = cache
-    monkeypatch.setattr(cachemod, "REFRESH_MAX", 2)
-    c.response(stored_flow("http://example.com/r"))
-    key = "http://example.com:80/r"
-    entry, _ = c.lookup(key, request_flow("http://example.com/r").request.headers)
+    monkeypatch.setattr(cachemod, "REFRESH_MAX", 3)
+    url, key = "http://127.0.0.1:9/r", "http://127.0.0.1:9/r"
+    c.response(stored_flow(url))
+    entry, _ = c.lookup(key, request_flow(url).request.headers)
     assert entry is not None
 
-    async def refresh(busy: set[str]) -> set[str]:
-        c.refreshing = set(busy)
-        c._refresh_in_background(key, entry, request_flow("http://example.com/r"))
+    async def refresh(busy: set[str], per_origin: dict[str, int]) -> set[str]:
+        c.refreshing, c.refreshing_origins = set(busy), cachemod.Counter(per_origin)
+        c._refresh_in_background(key, entry, request_flow(url))
         return set(c.refreshing)
-    assert asyncio.run(refresh({"k1", "k2"})) == {"k1", "k2"}       # at the bound: none started
-    assert asyncio.run(refresh({"k1"})) == {"k1", key}               # below it: this one starts
+    other = {"http://127.0.0.2:80/x": 1}
+    assert asyncio.run(refresh({"k1", "k2", "k3"}, other)) == {"k1", "k2", "k3"}   # at the bound: none started
+    assert asyncio.run(refresh({"k1"}, {"http://127.0.0.1:9": 2})) == {"k1"}        # its origin's bound
+    assert asyncio.run(refresh({"k1"}, {"http://127.0.0.1:9": 1})) == {"k1", key}   # below both: it starts
 
 
 def streamed_flow(url="http://example.com/big", body=b"0123456789"):

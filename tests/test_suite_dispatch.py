@@ -230,3 +230,16 @@ def test_a_coroutine_first_hook_is_refused():
             pass
     with pytest.raises(TypeError, match="first hook"):
         Suite(Bad())
+
+
+def test_an_awaitable_from_a_first_hook_is_an_error_that_skips_nothing(caplog):
+    calls: list = []
+
+    class Sneaky(Recorder):
+        first_hooks = {"requestheaders": "note"}
+
+        def note(self, flow):
+            return asyncio.sleep(0)
+    suite = Suite(Recorder("a", calls), Sneaky("b", calls))
+    assert suite.requestheaders(tflow.tflow()) is None
+    assert calls == [("a", None), ("b", "a")] and "returned an awaitable" in caplog.text
