@@ -27,6 +27,7 @@ from itertools import chain
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http, tcp
+from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import layers
 from mitmproxy.net.http.http1 import assemble
 
@@ -630,7 +631,11 @@ def _is_ip(host: str) -> bool:
 
 def _client_gone(flow) -> bool:
     msg = (flow.error.msg if flow.error else "").lower()
-    return "client disconnected" in msg or "killed" in msg
+    if "client disconnected" in msg or "killed" in msg:
+        return True
+    # a client that closed before the end of its request (an upload it gave up): mitmproxy's
+    # message is then the one of an origin closing early ("peer closed connection...")
+    return flow.request.timestamp_end is None and not flow.client_conn.state & ConnectionState.CAN_READ
 
 
 def _ip(peer) -> str:

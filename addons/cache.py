@@ -67,6 +67,8 @@ HOSTNAME = errorpage.HOSTNAME
 REFRESH_THREADS = 4
 REFRESH_MAX = 256
 REFRESH_PER_ORIGIN = 2
+REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
+REFRESH_DEADLINE = 30  # seconds a refresh may take to read the body, which an origin could trickle
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -177,6 +179,21 @@ class Refresher:
             except RuntimeError:  # the event loop is closed
                 pass
         self.jobs.put(None)  # for the next thread
+
+
+def read_before(resp, limit: int, deadline: float) -> bytes:
+    """A response body, at most `limit` bytes; TimeoutError past `deadline` (time.monotonic()), so that
+    an origin sending a byte now and then cannot hold a refresh thread for ever."""
+    chunks, n = [], 0
+    while n < limit:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the origin took too long to send the body")
+        chunk = resp.read1(min(65536, limit - n))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n += len(chunk)
+    return b"".join(chunks)
 
 
 def _settle(fut: asyncio.Future, result, error) -> None:
@@ -951,11 +968,14 @@ class Cache:
                 urllib.request.HTTPSHandler(context=ssl._create_unverified_context() if insecure else None))
             r = urllib.request.Request(url, headers=headers)
             request_time = time.time()
+            deadline = time.monotonic() + REFRESH_DEADLINE
             try:
-                with opener.open(r, timeout=30) as resp:
-                    return request_time, resp.status, list(resp.headers.items()), resp.read(self.object_max + 1)
+                resp = opener.open(r, timeout=REFRESH_TIMEOUT)
             except urllib.error.HTTPError as e:
-                return request_time, e.code, list(e.headers.items()), e.read(self.object_max + 1)
+                resp = e
+            with resp:
+                return (request_time, resp.code, list(resp.headers.items()),
+                        read_before(resp, self.object_max + 1, deadline))
 
         async def run():
             try:
@@ -1023,7 +1043,8 @@ class Cache:
         if key is None:
             raise exceptions.CommandError(f"cache.purge: not an absolute http(s) URL: {url!r}")
         n = self.store.remove(key) if self.store else 0
-        log.info("cache.purge %s: %s", url, "removed" if n else "not cached")
+        shown = url.encode("utf-8", "backslashreplace").decode()  # a surrogate would break the console's log
+        log.info("cache.purge %s: %s", shown, "removed" if n else "not cached")
         return 1 if n else 0
 
     @command.command("cache.clear")

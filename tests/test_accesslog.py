@@ -4,6 +4,8 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import signal
+import socket
+import struct
 import threading
 import time
 
@@ -150,6 +152,20 @@ def test_rotate_command_keeps_numbered_logs(tmp_path):
     assert "http://h/2" in (tmp_path / "access.log.0").read_text()
     assert "http://h/1" in (tmp_path / "access.log.1").read_text()
     assert not (tmp_path / "access.log.2").exists()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["close", "reset"])
+def test_a_client_that_gives_up_an_upload_is_logged_aborted_not_as_a_failed_origin(proxy, origin, reset):
+    s = socket.create_connection(("127.0.0.1", proxy.port))
+    s.sendall(f"POST {origin.url}/upload HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+              f"Content-Length: 200000\r\n\r\n".encode() + b"z" * 5000)
+    time.sleep(0.3)
+    if reset:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    line = proxy.wait_lines("/upload", 1)[0]
+    assert line.split()[3] == "TCP_MISS_ABORTED/000", line
+    assert origin.hits.get("/upload") is None
 
 
 def test_concurrent_load_gives_whole_lines(proxy, origin):

@@ -273,3 +273,34 @@ def test_a_streamed_copy_that_is_stored_is_handed_to_the_store(cache):
     c.requestheaders(g)
     assert g.response is not None and g.response.content == body
     assert list(c.store.disk.tmpdir.iterdir()) == []
+
+
+def test_purge_logs_a_url_with_a_lone_surrogate_in_a_form_the_console_can_write(cache, caplog):
+    c, _ = cache
+    caplog.set_level("INFO")
+    assert c.purge("http://example.com/\ud800") == 0
+    assert "cache.purge http://example.com/\\ud800: not cached" in caplog.text
+    caplog.text.encode("utf-8")  # mitmproxy's console writes UTF-8: a lone surrogate would raise there
+
+
+class Trickle:
+    """A response body that comes a byte at a time, each after `delay` seconds."""
+
+    def __init__(self, size: int, delay: float):
+        self.left, self.delay = size, delay
+
+    def read1(self, n: int) -> bytes:
+        time.sleep(self.delay)
+        if self.left <= 0:
+            return b""
+        self.left -= 1
+        return b"x"
+
+
+def test_a_refresh_reads_a_body_up_to_its_limit_and_gives_up_on_one_that_trickles():
+    assert cachemod.read_before(Trickle(5, 0), 100, time.monotonic() + 5) == b"xxxxx"
+    assert cachemod.read_before(Trickle(5, 0), 3, time.monotonic() + 5) == b"xxx"
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        cachemod.read_before(Trickle(10_000, 0.05), 1 << 20, start + 0.3)
+    assert time.monotonic() - start < 5  # it stopped at its deadline, not at the end of the body

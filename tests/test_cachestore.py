@@ -1,6 +1,7 @@
 """The cache's storage (addons/cachestore.py) on its own: the disk layout, Vary variants, damage, reopen."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -317,3 +318,61 @@ def test_sending_metadata_to_the_writer_leaves_nothing_for_the_garbage_collector
     assert not [m for m in metas + loaded if any(type(r) is dict for r in gc.get_referents(m))]
     assert loaded == metas
     assert loaded[0].__dict__ == metas[0].__dict__  # the attributes by name, as before
+
+
+@pytest.mark.parametrize("mem", [0, 1 << 20], ids=["disk-only", "ram-and-disk"])
+def test_a_late_304_never_brings_back_a_response_replaced_or_purged_meanwhile(tmp_path, mem):
+    """The metadata of a 304 updates the response it validated only while that response is the one
+    stored: a newer response stored meanwhile, or a purge, stays (a revalidation can take seconds)."""
+    s = cs.Store(mem_limit=mem, mem_object_max=mem, object_max=10 << 20, disk_dir=tmp_path, disk_limit=1 << 30)
+    try:
+        url, v1, v2 = "http://a/x", b"version 1", b"version 2"
+        old = meta(url, v1)
+        s.put(url, old, v1)
+        s.disk.flush()
+        s.put(url, meta(url, v2), v2)  # a newer response while the revalidation of v1 waits
+        s.disk.flush()
+        s.update_meta(url, dataclasses.replace(old, lifetime=300.0), v1)
+        s.disk.flush()
+        entry, _ = s.get(url, old.vhash)
+        assert entry is not None and entry.body == v2
+        s.remove(url)  # purged while another revalidation of v2 waits
+        s.disk.flush()
+        s.update_meta(url, dataclasses.replace(entry.meta, lifetime=300.0), v2)
+        s.disk.flush()
+        assert s.get(url, old.vhash) == (None, None)
+    finally:
+        s.close()
+
+
+def test_a_304_for_a_response_out_of_ram_but_on_disk_puts_it_back_in_ram(tmp_path):
+    s = cs.Store(mem_limit=1 << 20, mem_object_max=1 << 20, object_max=10 << 20, disk_dir=tmp_path,
+                 disk_limit=1 << 30)
+    try:
+        url, body = "http://a/y", b"body"
+        m = meta(url, body)
+        s.put(url, m, body)
+        s.disk.flush()
+        s.mem.clear()  # evicted from RAM
+        s.update_meta(url, dataclasses.replace(m, lifetime=300.0), body)
+        entry, tier = s.get(url, m.vhash)
+        assert tier == "mem" and entry.meta.lifetime == 300.0 and entry.body == body
+    finally:
+        s.close()
+
+
+def test_the_entry_count_is_one_query_not_a_walk_over_every_key(tmp_path, monkeypatch):
+    """cache.stats runs on the event loop: it must not read the keys one by one."""
+    s = disk_store(tmp_path)
+    try:
+        for i in range(3):
+            url = f"http://a/{i}"
+            s.put(url, meta(url, LARGE), LARGE)  # separate bodies: keys that are not entries
+        s.disk.flush()
+
+        def walk(*args, **kw):
+            raise AssertionError("iterkeys walked every key")
+        monkeypatch.setattr(s.disk.dc, "iterkeys", walk)
+        assert s.disk.count() == 3
+    finally:
+        s.close()
