@@ -245,7 +245,10 @@ class Writer:
             lines, self.pending = self.pending, []
             with self.lock:
                 # the thread is stuck (a hung disk): memory stays bounded; dropping goes on until half
-                # the queue is written, so that a slow disk does not flip it on and off at every batch
+                # the queue is written, so that a slow disk does not flip it on and off at every batch,
+                # or until nothing waits any more (the queue's last writes all failed)
+                if self.dropping and not self.queued:
+                    self.dropping = False
                 if self.dropping or self.queued + len(lines) > QUEUED_MAX:
                     if not self.dropping:
                         self.dropping = True
@@ -329,7 +332,9 @@ class Writer:
         with self.lock:
             self.queued -= n
             if ok and self.dropping and self.queued <= QUEUED_MAX // 2:
-                self.dropping, dropped, self.dropped = False, self.dropped, 0
+                self.dropping = False
+            if ok and not self.dropping:
+                dropped, self.dropped = self.dropped, 0
         if dropped:
             logging.getLogger(__name__).warning("access log %s: writing again; %d lines were dropped",
                                                 self.path, dropped)

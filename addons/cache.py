@@ -34,6 +34,7 @@ import json
 import logging
 import queue
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -68,7 +69,7 @@ REFRESH_THREADS = 4
 REFRESH_MAX = 256
 REFRESH_PER_ORIGIN = 2
 REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
-REFRESH_DEADLINE = 30  # seconds a refresh may take to read the body, which an origin could trickle
+REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -164,41 +165,106 @@ class Refresher:
         return fut
 
     def close(self) -> None:
-        self.closed = True  # queued jobs are skipped; each thread ends at its next job
+        self.closed = True  # jobs still queued are cancelled; each thread ends at its next job
         self.jobs.put(None)
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None and not self.closed:
+        while (job := self.jobs.get()) is not None:
             loop, fut, fn = job
+            result, error, skipped = None, None, self.closed
+            if not skipped:
+                try:
+                    result = fn()
+                except Exception as e:
+                    error = e
             try:
-                result, error = fn(), None
-            except Exception as e:
-                result, error = None, e
-            try:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+                loop.call_soon_threadsafe(_settle, fut, result, error, skipped)
             except RuntimeError:  # the event loop is closed
                 pass
         self.jobs.put(None)  # for the next thread
 
 
-def read_before(resp, limit: int, deadline: float) -> bytes:
-    """A response body, at most `limit` bytes; TimeoutError past `deadline` (time.monotonic()), so that
-    an origin sending a byte now and then cannot hold a refresh thread for ever."""
-    chunks, n = [], 0
-    while n < limit:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the origin took too long to send the body")
-        chunk = resp.read1(min(65536, limit - n))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        n += len(chunk)
-    return b"".join(chunks)
+class Deadline:
+    """Cuts the connections of one fetch when its time is up, whatever it is waiting for (the status
+    line, headers or body an origin sends a byte now and then): a refresh thread is never held longer."""
+
+    def __init__(self, seconds: float):
+        self.sockets: list = []
+        self.expired = False
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.timer.cancel()
+
+    def _expire(self) -> None:
+        self.expired = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handler(self, base, **kw):
+        """An instance of urllib's HTTP(S)Handler `base` whose connections this deadline can cut."""
+        deadline = self
+
+        class Tracked(base):
+            def do_open(self, http_class, req, **args):
+                class Connection(http_class):
+                    def connect(self):
+                        super().connect()
+                        deadline.sockets.append(self.sock)
+                return super().do_open(Connection, req, **args)
+        return Tracked(**kw)
 
 
-def _settle(fut: asyncio.Future, result, error) -> None:
-    if not fut.done():  # the awaiting task may have been cancelled meanwhile
-        fut.set_exception(error) if error is not None else fut.set_result(result)
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A refresh revalidates this URL: a redirect is its answer (to store or not), not a page to follow."""
+
+    def redirect_request(self, *args, **kw):
+        return None
+
+
+def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) -> tuple:
+    """GET url for a background refresh: (request time, status, header list, at most `limit` body
+    bytes); an error past REFRESH_DEADLINE seconds in all."""
+    request_time = time.time()
+    with Deadline(REFRESH_DEADLINE) as deadline:
+        context = ssl._create_unverified_context() if insecure else None
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler(proxies), _NoRedirect(),
+            deadline.handler(urllib.request.HTTPHandler),
+            deadline.handler(urllib.request.HTTPSHandler, context=context))
+        try:
+            try:
+                resp = opener.open(urllib.request.Request(url, headers=headers), timeout=REFRESH_TIMEOUT)
+            except urllib.error.HTTPError as e:  # a status urllib calls an error is an answer too
+                resp = e
+            with resp:
+                result = request_time, resp.code, list(resp.headers.items()), resp.read(limit)
+        except Exception as e:
+            if deadline.expired:
+                raise TimeoutError(f"no whole answer in {REFRESH_DEADLINE} s") from e
+            raise
+        if deadline.expired:  # the body may have been cut where the connection was
+            raise TimeoutError(f"no whole answer in {REFRESH_DEADLINE} s")
+        return result
+
+
+def _settle(fut: asyncio.Future, result, error, cancel: bool = False) -> None:
+    if fut.done():  # the awaiting task was cancelled meanwhile
+        return
+    if cancel:
+        fut.cancel()
+    elif error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 class StreamCopy:
@@ -962,28 +1028,14 @@ class Cache:
             if auth:
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
-        def fetch():
-            opener = urllib.request.build_opener(
-                urllib.request.ProxyHandler(proxies),
-                urllib.request.HTTPSHandler(context=ssl._create_unverified_context() if insecure else None))
-            r = urllib.request.Request(url, headers=headers)
-            request_time = time.time()
-            deadline = time.monotonic() + REFRESH_DEADLINE
-            try:
-                resp = opener.open(r, timeout=REFRESH_TIMEOUT)
-            except urllib.error.HTTPError as e:
-                resp = e
-            with resp:
-                return (request_time, resp.code, list(resp.headers.items()),
-                        read_before(resp, self.object_max + 1, deadline))
-
         async def run():
             try:
                 if self.store is None:  # the addon is done (mitmproxy exits, or the script was reloaded)
                     return
                 if self.refresher is None:
                     self.refresher = Refresher(REFRESH_THREADS)
-                request_time, status, headers_list, body = await self.refresher.run(fetch)
+                request_time, status, headers_list, body = await self.refresher.run(
+                    lambda: fetch(url, headers, proxies, insecure, self.object_max + 1))
                 if self.store is None:
                     return
                 response_time = time.time()

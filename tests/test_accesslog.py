@@ -322,3 +322,39 @@ def test_a_client_gone_before_the_log_hears_of_its_flow_is_noted_nowhere(tmp_pat
         addon.writer.flush()
     line, = path.read_text().splitlines()
     assert " NONE_NONE/000 0 CONNECT example.com:443 " in line
+
+
+def test_dropping_ends_when_the_queue_empties_even_if_its_last_writes_failed(tmp_path, caplog, monkeypatch):
+    """A hung disk that comes back full: the queued lines fail, then the disk is freed. New lines are
+    taken and written again, and the count of the dropped ones is given."""
+    monkeypatch.setattr(accesslog, "QUEUED_MAX", 100)
+    w = accesslog.Writer(tmp_path / "access.log")
+    gate = threading.Event()
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    def cannot_open():
+        raise OSError(28, "No space left on device")
+    try:
+        w.call(lambda: gate.wait(10))
+        for n in range(101):
+            w.put(f"GET /{n}")
+        assert w.dropping
+        w.file, w._open = Full(), cannot_open  # the thread is held: it sees them when it goes on
+        gate.set()
+        w.flush()
+        assert w.queued == 0 and w.dropping  # every queued line failed
+        del w._open
+        w.call(lambda: setattr(w, "file", w._open()))  # the disk has room again
+        w.put("GET /after")
+        w.flush()
+    finally:
+        gate.set()
+        w.close()
+    assert (tmp_path / "access.log").read_text().splitlines() == ["GET /after"]
+    assert "writing again; 1 lines were dropped" in caplog.text and not w.dropping

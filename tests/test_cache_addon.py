@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -283,24 +285,92 @@ def test_purge_logs_a_url_with_a_lone_surrogate_in_a_form_the_console_can_write(
     caplog.text.encode("utf-8")  # mitmproxy's console writes UTF-8: a lone surrogate would raise there
 
 
-class Trickle:
-    """A response body that comes a byte at a time, each after `delay` seconds."""
+def raw_origin(answer):
+    """A loopback origin that reads a request and calls answer(conn) on each connection; returns its URL."""
+    server = socket.create_server(("127.0.0.1", 0))
 
-    def __init__(self, size: int, delay: float):
-        self.left, self.delay = size, delay
+    def serve():
+        for _ in range(4):  # bounded: a test makes a request or two
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    answer(conn)
+                except OSError:  # the client cut the connection
+                    pass
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{server.getsockname()[1]}", server
 
-    def read1(self, n: int) -> bytes:
-        time.sleep(self.delay)
-        if self.left <= 0:
-            return b""
-        self.left -= 1
-        return b"x"
+
+def trickle(head: bytes, then: bytes):
+    def answer(conn):
+        conn.sendall(head)
+        for _ in range(200):  # a byte every 0.05 s for 10 s at most
+            conn.sendall(then)
+            time.sleep(0.05)
+    return answer
 
 
-def test_a_refresh_reads_a_body_up_to_its_limit_and_gives_up_on_one_that_trickles():
-    assert cachemod.read_before(Trickle(5, 0), 100, time.monotonic() + 5) == b"xxxxx"
-    assert cachemod.read_before(Trickle(5, 0), 3, time.monotonic() + 5) == b"xxx"
-    start = time.monotonic()
-    with pytest.raises(TimeoutError):
-        cachemod.read_before(Trickle(10_000, 0.05), 1 << 20, start + 0.3)
-    assert time.monotonic() - start < 5  # it stopped at its deadline, not at the end of the body
+@pytest.mark.parametrize("answer", [
+    trickle(b"HTTP/1.1 200 OK\r\nX-Slow: ", b"a"),                     # the headers never end
+    trickle(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"x"),    # a body that ends at close
+    trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x"),
+], ids=["headers", "body-until-close", "body-with-length"])
+def test_a_refresh_gives_up_on_an_origin_that_trickles_its_answer(monkeypatch, answer):
+    """Whatever the origin trickles, the refresh ends in an error at its deadline: neither a thread
+    held for ever nor a body cut short and taken as whole."""
+    monkeypatch.setattr(cachemod, "REFRESH_DEADLINE", 0.5)
+    url, server = raw_origin(answer)
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            cachemod.fetch(url + "/slow", {}, {}, False, 1 << 20)
+        assert time.monotonic() - start < 5  # at its deadline, not when the origin stops
+    finally:
+        server.close()
+
+
+def test_a_refresh_takes_errors_and_redirects_as_answers():
+    def answer(conn):
+        path = "/moved" if not hasattr(answer, "n") else "/gone"
+        answer.n = 1
+        if path == "/moved":
+            conn.sendall(b"HTTP/1.1 301 Moved\r\nLocation: /elsewhere\r\nContent-Length: 2\r\n\r\nmv")
+        else:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\ngone")
+    url, server = raw_origin(answer)
+    try:
+        _, status, headers, body = cachemod.fetch(url + "/a", {}, {}, False, 1 << 20)
+        assert (status, body, dict(headers)["Location"]) == (301, b"mv", "/elsewhere")  # not followed
+        _, status, _, body = cachemod.fetch(url + "/b", {}, {}, False, 3)
+        assert (status, body) == (404, b"gon")  # at most the limit
+    finally:
+        server.close()
+
+
+def test_a_refresh_reaches_an_https_origin_through_the_deadline_handlers(cert):
+    from harness import Origin
+    o = Origin(tls=cert)
+    try:
+        _, status, _, body = cachemod.fetch(f"{o.url}/tls-refresh", {}, {}, True, 1 << 20)
+        assert (status, body) == (200, b"hello /tls-refresh")
+    finally:
+        o.close()
+
+
+def test_refreshes_still_queued_when_the_cache_closes_are_cancelled_not_left_pending():
+    async def scenario():
+        r = cachemod.Refresher(1)
+        gate = threading.Event()
+        running = r.run(lambda: gate.wait(5) and "done")
+        queued = r.run(lambda: "never run")
+        await asyncio.sleep(0.1)
+        r.close()
+        gate.set()
+        assert await asyncio.wait_for(running, 5) == "done"  # a running fetch ends as it would
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(queued, 5)
+    asyncio.run(scenario())
