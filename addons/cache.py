@@ -68,6 +68,9 @@ HOSTNAME = errorpage.HOSTNAME
 REFRESH_THREADS = 4
 REFRESH_MAX = 256
 REFRESH_PER_ORIGIN = 2
+# Request fields urllib sends whether asked or not: a variant stored for a request without one of
+# them (and whose response varies on it) is not refreshed in the background.
+ADDED_BY_URLLIB = frozenset({"accept-encoding", "connection", "host"})
 REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
 REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
 
@@ -240,6 +243,7 @@ def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) ->
             urllib.request.ProxyHandler(proxies), _NoRedirect(),
             deadline.handler(urllib.request.HTTPHandler),
             deadline.handler(urllib.request.HTTPSHandler, context=context))
+        opener.addheaders = []  # no "Python-urllib" User-Agent: the origin may vary on it
         try:
             try:
                 resp = opener.open(urllib.request.Request(url, headers=headers), timeout=REFRESH_TIMEOUT)
@@ -247,6 +251,7 @@ def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) ->
                 resp = e
             with resp:
                 result = request_time, resp.code, list(resp.headers.items()), resp.read(limit)
+                _check_length(resp, result[3], limit)
         except Exception as e:
             if deadline.expired:
                 raise TimeoutError(f"no whole answer in {REFRESH_DEADLINE} s") from e
@@ -254,6 +259,19 @@ def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) ->
         if deadline.expired:  # the body may have been cut where the connection was
             raise TimeoutError(f"no whole answer in {REFRESH_DEADLINE} s")
         return result
+
+
+def _check_length(resp, body: bytes, limit: int) -> None:
+    """ValueError for a body shorter than its Content-Length (http.client returns what came before
+    the connection closed, without a word)."""
+    if resp.code in (204, 304) or "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower():
+        return
+    try:
+        expected = int(resp.headers.get("Content-Length") or -1)
+    except ValueError:
+        return
+    if 0 <= expected and len(body) < min(expected, limit):
+        raise ValueError(f"the body ended after {len(body)} of its {expected} bytes")
 
 
 def _settle(fut: asyncio.Future, result, error, cancel: bool = False) -> None:
@@ -1018,6 +1036,9 @@ class Cache:
         for name, value in m.vary_key:
             if value is not None:
                 headers[name] = value
+            elif name.lower() in ADDED_BY_URLLIB:  # the variant had none, and the refresh would send one
+                self._refresh_done(key, origin)
+                return
         insecure = getattr(ctx.options, "ssl_insecure", False)
         # the way the flow went: through the upstream proxy of an upstream-mode listener, else direct
         mode = getattr(flow.client_conn, "proxy_mode", None)
@@ -1041,6 +1062,8 @@ class Cache:
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
                 if status == 304:
+                    if rfc9111.validator_mismatch(m.headers, headers_list):  # not the stored response's
+                        return
                     new_headers = rfc9111.freshen_headers(m.headers, headers_list)
                     new_headers = [(k, v) for k, v in new_headers if k.lower() not in ("age",)]
                     lifetime, source = rfc9111.freshness_lifetime(m.status, self._policy(m, new_headers),
@@ -1053,6 +1076,8 @@ class Cache:
                     new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
                     self.store.update_meta(key, new, entry.body)
                 else:
+                    if status >= 500:  # a failure: the stale entry stays for stale-if-error
+                        return
                     policy = self._policy(m, headers_list)
                     ok, _ = rfc9111.storable("GET", status, headers, policy, negative_ttl=self.negative_ttl)
                     if not ok or len(body) > self.object_max:
@@ -1080,12 +1105,15 @@ class Cache:
             except Exception as e:
                 log.info("cache: background revalidation of %s failed: %s", url, e)
             finally:
-                self.refreshing.discard(key)
-                self.refreshing_origins[origin] -= 1
-                if self.refreshing_origins[origin] <= 0:
-                    del self.refreshing_origins[origin]
+                self._refresh_done(key, origin)
 
         asyncio.get_running_loop().create_task(run())
+
+    def _refresh_done(self, key: str, origin: str) -> None:
+        self.refreshing.discard(key)
+        self.refreshing_origins[origin] -= 1
+        if self.refreshing_origins[origin] <= 0:
+            del self.refreshing_origins[origin]
 
     # --- commands -----------------------------------------------------------------
     @command.command("cache.purge")

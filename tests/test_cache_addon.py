@@ -374,3 +374,84 @@ def test_refreshes_still_queued_when_the_cache_closes_are_cancelled_not_left_pen
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(queued, 5)
     asyncio.run(scenario())
+
+
+def refresh_against(cache, answer, cc="max-age=60, stale-while-revalidate=60", etag='"v1"', vary=None,
+                    req_headers=None):
+    """Store a response of a loopback origin, refresh it in the background against answer(conn);
+    returns (what the origin received, the entry stored afterwards)."""
+    c, _ = cache
+    got = []
+    server = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/swr"
+
+    def serve():
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(5)
+            got.append(conn.recv(65536))
+            try:
+                answer(conn)
+            except OSError:
+                pass
+    threading.Thread(target=serve, daemon=True).start()
+    f = stored_flow(url, cc=cc, body=b"old body")
+    f.response.headers["ETag"] = etag
+    if vary:
+        f.response.headers["Vary"] = vary
+    for k, v in (req_headers or {}).items():
+        f.request.headers[k] = v
+    c.response(f)
+    key = cachemod.primary_key(f)
+    entry, _ = c.lookup(key, f.request.headers)
+    assert entry is not None
+
+    async def go():
+        c._refresh_in_background(key, entry, f)
+        for _ in range(100):
+            if not c.refreshing:
+                return
+            await asyncio.sleep(0.05)
+    try:
+        asyncio.run(go())
+    finally:
+        server.close()
+    after, _ = c.lookup(key, f.request.headers)
+    return (got[0] if got else b""), after
+
+
+def test_a_refresh_whose_body_is_cut_short_keeps_the_stored_response(cache):
+    _, after = refresh_against(cache, lambda conn: conn.sendall(
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 1000\r\n\r\n" + b"n" * 100))
+    assert after is not None and after.body == b"old body"
+
+
+def test_a_refresh_answered_304_with_another_etag_does_not_freshen_the_stored_response(cache):
+    _, after = refresh_against(cache, lambda conn: conn.sendall(
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v2"\r\nCache-Control: max-age=600\r\n\r\n'))
+    assert after.body == b"old body" and dict(after.meta.headers)["ETag"] == '"v1"'
+    assert after.meta.lifetime == 60
+
+
+def test_a_refresh_answered_with_a_5xx_keeps_the_stale_entry_for_stale_if_error(cache):
+    _, after = refresh_against(cache, lambda conn: conn.sendall(
+        b"HTTP/1.1 503 Unavailable\r\nContent-Length: 4\r\n\r\ndown"),
+        cc="max-age=60, stale-while-revalidate=60, stale-if-error=600")
+    assert after is not None and after.body == b"old body"
+
+
+def test_a_refresh_sends_no_field_the_stored_variant_was_chosen_without(cache):
+    got, after = refresh_against(cache, lambda conn: conn.sendall(
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=600\r\n\r\n'),
+        vary="User-Agent")
+    assert got.startswith(b"GET /swr") and b"user-agent" not in got.lower()
+    assert after.meta.lifetime == 600  # refreshed
+
+
+def test_a_variant_chosen_without_a_field_urllib_always_sends_is_not_refreshed_in_the_background(cache):
+    c, _ = cache
+    got, after = refresh_against(cache, lambda conn: None, vary="Accept-Encoding")
+    assert got == b"" and not c.refreshing and not c.refreshing_origins
