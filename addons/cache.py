@@ -41,7 +41,7 @@ import threading
 import time
 import urllib.request
 from http.client import responses
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -71,6 +71,7 @@ REFRESH_PER_ORIGIN = 2
 # Request fields urllib sends whether asked or not: a variant stored for a request without one of
 # them (and whose response varies on it) is not refreshed in the background.
 ADDED_BY_URLLIB = frozenset({"accept-encoding", "connection", "host"})
+INVALIDATED_MAX = 10_000  # invalidation times remembered (see Cache.invalidated)
 REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
 REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
 
@@ -395,6 +396,10 @@ class Cache:
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
         self.refreshing: set[str] = set()           # keys refreshed in the background (SWR)
+        # when keys were invalidated or purged (the last INVALIDATED_MAX): a response to a request
+        # made before then may be the old one, and is not stored
+        self.invalidated: OrderedDict[str, float] = OrderedDict()
+        self.cleared_at = 0.0
         self.refreshing_origins: Counter = Counter()  # how many of them per origin
         self.refresher: Refresher | None = None
         self.counts: Counter = Counter()
@@ -765,7 +770,7 @@ class Cache:
             flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
             self._tag(flow, "TCP_DENIED", "DENIED", None)
             return
-        n = self.store.remove(primary_key(flow))
+        n = self._forget(primary_key(flow))
         now = time.time()
         flow.response = http.Response.make(200 if n else 404, b"", {"Server": "relais", "Content-Length": "0"})
         flow.response.timestamp_start = flow.response.timestamp_end = now
@@ -890,7 +895,7 @@ class Cache:
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
             if method == "POST" and self._describes_target(flow, key):
-                self._store(flow, key)  # as a response to GET
+                self._store(flow, key, since=time.time())  # as a response to GET; after its own invalidation
             return
         if method == "GET":
             if stream is not None:
@@ -934,7 +939,8 @@ class Cache:
                                       response_time=response_time, lifetime=lifetime, lifetime_source=source)
             new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
             entry = cachestore.Entry(new, entry.body)
-            self.store.update_meta(pending.key, new, entry.body)
+            if not self._stale_answer(pending.key, request_time):
+                self.store.update_meta(pending.key, new, entry.body)
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", "HIER_DIRECT")
@@ -948,7 +954,7 @@ class Cache:
                 return False
             pending = Pending(key, entry, tier, [])
         if rfc9111.head_mismatch(pending.entry.meta.headers, flow.response.headers):
-            if self.store.remove(key):
+            if self._forget(key):
                 self.counts["invalidated"] += 1
             return False
         self._freshen(flow, pending)
@@ -970,11 +976,11 @@ class Cache:
         return (location is not None and url_key(location, base=key) == key
                 and rfc9111.has_explicit_freshness(self._view(flow, flow.response.headers)))
 
-    def _store(self, flow: http.HTTPFlow, key: str) -> None:
+    def _store(self, flow: http.HTTPFlow, key: str, since: float | None = None) -> None:
         """Store the response to a GET (or a POST response that describes the GET target, RFC 9110 9.3.3)."""
         req, resp = flow.request, flow.response
         body = resp.raw_content
-        if body is None or flow.error:
+        if body is None or flow.error or self._stale_answer(key, since or req.timestamp_start):
             return
         fields = rfc9111.Fields.of(resp.headers)  # indexed once for the many look-ups below
         cl = fields.index.get("content-length")
@@ -997,8 +1003,8 @@ class Cache:
             self.counts["stored"] += 1
 
     def _store_stream(self, flow: http.HTTPFlow, key: str, copy: StreamCopy, m: cachestore.Meta) -> None:
-        if flow.error or not copy.finish():
-            return
+        if flow.error or self._stale_answer(key, flow.request.timestamp_start) or not copy.finish():
+            return  # not handed: response() removes the temp file
         copy.handed = True
         m.length = copy.n
         m.digest = copy.h.hexdigest()
@@ -1007,12 +1013,26 @@ class Cache:
             self.counts["stored"] += 1
             self.counts["stored_streamed"] += 1
 
+    def _forget(self, key: str) -> int:
+        """Remove a key's stored responses (invalidation, PURGE), and remember when."""
+        self.invalidated[key] = time.time()
+        self.invalidated.move_to_end(key)
+        if len(self.invalidated) > INVALIDATED_MAX:
+            self.invalidated.popitem(last=False)
+        return self.store.remove(key)
+
+    def _stale_answer(self, key: str, since: float | None) -> bool:
+        """True if key was invalidated, or the cache cleared, after `since` (when the request that got
+        this answer was made): the answer may predate the change that invalidated it."""
+        since = since or 0.0
+        return self.cleared_at > since or self.invalidated.get(key, 0.0) > since
+
     def _invalidate(self, flow: http.HTTPFlow, key: str) -> None:
         resp = flow.response
         targets = rfc9111.invalidation_targets(flow.request.method, resp.status_code, key, resp.headers)
         for url in targets:
             k = url_key(url)
-            if k and self.store.remove(k):
+            if k and self._forget(k):
                 self.counts["invalidated"] += 1
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -1030,6 +1050,7 @@ class Cache:
             return  # served stale all the same; a later request asks for the refresh again
         self.refreshing.add(key)
         self.refreshing_origins[origin] += 1
+        started = time.time()
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
         headers = dict(rfc9111.validators(m.headers))
@@ -1057,7 +1078,7 @@ class Cache:
                     self.refresher = Refresher(REFRESH_THREADS)
                 request_time, status, headers_list, body = await self.refresher.run(
                     lambda: fetch(url, headers, proxies, insecure, self.object_max + 1))
-                if self.store is None:
+                if self.store is None or self._stale_answer(key, started):  # done, or purged meanwhile
                     return
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
@@ -1081,7 +1102,7 @@ class Cache:
                     policy = self._policy(m, headers_list)
                     ok, _ = rfc9111.storable("GET", status, headers, policy, negative_ttl=self.negative_ttl)
                     if not ok or len(body) > self.object_max:
-                        self.store.remove(key)
+                        self._forget(key)
                         return
                     lifetime, source = rfc9111.freshness_lifetime(status, policy, response_time, url=url,
                                                                   rules=self.rules, negative_ttl=self.negative_ttl)
@@ -1090,7 +1111,7 @@ class Cache:
                          [("Content-Length", str(len(body)))]
                     fields = rfc9111.vary_fields(headers_list)
                     if fields is None:
-                        self.store.remove(key)
+                        self._forget(key)
                         return
                     new = cachestore.Meta(url=key, status=status, reason="", http_version="HTTP/1.1",
                                           headers=hl, request_time=request_time, response_time=response_time,
@@ -1122,7 +1143,7 @@ class Cache:
         key = url_key(url)
         if key is None:
             raise exceptions.CommandError(f"cache.purge: not an absolute http(s) URL: {url!r}")
-        n = self.store.remove(key) if self.store else 0
+        n = self._forget(key) if self.store else 0
         shown = url.encode("utf-8", "backslashreplace").decode()  # a surrogate would break the console's log
         log.info("cache.purge %s: %s", shown, "removed" if n else "not cached")
         return 1 if n else 0
@@ -1132,6 +1153,7 @@ class Cache:
         """Empty the cache (both tiers) and forget unreachable origins."""
         if self.store:
             self.store.clear()
+            self.cleared_at = time.time()
         self.failures.clear()
         log.info("cache.clear: cache emptied")
 

@@ -455,3 +455,30 @@ def test_a_variant_chosen_without_a_field_urllib_always_sends_is_not_refreshed_i
     c, _ = cache
     got, after = refresh_against(cache, lambda conn: None, vary="Accept-Encoding")
     assert got == b"" and not c.refreshing and not c.refreshing_origins
+
+
+@pytest.mark.parametrize("change", ["purge", "clear", "post"])
+def test_an_answer_to_a_request_made_before_an_invalidation_is_not_stored(cache, change):
+    """A response that was on its way while its URL was purged, cleared or invalidated by an unsafe
+    method may be the old one: it is served, not stored. One asked for afterwards is stored."""
+    c, tctx = cache
+    url = "http://example.com/inflight"
+    before = stored_flow(url, body=b"old")  # its request is made now
+    time.sleep(0.01)
+    if change == "purge":
+        c.purge(url)
+    elif change == "clear":
+        c.clear()
+    else:
+        post = stored_flow(url, body=b"")
+        post.request.method = "POST"
+        c.response(post)
+    c.response(before)
+    f = request_flow(url)
+    c.requestheaders(f)
+    assert f.response is None  # the old answer was not stored
+    after = stored_flow(url, body=b"new")
+    c.response(after)
+    f = request_flow(url)
+    c.requestheaders(f)
+    assert f.response is not None and f.response.content == b"new"
