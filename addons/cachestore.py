@@ -217,7 +217,7 @@ class DiskTier:
         self.tmpdir.mkdir(parents=True, exist_ok=True)
         self.dc = _open(self.directory, limit)  # creates the database before the writer opens it
         self.lock = threading.Lock()
-        self.busy: dict[str, int] = {}   # primary -> queued deletes (disk reads skip it meanwhile)
+        self.busy: dict[str, int] = {}   # primary -> queued puts and deletes (disk reads skip it meanwhile)
         self.clearing = 0
         self.backlog = 0
         self.dropped = 0
@@ -345,6 +345,8 @@ class DiskTier:
                     _unlink(path)
                 return False
             self.backlog += size
+            # until it is written, what the disk holds for this key is older: reads skip it meanwhile
+            self.busy[primary] = self.busy.get(primary, 0) + 1
             known = self.known
             if known is None:
                 stored_before = True
@@ -501,12 +503,13 @@ class DiskTier:
                 kind = ack[0]
                 if kind == "put":
                     self.backlog -= ack[1]
-                elif kind == "remove":
-                    n = self.busy.get(ack[1], 1) - 1
+                if kind in ("put", "remove"):
+                    primary = ack[-1]
+                    n = self.busy.get(primary, 1) - 1
                     if n <= 0:
-                        self.busy.pop(ack[1], None)
+                        self.busy.pop(primary, None)
                     else:
-                        self.busy[ack[1]] = n
+                        self.busy[primary] = n
                 elif kind == "clear":
                     self.clearing -= 1
                 elif kind == "flush":
@@ -583,7 +586,7 @@ def _ack_of(op) -> tuple | None:
     """What the proxy is told once an op is done (committed or failed); None: nothing waits for it."""
     kind = op[0]
     if kind == "put":
-        return ("put", op[2].length)
+        return ("put", op[2].length, op[1])
     if kind in ("remove", "flush"):
         return (kind, op[1])
     if kind == "clear":

@@ -376,3 +376,25 @@ def test_the_entry_count_is_one_query_not_a_walk_over_every_key(tmp_path, monkey
         assert s.disk.count() == 3
     finally:
         s.close()
+
+
+def test_the_disk_is_not_read_for_a_key_whose_newer_response_is_still_queued(tmp_path):
+    """A newer response waits for the writer (batches every 0.2 s) and has left RAM meanwhile: the
+    older one on disk is not served, nor brought back into RAM; once written, the newer one is."""
+    s = cs.Store(mem_limit=1 << 20, mem_object_max=1 << 20, object_max=10 << 20, disk_dir=tmp_path,
+                 disk_limit=1 << 30)
+    try:
+        url = "http://a/q"
+        old = meta(url, b"version 0")
+        s.put(url, old, b"version 0")
+        s.disk.flush()
+        s.put(url, meta(url, b"version 1"), b"version 1")
+        s.mem.clear()  # evicted before the writer got to it
+        assert s.get(url, old.vhash) == (None, None)
+        s.update_meta(url, dataclasses.replace(old, lifetime=300.0), b"version 0")  # a late 304 for v0
+        assert s.get(url, old.vhash) == (None, None)
+        s.disk.flush()
+        entry, tier = s.get(url, old.vhash)
+        assert entry.body == b"version 1" and tier == "disk"
+    finally:
+        s.close()
