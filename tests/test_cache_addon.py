@@ -285,8 +285,9 @@ def test_purge_logs_a_url_with_a_lone_surrogate_in_a_form_the_console_can_write(
     caplog.text.encode("utf-8")  # mitmproxy's console writes UTF-8: a lone surrogate would raise there
 
 
-def raw_origin(answer):
-    """A loopback origin that reads a request and calls answer(conn) on each connection; returns its URL."""
+def raw_origin(answer, got: list | None = None):
+    """A loopback origin that reads a request (into `got`) and calls answer(conn) on each connection;
+    returns its URL and its listening socket."""
     server = socket.create_server(("127.0.0.1", 0))
 
     def serve():
@@ -296,7 +297,10 @@ def raw_origin(answer):
             except OSError:
                 return
             with conn:
-                conn.recv(65536)
+                conn.settimeout(5)
+                request = conn.recv(65536)
+                if got is not None:
+                    got.append(request)
                 try:
                     answer(conn)
                 except OSError:  # the client cut the connection
@@ -381,23 +385,9 @@ def refresh_against(cache, answer, cc="max-age=60, stale-while-revalidate=60", e
     """Store a response of a loopback origin, refresh it in the background against answer(conn);
     returns (what the origin received, the entry stored afterwards)."""
     c, _ = cache
-    got = []
-    server = socket.create_server(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{server.getsockname()[1]}/swr"
-
-    def serve():
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(5)
-            got.append(conn.recv(65536))
-            try:
-                answer(conn)
-            except OSError:
-                pass
-    threading.Thread(target=serve, daemon=True).start()
+    got: list[bytes] = []
+    url, server = raw_origin(answer, got)
+    url += "/swr"
     f = stored_flow(url, cc=cc, body=b"old body")
     f.response.headers["ETag"] = etag
     if vary:
