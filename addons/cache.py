@@ -1024,8 +1024,9 @@ class Cache:
     def _stale_answer(self, key: str, since: float | None) -> bool:
         """True if key was invalidated, or the cache cleared, after `since` (when the request that got
         this answer was made): the answer may predate the change that invalidated it."""
-        since = since or 0.0
-        return self.cleared_at > since or self.invalidated.get(key, 0.0) > since
+        since, now = since or 0.0, time.time()
+        # a time ahead of now: the clock was set back since; better store than refuse for that long
+        return any(since < t <= now for t in (self.cleared_at, self.invalidated.get(key, 0.0)))
 
     def _invalidate(self, flow: http.HTTPFlow, key: str) -> None:
         resp = flow.response

@@ -472,3 +472,16 @@ def test_an_answer_to_a_request_made_before_an_invalidation_is_not_stored(cache,
     f = request_flow(url)
     c.requestheaders(f)
     assert f.response is not None and f.response.content == b"new"
+
+
+def test_an_invalidation_time_ahead_of_the_clock_does_not_stop_storing(cache):
+    """The clock was set back after a purge: answers are stored again at once, not once the clock
+    has caught up."""
+    c, _ = cache
+    url = "http://example.com/clock"
+    c.purge(url)
+    c.invalidated["http://example.com:80/clock"] = time.time() + 3600
+    c.response(stored_flow(url, body=b"stored"))
+    f = request_flow(url)
+    c.requestheaders(f)
+    assert f.response is not None and f.response.content == b"stored"
