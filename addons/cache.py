@@ -70,7 +70,7 @@ REFRESH_MAX = 256
 REFRESH_PER_ORIGIN = 2
 # Request fields urllib sends whether asked or not: a variant stored for a request without one of
 # them (and whose response varies on it) is not refreshed in the background.
-ADDED_BY_URLLIB = frozenset({"accept-encoding", "connection", "host"})
+ADDED_BY_URLLIB = frozenset({"connection", "host"})
 INVALIDATED_MAX = 10_000  # invalidation times remembered (see Cache.invalidated)
 REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
 REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
@@ -223,6 +223,11 @@ class Deadline:
                     def connect(self):
                         super().connect()
                         deadline.sockets.append(self.sock)
+
+                    def putrequest(self, method, url, skip_host=False, skip_accept_encoding=False):
+                        # no "Accept-Encoding: identity" of http.client's own: the origin may vary on it,
+                        # and the refresh sends the fields of the stored variant, no others
+                        super().putrequest(method, url, skip_host=skip_host, skip_accept_encoding=True)
                 return super().do_open(Connection, req, **args)
         return Tracked(**kw)
 
@@ -1024,7 +1029,9 @@ class Cache:
     def _stale_answer(self, key: str, since: float | None) -> bool:
         """True if key was invalidated, or the cache cleared, after `since` (when the request that got
         this answer was made): the answer may predate the change that invalidated it."""
-        since, now = since or 0.0, time.time()
+        if not since:  # a request of unknown date: as one made now
+            return False
+        now = time.time()
         # a time ahead of now: the clock was set back since; better store than refuse for that long
         return any(since < t <= now for t in (self.cleared_at, self.invalidated.get(key, 0.0)))
 

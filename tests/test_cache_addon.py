@@ -441,10 +441,29 @@ def test_a_refresh_sends_no_field_the_stored_variant_was_chosen_without(cache):
     assert after.meta.lifetime == 600  # refreshed
 
 
+def test_a_refresh_of_a_variant_chosen_without_accept_encoding_sends_none(cache):
+    got, after = refresh_against(cache, lambda conn: conn.sendall(
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nCache-Control: max-age=600\r\n\r\n'),
+        vary="Accept-Encoding")
+    assert got.startswith(b"GET /swr") and b"accept-encoding" not in got.lower()
+    assert after.meta.lifetime == 600  # refreshed
+
+
 def test_a_variant_chosen_without_a_field_urllib_always_sends_is_not_refreshed_in_the_background(cache):
     c, _ = cache
-    got, after = refresh_against(cache, lambda conn: None, vary="Accept-Encoding")
+    got, after = refresh_against(cache, lambda conn: None, vary="Connection")
     assert got == b"" and not c.refreshing and not c.refreshing_origins
+
+
+def test_a_response_to_a_request_of_unknown_date_is_stored_after_a_clear(cache):
+    c, _ = cache
+    c.clear()
+    f = stored_flow("http://example.com/undated", body=b"kept")
+    f.request.timestamp_start = None
+    c.response(f)
+    g = request_flow("http://example.com/undated")
+    c.requestheaders(g)
+    assert g.response is not None and g.response.content == b"kept"
 
 
 @pytest.mark.parametrize("change", ["purge", "clear", "post"])
