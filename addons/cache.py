@@ -628,6 +628,11 @@ class Cache:
             await asyncio.wait_for(asyncio.shield(fut), 30)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
+        disk = self.store.disk if self.store else None
+        for _ in range(40):  # the leader's answer may be on its way to the disk (batches every 0.2 s)
+            if disk is None or key not in disk.busy or flow.response or flow.error:
+                break
+            await asyncio.sleep(0.05)
         if flow.response or flow.error:
             return
         self.counts["collapsed"] += 1

@@ -422,6 +422,29 @@ def test_collapsed_forwarding(cproxy, origin):
     assert found.count("TCP_MISS/200") == 1 and found.count("TCP_MEM_HIT/200") == 5
 
 
+@pytest.mark.parametrize("options", [{"cache_mem": "0"}, {"stream_large_bodies": "10k"}],
+                         ids=["disk-only", "streamed"])
+def test_collapsed_forwarding_when_the_answer_goes_to_disk_only(start_proxy, origin, tmp_path, options):
+    """The waiting clients are served from the leader's answer once the disk writer has it, even when
+    it does not go through RAM (cache_mem 0, or a body streamed to disk)."""
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), **options})
+
+    def slow(seen):
+        time.sleep(1.0)
+        return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"d" * 50_000
+    origin.route("/collapse-disk", slow)
+    url = f"{origin.url}/collapse-disk"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(p, url))) for _ in range(5)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join(20)
+    assert [r[2] for r in results] == [b"d" * 50_000] * 5
+    assert origin.hits["/collapse-disk"] == 1
+
+
 def test_a_client_that_leaves_while_its_miss_waits_for_another_is_logged_once(start_proxy, origin, tmp_path):
     """A collapsed miss waits in the cache's hook, before the access log's own hook: the client
     that gives up meanwhile gets its aborted line only, not also "closed before a request"."""
