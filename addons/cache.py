@@ -949,7 +949,9 @@ class Cache:
                                       response_time=response_time, lifetime=lifetime, lifetime_source=source)
             new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
             entry = cachestore.Entry(new, entry.body)
-            if not self._stale_answer(pending.key, request_time):
+            if rfc9111.vary_fields(new_headers) != old.vary:  # stored under a key it no longer has
+                self._forget(pending.key)
+            elif not self._stale_answer(pending.key, request_time):
                 self.store.update_meta(pending.key, new, entry.body)
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
@@ -1100,6 +1102,9 @@ class Cache:
                         return
                     new_headers = rfc9111.freshen_headers(m.headers, headers_list)
                     new_headers = [(k, v) for k, v in new_headers if k.lower() not in ("age",)]
+                    if rfc9111.vary_fields(new_headers) != m.vary:  # stored under a key it no longer has
+                        self._forget(key)
+                        return
                     lifetime, source = rfc9111.freshness_lifetime(m.status, self._policy(m, new_headers),
                                                                   response_time,
                                                                   url=url, rules=self.rules,

@@ -791,6 +791,21 @@ def test_hung_background_refreshes_stall_neither_name_lookups_nor_the_exit(start
             o.close()
 
 
+def test_a_304_that_changes_vary_drops_the_stored_response_instead_of_keeping_it_under_its_old_key(cproxy, origin):
+    def fn(seen):
+        if seen.headers.get("if-none-match") == '"x"':
+            return 304, {"ETag": '"x"', "Vary": "User-Agent", "Cache-Control": "max-age=600"}, b""
+        ua = seen.headers.get("user-agent", "")
+        return 200, {"ETag": '"x"', "Vary": "Accept-Encoding", "Cache-Control": "max-age=1"}, f"for {ua}".encode()
+    origin.route("/vary-change", fn)
+    url = f"{origin.url}/vary-change"
+    assert fetch(cproxy, url, "-A", "alice")[2] == b"for alice"
+    time.sleep(2.2)
+    assert fetch(cproxy, url, "-A", "alice")[2] == b"for alice"  # revalidated: 304, now Vary: User-Agent
+    assert fetch(cproxy, url, "-A", "bob")[2] == b"for bob"      # not alice's, kept under the old key
+    assert origin.hits["/vary-change"] == 3
+
+
 def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):
     url = f"{origin.url}/oics?h.Cache-Control=max-age=1"
     fetch(cproxy, url)

@@ -497,3 +497,10 @@ def test_an_invalidation_time_ahead_of_the_clock_does_not_stop_storing(cache):
     f = request_flow(url)
     c.requestheaders(f)
     assert f.response is not None and f.response.content == b"stored"
+
+
+def test_a_refresh_answered_304_with_another_vary_drops_the_stored_response(cache):
+    _, after = refresh_against(cache, lambda conn: conn.sendall(
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nVary: User-Agent\r\nCache-Control: max-age=600\r\n\r\n'),
+        vary="Accept-Encoding")
+    assert after is None
