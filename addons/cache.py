@@ -400,12 +400,11 @@ class Cache:
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
-        self.refreshing: set[str] = set()           # keys refreshed in the background (SWR)
+        self.refreshing: dict[str, str] = {}        # keys refreshed in the background (SWR) -> their origin
         # when keys were invalidated or purged (the last INVALIDATED_MAX): a response to a request
         # made before then may be the old one, and is not stored
         self.invalidated: OrderedDict[str, float] = OrderedDict()
         self.cleared_at = 0.0
-        self.refreshing_origins: Counter = Counter()  # how many of them per origin
         self.refresher: Refresher | None = None
         self.counts: Counter = Counter()
         self.purge_nets: list = []
@@ -628,9 +627,8 @@ class Cache:
             await asyncio.wait_for(asyncio.shield(fut), 30)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
-        disk = self.store.disk if self.store else None
-        for _ in range(40):  # the leader's answer may be on its way to the disk (batches every 0.2 s)
-            if disk is None or key not in disk.busy or flow.response or flow.error:
+        for _ in range(40):  # the leader's answer may be on its way to the disk
+            if self.store is None or not self.store.writing(key) or flow.response or flow.error:
                 break
             await asyncio.sleep(0.05)
         if flow.response or flow.error:
@@ -935,27 +933,32 @@ class Cache:
     def _freshen(self, flow: http.HTTPFlow, pending: Pending) -> None:
         """4.3.4: a 304 answers our revalidation: update the stored headers, serve the stored body."""
         entry = pending.entry
-        old = entry.meta
         resp = flow.response
-        if not rfc9111.validator_mismatch(old.headers, resp.headers):
-            new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, resp.headers)
-                           if k.lower() not in ("x-cache", "age")]
-            request_time = flow.request.timestamp_start or time.time()
-            response_time = resp.timestamp_start or time.time()
-            lifetime, source = rfc9111.freshness_lifetime(
-                old.status, self._policy(old, new_headers), response_time, url=flow.request.pretty_url,
-                rules=self.rules, negative_ttl=self.negative_ttl)
-            new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
-                                      response_time=response_time, lifetime=lifetime, lifetime_source=source)
-            new.initial_age = rfc9111.initial_age(resp.headers, request_time, response_time)
+        if not rfc9111.validator_mismatch(entry.meta.headers, resp.headers):
+            new = self._freshened(pending.key, entry, resp.headers, flow.request.timestamp_start or time.time(),
+                                  resp.timestamp_start or time.time(), flow.request.pretty_url)
             entry = cachestore.Entry(new, entry.body)
-            if rfc9111.vary_fields(new_headers) != old.vary:  # stored under a key it no longer has
-                self._forget(pending.key)
-            elif not self._stale_answer(pending.key, request_time):
-                self.store.update_meta(pending.key, new, entry.body)
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", "HIER_DIRECT")
+
+    def _freshened(self, key: str, entry: cachestore.Entry, headers, request_time: float, response_time: float,
+                   url: str) -> cachestore.Meta:
+        """4.3.4: the stored response's metadata updated by the fields of a 304 (or of a HEAD 200),
+        stored in its place; dropped instead if it no longer varies on what it was stored under."""
+        old = entry.meta
+        new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, headers)
+                       if k.lower() not in ("x-cache", "age")]
+        lifetime, source = rfc9111.freshness_lifetime(old.status, self._policy(old, new_headers), response_time,
+                                                      url=url, rules=self.rules, negative_ttl=self.negative_ttl)
+        new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
+                                  response_time=response_time, lifetime=lifetime, lifetime_source=source)
+        new.initial_age = rfc9111.initial_age(headers, request_time, response_time)
+        if rfc9111.vary_fields(new_headers) != old.vary:  # stored under a key it no longer has
+            self._forget(key)
+        elif not self._stale_answer(key, request_time):
+            self.store.update_meta(key, new, entry.body)
+        return new
 
     def _update_from_head(self, flow: http.HTTPFlow, key: str, pending: Pending | None) -> bool:
         """4.3.5: a 200 to a HEAD updates the stored GET response it describes (same validators and
@@ -1059,12 +1062,11 @@ class Cache:
 
     # --- stale-while-revalidate -------------------------------------------------
     def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:
-        origin = origin_of(key)
-        if (key in self.refreshing or len(self.refreshing) >= REFRESH_MAX
-                or self.refreshing_origins[origin] >= REFRESH_PER_ORIGIN):
+        if key in self.refreshing or len(self.refreshing) >= REFRESH_MAX:
             return  # served stale all the same; a later request asks for the refresh again
-        self.refreshing.add(key)
-        self.refreshing_origins[origin] += 1
+        origin = origin_of(key)
+        if sum(o == origin for o in self.refreshing.values()) >= REFRESH_PER_ORIGIN:
+            return
         started = time.time()
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
@@ -1073,7 +1075,6 @@ class Cache:
             if value is not None:
                 headers[name] = value
             elif name.lower() in ADDED_BY_URLLIB:  # the variant had none, and the refresh would send one
-                self._refresh_done(key, origin)
                 return
         insecure = getattr(ctx.options, "ssl_insecure", False)
         # the way the flow went: through the upstream proxy of an upstream-mode listener, else direct
@@ -1084,6 +1085,8 @@ class Cache:
             auth = getattr(ctx.options, "upstream_auth", None)
             if auth:
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+
+        self.refreshing[key] = origin
 
         async def run():
             try:
@@ -1098,22 +1101,8 @@ class Cache:
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
                 if status == 304:
-                    if rfc9111.validator_mismatch(m.headers, headers_list):  # not the stored response's
-                        return
-                    new_headers = rfc9111.freshen_headers(m.headers, headers_list)
-                    new_headers = [(k, v) for k, v in new_headers if k.lower() not in ("age",)]
-                    if rfc9111.vary_fields(new_headers) != m.vary:  # stored under a key it no longer has
-                        self._forget(key)
-                        return
-                    lifetime, source = rfc9111.freshness_lifetime(m.status, self._policy(m, new_headers),
-                                                                  response_time,
-                                                                  url=url, rules=self.rules,
-                                                                  negative_ttl=self.negative_ttl)
-                    new = dataclasses.replace(m, headers=new_headers, request_time=request_time,
-                                              response_time=response_time, lifetime=lifetime,
-                                              lifetime_source=source)
-                    new.initial_age = rfc9111.initial_age(headers_list, request_time, response_time)
-                    self.store.update_meta(key, new, entry.body)
+                    if not rfc9111.validator_mismatch(m.headers, headers_list):  # else not the stored response's
+                        self._freshened(key, entry, headers_list, request_time, response_time, url)
                 else:
                     if status >= 500:  # a failure: the stale entry stays for stale-if-error
                         return
@@ -1144,15 +1133,9 @@ class Cache:
             except Exception as e:
                 log.info("cache: background revalidation of %s failed: %s", url, e)
             finally:
-                self._refresh_done(key, origin)
+                self.refreshing.pop(key, None)
 
         asyncio.get_running_loop().create_task(run())
-
-    def _refresh_done(self, key: str, origin: str) -> None:
-        self.refreshing.discard(key)
-        self.refreshing_origins[origin] -= 1
-        if self.refreshing_origins[origin] <= 0:
-            del self.refreshing_origins[origin]
 
     # --- commands -----------------------------------------------------------------
     @command.command("cache.purge")

@@ -281,15 +281,22 @@ class DiskTier:
         except Exception:
             return False
 
-    def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
-        """The stored metadata and its verified body, or None."""
+    def _stored(self, primary: str, vh: str):
+        """What is stored on disk under (primary, vh): Meta, (Meta, small body), or None."""
         if not self.readable(primary):
             return None
+        known = self.known
+        if known is not None and hash(primary) not in known:
+            return None  # never stored on disk: no SQLite read
         try:
-            value = self.dc.get(self._mkey(primary, vh))
+            return self.dc.get(self._mkey(primary, vh))
         except Exception as e:
             log.warning("cache: disk metadata read failed for %s: %s", primary, e)
             return None
+
+    def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
+        """The stored metadata and its verified body, or None."""
+        value = self._stored(primary, vh)
         if value is None:
             return None
         if isinstance(value, tuple):  # small body stored with its metadata
@@ -300,18 +307,7 @@ class DiskTier:
 
     def body_id(self, primary: str, vh: str) -> str | None:
         """The body_id of the entry stored on disk under (primary, vh), or None."""
-        if not self.readable(primary):
-            return None
-        known = self.known
-        if known is not None and hash(primary) not in known:
-            return None
-        try:
-            value = self.dc.get(self._mkey(primary, vh))
-        except Exception:
-            return None
-        if isinstance(value, tuple):  # small body stored with its metadata
-            value = value[0]
-        return getattr(value, "body_id", None)
+        return getattr(_meta_of(self._stored(primary, vh)), "body_id", None)
 
     def get_body(self, meta: Meta) -> bytes | None:
         """A body stored under its own key, verified against the metadata."""
@@ -833,6 +829,10 @@ class Store:
             self.mem.put(key, Entry(meta, body))  # out of RAM meanwhile, still on disk: back by use
         if self.disk:
             self.disk.update_meta(primary, meta)  # the writer updates only the same body's entry
+
+    def writing(self, primary: str) -> bool:
+        """True while a write for this key waits for the disk writer (batches every 0.2 s)."""
+        return self.disk is not None and primary in self.disk.busy
 
     def remove(self, primary: str) -> int:
         n = self.mem.remove_primary(primary)

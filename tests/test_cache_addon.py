@@ -229,14 +229,14 @@ def test_background_refreshes_are_bounded(cache, monkeypatch):
     entry, _ = c.lookup(key, request_flow(url).request.headers)
     assert entry is not None
 
-    async def refresh(busy: set[str], per_origin: dict[str, int]) -> set[str]:
-        c.refreshing, c.refreshing_origins = set(busy), cachemod.Counter(per_origin)
+    async def refresh(busy: dict[str, str]) -> set[str]:
+        c.refreshing = dict(busy)
         c._refresh_in_background(key, entry, request_flow(url))
         return set(c.refreshing)
-    other = {"http://127.0.0.2:80/x": 1}
-    assert asyncio.run(refresh({"k1", "k2", "k3"}, other)) == {"k1", "k2", "k3"}   # at the bound: none started
-    assert asyncio.run(refresh({"k1"}, {"http://127.0.0.1:9": 2})) == {"k1"}        # its origin's bound
-    assert asyncio.run(refresh({"k1"}, {"http://127.0.0.1:9": 1})) == {"k1", key}   # below both: it starts
+    here, there = "http://127.0.0.1:9", "http://127.0.0.2:80"
+    assert asyncio.run(refresh({"k1": there, "k2": there, "k3": there})) == {"k1", "k2", "k3"}  # at the bound
+    assert asyncio.run(refresh({"k1": here, "k2": here})) == {"k1", "k2"}  # at its origin's bound
+    assert asyncio.run(refresh({"k1": here, "k2": there})) == {"k1", "k2", key}  # below both: it starts
 
 
 def streamed_flow(url="http://example.com/big", body=b"0123456789"):
@@ -445,7 +445,7 @@ def test_a_refresh_sends_no_field_the_stored_variant_was_chosen_without(cache, f
 def test_a_variant_chosen_without_a_field_urllib_always_sends_is_not_refreshed_in_the_background(cache):
     c, _ = cache
     got, after = refresh_against(cache, lambda conn: None, vary="Connection")
-    assert got == b"" and not c.refreshing and not c.refreshing_origins
+    assert got == b"" and not c.refreshing
 
 
 def test_a_response_to_a_request_of_unknown_date_is_stored_after_a_clear(cache):
