@@ -123,9 +123,11 @@ def body_size(flow: http.HTTPFlow, method: str) -> int:
         return 0
 
 
-def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, combined: bool = False) -> Record:
-    """The log record of an HTTP flow, from its state and the metadata contract."""
-    req, resp, md = flow.request, flow.response, flow.metadata
+def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, combined: bool = False,
+                sent: http.Response | None = None) -> Record:
+    """The log record of an HTTP flow, from its state and the metadata contract; `sent`: the response the
+    client got when it is not flow.response (mitmproxy's own error page)."""
+    req, resp, md = flow.request, sent or flow.response, flow.metadata
     method = req.method
     is_connect = method == "CONNECT"
     if is_connect:
@@ -145,7 +147,7 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
     elif aborted and md.get(meta.SENT_BYTES) is None:
         size = 0  # buffered, and the client left before any of it was sent
     else:
-        size = head_size(resp) + body_size(flow, method)
+        size = head_size(resp) + (len(resp.raw_content or b"") if sent else body_size(flow, method))
     end = time.time()
     start = req.timestamp_start or end
     return Record(
@@ -506,11 +508,17 @@ class AccessLog:
         self._log_http(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None and not _client_gone(flow):
-            # The origin failed before answering and mitmproxy sent its own 502 page.
-            flow.response = http.Response.make(502, b"", {"Content-Type": "text/html"})
+        resp = flow.response
+        unsent = resp is None or not (resp.stream or flow.metadata.get(meta.LOCAL))
+        if unsent and not _client_gone(flow):
+            # The origin failed before its response was complete (none of it had been sent: it was not
+            # streamed) and mitmproxy sent its own 502 page instead. A response it refused (invalid
+            # framing) stays in the flow for mitmweb; the log says what the client got.
             flow.metadata.setdefault(meta.HIER, "HIER_DIRECT" if meta.peer(flow) else "HIER_NONE")
-            self._log_http(flow)
+            sent = http.Response.make(502, b"", {"Content-Type": "text/html"})
+            if flow.response is None:
+                flow.response = sent
+            self._log_http(flow, sent=sent)
         else:
             self._log_http(flow, aborted=True)
 
@@ -546,13 +554,13 @@ class AccessLog:
         self.logged.add(fid)
         return True
 
-    def _log_http(self, flow: http.HTTPFlow, aborted: bool = False) -> None:
+    def _log_http(self, flow: http.HTTPFlow, aborted: bool = False, sent: http.Response | None = None) -> None:
         if not self._first_time(flow):
             return
         if self.connects and flow.client_conn in self.connects and flow.request.method != "CONNECT":
             self.intercepted.add(flow.client_conn)
         if self.writer:  # the record is built only for a log that is written
-            self.write(http_record(flow, self.strip_query, aborted, combined=self.combined))
+            self.write(http_record(flow, self.strip_query, aborted, combined=self.combined, sent=sent))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:
@@ -638,6 +646,10 @@ def _client_gone(flow) -> bool:
     msg = (flow.error.msg if flow.error else "").lower()
     if "client disconnected" in msg or "killed" in msg:
         return True
+    if msg.startswith(("stream reset by client", "stream closed by client")):
+        # An HTTP/2 or /3 stream the client cancelled, its connection kept. mitmproxy words a reset
+        # by the origin the same way: over h2/h3 to the origin, only a cancel is taken as the client's.
+        return getattr(flow.server_conn, "alpn", None) not in (b"h2", b"h3") or "cancel" in msg
     # a client that closed before the end of its request (an upload it gave up): mitmproxy's
     # message is then the one of an origin closing early ("peer closed connection...")
     return flow.request.timestamp_end is None and not flow.client_conn.state & ConnectionState.CAN_READ

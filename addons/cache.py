@@ -376,6 +376,13 @@ def make_response(version: bytes, status: int, reason: bytes, headers: http.Head
     return r
 
 
+def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
+    """A stored response's fields get its body's Content-Length, except a 204 (RFC 9110 8.6: never sent)."""
+    if status != 204:
+        headers.append(("Content-Length", str(n)))
+    return headers
+
+
 def headers_of(fields: tuple[tuple[bytes, bytes], ...]) -> http.Headers:
     """http.Headers(fields) for (bytes, bytes) pairs that are tuples by construction: the constructor
     copies each pair and checks its types, over a microsecond of a memory hit."""
@@ -556,8 +563,11 @@ class Cache:
 
     def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
         req = flow.request
-        entry, tier = self.lookup(key, req.headers)
         names = _names(req.headers)
+        if b"upgrade" in names:  # a protocol switch (WebSocket) is the origin's to accept or refuse
+            self.counts["miss"] += 1
+            return None
+        entry, tier = self.lookup(key, req.headers)
         if entry is None:
             if b"cache-control" in names and rfc9111.only_if_cached(req.headers):
                 return self._only_if_cached(flow)
@@ -703,6 +713,8 @@ class Cache:
         if req.method == "HEAD":
             body = b""
         version = req.data.http_version if req.data.http_version in _VERSIONS else b"HTTP/1.1"
+        if version != b"HTTP/1.1":  # RFC 9113 8.2.1: upper case makes an HTTP/2 (or /3) field malformed
+            headers = headers_of(tuple((k.lower(), v) for k, v in headers.fields))
         # stored as mitmproxy reads it (ISO-8859-1): the origin's bytes back, whatever they were
         reason = reason.encode("iso-8859-1", "replace") if isinstance(reason, str) else reason
         return make_response(version, status, reason, headers, body, time.time()), cond
@@ -794,7 +806,8 @@ class Cache:
         if b"x-cache" in _names(h):
             h["X-Cache"] = _X_CACHE_MISS
         else:  # what h["X-Cache"] = ... does for an absent field, minus its overhead
-            h.fields = (*h.fields, (b"X-Cache", _X_CACHE_MISS))
+            name = b"x-cache" if resp.data.http_version in (b"HTTP/2.0", b"HTTP/3") else b"X-Cache"  # as _build
+            h.fields = (*h.fields, (name, _X_CACHE_MISS))
         if not resp.stream or flow.request.method != "GET" or self.store.disk is None:
             return
         if flow.id in self.pending and resp.status_code == 304:
@@ -916,7 +929,8 @@ class Cache:
             if resp.status_code == 200 and rfc9111.conditional_result(method, req.headers, resp.headers):
                 flow.response = http.Response(resp.http_version, 304, b"Not Modified", resp.headers.copy(),
                                               b"", None, resp.timestamp_start, resp.timestamp_end)
-                flow.response.headers.pop("Content-Length", None)
+                for name in ("Content-Length", "Transfer-Encoding"):  # a 304 has no body (RFC 9112 6.3)
+                    flow.response.headers.pop(name, None)
         if not flow.metadata.get(meta.CODE) and resp.status_code < 400:
             flow.metadata[meta.CACHE] = {"status": "MISS", "tier": None}
 
@@ -1012,7 +1026,7 @@ class Cache:
         m = self._meta(flow, key, len(body), cachestore.digest(body), fields)
         if m is None:
             return
-        m.headers.append(("Content-Length", str(len(body))))
+        _add_length(m.headers, m.status, len(body))
         tier = self.store.put(key, m, body)
         if tier:
             self.counts["stored"] += 1
@@ -1023,7 +1037,7 @@ class Cache:
         copy.handed = True
         m.length = copy.n
         m.digest = copy.h.hexdigest()
-        m.headers.append(("Content-Length", str(copy.n)))
+        _add_length(m.headers, m.status, copy.n)
         if self.store.put_file(key, m, copy.path):
             self.counts["stored"] += 1
             self.counts["stored_streamed"] += 1
@@ -1113,9 +1127,8 @@ class Cache:
                         return
                     lifetime, source = rfc9111.freshness_lifetime(status, policy, response_time, url=url,
                                                                   rules=self.rules, negative_ttl=self.negative_ttl)
-                    hl = [(k, v) for k, v in rfc9111.storable_headers(headers_list)
-                          if k.lower() not in ("age", "content-length", "x-cache")] + \
-                         [("Content-Length", str(len(body)))]
+                    hl = _add_length([(k, v) for k, v in rfc9111.storable_headers(headers_list)
+                                      if k.lower() not in ("age", "content-length", "x-cache")], status, len(body))
                     fields = rfc9111.vary_fields(headers_list)
                     if fields is None:
                         self._forget(key)

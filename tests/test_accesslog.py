@@ -358,3 +358,48 @@ def test_dropping_ends_when_the_queue_empties_even_if_its_last_writes_failed(tmp
         w.close()
     assert (tmp_path / "access.log").read_text().splitlines() == ["GET /after"]
     assert "writing again; 1 lines were dropped" in caplog.text and not w.dropping
+
+
+def test_an_origin_response_mitmproxy_refuses_is_logged_as_the_502_the_client_got(proxy, origin):
+    """Transfer-Encoding with Content-Length (RFC 9112 6.3, a smuggling risk): mitmproxy refuses the response
+    after reading its head and sends its own 502 page. The log says 502, with that page's size."""
+    origin.route("/smuggle", lambda s: (200, {"Transfer-Encoding": "chunked", "Content-Length": "5"},
+                                        lambda: iter([b"5\r\nhello\r\n0\r\n\r\n"])))
+    r = curl("-i", "-x", proxy.url, f"{origin.url}/smuggle")
+    assert r.stdout.startswith(b"HTTP/1.1 502"), r.stdout[:200]
+    code, size = proxy.wait_lines("/smuggle", 1)[0].split()[3:5]
+    assert code == "TCP_MISS/502" and int(size) > 0
+
+
+def test_an_http2_stream_the_client_cancels_is_logged_aborted_not_as_a_failed_origin(start_proxy, tls_origin):
+    """A browser cancels HTTP/2 streams and keeps its connection: that is no 502 from the origin."""
+    import ssl
+    import h2.connection
+    import h2.errors
+    import h2.events
+    tls_origin.route("/slow-h2", lambda s: (time.sleep(1.5), (200, {"Content-Type": "text/plain"}, b"late"))[1])
+    p = start_proxy(options={"connection_strategy": "lazy"})
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    host = f"127.0.0.1:{tls_origin.port}"
+    s.sendall(f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(100)
+    ctx = ssl.create_default_context(cafile=p.ca)
+    ctx.check_hostname = False
+    ctx.set_alpn_protocols(["h2"])
+    t = ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    try:
+        assert t.selected_alpn_protocol() == "h2"
+        c = h2.connection.H2Connection()
+        c.initiate_connection()
+        c.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", host), (":path", "/slow-h2")],
+                       end_stream=True)
+        t.sendall(c.data_to_send())
+        time.sleep(0.3)
+        c.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+        t.sendall(c.data_to_send())
+        line = p.wait_lines("/slow-h2", 1, timeout=15)[0]
+    finally:
+        t.close()
+    assert line.split()[3] == "TCP_MISS_ABORTED/000", line

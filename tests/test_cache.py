@@ -813,3 +813,83 @@ def test_only_if_cached_on_stale_entry_is_504(cproxy, origin):
     assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached")[0] == 504
     assert fetch(cproxy, url, "-H", "Cache-Control: only-if-cached, max-stale")[0] == 200
     assert origin.hits["/oics"] == 1
+
+
+def test_a_websocket_upgrade_is_never_answered_from_the_cache(cproxy):
+    """A protocol switch is the origin's to accept: a stored response to the same URL must not answer it."""
+    o = Origin()
+    try:
+        o.route("/ws", lambda s: (200, {"Cache-Control": "max-age=60"}, b"page"))
+        url = f"{o.url}/ws"
+        assert fetch(cproxy, url)[2] == b"page"
+        assert fetch(cproxy, url)[2] == b"page"
+        assert o.hits["/ws"] == 1  # stored
+        upgrade = ("-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
+                   "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+        fetch(cproxy, url, *upgrade)
+        assert o.hits["/ws"] == 2
+        assert o.requests[-1].headers.get("upgrade") == "websocket"
+    finally:
+        o.close()
+
+
+def test_hits_to_http2_clients_have_lower_case_field_names(start_proxy, tls_origin, tmp_path):
+    """RFC 9113 8.2.1: a field name with upper case makes an HTTP/2 response malformed. With
+    normalize_outbound_headers off mitmproxy sends the cache's fields as they are: a hit with
+    `Age` or `X-Cache` was a stream error for the client."""
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "connection_strategy": "lazy",
+                             "normalize_outbound_headers": False})
+    url = f"{tls_origin.url}/h2?h.Cache-Control=max-age=60"
+    for _ in range(2):
+        r = curl("--http2", "-s", "-D", "-", "--cacert", p.ca, "-x", p.url, url)
+        assert r.returncode == 0 and b"\r\n\r\nHTTP/2 200" in r.stdout, (r.returncode, r.stdout[:300], r.stderr)
+        assert r.stdout.endswith(b"hello /h2")
+    assert tls_origin.hits["/h2"] == 1
+    assert [l.split()[3] for l in p.wait_lines("/h2", 2)] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+
+
+def _chunked(body: bytes):
+    return lambda: iter([b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)])
+
+
+def test_a_304_the_cache_makes_from_a_new_chunked_200_has_no_body_framing(start_proxy, tmp_path):
+    """The client's If-None-Match matched the origin's new 200 (chunked): the cache answers 304, which has no
+    body (RFC 9112 6.3). Labelled chunked, it was followed by a last-chunk that broke the client's next response."""
+    import http.client
+    o = Origin()
+    try:
+        o.route("/cs", lambda s: (200, {"Cache-Control": "max-age=1", "ETag": '"cs"', "Transfer-Encoding": "chunked"},
+                                  _chunked(b"chunked body")))
+        p = start_proxy(options={"cache_dir": str(tmp_path / "c")})
+        url = f"{o.url}/cs"
+        conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        try:
+            conn.request("GET", url)
+            assert conn.getresponse().read() == b"chunked body"
+            time.sleep(1.5)  # stale: revalidated, and the origin answers 200 again
+            conn.request("GET", url, headers={"If-None-Match": '"cs"'})
+            r = conn.getresponse()
+            assert r.status == 304 and r.read() == b""
+            assert r.getheader("Transfer-Encoding") is None and r.getheader("Content-Length") is None
+            conn.request("GET", url)  # the same connection reads the next response cleanly
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b"chunked body")
+        finally:
+            conn.close()
+        assert o.hits["/cs"] == 2
+    finally:
+        o.close()
+
+
+def test_a_stored_204_is_served_without_a_content_length(cproxy):
+    """RFC 9110 8.6: a 204 never carries Content-Length; the cache must not add one to its hits."""
+    o = Origin()
+    try:
+        o.route("/nc", lambda s: (204, {"Cache-Control": "max-age=60"}, lambda: iter(())))
+        url = f"{o.url}/nc"
+        for _ in range(2):
+            status, headers, body = fetch(cproxy, url)
+            assert (status, body) == (204, b"") and "content-length" not in headers, headers
+        assert o.hits["/nc"] == 1
+    finally:
+        o.close()
