@@ -418,6 +418,7 @@ class Cache:
         self.negative_ttl = 30.0
         self.object_max = 4 * 1024 * 1024
         self.sizes: dict[str, int] = {}
+        self.disk_error: str | None = None  # why the disk tier is off, when cache_dir could not be opened
 
     # --- options -------------------------------------------------------
     def load(self, loader):
@@ -476,11 +477,19 @@ class Cache:
             if self.store is not None:
                 self.store.close()
             disk = None if o.cache_dir.strip().lower() == "none" else o.cache_dir
+            if disk is not None and Path(disk).exists() and not Path(disk).is_dir():
+                raise exceptions.OptionsError(f"cache_dir: {o.cache_dir!r} is not a folder")
+            args = (sizes["cache_mem"], sizes["maximum_object_size_in_memory"], sizes["maximum_object_size"])
+            self.disk_error = None
             try:
-                self.store = cachestore.Store(sizes["cache_mem"], sizes["maximum_object_size_in_memory"],
-                                              sizes["maximum_object_size"], disk, o.cache_dir_size * 1024 * 1024)
+                self.store = cachestore.Store(*args, disk, o.cache_dir_size * 1024 * 1024)
             except Exception as e:
-                raise exceptions.OptionsError(f"cache_dir: cannot open {o.cache_dir!r}: {e}") from e
+                self.disk_error = f"cannot open {o.cache_dir!r}: {e}"
+                # a full or read-only disk, a folder without access: the proxy serves on, from RAM (a warning:
+                # mitmdump exits on an error logged while it starts)
+                log.warning("cache: cannot open the disk cache in %r (%s); caching in RAM only until the "
+                          "proxy is restarted with a usable cache_dir", o.cache_dir, e)
+                self.store = cachestore.Store(*args, None, 0)
             self.sizes = sizes
 
     def _load_policy(self, value: str) -> tuple[list[rfc9111.RefreshRule], tuple[str, ...]]:
@@ -1184,7 +1193,9 @@ class Cache:
             "disk": {"entries": s.disk.count() if s and s.disk else 0,
                      "bytes": s.disk.volume() if s and s.disk else 0,
                      "limit": s.disk.dc.size_limit if s and s.disk else 0,
-                     "corrupt_dropped": s.disk.corrupt if s and s.disk else 0},
+                     "corrupt_dropped": s.disk.corrupt if s and s.disk else 0,
+                     "off": self.disk_error or ("the disk writer process exited" if s and s.disk and s.disk.failed
+                                                else None)},
             "negative_origins": len(self.failures),
             "hits": hits, "mem_hits": self.counts["hit_mem"], "disk_hits": self.counts["hit_disk"],
             "misses": misses,

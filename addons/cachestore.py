@@ -212,10 +212,8 @@ class DiskTier:
     def __init__(self, directory: Path, limit: int):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.tmpdir = self.directory / "incoming"
-        shutil.rmtree(self.tmpdir, ignore_errors=True)  # streamed bodies of a previous run: incomplete
-        self.tmpdir.mkdir(parents=True, exist_ok=True)
-        self.dc = _open(self.directory, limit)  # creates the database before the writer opens it
+        self.dc = open_or_recover(self.directory, limit)  # creates the database before the writer opens it
+        self.tmpdir = _incoming(self.directory)
         self.lock = threading.Lock()
         self.busy: dict[str, int] = {}   # primary -> queued puts and deletes (disk reads skip it meanwhile)
         self.clearing = 0
@@ -553,6 +551,56 @@ def _open(directory: Path, limit: int):
     import diskcache
     return diskcache.Cache(str(directory), size_limit=limit, eviction_policy="least-recently-stored",
                            cull_limit=10, statistics=False)
+
+
+def _incoming(directory: Path) -> Path:
+    """This process's folder for bodies being streamed, incoming/<pid>. The folders of processes that
+    are gone hold incomplete bodies and are removed; those of a live one (another proxy on the same
+    cache_dir) are left to it."""
+    root = directory / "incoming"
+    root.mkdir(exist_ok=True)
+    for p in root.iterdir():
+        if p.name.isdigit() and p.is_dir() and int(p.name) != os.getpid():  # ours: a previous run's (pid 1...)
+            try:
+                os.kill(int(p.name), 0)
+                continue  # alive
+            except ProcessLookupError:
+                pass
+            except OSError:  # alive, another user's
+                continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    mine = root / str(os.getpid())
+    mine.mkdir(exist_ok=True)
+    return mine
+
+
+DAMAGED = ("file is not a database", "database disk image is malformed")  # SQLite's words for a damaged file
+
+
+def open_or_recover(directory: Path, limit: int):
+    """_open(), after moving a damaged database aside (the folder, renamed <name>.damaged-<time>, or
+    its cache.db files if the folder cannot be renamed): the disk cache starts empty, and what was
+    there is kept for whoever wants to look. Other failures (a full or read-only disk) go up."""
+    try:
+        return _open(directory, limit)
+    except Exception as e:
+        if not any(words in str(e) for words in DAMAGED):
+            raise
+        damaged = e
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
+    try:
+        directory.rename(aside)
+        directory.mkdir()
+    except OSError:  # a mount point, or no write access above it: the database files alone
+        aside = directory / f"cache.db.damaged-{stamp}"
+        aside.mkdir()
+        for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+            if (directory / name).exists():
+                (directory / name).rename(aside / name)
+    log.warning("cache: the disk cache's database in %s is damaged (%s); moved aside to %s, the disk cache "
+              "starts empty", directory, damaged, aside)
+    return _open(directory, limit)
 
 
 def _body_bytes(op) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -398,3 +399,38 @@ def test_the_disk_is_not_read_for_a_key_whose_newer_response_is_still_queued(tmp
         assert entry.body == b"version 1" and tier == "disk"
     finally:
         s.close()
+
+
+def test_a_damaged_database_is_moved_aside_and_the_disk_tier_starts_empty(tmp_path, caplog):
+    d = tmp_path / "cache"
+    d.mkdir()
+    junk = os.urandom(8192)
+    (d / "cache.db").write_bytes(junk)
+    s = disk_store(d)
+    try:
+        s.put("http://h/a", meta("http://h/a", b"abc"), b"abc")
+        s.disk.flush()
+        assert s.get("http://h/a", "-")[0].body == b"abc"
+    finally:
+        s.close()
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("cache.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "cache.db").read_bytes() == junk  # kept for whoever wants to look
+    assert "is damaged" in caplog.text and str(aside[0]) in caplog.text
+
+
+def test_bodies_being_streamed_by_another_live_proxy_on_the_same_folder_are_left_alone(tmp_path):
+    import subprocess
+    import sys
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for pid in (live.pid, dead.pid):
+            (tmp_path / "incoming" / str(pid)).mkdir(parents=True)
+            (tmp_path / "incoming" / str(pid) / "body-x").write_bytes(b"partial")
+        disk_store(tmp_path).close()
+        assert (tmp_path / "incoming" / str(live.pid) / "body-x").exists()
+        assert not (tmp_path / "incoming" / str(dead.pid)).exists()  # a proxy gone: its bodies were incomplete
+    finally:
+        live.kill()
+        live.wait()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -56,3 +57,45 @@ def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
     assert "lines were lost" in proxy.text()
     for line in lines:
         assert line.count(" GET ") == 1  # whole lines only, no half-written one
+
+
+def test_a_cache_dir_that_cannot_be_opened_leaves_the_proxy_serving_from_ram(start_proxy, origin, tmp_path):
+    """A read-only disk (the same path as a full one: diskcache writes when it opens): not a reason to stop."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    try:
+        proxy = start_proxy(options={"cache_dir": str(ro / "cache")})
+        url = f"{origin.url}/ro?h.Cache-Control=max-age%3D600"
+        for _ in range(2):
+            assert curl("-x", proxy.url, url).stdout == b"hello /ro"
+        assert [l.split()[3] for l in proxy.wait_lines("/ro", 2)] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+        assert "caching in RAM only" in proxy.text() and "Read-only file system" in proxy.text()
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_damaged_cache_database_is_moved_aside_and_the_proxy_starts(start_proxy, origin, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "cache.db").write_bytes(b"\x07" * 8192)
+    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0"})
+    url = f"{origin.url}/fresh-start?h.Cache-Control=max-age%3D600"
+    for _ in range(2):
+        assert curl("-x", proxy.url, url).stdout == b"hello /fresh-start"
+        time.sleep(1)  # the disk writer commits every 0.2 s
+    assert [l.split()[3] for l in proxy.wait_lines("/fresh-start", 2)] == ["TCP_MISS/200", "TCP_HIT/200"]
+    assert "is damaged" in proxy.text()
+    assert [p.name.startswith("cache.damaged-") for p in tmp_path.iterdir()].count(True) == 1
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_by_name(tmp_path):
+    from harness import Proxy
+    f = tmp_path / "afile"
+    f.write_text("x")
+    p = Proxy(tmp_path / "p", options={"cache_dir": str(f)}, wait=False)
+    try:
+        p.proc.wait(60)
+        assert p.proc.returncode != 0 and f"cache_dir: '{f}' is not a folder" in p.text()
+    finally:
+        p.stop()
