@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import pickle
 import queue
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -213,6 +215,7 @@ class DiskTier:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dc = open_or_recover(self.directory, limit)  # creates the database before the writer opens it
+        self._replay()
         self.tmpdir = _incoming(self.directory)
         self.lock = threading.Lock()
         self.busy: dict[str, int] = {}   # primary -> queued puts and deletes (disk reads skip it meanwhile)
@@ -269,7 +272,7 @@ class DiskTier:
             idx = self.dc.get(self._ikey(primary))
             return idx[0] if idx else [NO_VARY]  # no index: the entry, if any, has no Vary
         except Exception as e:  # a damaged database must not break requests
-            log.warning("cache: disk index read failed for %s: %s", primary, e)
+            self._read_failed("index", primary, e)
             return None
 
     def has(self, primary: str) -> bool:
@@ -289,7 +292,7 @@ class DiskTier:
         try:
             return self.dc.get(self._mkey(primary, vh))
         except Exception as e:
-            log.warning("cache: disk metadata read failed for %s: %s", primary, e)
+            self._read_failed("metadata", primary, e)
             return None
 
     def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
@@ -312,9 +315,26 @@ class DiskTier:
         try:
             body = self.dc.get(f"b|{meta.body_id}")
         except Exception as e:
-            body = None
-            log.warning("cache: disk body read failed for %s: %s", meta.url, e)
+            self._read_failed("body", meta.url, e)
+            return None
         return body if self._verified(meta, body) else None
+
+    def _read_failed(self, what: str, primary: str, e: Exception) -> None:
+        """A read error: one entry's (logged), or the database's (SQLite's words for a damaged file):
+        then the tier is off with one error, and the folder is moved aside when the cache opens next."""
+        if not any(words in str(e) for words in DAMAGED):
+            log.warning("cache: disk %s read failed for %s: %s", what, primary, e)
+            return
+        with self.lock:
+            if self.failed:
+                return
+            self.failed = True
+        try:
+            (self.directory / DAMAGED_MARK).touch()
+        except OSError:
+            pass
+        log.error("cache: the disk cache's database in %s is damaged (%s); the disk tier is off, and the "
+                  "database is moved aside when the proxy starts next", self.directory, e)
 
     def _verified(self, meta: Meta, body: bytes | None) -> bool:
         """True if the body matches the metadata; a bad one is dropped and logged."""
@@ -337,6 +357,8 @@ class DiskTier:
                 self.dropped += 1
                 if path:
                     _unlink(path)
+                if self.failed:  # the disk keeps an older response: it must not answer after a restart
+                    self._journal([primary])
                 return False
             self.backlog += size
             # until it is written, what the disk holds for this key is older: reads skip it meanwhile
@@ -359,17 +381,49 @@ class DiskTier:
 
     def remove(self, primary: str) -> None:
         with self.lock:
-            if self.failed:  # no writer to acknowledge it, and nothing is read from the disk any more
+            if self.failed:  # no writer: done when the cache opens next (nothing is read from the disk till then)
+                self._journal([primary])
                 return
             self.busy[primary] = self.busy.get(primary, 0) + 1
         self.q.put(("remove", primary))
 
     def clear(self) -> None:
         with self.lock:
+            if self.failed:
+                self._journal([CLEAR])
+                return
             self.clearing += 1
             if self.known is not None:
                 self.known = set()
         self.q.put(("clear",))
+
+    # --- removals the writer could not make (it died): journaled, made when the cache opens next ---
+    def _journal(self, keys: list[str]) -> None:
+        try:
+            with open(self.directory / JOURNAL, "a", encoding="ascii") as f:
+                f.write("".join(json.dumps(k) + "\n" for k in keys))  # JSON: any URL, surrogates included
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.error("cache: cannot record removals for the next start in %s (%s): the disk may answer "
+                      "with responses purged or replaced since the writer exited", self.directory / JOURNAL, e)
+
+    def _replay(self) -> None:
+        """The journal's removals, made before the writer starts; an error goes up (the disk tier stays
+        off rather than serve what was removed)."""
+        path = self.directory / JOURNAL
+        if not path.exists():
+            return
+        keys = [json.loads(line) for line in path.read_text(encoding="ascii").splitlines() if line.strip()]
+        writer = _Writer(self.dc, None, None)
+        if CLEAR in keys:
+            writer._apply(("clear",))
+        else:
+            with self.dc.transact():
+                for primary in dict.fromkeys(keys):
+                    writer._apply(("remove", primary))
+        path.unlink()
+        log.warning("cache: made %d removals recorded when the disk writer had exited", len(keys))
 
     def new_tempfile(self):
         return tempfile.NamedTemporaryFile(dir=self.tmpdir, delete=False, prefix="body-")
@@ -443,7 +497,7 @@ class DiskTier:
         ops = [self.q.get()]
         size = _body_bytes(ops[0])
         deadline = time.monotonic() + self.GATHER
-        while ops[-1] is not None and ops[-1][0] != "flush" and size < self.FRAME_BYTES:
+        while ops[-1] is not None and ops[-1][0] not in URGENT and size < self.FRAME_BYTES:
             try:
                 op = self.q.get_nowait()
             except queue.Empty:
@@ -486,6 +540,12 @@ class DiskTier:
                       self.proc.wait())
         with self.lock:
             self.failed = True
+            # writes and removals in flight may be lost: their keys are removed at the next start
+            lost = [*self.busy, *([CLEAR] if self.clearing else [])]
+            if lost:
+                self._journal(lost)
+            self.busy.clear()
+            self.clearing = 0
             for done in self.flushes.values():
                 done.set()
             self.flushes.clear()
@@ -574,6 +634,12 @@ def _incoming(directory: Path) -> Path:
     return mine
 
 
+JOURNAL = "pending-removals"  # keys (JSON lines) to remove when the cache opens next
+CLEAR = "\x00clear"  # in the journal: remove everything
+DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved aside at the next open
+URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
+
+
 DAMAGED = ("file is not a database", "database disk image is malformed")  # SQLite's words for a damaged file
 
 
@@ -582,6 +648,8 @@ def open_or_recover(directory: Path, limit: int):
     its cache.db files if the folder cannot be renamed): the disk cache starts empty, and what was
     there is kept for whoever wants to look. Other failures (a full or read-only disk) go up."""
     try:
+        if (directory / DAMAGED_MARK).exists():
+            raise sqlite3.DatabaseError(f"{DAMAGED[1]} (found so by the previous run)")
         return _open(directory, limit)
     except Exception as e:
         if not any(words in str(e) for words in DAMAGED):
@@ -595,7 +663,7 @@ def open_or_recover(directory: Path, limit: int):
     except OSError:  # a mount point, or no write access above it: the database files alone
         aside = directory / f"cache.db.damaged-{stamp}"
         aside.mkdir()
-        for name in ("cache.db", "cache.db-wal", "cache.db-shm"):
+        for name in ("cache.db", "cache.db-wal", "cache.db-shm", DAMAGED_MARK):
             if (directory / name).exists():
                 (directory / name).rename(aside / name)
     log.warning("cache: the disk cache's database in %s is damaged (%s); moved aside to %s, the disk cache "
@@ -722,6 +790,17 @@ class _Writer:
         finally:
             self._done(op)
 
+    def _get(self, key: str):
+        """dc.get(key), a value that cannot be read back (damaged bytes) taken as absent: the write
+        replaces it, or the removal deletes it (else the key could never be stored again)."""
+        try:
+            return self.dc.get(key)
+        except sqlite3.Error:
+            raise
+        except Exception as e:
+            self._warn(f"cache: an unreadable value on disk ({key[:200]!r}: {e}) is replaced")
+            return None
+
     def _done(self, op) -> None:
         ack = _ack_of(op)
         if ack is not None:
@@ -734,7 +813,7 @@ class _Writer:
         if kind == "put":
             _, primary, meta, body, path, vary_sets, stored_before = op
             key = mkey(primary, meta.vhash)
-            old = _meta_of(dc.get(key)) if stored_before else None
+            old = _meta_of(self._get(key)) if stored_before else None
             if path:
                 with open(path, "rb") as f:
                     dc.set(f"b|{meta.body_id}", f, read=True)
@@ -746,7 +825,7 @@ class _Writer:
                 dc.set(f"b|{meta.body_id}", body)
                 value = meta
             sets = list(vary_sets or [NO_VARY])
-            idx = dc.get(ikey(primary)) if stored_before else None
+            idx = self._get(ikey(primary)) if stored_before else None
             if idx is not None or sets != [NO_VARY]:
                 vhs = list(idx[1]) if idx else [vary_hash(NO_VARY)]  # a no-Vary entry may be there
                 if meta.vhash not in vhs:
@@ -758,23 +837,23 @@ class _Writer:
         elif kind == "meta":
             _, primary, meta = op
             key = mkey(primary, meta.vhash)
-            cur = dc.get(key)
+            cur = self._get(key)
             old = _meta_of(cur)
             if old is not None and old.body_id == meta.body_id:
                 dc.set(key, (meta, cur[1]) if isinstance(cur, tuple) else meta)
         elif kind == "drop":
             meta = op[1]
             primary = meta.url
-            old = _meta_of(dc.get(mkey(primary, meta.vhash)))
+            old = _meta_of(self._get(mkey(primary, meta.vhash)))
             if old is not None and old.body_id == meta.body_id:
                 dc.delete(mkey(primary, meta.vhash))
             dc.delete(f"b|{meta.body_id}")
         elif kind == "remove":
             primary = op[1]
-            idx = dc.get(ikey(primary))
+            idx = self._get(ikey(primary))
             dc.delete(ikey(primary))
             for vh in (idx[1] if idx else [vary_hash(NO_VARY)]):
-                old = _meta_of(dc.get(mkey(primary, vh)))
+                old = _meta_of(self._get(mkey(primary, vh)))
                 dc.delete(mkey(primary, vh))
                 if old is not None:
                     dc.delete(f"b|{old.body_id}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -290,6 +291,11 @@ def test_the_sender_gathers_writes_within_a_time_and_a_size():
     assert [op[0] for op in d._gather()] == ["put", "flush"], "a flush goes at once"
     start = time.monotonic()
     assert len(d._gather()) == 1 and time.monotonic() - start >= 0.19, "a lone write waits GATHER for others"
+    for op in ("remove", "clear"):  # a purge that waited could be lost to a crash meanwhile
+        d.q.put(put(10))
+        d.q.put((op, "http://a/"))
+        start = time.monotonic()
+        assert [o[0] for o in d._gather()] == ["put", op] and time.monotonic() - start < 0.1
 
 
 def test_the_vary_index_gives_the_garbage_collector_nothing_to_walk():
@@ -434,3 +440,91 @@ def test_bodies_being_streamed_by_another_live_proxy_on_the_same_folder_are_left
     finally:
         live.kill()
         live.wait()
+
+
+def test_removals_made_while_the_writer_is_dead_are_made_when_the_cache_opens_next(tmp_path, caplog):
+    """A purge, a replacement or a clear the dead writer could not make: after a restart, the disk must not
+    answer with what was removed."""
+    s = disk_store(tmp_path)
+    for name in ("purged", "replaced", "kept"):
+        s.put(f"http://a/{name}", meta(f"http://a/{name}", SMALL), SMALL)
+    s.disk.flush()
+    s.disk.proc.kill()
+    s.disk.proc.wait()
+    s.disk.receiver.join(5)
+    s.remove("http://a/purged")
+    s.put("http://a/replaced", meta("http://a/replaced", LARGE), LARGE)  # in RAM only now
+    s.close()
+    s = disk_store(tmp_path)
+    try:
+        assert s.get("http://a/purged", "-") == (None, None)
+        assert s.get("http://a/replaced", "-") == (None, None)
+        assert s.get("http://a/kept", "-")[0].body == SMALL
+        assert "made 2 removals" in caplog.text and not (tmp_path / cs.JOURNAL).exists()
+        s.disk.proc.kill()  # and a clear
+        s.disk.proc.wait()
+        s.disk.receiver.join(5)
+        s.clear()
+    finally:
+        s.close()
+    s = disk_store(tmp_path)
+    try:
+        assert s.get("http://a/kept", "-") == (None, None)
+    finally:
+        s.close()
+
+
+def test_a_value_on_disk_that_cannot_be_read_back_is_replaced_by_the_next_write(tmp_path, caplog):
+    import sqlite3
+    s = disk_store(tmp_path)
+    s.put("http://a/x", meta("http://a/x", SMALL), SMALL)
+    s.close()
+    db = sqlite3.connect(tmp_path / "cache.db")
+    with db:
+        db.execute("UPDATE Cache SET value = ? WHERE key = ?", (os.urandom(64), "m|-|http://a/x"))
+    db.close()
+    s = disk_store(tmp_path)
+    try:
+        assert s.get("http://a/x", "-") == (None, None)
+        new = b"n" * 100
+        s.put("http://a/x", meta("http://a/x", new), new)
+        s.disk.flush()
+        s.mem.clear()
+        assert s.get("http://a/x", "-")[0].body == new
+        assert "unreadable value on disk" in caplog.text
+    finally:
+        s.close()
+
+
+def test_writes_in_flight_when_the_writer_dies_are_not_waited_for_and_are_removed_at_the_next_start(tmp_path):
+    s = disk_store(tmp_path)
+    s.put("http://a/inflight", meta("http://a/inflight", SMALL), SMALL)  # sent after GATHER (0.2 s)
+    s.disk.proc.kill()
+    s.disk.proc.wait()
+    s.disk.receiver.join(5)
+    assert not s.writing("http://a/inflight")  # collapsed clients would wait for it
+    assert json.loads((tmp_path / cs.JOURNAL).read_text()) == "http://a/inflight"
+    s.close()
+
+
+def test_a_database_found_damaged_while_running_turns_the_tier_off_once_and_is_moved_aside_at_the_next_start(
+        tmp_path, caplog):
+    d = tmp_path / "cache"
+    s = disk_store(d)
+    for i in range(2000):
+        s.put(f"http://a/{i}", meta(f"http://a/{i}", SMALL), SMALL)
+    s.close()
+    pages = (d / "cache.db").stat().st_size // 4096
+    with open(d / "cache.db", "r+b") as f:  # the middle of the file: it opens, and some reads fail
+        f.seek(pages // 2 * 4096)
+        f.write(os.urandom(30 * 4096))
+    s = disk_store(d)
+    try:
+        for i in range(0, 2000, 5):
+            s.get(f"http://a/{i}", "-")
+        assert s.disk.failed and caplog.text.count("is damaged") == 1
+        assert s.get("http://a/0", "-") == (None, None)  # nothing is read from it any more
+    finally:
+        s.close()
+    disk_store(d).close()
+    assert [p.name.startswith("cache.damaged-") for p in tmp_path.iterdir()].count(True) == 1
