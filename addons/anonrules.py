@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import yaml
+from addons import policyfile
+from addons.policyfile import Map, PolicyError, Seq
 
 LEVELS = ("transparent", "anonymous", "elite", "paranoid")
 AUTO = "auto"
@@ -44,15 +45,6 @@ REVERSE_DEFAULT = "transparent"
 PROTECTED = ("host", "authorization", "content-*", "if-*", "range", "cache-control", "pragma",
              "transfer-encoding", "connection", "upgrade", "te", "trailer", "expect")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-class PolicyError(ValueError):
-    """A policy file mistake, with where it is."""
-
-    def __init__(self, source: str, line: int | None, reason: str):
-        self.source, self.line, self.reason = source, line, reason
-        where = f"{source}, line {line}" if line else source
-        super().__init__(f"{where}: {reason}")
 
 
 @functools.lru_cache(maxsize=1024)  # asked for every header a policy names, on every request
@@ -91,63 +83,13 @@ class Policy:
 
 # --- loading ----------------------------------------------------------------
 
-class _Map(dict):
-    line: int | None = None
-    key_lines: dict = {}
-
-
-class _Seq(list):
-    line: int | None = None
-    item_lines: list = []
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose mappings and sequences remember their line numbers."""
-
-
-def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.key_lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            hash(key)
-        except TypeError:
-            raise PolicyError("?", key_node.start_mark.line + 1, "a mapping key must be a plain value")
-        if key in out:
-            raise PolicyError("?", key_node.start_mark.line + 1, f"duplicate key {key!r}")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.key_lines[key] = key_node.start_mark.line + 1
-    return out
-
-
-def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> _Seq:
-    out = _Seq(loader.construct_object(n, deep=True) for n in node.value)
-    out.line = node.start_mark.line + 1
-    out.item_lines = [n.start_mark.line + 1 for n in node.value]
-    return out
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
-
 TOP_KEYS = ("lists", "visible_hostname", "via_comment", "levels", "overrides", "reverse")
 LEVEL_KEYS = ("like", "via", "forwarded_for", "remove", "set", "referer", "strip_cookies")
 
 
 def load_policy(text: str, source: str = "<policy>") -> Policy:
     """Parse and check a policy; raises PolicyError(source, line, reason)."""
-    try:
-        doc = yaml.load(text, Loader=_Loader)
-    except PolicyError as e:
-        raise PolicyError(source, e.line, e.reason) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        reason = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
-        raise PolicyError(source, mark.line + 1 if mark else None, f"not valid YAML: {reason}") from None
-    return _Checker(source).policy(doc)
+    return _Checker(source).policy(policyfile.load(text, source))
 
 
 class _Checker:
@@ -159,15 +101,11 @@ class _Checker:
 
     @staticmethod
     def line_of(parent, key):
-        if isinstance(parent, _Map):
-            return parent.key_lines.get(key, parent.line)
-        if isinstance(parent, _Seq) and isinstance(key, int) and key < len(parent.item_lines):
-            return parent.item_lines[key]
-        if isinstance(parent, list):
+        if isinstance(parent, list) and not isinstance(parent, Seq):
             return None
-        return getattr(parent, "line", None)
+        return policyfile.line_of(parent, key)
 
-    def mapping(self, value, where, line, keys=None) -> _Map:
+    def mapping(self, value, where, line, keys=None) -> Map:
         if not isinstance(value, dict):
             self.fail(line, f"{where} must be a mapping, not {type(value).__name__}")
         if keys is not None:
@@ -267,7 +205,7 @@ class _Checker:
             if name in done:
                 return done[name]
             where, lline = f"levels.{name}", self.line_of(value, name)
-            spec = self.mapping(value[name] or _Map(), where, lline, LEVEL_KEYS)
+            spec = self.mapping(value[name] or Map(), where, lline, LEVEL_KEYS)
             base = LevelRules(name)
             if "like" in spec:
                 parent = self.choice(spec["like"], f"{where}.like", self.line_of(spec, "like"), LEVELS)

@@ -46,15 +46,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import yaml
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
-    from addons import cachestore, errorpage, meta, rfc9111
+    from addons import cachestore, errorpage, meta, policyfile, rfc9111
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import cachestore, errorpage, meta, rfc9111
+    from addons import cachestore, errorpage, meta, policyfile, rfc9111
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -376,6 +375,44 @@ def make_response(version: bytes, status: int, reason: bytes, headers: http.Head
     return r
 
 
+POLICY_KEYS = ("refresh_pattern", "targeted_fields")
+
+
+def load_policy(text: str, source: str = "<policy>") -> tuple[list[rfc9111.RefreshRule], tuple[str, ...]]:
+    """The refresh_pattern rules and targeted fields of a cache policy (policies/cache.yaml); a mistake
+    raises policyfile.PolicyError with its file and line."""
+    doc = policyfile.load(text, source)
+    if doc is None:
+        doc = policyfile.Map()
+    if not isinstance(doc, dict):
+        raise policyfile.PolicyError(source, getattr(doc, "line", 1), f"a cache policy is a mapping of "
+                                     f"{', '.join(POLICY_KEYS)}, not a {type(doc).__name__}")
+    for key in doc:
+        if key not in POLICY_KEYS:
+            raise policyfile.PolicyError(source, policyfile.line_of(doc, key),
+                                         f"unknown key {key!r}; the keys are {', '.join(POLICY_KEYS)}")
+    patterns = doc.get("refresh_pattern") or []
+    if not isinstance(patterns, list):
+        raise policyfile.PolicyError(source, policyfile.line_of(doc, "refresh_pattern"),
+                                     'refresh_pattern must be a list of rules such as ". 0 10% 4320"')
+    rules = []
+    for i, item in enumerate(patterns):
+        line = policyfile.line_of(patterns, i)
+        if not isinstance(item, str):
+            raise policyfile.PolicyError(source, line, f'a refresh_pattern rule is a string such as "^ftp: 1440 20% '
+                                         f'10080", not {item!r}')
+        try:
+            rules.append(rfc9111.parse_refresh_pattern(item))
+        except ValueError as e:
+            raise policyfile.PolicyError(source, line, str(e)) from None
+    targets = doc.get("targeted_fields") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9-]+", t)
+                                                for t in targets):
+        raise policyfile.PolicyError(source, policyfile.line_of(doc, "targeted_fields"),
+                                     f"targeted_fields must be a list of header field names, not {targets!r}")
+    return rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets)
+
+
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
     """A stored response's fields get its body's Content-Length, except a 204 (RFC 9110 8.6: never sent)."""
     if status != 204:
@@ -497,22 +534,13 @@ class Cache:
             return [rfc9111.DEFAULT_RULE], ()
         path = resolve(value)
         try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+            rules, targets = load_policy(path.read_text(encoding="utf-8"), str(path))
+        except (OSError, UnicodeDecodeError) as e:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
-        rules = []
-        for line in doc.get("refresh_pattern", []) or []:
-            try:
-                rules.append(rfc9111.parse_refresh_pattern(str(line)))
-            except ValueError as e:
-                raise exceptions.OptionsError(f"cache_policy {value}: {e}") from e
-        targets = doc.get("targeted_fields") or []
-        if not isinstance(targets, list) or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9-]+", t)
-                                                    for t in targets):
-            raise exceptions.OptionsError(f"cache_policy {value}: targeted_fields must be a list of header "
-                                          f"field names, not {targets!r}")
+        except policyfile.PolicyError as e:
+            raise exceptions.OptionsError(f"cache_policy: {e}") from e
         self.policy_file = str(path)
-        return rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets)
+        return rules, targets
 
     def done(self):
         if self.refresher is not None:

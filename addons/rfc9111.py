@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import calendar
 import email.utils
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -383,9 +384,15 @@ def parse_refresh_pattern(line: str) -> RefreshRule:
         pct_f = float(pct.rstrip("%")) / 100.0
     except ValueError as e:
         raise ValueError(f"refresh_pattern: min, percent and max must be numbers: {line!r}") from e
+    if not all(math.isfinite(x) for x in (mn_f, mx_f, pct_f)):
+        raise ValueError(f"refresh_pattern: min, percent and max must be finite numbers: {line!r}")
     if mn_f < 0 or mx_f < 0 or pct_f < 0:
         raise ValueError(f"refresh_pattern: negative value: {line!r}")
-    return RefreshRule(regex, mn_f * 60, pct_f, mx_f * 60, icase, frozenset(opts))
+    if mn_f > mx_f:
+        raise ValueError(f"refresh_pattern: min ({mn}) is more than max ({mx}): {line!r}")
+    if opts:  # Squid's override-expire, ignore-no-store...: they break RFC 9111, which the cache follows
+        raise ValueError(f"refresh_pattern: option {opts[0]!r} is not supported: {line!r}")
+    return RefreshRule(regex, mn_f * 60, pct_f, mx_f * 60, icase)
 
 
 def pick_rule(rules: Iterable[RefreshRule], url: str) -> RefreshRule:

@@ -504,3 +504,39 @@ def test_a_refresh_answered_304_with_another_vary_drops_the_stored_response(cach
         b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nVary: User-Agent\r\nCache-Control: max-age=600\r\n\r\n'),
         vary="Accept-Encoding")
     assert after is None
+
+
+@pytest.mark.parametrize("text,line,reason", [
+    ('refresh_patterns:\n  - ". 0 10% 60"\n', 1, "unknown key 'refresh_patterns'"),
+    ("- a\n- b\n", 1, "a cache policy is a mapping"),
+    ('refresh_pattern: ". 0 10% 60"\n', 1, "refresh_pattern must be a list"),
+    ('refresh_pattern:\n  - ". 0 10% 60"\n  - "( 1 1% 1"\n', 3, "bad regex"),
+    ("refresh_pattern:\n  - {a: 1}\n", 2, "a refresh_pattern rule is a string"),
+    ('refresh_pattern:\n  - ". nan 10% 60"\n', 2, "finite numbers"),
+    ('refresh_pattern:\n  - ". 60 10% 1"\n', 2, "min (60) is more than max (1)"),
+    ('refresh_pattern:\n  - ". 0 10% 60 override-expire"\n', 2, "option 'override-expire' is not supported"),
+    ("targeted_fields: []\ntargeted_fields: []\n", 2, "duplicate key 'targeted_fields'"),
+    ("targeted_fields: [a b]\n", 1, "targeted_fields must be a list of header field names"),
+])
+def test_a_broken_cache_policy_is_refused_with_its_file_line_and_reason(tmp_path, text, line, reason):
+    pol = tmp_path / "cache.yaml"
+    pol.write_text(text)
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        assert f"cache_policy: {pol}, line {line}: " in str(e.value) and reason in str(e.value), str(e.value)
+    c.done()
+
+
+def test_a_cache_policy_that_is_not_utf8_is_refused_by_name_and_a_failed_reload_keeps_the_rules(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text('refresh_pattern:\n  - "^http://a/ 5 10% 60"\n')
+    bad.write_bytes(b"refresh_pattern:\n  - \"\xff\xfe 0 10% 60\"\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(good))
+        with pytest.raises(exceptions.OptionsError, match=f"cache_policy: cannot read '{bad}'"):
+            tctx.configure(c, cache_policy=str(bad))
+        assert [r.pattern for r in c.rules] == ["^http://a/"] and c.policy_file == str(good)
+    c.done()

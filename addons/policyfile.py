@@ -1,0 +1,82 @@
+"""YAML policy files with line numbers: what Relais's policy loaders share.
+
+`load(text, source)` parses with PyYAML's safe loader, but mappings and sequences
+remember the line of each key and item, and a duplicate key is an error (PyYAML
+silently keeps the last). Every mistake is a PolicyError saying `source, line N: reason`.
+"""
+from __future__ import annotations
+
+import yaml
+
+
+class PolicyError(ValueError):
+    """A policy file mistake, with where it is."""
+
+    def __init__(self, source: str, line: int | None, reason: str):
+        self.source, self.line, self.reason = source, line, reason
+        where = f"{source}, line {line}" if line else source
+        super().__init__(f"{where}: {reason}")
+
+
+class Map(dict):
+    line: int | None = None
+    key_lines: dict = {}
+
+
+class Seq(list):
+    line: int | None = None
+    item_lines: list = []
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose mappings and sequences remember their line numbers."""
+
+
+def _construct_map(loader: _Loader, node: yaml.MappingNode) -> Map:
+    loader.flatten_mapping(node)
+    out = Map()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise PolicyError("?", key_node.start_mark.line + 1, "a mapping key must be a plain value")
+        if key in out:
+            raise PolicyError("?", key_node.start_mark.line + 1, f"duplicate key {key!r}")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+def _construct_seq(loader: _Loader, node: yaml.SequenceNode) -> Seq:
+    out = Seq(loader.construct_object(n, deep=True) for n in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [n.start_mark.line + 1 for n in node.value]
+    return out
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_seq)
+
+
+def load(text: str, source: str = "<policy>"):
+    """The document, its mappings and sequences as Map and Seq; raises PolicyError."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except PolicyError as e:
+        raise PolicyError(source, e.line, e.reason) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        reason = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
+        raise PolicyError(source, mark.line + 1 if mark else None, f"not valid YAML: {reason}") from None
+
+
+def line_of(parent, key) -> int | None:
+    """The line of parent[key] (a Map key or a Seq item), else of parent itself."""
+    if isinstance(parent, Map):
+        return parent.key_lines.get(key, parent.line)
+    if isinstance(parent, Seq) and isinstance(key, int) and key < len(parent.item_lines):
+        return parent.item_lines[key]
+    return getattr(parent, "line", None)
