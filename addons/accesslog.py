@@ -32,10 +32,10 @@ from mitmproxy.proxy import layers
 from mitmproxy.net.http.http1 import assemble
 
 try:
-    from addons import meta
+    from addons import meta, streams
 except ImportError:  # loaded by path (mitmdump -s addons/accesslog.py) without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import meta
+    from addons import meta, streams
 
 FORMATS = ("squid", "common", "combined")
 
@@ -395,6 +395,7 @@ class AccessLog:
         self.format = format_squid
         self.combined = False     # logformat combined: Referer and User-Agent are logged
         self.strip_query = True   # strip_query_terms
+        self.late_streams = False  # stream_large_bodies is set: a body of unknown length may be streamed
         self.path: Path | None = None
         self.writer: Writer | None = None
         self.logged: set[str] = set()          # flow ids already written (error after response...)
@@ -430,6 +431,8 @@ class AccessLog:
                     f"logformat: unknown format {ctx.options.logformat!r}; use one of {', '.join(FORMATS)}")
             self.format = FORMATTERS[ctx.options.logformat]
             self.combined = ctx.options.logformat == "combined"
+        if "stream_large_bodies" in updated:
+            self.late_streams = bool(getattr(ctx.options, "stream_large_bodies", None))  # see addons/streams.py
         if "strip_query_terms" in updated:
             self.strip_query = ctx.options.strip_query_terms
         if "logfile_rotate" in updated and ctx.options.logfile_rotate < 0:
@@ -492,17 +495,21 @@ class AccessLog:
     requestheaders = note_client  # loaded alone; the suite calls it once, first
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        stream = flow.response.stream
-        if stream and flow.request.method != "HEAD":
+        resp = flow.response
+        if not resp.stream and not (self.late_streams and "content-length" not in resp.headers):
+            return  # buffered whole: its size is known
+        if flow.request.method == "HEAD":
+            return
+
+        def counting(inner):  # now, or when mitmproxy streams a body of unknown length past stream_large_bodies
             flow.metadata[meta.SENT_BYTES] = 0
-            inner = stream if callable(stream) else None
 
             def count(chunk: bytes):
                 out = inner(chunk) if inner else chunk
                 flow.metadata[meta.SENT_BYTES] += len(out) if isinstance(out, bytes) else sum(map(len, out))
                 return out
-
-            flow.response.stream = count
+            return count
+        streams.wrap(resp, counting)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._log_http(flow)

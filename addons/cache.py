@@ -50,10 +50,10 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
-    from addons import cachestore, errorpage, meta, policyfile, rfc9111
+    from addons import cachestore, errorpage, meta, policyfile, rfc9111, streams
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import cachestore, errorpage, meta, policyfile, rfc9111
+    from addons import cachestore, errorpage, meta, policyfile, rfc9111, streams
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,6 +455,7 @@ class Cache:
         self.negative_ttl = 30.0
         self.object_max = 4 * 1024 * 1024
         self.sizes: dict[str, int] = {}
+        self.late_streams = False
         self.disk_error: str | None = None  # why the disk tier is off, when cache_dir could not be opened
 
     # --- options -------------------------------------------------------
@@ -507,6 +508,7 @@ class Cache:
             self.rules, self.targets = self._load_policy(o.cache_policy)
         self.negative_ttl = float(o.negative_ttl)
         self.collapse = o.collapsed_forwarding
+        self.late_streams = bool(getattr(o, "stream_large_bodies", None))  # see addons/streams.py
         self.object_max = sizes["maximum_object_size"]
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
                       "cache_dir_size"}
@@ -845,7 +847,9 @@ class Cache:
         else:  # what h["X-Cache"] = ... does for an absent field, minus its overhead
             name = b"x-cache" if resp.data.http_version in (b"HTTP/2.0", b"HTTP/3") else b"X-Cache"  # as _build
             h.fields = (*h.fields, (name, _X_CACHE_MISS))
-        if not resp.stream or flow.request.method != "GET" or self.store.disk is None:
+        if not resp.stream and not (self.late_streams and "content-length" not in h):
+            return  # buffered whole: response() stores it
+        if flow.request.method != "GET" or self.store.disk is None:
             return
         if flow.id in self.pending and resp.status_code == 304:
             return
@@ -862,11 +866,12 @@ class Cache:
         m = self._meta(flow, key, length=0, digest="")
         if m is None:
             return
-        f = self.store.new_tempfile()
-        copy = StreamCopy(f, self.object_max, expected)
-        inner = resp.stream if callable(resp.stream) else None
-        resp.stream = (lambda chunk: copy(inner(chunk))) if inner else copy
-        self.streams[flow.id] = (key, copy, m)
+
+        def copying(inner):  # now, or when mitmproxy streams a body of unknown length past stream_large_bodies
+            copy = StreamCopy(self.store.new_tempfile(), self.object_max, expected)
+            self.streams[flow.id] = (key, copy, m)
+            return (lambda chunk: copy(inner(chunk))) if inner else copy
+        streams.wrap(resp, copying)
 
     def _meta(self, flow: http.HTTPFlow, key: str, length: int, digest: str,
               rh: rfc9111.Fields | None = None) -> cachestore.Meta | None:
@@ -939,7 +944,7 @@ class Cache:
                 return
             # A streamed error already went to the client: too late to answer with the stale entry.
             # (mitmproxy 11 streams a body over stream_large_bodies even if a hook says not to.)
-            if resp.status_code >= 500 and stream is None and self._stale_if_error(flow, pending):
+            if resp.status_code >= 500 and not resp.stream and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
                                         warning='111 - "Revalidation Failed"')

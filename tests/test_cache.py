@@ -629,8 +629,9 @@ def test_truncated_origin_body_is_not_stored(start_proxy, origin, tmp_path):
     assert origin.hits["/short"] == 2
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 def test_a_streamed_error_during_revalidation_is_what_the_client_gets_and_leaves_no_file(
-        start_proxy, origin, tmp_path):
+        start_proxy, origin, tmp_path, chunked):
     """A stale entry with stale-if-error, revalidated while the origin answers a 500 large enough to be
     streamed (mitmproxy 11 streams it whatever a hook says): the 500 went out as it came, so it is what
     the log says, as Squid names an error passed on, and the copy the cache was writing of it leaves no
@@ -641,6 +642,8 @@ def test_a_streamed_error_during_revalidation_is_what_the_client_gets_and_leaves
         state["n"] += 1
         if state["n"] == 1:
             return 200, {"Cache-Control": "max-age=1, stale-if-error=600", "ETag": '"e1"'}, b"good"
+        if chunked:  # its length unknown: mitmproxy starts streaming it once 1k is buffered, after the hooks
+            return 500, {"Cache-Control": "max-age=600", "Transfer-Encoding": "chunked"}, _chunked(b"e" * 5000)
         return 500, {"Cache-Control": "max-age=600"}, b"e" * 5000
     origin.route("/flip", flip)
     p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "1k"})
@@ -891,5 +894,27 @@ def test_a_stored_204_is_served_without_a_content_length(cproxy):
             status, headers, body = fetch(cproxy, url)
             assert (status, body) == (204, b"") and "content-length" not in headers, headers
         assert o.hits["/nc"] == 1
+    finally:
+        o.close()
+
+
+def test_a_large_body_of_unknown_length_is_stored_while_streamed_and_logged_with_its_size(start_proxy, tmp_path):
+    """Chunked, past stream_large_bodies: mitmproxy starts streaming it only once that much is buffered,
+    after the hooks. It was neither stored nor counted (logged with its head's size alone)."""
+    body = bytes(range(256)) * 1200  # 307,200 bytes
+    o = Origin()
+    try:
+        o.route("/chunked-big", lambda s: (200, {"Cache-Control": "max-age=600", "Transfer-Encoding": "chunked"},
+                                           lambda: iter([b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                                                         for i in range(0, len(body), 65536)] + [b"0\r\n\r\n"])))
+        p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "100k"})
+        url = f"{o.url}/chunked-big"
+        for _ in range(2):
+            assert curl("-x", p.url, url).stdout == body
+            time.sleep(1)  # streamed bodies are stored on disk, in the writer's next batch
+        assert o.hits["/chunked-big"] == 1
+        lines = p.wait_lines("/chunked-big", 2)
+        assert [l.split()[3] for l in lines] == ["TCP_MISS/200", "TCP_HIT/200"]
+        assert all(len(body) < int(l.split()[4]) < len(body) + 500 for l in lines), lines
     finally:
         o.close()
