@@ -522,7 +522,7 @@ class AccessLog:
             # streamed) and mitmproxy sent its own 502 page instead. A response it refused (invalid
             # framing) stays in the flow for mitmweb; the log says what the client got.
             flow.metadata.setdefault(meta.HIER, "HIER_DIRECT" if meta.peer(flow) else "HIER_NONE")
-            sent = http.Response.make(502, b"", {"Content-Type": "text/html"})
+            sent = mitmproxy_error_page(flow.error.msg if flow.error else "")
             if flow.response is None:
                 flow.response = sent
             self._log_http(flow, sent=sent)
@@ -647,6 +647,18 @@ def _is_ip(host: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def mitmproxy_error_page(message: str) -> http.Response:
+    """The 502 page mitmproxy sends an HTTP/1 client in place of an origin's failed response (as its
+    _http1.make_error_response builds it), so that the log has its size."""
+    try:
+        from mitmproxy.proxy.layers.http._base import format_error
+        from mitmproxy import version
+        return http.Response.make(502, format_error(502, message), http.Headers(
+            Server=version.MITMPROXY, Connection="close", Content_Type="text/html"))
+    except ImportError:  # another mitmproxy layout: the head alone
+        return http.Response.make(502, b"", {"Content-Type": "text/html"})
 
 
 def _client_gone(flow) -> bool:

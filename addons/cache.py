@@ -32,6 +32,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import queue
 import re
 import socket
@@ -513,21 +514,25 @@ class Cache:
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
                       "cache_dir_size"}
         if self.store is None or store_opts & set(updated):
+            disk = None if o.cache_dir.strip().lower() == "none" else o.cache_dir
+            if disk is not None and os.path.isfile(disk):  # (False, not an error, for a path it cannot reach)
+                raise exceptions.OptionsError(f"cache_dir: {o.cache_dir!r} is not a folder")
+            starting = self.store is None
             if self.store is not None:
                 self.store.close()
-            disk = None if o.cache_dir.strip().lower() == "none" else o.cache_dir
-            if disk is not None and Path(disk).exists() and not Path(disk).is_dir():
-                raise exceptions.OptionsError(f"cache_dir: {o.cache_dir!r} is not a folder")
             args = (sizes["cache_mem"], sizes["maximum_object_size_in_memory"], sizes["maximum_object_size"])
             self.disk_error = None
             try:
                 self.store = cachestore.Store(*args, disk, o.cache_dir_size * 1024 * 1024)
             except Exception as e:
+                if not starting:  # set live: refused, and mitmproxy reconfigures the cache_dir that worked
+                    self.store = None
+                    raise exceptions.OptionsError(f"cache_dir: cannot open {o.cache_dir!r}: {e}") from e
                 self.disk_error = f"cannot open {o.cache_dir!r}: {e}"
                 # a full or read-only disk, a folder without access: the proxy serves on, from RAM (a warning:
                 # mitmdump exits on an error logged while it starts)
                 log.warning("cache: cannot open the disk cache in %r (%s); caching in RAM only until the "
-                          "proxy is restarted with a usable cache_dir", o.cache_dir, e)
+                            "proxy is restarted with a usable cache_dir", o.cache_dir, e)
                 self.store = cachestore.Store(*args, None, 0)
             self.sizes = sizes
 
@@ -1227,8 +1232,7 @@ class Cache:
                      "bytes": s.disk.volume() if s and s.disk else 0,
                      "limit": s.disk.dc.size_limit if s and s.disk else 0,
                      "corrupt_dropped": s.disk.corrupt if s and s.disk else 0,
-                     "off": self.disk_error or ("the disk writer process exited" if s and s.disk and s.disk.failed
-                                                else None)},
+                     "off": self.disk_error or (s.disk.off_reason if s and s.disk else None)},
             "negative_origins": len(self.failures),
             "hits": hits, "mem_hits": self.counts["hit_mem"], "disk_hits": self.counts["hit_disk"],
             "misses": misses,

@@ -31,6 +31,7 @@ the HTTP decisions (rfc9111.py) and uses this for bytes.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -215,8 +216,17 @@ class DiskTier:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dc = open_or_recover(self.directory, limit)  # creates the database before the writer opens it
-        self._replay()
-        self.tmpdir = _incoming(self.directory)
+        try:
+            self._replay()
+        except Exception as e:
+            self.dc.close()
+            if not any(words in str(e) for words in DAMAGED):
+                raise
+            (self.directory / DAMAGED_MARK).touch()  # found damaged by the replay: moved aside, started empty
+            self.dc = open_or_recover(self.directory, limit)
+        self.tmpdir, self.tmplock = _incoming(self.directory)
+        self.off_reason: str | None = None  # why the tier went off while running (cache.stats)
+        self.journaled: set[str] = set()
         self.lock = threading.Lock()
         self.busy: dict[str, int] = {}   # primary -> queued puts and deletes (disk reads skip it meanwhile)
         self.clearing = 0
@@ -329,6 +339,7 @@ class DiskTier:
             if self.failed:
                 return
             self.failed = True
+            self.off_reason = f"the database is damaged ({e})"
         try:
             (self.directory / DAMAGED_MARK).touch()
         except OSError:
@@ -357,8 +368,6 @@ class DiskTier:
                 self.dropped += 1
                 if path:
                     _unlink(path)
-                if self.failed:  # the disk keeps an older response: it must not answer after a restart
-                    self._journal([primary])
                 return False
             self.backlog += size
             # until it is written, what the disk holds for this key is older: reads skip it meanwhile
@@ -381,6 +390,8 @@ class DiskTier:
 
     def remove(self, primary: str) -> None:
         with self.lock:
+            if self.known is not None and hash(primary) not in self.known:
+                return  # neither on disk nor queued (most unsafe requests' URLs): nothing to send
             if self.failed:  # no writer: done when the cache opens next (nothing is read from the disk till then)
                 self._journal([primary])
                 return
@@ -399,6 +410,16 @@ class DiskTier:
 
     # --- removals the writer could not make (it died): journaled, made when the cache opens next ---
     def _journal(self, keys: list[str]) -> None:
+        """Record removals for the next start (the caller holds the lock). Each key once; past
+        JOURNAL_MAX keys, one clear instead; nothing for a database moved aside anyway."""
+        if (self.directory / DAMAGED_MARK).exists() or CLEAR in self.journaled:
+            return
+        keys = [k for k in dict.fromkeys(keys) if k not in self.journaled]
+        if len(self.journaled) + len(keys) > JOURNAL_MAX:
+            keys = [CLEAR]
+        if not keys:
+            return
+        self.journaled.update(keys)
         try:
             with open(self.directory / JOURNAL, "a", encoding="ascii") as f:
                 f.write("".join(json.dumps(k) + "\n" for k in keys))  # JSON: any URL, surrogates included
@@ -414,7 +435,12 @@ class DiskTier:
         path = self.directory / JOURNAL
         if not path.exists():
             return
-        keys = [json.loads(line) for line in path.read_text(encoding="ascii").splitlines() if line.strip()]
+        keys = []
+        for line in path.read_text(encoding="ascii", errors="replace").splitlines():
+            try:
+                keys.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash while it was written
+                log.warning("cache: skipped a damaged line of %s: %r", path, line[:200])
         writer = _Writer(self.dc, None, None)
         if CLEAR in keys:
             writer._apply(("clear",))
@@ -423,7 +449,7 @@ class DiskTier:
                 for primary in dict.fromkeys(keys):
                     writer._apply(("remove", primary))
         path.unlink()
-        log.warning("cache: made %d removals recorded when the disk writer had exited", len(keys))
+        log.warning("cache: made the removals recorded when the disk writer had exited (%d keys)", len(keys))
 
     def new_tempfile(self):
         return tempfile.NamedTemporaryFile(dir=self.tmpdir, delete=False, prefix="body-")
@@ -453,6 +479,8 @@ class DiskTier:
         for t in (self.sender, self.receiver, self.loader):
             t.join(5)
         self.dc.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self.tmplock.close()
 
     def volume(self) -> int:
         try:
@@ -540,6 +568,7 @@ class DiskTier:
                       self.proc.wait())
         with self.lock:
             self.failed = True
+            self.off_reason = self.off_reason or "the disk writer process exited"
             # writes and removals in flight may be lost: their keys are removed at the next start
             lost = [*self.busy, *([CLEAR] if self.clearing else [])]
             if lost:
@@ -613,28 +642,31 @@ def _open(directory: Path, limit: int):
                            cull_limit=10, statistics=False)
 
 
-def _incoming(directory: Path) -> Path:
-    """This process's folder for bodies being streamed, incoming/<pid>. The folders of processes that
-    are gone hold incomplete bodies and are removed; those of a live one (another proxy on the same
-    cache_dir) are left to it."""
+def _incoming(directory: Path):
+    """This store's folder for bodies being streamed, incoming/<unique name>, and the open file whose lock
+    (flock, held until the process ends, whatever its pid or container) marks it in use. Folders no
+    live proxy holds are a previous run's incomplete bodies: removed."""
     root = directory / "incoming"
     root.mkdir(exist_ok=True)
     for p in root.iterdir():
-        if p.name.isdigit() and p.is_dir() and int(p.name) != os.getpid():  # ours: a previous run's (pid 1...)
-            try:
-                os.kill(int(p.name), 0)
-                continue  # alive
-            except ProcessLookupError:
-                pass
-            except OSError:  # alive, another user's
-                continue
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    mine = root / str(os.getpid())
-    mine.mkdir(exist_ok=True)
-    return mine
+        if not p.is_dir():
+            p.unlink(missing_ok=True)
+            continue
+        try:
+            with open(p / LOCK, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live proxy on the same cache_dir (or not ours to judge)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+    mine = Path(tempfile.mkdtemp(dir=root, prefix=f"{_RUN_ID[:8]}-"))
+    lock = open(mine / LOCK, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return mine, lock
 
 
+LOCK = "in-use"  # in each folder of incoming/: locked while the proxy that streams into it runs
 JOURNAL = "pending-removals"  # keys (JSON lines) to remove when the cache opens next
+JOURNAL_MAX = 10_000  # keys journaled in one run; past that the journal says clear
 CLEAR = "\x00clear"  # in the journal: remove everything
 DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved aside at the next open
 URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
@@ -656,11 +688,12 @@ def open_or_recover(directory: Path, limit: int):
             raise
         damaged = e
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = directory.with_name(f"{directory.name}.damaged-{stamp}")
     try:
-        directory.rename(aside)
-        directory.mkdir()
-    except OSError:  # a mount point, or no write access above it: the database files alone
+        real = directory.resolve()  # a symbolic link: its target moves aside, and a new one is made there
+        aside = real.with_name(f"{real.name}.damaged-{stamp}")
+        real.rename(aside)
+        real.mkdir()
+    except (OSError, ValueError):  # a mount point, "/", no write access above it: the database files alone
         aside = directory / f"cache.db.damaged-{stamp}"
         aside.mkdir()
         for name in ("cache.db", "cache.db-wal", "cache.db-shm", DAMAGED_MARK):

@@ -253,7 +253,7 @@ def test_a_streamed_copy_that_is_not_stored_leaves_no_temp_file(cache, monkeypat
     incoming = c.store.disk.tmpdir
     f, body = streamed_flow()
     c.responseheaders(f)
-    assert callable(f.response.stream) and len(list(incoming.iterdir())) == 1
+    assert callable(f.response.stream) and len(list(incoming.glob("body-*"))) == 1
     f.response.stream(body)
 
     def broken(*args):
@@ -261,7 +261,7 @@ def test_a_streamed_copy_that_is_not_stored_leaves_no_temp_file(cache, monkeypat
     monkeypatch.setattr(c, "_response", broken)
     with pytest.raises(RuntimeError):
         c.response(f)
-    assert list(incoming.iterdir()) == []
+    assert list(incoming.glob("body-*")) == []
 
 
 def test_a_streamed_copy_that_is_stored_is_handed_to_the_store(cache):
@@ -274,7 +274,7 @@ def test_a_streamed_copy_that_is_stored_is_handed_to_the_store(cache):
     g = request_flow("http://example.com/big")
     c.requestheaders(g)
     assert g.response is not None and g.response.content == body
-    assert list(c.store.disk.tmpdir.iterdir()) == []
+    assert list(c.store.disk.tmpdir.glob("body-*")) == []
 
 
 def test_purge_logs_a_url_with_a_lone_surrogate_in_a_form_the_console_can_write(cache, caplog):
@@ -539,4 +539,16 @@ def test_a_cache_policy_that_is_not_utf8_is_refused_by_name_and_a_failed_reload_
         with pytest.raises(exceptions.OptionsError, match=f"cache_policy: cannot read '{bad}'"):
             tctx.configure(c, cache_policy=str(bad))
         assert [r.pattern for r in c.rules] == ["^http://a/"] and c.policy_file == str(good)
+    c.done()
+
+
+def test_a_cache_dir_set_live_that_cannot_be_opened_is_refused(tmp_path):
+    """At start-up an unusable cache_dir leaves a RAM cache (the proxy must start); set live, it is refused,
+    so that mitmproxy keeps the one that works."""
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir=str(tmp_path / "c"))
+        assert c.store.disk is not None
+        with pytest.raises(exceptions.OptionsError, match="cache_dir: cannot open '/proc/relais-cache'"):
+            tctx.configure(c, cache_dir="/proc/relais-cache")
     c.done()

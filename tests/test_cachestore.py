@@ -425,42 +425,53 @@ def test_a_damaged_database_is_moved_aside_and_the_disk_tier_starts_empty(tmp_pa
 
 
 def test_bodies_being_streamed_by_another_live_proxy_on_the_same_folder_are_left_alone(tmp_path):
+    """Another proxy's folder is known by the lock it holds (flock), not by its pid: containers on one
+    volume all run as pid 1."""
     import subprocess
     import sys
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    for name in ("live", "dead"):
+        (tmp_path / "incoming" / name).mkdir(parents=True)
+        (tmp_path / "incoming" / name / "body-x").write_bytes(b"partial")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(30)",
+                               str(tmp_path / "incoming" / "live" / cs.LOCK)], stdout=subprocess.PIPE)
     try:
-        for pid in (live.pid, dead.pid):
-            (tmp_path / "incoming" / str(pid)).mkdir(parents=True)
-            (tmp_path / "incoming" / str(pid) / "body-x").write_bytes(b"partial")
-        disk_store(tmp_path).close()
-        assert (tmp_path / "incoming" / str(live.pid) / "body-x").exists()
-        assert not (tmp_path / "incoming" / str(dead.pid)).exists()  # a proxy gone: its bodies were incomplete
+        assert holder.stdout.readline() == b"locked\n"
+        s = disk_store(tmp_path)
+        mine = s.disk.tmpdir
+        assert (tmp_path / "incoming" / "live" / "body-x").exists()
+        assert not (tmp_path / "incoming" / "dead").exists()  # no proxy holds it: its bodies were incomplete
+        other, lock = cs._incoming(tmp_path)  # a second store on the folder: its own, and ours stays
+        assert other != mine and mine.exists()
+        lock.close()
+        s.close()
+        assert not mine.exists()
     finally:
-        live.kill()
-        live.wait()
+        holder.kill()
+        holder.wait()
+
 
 
 def test_removals_made_while_the_writer_is_dead_are_made_when_the_cache_opens_next(tmp_path, caplog):
-    """A purge, a replacement or a clear the dead writer could not make: after a restart, the disk must not
-    answer with what was removed."""
+    """A purge or a clear the dead writer could not make: after a restart, the disk must not answer with
+    what was removed. (A response replaced meanwhile may: the older one is still a valid stored response.)"""
     s = disk_store(tmp_path)
-    for name in ("purged", "replaced", "kept"):
+    for name in ("purged", "kept"):
         s.put(f"http://a/{name}", meta(f"http://a/{name}", SMALL), SMALL)
     s.disk.flush()
     s.disk.proc.kill()
     s.disk.proc.wait()
     s.disk.receiver.join(5)
-    s.remove("http://a/purged")
-    s.put("http://a/replaced", meta("http://a/replaced", LARGE), LARGE)  # in RAM only now
+    for _ in range(3):
+        s.remove("http://a/purged")  # journaled once
+    s.remove("http://a/never-stored")  # nothing to journal
     s.close()
+    assert (tmp_path / cs.JOURNAL).read_text().splitlines() == ['"http://a/purged"']
     s = disk_store(tmp_path)
     try:
         assert s.get("http://a/purged", "-") == (None, None)
-        assert s.get("http://a/replaced", "-") == (None, None)
         assert s.get("http://a/kept", "-")[0].body == SMALL
-        assert "made 2 removals" in caplog.text and not (tmp_path / cs.JOURNAL).exists()
+        assert "(1 keys)" in caplog.text and not (tmp_path / cs.JOURNAL).exists()
         s.disk.proc.kill()  # and a clear
         s.disk.proc.wait()
         s.disk.receiver.join(5)
@@ -523,8 +534,45 @@ def test_a_database_found_damaged_while_running_turns_the_tier_off_once_and_is_m
         for i in range(0, 2000, 5):
             s.get(f"http://a/{i}", "-")
         assert s.disk.failed and caplog.text.count("is damaged") == 1
+        assert s.disk.off_reason.startswith("the database is damaged")  # what cache.stats says
         assert s.get("http://a/0", "-") == (None, None)  # nothing is read from it any more
     finally:
         s.close()
     disk_store(d).close()
     assert [p.name.startswith("cache.damaged-") for p in tmp_path.iterdir()].count(True) == 1
+
+
+def test_a_journal_line_cut_short_is_skipped_and_a_long_journal_becomes_a_clear(tmp_path, caplog, monkeypatch):
+    s = disk_store(tmp_path)
+    for name in ("a", "b", "c"):
+        s.put(f"http://a/{name}", meta(f"http://a/{name}", SMALL), SMALL)
+    s.close()
+    (tmp_path / cs.JOURNAL).write_text('"http://a/a"\n"http://a/b')  # a crash while the last line was written
+    s = disk_store(tmp_path)
+    try:
+        assert s.get("http://a/a", "-") == (None, None) and s.get("http://a/c", "-")[0].body == SMALL
+        assert "skipped a damaged line" in caplog.text
+        monkeypatch.setattr(cs, "JOURNAL_MAX", 1)
+        s.disk.proc.kill()
+        s.disk.proc.wait()
+        s.disk.receiver.join(5)
+        s.remove("http://a/b")
+        s.remove("http://a/c")  # one key too many: the journal says clear
+    finally:
+        s.close()
+    assert (tmp_path / cs.JOURNAL).read_text().splitlines()[-1] == json.dumps(cs.CLEAR)
+    s = disk_store(tmp_path)
+    try:
+        assert s.get("http://a/c", "-") == (None, None)
+    finally:
+        s.close()
+
+
+def test_a_damaged_cache_dir_behind_a_symbolic_link_is_moved_aside_where_the_link_points(tmp_path):
+    target, link = tmp_path / "big" / "cache", tmp_path / "cache"
+    target.mkdir(parents=True)
+    link.symlink_to(target)
+    (target / "cache.db").write_bytes(b"\x07" * 8192)
+    disk_store(link).close()
+    assert link.is_symlink() and (target / "cache.db").exists()
+    assert len(list((tmp_path / "big").glob("cache.damaged-*"))) == 1
