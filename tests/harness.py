@@ -173,6 +173,73 @@ class Origin:
         self.server.server_close()
 
 
+class H2Origin:
+    """A loopback HTTPS origin that speaks HTTP/2 only (ALPN h2, the h2 library mitmproxy uses): every
+    GET gets 200 'h2 hello <path>' with Cache-Control max-age=60, one stream at a time. `requests`
+    holds the header lists it received, and `errors` what it found wrong in them (the h2 library
+    refuses a request with an upper-case field name, as RFC 9113 8.2.1 says)."""
+
+    def __init__(self, tls: tuple[str, str]):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(*tls)
+        ctx.set_alpn_protocols(["h2"])
+        self.ctx = ctx
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.requests: list[list[tuple[str, str]]] = []
+        self.errors: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+        import h2.exceptions
+        try:
+            with self.ctx.wrap_socket(raw, server_side=True) as s:
+                s.settimeout(30)
+                c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+                c.initiate_connection()
+                s.sendall(c.data_to_send())
+                heads = {}
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    try:
+                        events = c.receive_data(data)
+                    except h2.exceptions.ProtocolError as e:
+                        self.errors.append(str(e))
+                        s.sendall(c.data_to_send())
+                        return
+                    for ev in events:
+                        if isinstance(ev, h2.events.RequestReceived):
+                            heads[ev.stream_id] = list(ev.headers)
+                            self.requests.append(heads[ev.stream_id])
+                        elif isinstance(ev, h2.events.StreamEnded):
+                            path = dict(heads.pop(ev.stream_id))[":path"]
+                            body = f"h2 hello {path}".encode()
+                            c.send_headers(ev.stream_id, [(":status", "200"), ("content-type", "text/plain"),
+                                                          ("cache-control", "max-age=60"),
+                                                          ("content-length", str(len(body)))])
+                            c.send_data(ev.stream_id, body, end_stream=True)
+                    s.sendall(c.data_to_send())
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def make_cert(folder: Path, name: str = "127.0.0.1") -> tuple[str, str]:
     """A self-signed certificate for 127.0.0.1 and localhost (openssl CLI)."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"

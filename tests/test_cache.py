@@ -918,3 +918,23 @@ def test_a_large_body_of_unknown_length_is_stored_while_streamed_and_logged_with
         assert all(len(body) < int(l.split()[4]) < len(body) + 500 for l in lines), lines
     finally:
         o.close()
+
+
+def test_http2_on_both_sides_stays_valid_http2_with_the_cache_and_anonymize(start_proxy, cert, tmp_path):
+    """With normalize_outbound_headers off, mitmproxy sends fields as the addons leave them: an upper-case
+    X-Cache on a miss, or Via / X-Forwarded-For added to the request, made the stream malformed
+    (RFC 9113 8.2.1) for the client or the origin."""
+    from harness import H2Origin
+    o = H2Origin(cert)
+    try:
+        p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "normalize_outbound_headers": False,
+                                 "anonymize": "transparent"})
+        for _ in range(2):
+            r = curl("--http2", "-s", "-D", "-", "--cacert", p.ca, "-x", p.url, f"{o.url}/both")
+            assert r.returncode == 0 and b"\r\n\r\nHTTP/2 200" in r.stdout, (r.returncode, r.stdout[:300], r.stderr)
+            assert r.stdout.endswith(b"h2 hello /both")
+        assert o.errors == [] and len(o.requests) == 1
+        assert any(k == "via" for k, _ in o.requests[0])  # anonymize's transparent level adds it
+        assert [l.split()[3] for l in p.wait_lines("/both", 2)] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+    finally:
+        o.close()
