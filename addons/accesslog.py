@@ -512,6 +512,14 @@ class AccessLog:
         streams.wrap(resp, counting)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None:  # an upgrade to a WebSocket: logged when the session ends
+            return
+        self._log_http(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        # one line for the whole session, as Squid logs a tunnel: its duration, and the bytes of the
+        # messages sent to the client after the 101's head (frame headers not counted)
+        flow.metadata[meta.SENT_BYTES] = sum(len(m.content) for m in flow.websocket.messages if not m.from_client)
         self._log_http(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:

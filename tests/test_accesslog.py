@@ -403,3 +403,59 @@ def test_an_http2_stream_the_client_cancels_is_logged_aborted_not_as_a_failed_or
     finally:
         t.close()
     assert line.split()[3] == "TCP_MISS_ABORTED/000", line
+
+
+def test_a_websocket_session_is_logged_once_when_it_ends_with_its_duration_and_bytes(proxy):
+    """Not at the 101, 6 ms in: at the end of the session, its whole duration and what the client received."""
+    import base64
+    import hashlib
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def echo():
+        for _ in range(3):  # the errors addon may probe the origin with a connection of its own first
+            conn, _ = server.accept()
+            conn.settimeout(10)
+            head = conn.recv(4096)
+            if head:
+                break
+            conn.close()
+        with conn:
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            conn.recv(4096)  # the client's masked text frame
+            conn.sendall(bytes([0x81, 100]) + b"e" * 100)  # 100 bytes of text to the client
+            time.sleep(1.2)
+            conn.sendall(bytes([0x88, 0]))  # close
+            try:
+                conn.recv(4096)
+            except OSError:
+                pass
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    try:
+        c = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        c.sendall(f"GET http://127.0.0.1:{port}/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += c.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        c.sendall(bytes([0x81, 0x82]) + b"abcd" + bytes(x ^ m for x, m in zip(b"hi", b"ab")))
+        time.sleep(0.3)
+        assert not any("/chat" in l for l in proxy.log_lines(0, timeout=0.5))  # not at the 101
+        t.join(10)
+        c.close()
+        line = proxy.wait_lines("/chat", 1)[0]
+    finally:
+        server.close()
+    fields = line.split()
+    assert fields[3] == "TCP_MISS/101" and int(fields[1]) >= 1200, line
+    assert 100 <= int(fields[4]) - len(head) <= 110, (fields[4], len(head))
+    assert len([l for l in proxy.log_lines(1) if "/chat" in l]) == 1
