@@ -45,7 +45,7 @@ from http.client import responses
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -99,13 +99,18 @@ def primary_key(flow: http.HTTPFlow) -> str:
     """scheme://host:port/path?query of the resource, as the origin sees it.
 
     In reverse mode the authority is the configured target, never the
-    client's Host header, so the key cannot be poisoned through it.
+    client's Host header, so the key cannot be poisoned through it. With
+    keep_host_header the target sees the client's Host (name-based virtual
+    hosts): it is then part of the key, as the URL's user information
+    (http://www.example.org@backend:8080/path), which no request path has.
     """
     req = flow.request
     mode = getattr(flow.client_conn, "proxy_mode", None)
     if isinstance(mode, ReverseMode):
         scheme = "https" if mode.scheme in ("https", "tls", "http3", "quic") else "http"
         host, port = mode.address
+        if getattr(ctx.options, "keep_host_header", False) and req.host_header:
+            host = f"{quote(req.host_header.lower(), safe='.-:[]')}@{host}"
     else:
         scheme, host, port = req.scheme, req.host, req.port
     path = req.path
@@ -136,7 +141,8 @@ def url_key(url: str, base: str | None = None) -> str | None:
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
-    return f"{u.scheme}://{u.hostname.lower()}:{port}{ascii_path(path)}"
+    vhost = f"{u.username}@" if u.username else ""  # a virtual host of a reverse-mode key (primary_key)
+    return f"{u.scheme}://{vhost}{u.hostname.lower()}:{port}{ascii_path(path)}"
 
 
 _ORIGIN = re.compile(r"[^/]*//[^/*?]*")
@@ -1132,6 +1138,10 @@ class Cache:
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
         headers = dict(rfc9111.validators(m.headers))
+        vhost = re.match(r"[a-z]+://([^/@]*)@", url)
+        if vhost:  # a virtual host of the reverse-mode target (primary_key): sent as its Host
+            url = url.replace(vhost[1] + "@", "", 1)
+            headers["Host"] = unquote(vhost[1])
         for name, value in m.vary_key:
             if value is not None:
                 headers[name] = value

@@ -500,7 +500,9 @@ def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
         assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
         assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
         assert curl("-H", "Host: evil.example", f"http://127.0.0.1:{pa}/r").stdout == b"from a"
-        assert a.hits["/r"] == 1 and b.hits["/r"] == 1
+        assert curl("-H", "Host: evil.example", f"http://127.0.0.1:{pa}/r").stdout == b"from a"
+        assert b.hits["/r"] == 1  # never answered for another listener's target
+        assert a.hits["/r"] == 2  # once per Host it saw (keep_host_header: the backend answers per site)
     finally:
         a.close()
         b.close()
@@ -936,5 +938,30 @@ def test_http2_on_both_sides_stays_valid_http2_with_the_cache_and_anonymize(star
         assert o.errors == [] and len(o.requests) == 1
         assert any(k == "via" for k, _ in o.requests[0])  # anonymize's transparent level adds it
         assert [l.split()[3] for l in p.wait_lines("/both", 2)] == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
+    finally:
+        o.close()
+
+
+def test_virtual_hosts_behind_a_reverse_proxy_with_keep_host_header_get_their_own_entries(start_proxy, tmp_path):
+    """keep_host_header: the backend sees the client's Host and answers for that site. Each site is cached on
+    its own (PURGE included), and its background refresh asks the backend with the same Host."""
+    o = Origin()
+    try:
+        o.route("/page", lambda s: (200, {"Cache-Control": "max-age=1, stale-while-revalidate=60"},
+                                    f"site={s.headers['host']}".encode()))
+        p = start_proxy(modes=(f"reverse:{o.url}",), options={"cache_dir": str(tmp_path / "c"),
+                                                               "keep_host_header": True})
+        get = lambda site, *a: curl("-H", f"Host: {site}", *a, f"http://127.0.0.1:{p.port}/page").stdout  # noqa: E731
+        assert [get("a.example"), get("b.example"), get("a.example")] == [b"site=a.example", b"site=b.example",
+                                                                           b"site=a.example"]
+        assert o.hits["/page"] == 2
+        assert curl_status("-X", "PURGE", "-H", "Host: b.example", f"http://127.0.0.1:{p.port}/page") == 200
+        assert get("a.example") == b"site=a.example" and o.hits["/page"] == 2  # a.example's entry stays
+        time.sleep(1.5)  # stale: served, and refreshed in the background for its own site
+        assert get("a.example") == b"site=a.example"
+        end = time.monotonic() + 10
+        while o.hits["/page"] < 3 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert o.requests[-1].headers["host"] == "a.example"
     finally:
         o.close()
