@@ -140,7 +140,7 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
     if aborted and not code.endswith("_ABORTED"):
         code += "_ABORTED"
     peer = meta.peer(flow)
-    hier = md.get(meta.HIER) or ("HIER_DIRECT" if peer and not md.get(meta.LOCAL) else "HIER_NONE")
+    hier = md.get(meta.HIER) or (meta.forwarded(flow) if peer and not md.get(meta.LOCAL) else "HIER_NONE")
     status = resp.status_code if resp else 0
     if not resp or (is_connect and code == "NONE_NONE"):
         size = 0  # Squid counts nothing for a refused or bumped CONNECT
@@ -529,7 +529,7 @@ class AccessLog:
             # The origin failed before its response was complete (none of it had been sent: it was not
             # streamed) and mitmproxy sent its own 502 page instead. A response it refused (invalid
             # framing) stays in the flow for mitmweb; the log says what the client got.
-            flow.metadata.setdefault(meta.HIER, "HIER_DIRECT" if meta.peer(flow) else "HIER_NONE")
+            flow.metadata.setdefault(meta.HIER, meta.forwarded(flow) if meta.peer(flow) else "HIER_NONE")
             sent = mitmproxy_error_page(flow.error.msg if flow.error else "")
             if flow.response is None:
                 flow.response = sent

@@ -957,7 +957,7 @@ class Cache:
             # (mitmproxy 11 streams a body over stream_large_bodies even if a hook says not to.)
             if resp.status_code >= 500 and not resp.stream and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
-                self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_DIRECT",
+                self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),
                                         warning='111 - "Revalidation Failed"')
                 return
             # Squid's names: a new response replaces the entry; an error that could not be answered stale
@@ -1007,7 +1007,7 @@ class Cache:
             entry = cachestore.Entry(new, entry.body)
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
-        self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", "HIER_DIRECT")
+        self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", meta.forwarded(flow))
 
     def _freshened(self, key: str, entry: cachestore.Entry, headers, request_time: float, response_time: float,
                    url: str) -> cachestore.Meta:

@@ -108,10 +108,10 @@ class Errors:
     def request(self, flow: http.HTTPFlow):
         # Not a coroutine function: most requests need no check, and mitmproxy awaits what a hook
         # returns only when it is awaitable, so those cost no coroutine.
-        if flow.response or flow.error or not flow.live or not self._needs_check(flow):
+        if flow.response or flow.error or not flow.live:
             return None
-        key = (flow.request.host, flow.request.port)
-        if self.reachable.get(key, 0) > time.monotonic():
+        key = _next_hop(flow)
+        if key is None or self.reachable.get(key, 0) > time.monotonic():
             return None
         return self._check(flow, key)
 
@@ -120,11 +120,20 @@ class Errors:
             await check_origin(*key, timeout=ctx.options.connect_timeout)
         except Failure as f:
             self.reachable.pop(key, None)
+            if key != (flow.request.host, flow.request.port):  # the upstream proxy, not the origin
+                f = Failure(f.page, f.errno, f"upstream proxy {key[0]}:{key[1]}: {f}", None)
             answer(flow, f)
             return
         if len(self.reachable) > 10000:  # a forward proxy sees many origins: stay bounded
             self.reachable.clear()
         self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy could not connect (the origin died within connect_check_ttl of its last check): the
+        # client got mitmproxy's 502, and the next request checks again, for Squid's 503 or a stale copy
+        key = _next_hop(flow)  # None: a connection was made
+        if key is not None:
+            self.reachable.pop(key, None)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
@@ -137,13 +146,16 @@ class Errors:
         flow.metadata[meta.CODE] = "NONE_NONE"
         flow.metadata[meta.ERROR] = "ERR_CONNECT_FAIL"
 
-    @staticmethod
-    def _needs_check(flow: http.HTTPFlow) -> bool:
-        mode = meta.mode_name(flow)
-        if mode == "upstream":  # the upstream proxy reports its own failures
-            return False
-        # An intercepted or reverse flow may already hold its upstream connection.
-        return flow.server_conn.timestamp_tcp_setup is None
+
+def _next_hop(flow: http.HTTPFlow) -> tuple[str, int] | None:
+    """Where the request's connection is to go: the upstream proxy of an upstream-mode listener, else the
+    origin; None when the flow already holds its connection (an intercepted or reverse flow may)."""
+    if flow.server_conn.timestamp_tcp_setup is not None:
+        return None
+    mode = getattr(flow.client_conn, "proxy_mode", None)
+    if getattr(mode, "type_name", "") == "upstream":
+        return tuple(mode.address)
+    return flow.request.host, flow.request.port
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

@@ -33,13 +33,22 @@ def client_ip(flow) -> str:
 
 
 def peer(flow) -> str | None:
-    """The upstream address connected to (or tried, see PEER), or None."""
+    """The upstream address connected to (the upstream proxy's in upstream mode; or tried, see PEER), or None."""
     conn = getattr(flow, "server_conn", None)
     peer = getattr(conn, "peername", None) if conn else None
     if not peer:
+        via = getattr(conn, "via", None) if conn else None
+        if via:  # upstream mode: the flow's server_conn never holds the connection to the parent itself
+            return str(via[1][0])
         return flow.metadata.get(PEER)
     ip = str(peer[0])
     return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+def forwarded(flow) -> str:
+    """Squid's hierarchy code of a request sent on: FIRSTUP_PARENT through an upstream proxy, else HIER_DIRECT."""
+    conn = getattr(flow, "server_conn", None)
+    return "FIRSTUP_PARENT" if getattr(conn, "via", None) else "HIER_DIRECT"
 
 
 def user(flow) -> str | None:

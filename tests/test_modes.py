@@ -177,3 +177,35 @@ def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
         assert curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", url).stdout == b"hello /socks-cached"
     assert origin.hits["/socks-cached"] == 1
     find(proxy, code="TCP_MEM_HIT", status="200", hier="HIER_NONE")
+
+
+def test_a_backend_that_dies_within_connect_check_ttl_costs_one_502_then_the_stale_copy(start_proxy, tmp_path):
+    """The backend was checked less than connect_check_ttl ago when it died: mitmproxy's own connection
+    fails and sends its 502 (too late for a hook to answer), and the next request checks again."""
+    from harness import Origin
+    origin = Origin()
+    origin.route("/page", lambda s: (200, {"Content-Type": "text/plain",
+                                          "Cache-Control": "max-age=1, stale-if-error=600"}, b"kept"))
+    proxy = start_proxy(modes=(f"reverse:{origin.url}",),
+                        options={"cache_dir": str(tmp_path / "cache"), "connect_check_ttl": 30})
+    assert curl(f"http://127.0.0.1:{proxy.port}/page").stdout == b"kept"
+    origin.close()
+    time.sleep(1.5)  # stale; the backend is gone, and trusted for 30 s more
+    assert curl("-i", f"http://127.0.0.1:{proxy.port}/page").stdout.startswith(b"HTTP/1.1 502")
+    r = curl("-i", f"http://127.0.0.1:{proxy.port}/page")
+    assert r.stdout.startswith(b"HTTP/1.1 200") and r.stdout.endswith(b"kept"), r.stdout
+    find(proxy, code="TCP_REFRESH_FAIL_OLD", status="200")
+
+
+def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(start_proxy, origin):
+    parent = start_proxy(script=None)  # a plain mitmdump as the parent proxy
+    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{parent.port}",), options={"connect_check_ttl": 0})
+    assert curl("-x", p.url, f"{origin.url}/via-parent").stdout == b"hello /via-parent"
+    f = find(p, url=f"{origin.url}/via-parent")
+    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "200", "FIRSTUP_PARENT", "127.0.0.1")
+    parent.stop()
+    r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
+    assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CONNECT_FAIL" in r.stdout, r.stdout[:300]
+    assert b"upstream proxy 127.0.0.1" in r.stdout
+    f = find(p, url=f"{origin.url}/parent-down")
+    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
