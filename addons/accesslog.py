@@ -643,6 +643,19 @@ class AccessLog:
                 code="NONE_NONE", status=0, size=0, method="-",
                 url="error:transaction-end-before-headers"))
 
+    def server_connect_error(self, data) -> None:
+        # With the eager connection_strategy, socks5, transparent and reverse listeners connect before any
+        # flow: a failure there makes none, and nothing else would log it. Logged as Squid logs a failed
+        # CONNECT. (A flow's own failed connection is logged with the flow; the client is then seen.)
+        client = data.client
+        if client.id in self.seen or self._is_http_listener(client) or not data.server.address:
+            return
+        self.seen.add(client.id)
+        host, port = data.server.address[:2]
+        self.write(Record(
+            end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername),
+            code="NONE_NONE", status=503, size=0, method="CONNECT", url=f"{host}:{port}"))
+
     @staticmethod
     def _is_http_listener(client) -> bool:
         mode = getattr(client, "proxy_mode", None)

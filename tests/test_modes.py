@@ -209,3 +209,18 @@ def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(st
     assert b"upstream proxy 127.0.0.1" in r.stdout
     f = find(p, url=f"{origin.url}/parent-down")
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:{closed}", "nosuchhost.invalid:80"], ids=["refused", "dns"])
+def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, target):
+    """Eagerly (the default), mitmproxy connects when the SOCKS handshake asks, before any flow: a failure
+    made no flow and no log line."""
+    from harness import free_port
+    target = target.format(closed=free_port())
+    proxy = start_proxy(modes=("socks5",))
+    r = curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", f"http://{target}/x")
+    assert r.returncode != 0
+    f = find(proxy, url=target)
+    assert (f["code"], f["status"], f["method"], f["hier"]) == ("NONE_NONE", "503", "CONNECT", "HIER_NONE")
+    time.sleep(0.5)
+    assert len([l for l in proxy.log_lines(0, timeout=0) if target in l]) == 1
