@@ -201,7 +201,7 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
         size=size,
         method="CONNECT",
         url=f"{sni or host}:{port}",
-        hier="HIER_DIRECT" if peer else "HIER_NONE",
+        hier=meta.forwarded(flow) if peer else "HIER_NONE",
         peer=peer or "-",
     )
 

@@ -110,7 +110,7 @@ def primary_key(flow: http.HTTPFlow) -> str:
         scheme = "https" if mode.scheme in ("https", "tls", "http3", "quic") else "http"
         host, port = mode.address
         if getattr(ctx.options, "keep_host_header", False) and req.host_header:
-            host = f"{quote(req.host_header.lower(), safe='.-:[]')}@{host}"
+            host = f"{quote(req.host_header.lower(), safe='.-')}@{host}"  # its ':' and '[]' quoted too
     else:
         scheme, host, port = req.scheme, req.host, req.port
     path = req.path
@@ -141,7 +141,7 @@ def url_key(url: str, base: str | None = None) -> str | None:
     path = u.path or "/"
     if u.query:
         path += "?" + u.query
-    vhost = f"{u.username}@" if u.username else ""  # a virtual host of a reverse-mode key (primary_key)
+    vhost = f"{u.username.lower()}@" if u.username else ""  # a virtual host of a reverse-mode key (primary_key)
     return f"{u.scheme}://{vhost}{u.hostname.lower()}:{port}{ascii_path(path)}"
 
 
@@ -979,7 +979,8 @@ class Cache:
         if pending is not None and pending.client_conditionals:
             # the client's own conditionals, stripped for our revalidation, answered from the new response
             self._restore_conditionals(flow, pending)
-            if resp.status_code == 200 and rfc9111.conditional_result(method, req.headers, resp.headers):
+            if resp.status_code == 200 and not resp.stream and \
+                    rfc9111.conditional_result(method, req.headers, resp.headers):  # (a streamed body went out)
                 flow.response = http.Response(resp.http_version, 304, b"Not Modified", resp.headers.copy(),
                                               b"", None, resp.timestamp_start, resp.timestamp_end)
                 for name in ("Content-Length", "Transfer-Encoding"):  # a 304 has no body (RFC 9112 6.3)

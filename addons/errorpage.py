@@ -21,6 +21,8 @@ PAGES = {
                                 "authenticated yourself."),
     "ERR_CONNECT_FAIL": (503, "Connection to the server failed.",
                          "The system returned an error while connecting to the server."),
+    "ERR_CANNOT_FORWARD": (503, "Unable to forward this request at this time.",
+                           "This request could not be forwarded to the origin server or to any parent caches."),
     "ERR_DNS_FAIL": (503, "Unable to determine IP address from host name.",
                      "The DNS server returned an error for this host name."),
     "ERR_READ_TIMEOUT": (504, "Read Timeout.",

@@ -78,6 +78,7 @@ async def check_origin(host: str, port: int, timeout: float) -> str:
 class Errors:
     def __init__(self) -> None:
         self.reachable: dict[tuple[str, int], float] = {}
+        self.suspect: set[tuple[str, int]] = set()  # upstream proxies a flow failed through: checked until one passes
 
     def load(self, loader):
         loader.add_option(
@@ -110,30 +111,43 @@ class Errors:
         # returns only when it is awaitable, so those cost no coroutine.
         if flow.response or flow.error or not flow.live:
             return None
-        key = _next_hop(flow)
-        if key is None or self.reachable.get(key, 0) > time.monotonic():
+        parent = _parent(flow)
+        if parent is not None:  # checked only once a flow through it failed: each check is a connection
+            return self._check(flow, parent, parent=True) if parent in self.suspect else None
+        if flow.server_conn.timestamp_tcp_setup is not None:  # an intercepted or reverse flow may hold its own
+            return None
+        key = (flow.request.host, flow.request.port)
+        if self.reachable.get(key, 0) > time.monotonic():
             return None
         return self._check(flow, key)
 
-    async def _check(self, flow: http.HTTPFlow, key: tuple[str, int]) -> None:
+    async def _check(self, flow: http.HTTPFlow, key: tuple[str, int], parent: bool = False) -> None:
         try:
             await check_origin(*key, timeout=ctx.options.connect_timeout)
         except Failure as f:
             self.reachable.pop(key, None)
-            if key != (flow.request.host, flow.request.port):  # the upstream proxy, not the origin
-                f = Failure(f.page, f.errno, f"upstream proxy {key[0]}:{key[1]}: {f}", None)
+            if parent:  # Squid's page when no parent takes the request; not remembered per origin by the cache
+                f = Failure("ERR_CANNOT_FORWARD", f.errno, f"upstream proxy {key[0]}:{key[1]}: {f}", None)
             answer(flow, f)
+            return
+        if parent:
+            self.suspect.discard(key)
             return
         if len(self.reachable) > 10000:  # a forward proxy sees many origins: stay bounded
             self.reachable.clear()
         self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
 
     def error(self, flow: http.HTTPFlow) -> None:
-        # mitmproxy could not connect (the origin died within connect_check_ttl of its last check): the
-        # client got mitmproxy's 502, and the next request checks again, for Squid's 503 or a stale copy
-        key = _next_hop(flow)  # None: a connection was made
-        if key is not None:
-            self.reachable.pop(key, None)
+        # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
+        # parent proxy): the client got mitmproxy's 502, and the next request checks again, for Squid's
+        # 503 or a stale copy
+        if flow.response is not None:
+            return
+        parent = _parent(flow)
+        if parent is not None:
+            self.suspect.add(parent)
+        elif flow.server_conn.timestamp_tcp_setup is None:
+            self.reachable.pop((flow.request.host, flow.request.port), None)
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
@@ -147,15 +161,10 @@ class Errors:
         flow.metadata[meta.ERROR] = "ERR_CONNECT_FAIL"
 
 
-def _next_hop(flow: http.HTTPFlow) -> tuple[str, int] | None:
-    """Where the request's connection is to go: the upstream proxy of an upstream-mode listener, else the
-    origin; None when the flow already holds its connection (an intercepted or reverse flow may)."""
-    if flow.server_conn.timestamp_tcp_setup is not None:
-        return None
+def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
+    """The upstream proxy of an upstream-mode listener, or None."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
-    if getattr(mode, "type_name", "") == "upstream":
-        return tuple(mode.address)
-    return flow.request.host, flow.request.port
+    return tuple(mode.address) if getattr(mode, "type_name", "") == "upstream" else None
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

@@ -37,9 +37,8 @@ def peer(flow) -> str | None:
     conn = getattr(flow, "server_conn", None)
     peer = getattr(conn, "peername", None) if conn else None
     if not peer:
-        via = getattr(conn, "via", None) if conn else None
-        if via:  # upstream mode: the flow's server_conn never holds the connection to the parent itself
-            return str(via[1][0])
+        if _through_parent(flow):  # upstream mode: the flow's server_conn never holds that connection itself
+            return str(conn.via[1][0])
         return flow.metadata.get(PEER)
     ip = str(peer[0])
     return ip[7:] if ip.startswith("::ffff:") else ip
@@ -49,6 +48,16 @@ def forwarded(flow) -> str:
     """Squid's hierarchy code of a request sent on: FIRSTUP_PARENT through an upstream proxy, else HIER_DIRECT."""
     conn = getattr(flow, "server_conn", None)
     return "FIRSTUP_PARENT" if getattr(conn, "via", None) else "HIER_DIRECT"
+
+
+def _through_parent(flow) -> bool:
+    """An upstream-mode flow the parent answered. mitmproxy names the parent (server_conn.via) on every
+    flow of such a listener, sent on or not: a response from upstream is what says it went there."""
+    if not getattr(getattr(flow, "server_conn", None), "via", None) or flow.metadata.get(LOCAL):
+        return False
+    if hasattr(flow, "request"):  # HTTP: a CONNECT is answered by mitmproxy itself
+        return flow.response is not None and flow.request.method != "CONNECT"
+    return True  # a raw stream relayed through the parent
 
 
 def user(flow) -> str | None:

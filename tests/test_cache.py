@@ -965,3 +965,46 @@ def test_virtual_hosts_behind_a_reverse_proxy_with_keep_host_header_get_their_ow
         assert o.requests[-1].headers["host"] == "a.example"
     finally:
         o.close()
+
+
+@pytest.mark.parametrize("site", ["a.example:8080", "[::1]:8080"])
+def test_a_virtual_host_with_a_port_or_an_ipv6_address_is_invalidated_by_an_unsafe_request(start_proxy, tmp_path,
+                                                                                           site):
+    o = Origin()
+    try:
+        o.route("/v", lambda s: (200, {"Cache-Control": "max-age=60"}, f"{s.method} {s.headers['host']}".encode()))
+        p = start_proxy(modes=(f"reverse:{o.url}",), options={"cache_dir": str(tmp_path / "c"),
+                                                               "keep_host_header": True})
+        url = f"http://127.0.0.1:{p.port}/v"
+        assert curl("-H", f"Host: {site}", url).stdout == f"GET {site}".encode()
+        assert curl("-H", f"Host: {site}", url).stdout == f"GET {site}".encode()
+        assert curl("-H", f"Host: {site}", "-X", "POST", "-d", "x", url).stdout == f"POST {site}".encode()
+        assert curl("-H", f"Host: {site}", url).stdout == f"GET {site}".encode()
+        assert o.hits["/v"] == 3  # stored, invalidated by the POST, fetched again
+        assert len(p.wait_lines("/v", 4)) == 4  # the POST is logged
+    finally:
+        o.close()
+
+
+def test_a_streamed_200_that_matches_the_clients_conditional_is_logged_as_the_200_it_was(start_proxy, tmp_path):
+    """The client's If-None-Match matches the origin's new response, but that one was streamed (past
+    stream_large_bodies): it already went out as a 200, and stays one in the log and in mitmweb."""
+    n = {"v": 0}
+
+    def page(seen):
+        n["v"] += 1
+        if n["v"] == 1:
+            return 200, {"Cache-Control": "max-age=1", "ETag": '"e1"'}, b"small"
+        return 200, {"Cache-Control": "max-age=1", "ETag": '"e2"', "Transfer-Encoding": "chunked"}, _chunked(b"b" * 5000)
+    o = Origin()
+    try:
+        o.route("/cond-big", page)
+        p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "1k"})
+        url = f"{o.url}/cond-big"
+        assert fetch(p, url)[2] == b"small"
+        time.sleep(1.5)
+        status, _, body = fetch(p, url, "-H", 'If-None-Match: "e2"')
+        assert (status, body) == (200, b"b" * 5000)
+        assert codes(p, url, 2) == ["TCP_MISS/200", "TCP_REFRESH_MODIFIED/200"]
+    finally:
+        o.close()

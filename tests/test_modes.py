@@ -185,17 +185,25 @@ def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
 
 
 def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(start_proxy, origin):
+    """FIRSTUP_PARENT as Squid logs it. A parent that went down costs one request mitmproxy's 502; then it is
+    checked on each request (Squid's 503 ERR_CANNOT_FORWARD) until it answers again. Nothing is remembered
+    against the origins meanwhile: they were never asked."""
     parent = start_proxy(script=None)  # a plain mitmdump as the parent proxy
-    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{parent.port}",), options={"connect_check_ttl": 0})
+    port = parent.port
+    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
     assert curl("-x", p.url, f"{origin.url}/via-parent").stdout == b"hello /via-parent"
     f = find(p, url=f"{origin.url}/via-parent")
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "200", "FIRSTUP_PARENT", "127.0.0.1")
     parent.stop()
+    assert curl("-i", "-x", p.url, f"{origin.url}/parent-down").stdout.startswith(b"HTTP/1.1 502")
     r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
-    assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CONNECT_FAIL" in r.stdout, r.stdout[:300]
+    assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CANNOT_FORWARD" in r.stdout, r.stdout[:300]
     assert b"upstream proxy 127.0.0.1" in r.stdout
-    f = find(p, url=f"{origin.url}/parent-down")
-    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
+    lines = [fields(l) for l in p.log_lines(3) if "/parent-down" in l]
+    assert [(f["code"], f["status"], f["hier"]) for f in lines] == [("TCP_MISS", "502", "HIER_NONE"),
+                                                                      ("TCP_MISS", "503", "HIER_NONE")]
+    start_proxy(script=None, ports=[port])  # back
+    assert curl("-x", p.url, f"{origin.url}/parent-down").stdout == b"hello /parent-down"
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:{closed}", "nosuchhost.invalid:80"], ids=["refused", "dns"])
