@@ -225,6 +225,7 @@ class DiskTier:
             (self.directory / DAMAGED_MARK).touch()  # found damaged by the replay: moved aside, started empty
             self.dc = open_or_recover(self.directory, limit)
         self.tmpdir, self.tmplock = _incoming(self.directory)
+        self.opened = time.time()
         self.off_reason: str | None = None  # why the tier went off while running (cache.stats)
         self.journaled: set[str] = set()
         self.lock = threading.Lock()
@@ -634,6 +635,27 @@ class DiskTier:
             self.known = known | self.added
             self.added = set()
             self.known_limit = max(self.KNOWN_MIN, 2 * len(self.known))
+        if written is None:  # the load when the cache opens
+            self._sweep(self.opened)
+
+    def _sweep(self, before: float) -> None:
+        """Delete the body files no row names, left by a crash between a file and its row (or a lost
+        WAL): nothing else ever would, and cache_dir_size does not count them. Only files older than a
+        minute before the cache opened: a newer one may be another proxy's write in flight."""
+        try:
+            named = {os.path.normpath(f) for (f,) in self.dc._sql(
+                "SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
+            swept = 0
+            for path in self.directory.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.val"):
+                if (os.path.normpath(path.relative_to(self.directory)) not in named
+                        and path.stat().st_mtime < before - 60):
+                    path.unlink()
+                    swept += 1
+        except Exception as e:  # another diskcache layout, a file gone meanwhile: nothing is lost by stopping
+            log.warning("cache: could not sweep orphan body files in %s: %s", self.directory, e)
+            return
+        if swept:
+            log.warning("cache: deleted %d body files no entry used (left by a crash)", swept)
 
 
 def _open(directory: Path, limit: int):

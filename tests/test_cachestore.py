@@ -576,3 +576,27 @@ def test_a_damaged_cache_dir_behind_a_symbolic_link_is_moved_aside_where_the_lin
     disk_store(link).close()
     assert link.is_symlink() and (target / "cache.db").exists()
     assert len(list((tmp_path / "big").glob("cache.damaged-*"))) == 1
+
+
+def test_body_files_no_entry_uses_are_swept_when_the_cache_opens(tmp_path, caplog):
+    """A crash between a body file and its row (or a lost WAL) leaves files nothing would ever delete, and
+    cache_dir_size does not count them."""
+    big = b"B" * (64 * 1024)  # diskcache keeps bodies this large in files of their own
+    s = disk_store(tmp_path)
+    s.put("http://a/big", meta("http://a/big", big), big)
+    s.close()
+    (real,) = list(tmp_path.glob("*/*/*.val"))
+    orphan = real.with_name("0" * 32 + ".val")
+    orphan.write_bytes(big)
+    recent = real.with_name("1" * 32 + ".val")  # as another proxy's write in flight
+    recent.write_bytes(big)
+    old = time.time() - 3600
+    os.utime(orphan, (old, old))
+    s = disk_store(tmp_path)
+    try:
+        s.disk.loader.join(10)
+        assert not orphan.exists() and recent.exists() and real.exists()
+        assert s.get("http://a/big", "-")[0].body == big
+        assert "deleted 1 body files" in caplog.text
+    finally:
+        s.close()
