@@ -288,8 +288,12 @@ class AccessControl:
         else:
             url = r.pretty_url if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
+        headers = r.headers
+        if r.data.authority and r.data.http_version in (b"HTTP/2.0", b"HTTP/3") and "host" not in headers:
+            headers = headers.copy()  # HTTP/2's Host is :authority: req_header Host must see it too
+            headers.insert(0, "host", r.data.authority.decode("utf-8", "surrogateescape"))
         return self._request(flow.client_conn, method=method, proto=proto, host=host, port=r.port,
-                             path=path, url=url, headers=r.headers, user=meta.user(flow), dst_ips=dst)
+                             path=path, url=url, headers=headers, user=meta.user(flow), dst_ips=dst)
 
     def _request(self, client, **kw) -> aclrules.Request:
         mode = getattr(client, "proxy_mode", None)

@@ -96,6 +96,8 @@ class Request:
         h = self.headers
         if h is None:
             return None
+        if name.lower() == "cookie" and hasattr(h, "get_all"):  # HTTP/2 may send one field per cookie
+            return "; ".join(h.get_all(name)) or None          # (RFC 9113 8.2.3), joined as the origin gets them
         v = h.get(name)
         if v is None and isinstance(h, dict):
             lname = name.lower()

@@ -174,7 +174,7 @@ class Anonymize:
             keep = ("proxy-authorization",)  # mitmproxy's upstream_auth put it there for the next proxy
         # plan_request is pure: the same headers from the same client for the same host get the same edits
         key = (level, req.headers.fields, meta.client_ip(flow), req.scheme, req.host,
-               req.http_version, keep)
+               req.data.authority, req.http_version, keep)  # (HTTP/2's :authority is no header field)
         fields = self.memo.get(key)
         if fields is None:
             self._plan(req, self.policy.levels[level], meta.client_ip(flow), keep)

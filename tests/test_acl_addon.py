@@ -194,3 +194,25 @@ def test_an_error_after_a_dns_lookup_or_on_a_raw_stream_denies_too(tmp_path, mon
             assert t.metadata[meta.CODE] == "TCP_DENIED" and t.metadata[meta.ACL]["rule"] == "an error in access control"
             assert t.client_conn in ac.denied
     asyncio.run(main())
+
+
+def test_http2_requests_show_their_host_and_their_cookies_to_req_header_acls(tmp_path):
+    """HTTP/2 has no Host field (its :authority stands for it) and may send each cookie as a field of its own
+    (RFC 9113 8.2.3): the acls see them as an HTTP/1 request shows them, and as the origin gets them."""
+    (tmp_path / "p.yaml").write_text(
+        "acls:\n  evil: req_header Host ^evil\n  b2: req_header Cookie (^|;\\s*)b=2(;|$)\n"
+        "http_access:\n  - deny evil\n  - deny b2\n  - allow all\n")
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(tmp_path / "p.yaml"))
+        for authority, cookies, denied in ((b"evil.example", [], True), (b"good.example", ["a=1", "b=2"], True),
+                                           (b"good.example", ["a=1", "b=3"], False)):
+            f = flow()
+            f.request.http_version = "HTTP/2.0"
+            f.request.data.authority = authority
+            f.request.headers.pop("host", None)
+            for c in cookies:
+                f.request.headers.add("cookie", c)
+            ac.requestheaders(f)
+            assert (f.response is not None) == denied, (authority, cookies)
+            assert "host" not in f.request.headers  # the request itself is left as it is

@@ -164,3 +164,18 @@ def test_remembered_edits_still_depend_on_client_and_headers(addon):
         seen.append(f.request.headers["X-Forwarded-For"])
     assert seen == ["127.0.0.23", "127.0.0.23", "127.0.0.99", "10.1.1.1, 127.0.0.23"]
     assert len(addon.memo) == 3
+
+
+def test_http2_requests_to_two_names_on_one_address_get_each_their_own_edits(addon):
+    """The edits are remembered per request facts; HTTP/2's :authority (no header field) is one of them:
+    a cookie for a stripped domain must not pass because another name on the same address was seen first."""
+    addon.tctx.configure(addon, anonymize="paranoid")
+    out = []
+    for name in (b"shop.example", b"www.facebook.com", b"shop.example"):
+        f = flow(headers=[("cookie", "sid=abc")])
+        f.request.http_version = "HTTP/2.0"
+        f.request.host, f.request.data.authority = "127.0.0.1", name
+        f.request.headers.pop("host", None)
+        addon.requestheaders(f)
+        out.append(f.request.headers.get("cookie"))
+    assert out == ["sid=abc", None, "sid=abc"]
