@@ -289,9 +289,11 @@ class AccessControl:
             url = r.pretty_url if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
         headers = r.headers
-        if r.data.authority and r.data.http_version in (b"HTTP/2.0", b"HTTP/3") and "host" not in headers:
-            headers = headers.copy()  # HTTP/2's Host is :authority: req_header Host must see it too
-            headers.insert(0, "host", r.data.authority.decode("utf-8", "surrogateescape"))
+        if r.data.authority and r.data.http_version in (b"HTTP/2.0", b"HTTP/3"):
+            # HTTP/2's Host is :authority, which wins over a host field (RFC 9113 8.3.1), as in mitmproxy's
+            # host_header and what an HTTP/2 origin gets: req_header Host sees that one
+            headers = headers.copy()
+            headers["host"] = r.data.authority.decode("utf-8", "surrogateescape")
         return self._request(flow.client_conn, method=method, proto=proto, host=host, port=r.port,
                              path=path, url=url, headers=headers, user=meta.user(flow), dst_ips=dst)
 

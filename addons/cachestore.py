@@ -642,18 +642,25 @@ class DiskTier:
         """Delete the body files no row names, left by a crash between a file and its row (or a lost
         WAL): nothing else ever would, and cache_dir_size does not count them. Only files older than a
         minute before the cache opened: a newer one may be another proxy's write in flight."""
+        swept = 0
         try:
-            named = {os.path.normpath(f) for (f,) in self.dc._sql(
-                "SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
-            swept = 0
-            for path in self.directory.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*.val"):
-                if (os.path.normpath(path.relative_to(self.directory)) not in named
-                        and path.stat().st_mtime < before - 60):
-                    path.unlink()
-                    swept += 1
-        except Exception as e:  # another diskcache layout, a file gone meanwhile: nothing is lost by stopping
+            named = {f for (f,) in self.dc._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
+            for top in os.scandir(self.directory):  # diskcache's layout: ab/cd/<hex>.val
+                if not (len(top.name) == 2 and _HEX.issuperset(top.name) and top.is_dir()):
+                    continue
+                for sub in os.scandir(top.path):
+                    if not (len(sub.name) == 2 and _HEX.issuperset(sub.name) and sub.is_dir()):
+                        continue
+                    for f in os.scandir(sub.path):
+                        if f.name.endswith(".val") and os.path.join(top.name, sub.name, f.name) not in named:
+                            try:
+                                if f.stat().st_mtime < before - 60:
+                                    os.unlink(f.path)
+                                    swept += 1
+                            except FileNotFoundError:  # evicted meanwhile
+                                pass
+        except Exception as e:  # another diskcache layout, an unreadable folder: nothing is lost by stopping
             log.warning("cache: could not sweep orphan body files in %s: %s", self.directory, e)
-            return
         if swept:
             log.warning("cache: deleted %d body files no entry used (left by a crash)", swept)
 
@@ -694,6 +701,7 @@ DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved
 URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
 
 
+_HEX = frozenset("0123456789abcdef")
 DAMAGED = ("file is not a database", "database disk image is malformed")  # SQLite's words for a damaged file
 
 
@@ -721,6 +729,9 @@ def open_or_recover(directory: Path, limit: int):
         for name in ("cache.db", "cache.db-wal", "cache.db-shm", DAMAGED_MARK):
             if (directory / name).exists():
                 (directory / name).rename(aside / name)
+        for sub in directory.iterdir():  # its body files (ab/cd/...), which the new database would not name
+            if len(sub.name) == 2 and _HEX.issuperset(sub.name) and sub.is_dir():
+                sub.rename(aside / sub.name)
     log.warning("cache: the disk cache's database in %s is damaged (%s); moved aside to %s, the disk cache "
               "starts empty", directory, damaged, aside)
     return _open(directory, limit)

@@ -57,7 +57,7 @@ def _through_parent(flow) -> bool:
         return False
     if hasattr(flow, "request"):  # HTTP: a CONNECT is answered by mitmproxy itself
         return flow.response is not None and flow.request.method != "CONNECT"
-    return True  # a raw stream relayed through the parent
+    return any(not m.from_client for m in flow.messages)  # a raw stream: something came back through it
 
 
 def user(flow) -> str | None:

@@ -600,3 +600,28 @@ def test_body_files_no_entry_uses_are_swept_when_the_cache_opens(tmp_path, caplo
         assert "deleted 1 body files" in caplog.text
     finally:
         s.close()
+
+
+def test_a_damaged_database_moved_aside_inside_its_folder_keeps_its_body_files(tmp_path, monkeypatch):
+    """When the folder cannot be renamed (a mount point), the database moves into a folder inside it, and its
+    body files with it: left in place, the new database would not name them, and the sweep would delete them."""
+    big = b"B" * (64 * 1024)
+    s = disk_store(tmp_path)
+    s.put("http://a/big", meta("http://a/big", big), big)
+    s.close()
+    (body,) = list(tmp_path.glob("*/*/*.val"))
+    old = time.time() - 3600
+    os.utime(body, (old, old))
+    (tmp_path / cs.DAMAGED_MARK).touch()
+
+    def busy(self, target):
+        raise OSError(16, "Device or resource busy")
+    monkeypatch.setattr(cs.Path, "rename", lambda self, target: busy(self, target) if self == tmp_path.resolve()
+                        else os.rename(self, target))
+    s = disk_store(tmp_path)
+    try:
+        s.disk.loader.join(10)
+    finally:
+        s.close()
+    (aside,) = list(tmp_path.glob("cache.db.damaged-*"))
+    assert (aside / "cache.db").exists() and len(list(aside.glob("*/*/*.val"))) == 1

@@ -219,3 +219,12 @@ def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, t
     assert (f["code"], f["status"], f["method"], f["hier"]) == ("NONE_NONE", "503", "CONNECT", "HIER_NONE")
     time.sleep(0.5)
     assert len([l for l in proxy.log_lines(0, timeout=0) if target in l]) == 1
+
+
+def test_a_tunnel_through_a_parent_proxy_that_is_down_is_not_logged_as_forwarded(start_proxy, tls_origin):
+    from harness import free_port
+    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{free_port()}",), options={"ignore_hosts": "127.0.0.1"})
+    r = curl("-k", "-x", p.url, f"{tls_origin.url}/t")
+    assert r.returncode != 0
+    f = find(p, method="CONNECT")
+    assert (f["hier"], f["peer"]) == ("HIER_NONE", "-"), f
