@@ -184,13 +184,13 @@ def test_bench_cache(tmp_path):
               f"{PAIR_SECONDS} s each, median; the machine's drift cancels out):")
         for name, target in targets.items():
             ratio = statistics.median(pairs[name])
-            print(f"  {name:26s} {ratio:5.2f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}"
-                  f"   runs: {' '.join(f'{v:.2f}' for v in pairs[name])}")
+            print(f"  {name:26s} {ratio:5.3f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}"
+                  f"   runs: {' '.join(f'{v:.3f}' for v in pairs[name])}")
         print("  the same ratios from the sequential medians above (they also compare the machine's speed "
               "at different moments):")
     for name, target in targets.items():
         ratio = sequential[name]
-        print(f"  {name:26s} {ratio:5.2f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}")
+        print(f"  {name:26s} {ratio:5.3f}x  (target >= {target}x)  {'ok' if ratio >= target else 'BELOW TARGET'}")
     limit = CACHE_MEM_MB + 150
     print(f"  peak RSS filling {10 * CACHE_MEM_MB} MB with cache_mem {CACHE_MEM_MB} MB: {rss:.0f} MB "
           f"(target < {limit} MB)  {'ok' if rss < limit else 'ABOVE TARGET'}")
