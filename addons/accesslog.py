@@ -496,7 +496,7 @@ class AccessLog:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if not resp.stream and not (self.late_streams and "content-length" not in resp.headers):
+        if not streams.may_stream(resp, self.late_streams):
             return  # buffered whole: its size is known
         if flow.request.method == "HEAD":
             return
@@ -529,6 +529,7 @@ class AccessLog:
             # The origin failed before its response was complete (none of it had been sent: it was not
             # streamed) and mitmproxy sent its own 502 page instead. A response it refused (invalid
             # framing) stays in the flow for mitmweb; the log says what the client got.
+            # decided before the page is put in the flow, which would look like an upstream answer
             flow.metadata.setdefault(meta.HIER, meta.forwarded(flow) if meta.peer(flow) else "HIER_NONE")
             sent = mitmproxy_error_page(flow.error.msg if flow.error else "")
             if flow.response is None:

@@ -289,7 +289,7 @@ class AccessControl:
             url = r.pretty_url if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
         headers = r.headers
-        if r.data.authority and r.data.http_version in (b"HTTP/2.0", b"HTTP/3"):
+        if r.data.authority and r.data.http_version in meta.LOWER_CASE_VERSIONS:
             # HTTP/2's Host is :authority, which wins over a host field (RFC 9113 8.3.1), as in mitmproxy's
             # host_header and what an HTTP/2 origin gets: req_header Host sees that one
             headers = headers.copy()

@@ -198,7 +198,7 @@ class Anonymize:
         edits = anonrules.plan_request(fields, rules, info,
                                        self.policy.visible_hostname or self.hostname, self.policy.via_comment)
         anonrules.apply(edits, req.headers)
-        if edits and req.data.http_version in (b"HTTP/2.0", b"HTTP/3"):  # names added (Via...) as HTTP/2 needs them
+        if edits and req.data.http_version in meta.LOWER_CASE_VERSIONS:  # names added (Via...) as HTTP/2 needs them
             req.headers.fields = tuple((k.lower(), v) for k, v in req.headers.fields)
 
     # --- responses ------------------------------------------------------

@@ -763,7 +763,7 @@ class Cache:
         if req.method == "HEAD":
             body = b""
         version = req.data.http_version if req.data.http_version in _VERSIONS else b"HTTP/1.1"
-        if version != b"HTTP/1.1":  # RFC 9113 8.2.1: upper case makes an HTTP/2 (or /3) field malformed
+        if version in meta.LOWER_CASE_VERSIONS:  # an upper-case name makes the field malformed
             headers = headers_of(tuple((k.lower(), v) for k, v in headers.fields))
         # stored as mitmproxy reads it (ISO-8859-1): the origin's bytes back, whatever they were
         reason = reason.encode("iso-8859-1", "replace") if isinstance(reason, str) else reason
@@ -856,9 +856,9 @@ class Cache:
         if b"x-cache" in _names(h):
             h["X-Cache"] = _X_CACHE_MISS
         else:  # what h["X-Cache"] = ... does for an absent field, minus its overhead
-            name = b"x-cache" if resp.data.http_version in (b"HTTP/2.0", b"HTTP/3") else b"X-Cache"  # as _build
+            name = b"x-cache" if resp.data.http_version in meta.LOWER_CASE_VERSIONS else b"X-Cache"
             h.fields = (*h.fields, (name, _X_CACHE_MISS))
-        if not resp.stream and not (self.late_streams and "content-length" not in h):
+        if not streams.may_stream(resp, self.late_streams):
             return  # buffered whole: response() stores it
         if flow.request.method != "GET" or self.store.disk is None:
             return

@@ -220,7 +220,7 @@ class DiskTier:
             self._replay()
         except Exception as e:
             self.dc.close()
-            if not any(words in str(e) for words in DAMAGED):
+            if not _damaged(e):
                 raise
             (self.directory / DAMAGED_MARK).touch()  # found damaged by the replay: moved aside, started empty
             self.dc = open_or_recover(self.directory, limit)
@@ -333,7 +333,7 @@ class DiskTier:
     def _read_failed(self, what: str, primary: str, e: Exception) -> None:
         """A read error: one entry's (logged), or the database's (SQLite's words for a damaged file):
         then the tier is off with one error, and the folder is moved aside when the cache opens next."""
-        if not any(words in str(e) for words in DAMAGED):
+        if not _damaged(e):
             log.warning("cache: disk %s read failed for %s: %s", what, primary, e)
             return
         with self.lock:
@@ -428,7 +428,7 @@ class DiskTier:
                 os.fsync(f.fileno())
         except OSError as e:
             log.error("cache: cannot record removals for the next start in %s (%s): the disk may answer "
-                      "with responses purged or replaced since the writer exited", self.directory / JOURNAL, e)
+                      "with responses purged since the writer exited", self.directory / JOURNAL, e)
 
     def _replay(self) -> None:
         """The journal's removals, made before the writer starts; an error goes up (the disk tier stays
@@ -646,10 +646,10 @@ class DiskTier:
         try:
             named = {f for (f,) in self.dc._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL").fetchall()}
             for top in os.scandir(self.directory):  # diskcache's layout: ab/cd/<hex>.val
-                if not (len(top.name) == 2 and _HEX.issuperset(top.name) and top.is_dir()):
+                if not _body_folder(top):
                     continue
                 for sub in os.scandir(top.path):
-                    if not (len(sub.name) == 2 and _HEX.issuperset(sub.name) and sub.is_dir()):
+                    if not _body_folder(sub):
                         continue
                     for f in os.scandir(sub.path):
                         if f.name.endswith(".val") and os.path.join(top.name, sub.name, f.name) not in named:
@@ -701,8 +701,17 @@ DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved
 URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
 
 
-_HEX = frozenset("0123456789abcdef")
 DAMAGED = ("file is not a database", "database disk image is malformed")  # SQLite's words for a damaged file
+
+
+def _damaged(e: Exception) -> bool:
+    """True for SQLite's errors about a damaged database file."""
+    return any(words in str(e) for words in DAMAGED)
+
+
+def _body_folder(entry) -> bool:
+    """One of diskcache's folders of body files (ab/ and ab/cd/: two hex digits), a Path or a DirEntry."""
+    return len(entry.name) == 2 and all(c in "0123456789abcdef" for c in entry.name) and entry.is_dir()
 
 
 def open_or_recover(directory: Path, limit: int):
@@ -714,7 +723,7 @@ def open_or_recover(directory: Path, limit: int):
             raise sqlite3.DatabaseError(f"{DAMAGED[1]} (found so by the previous run)")
         return _open(directory, limit)
     except Exception as e:
-        if not any(words in str(e) for words in DAMAGED):
+        if not _damaged(e):
             raise
         damaged = e
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -730,7 +739,7 @@ def open_or_recover(directory: Path, limit: int):
             if (directory / name).exists():
                 (directory / name).rename(aside / name)
         for sub in directory.iterdir():  # its body files (ab/cd/...), which the new database would not name
-            if len(sub.name) == 2 and _HEX.issuperset(sub.name) and sub.is_dir():
+            if _body_folder(sub):
                 sub.rename(aside / sub.name)
     log.warning("cache: the disk cache's database in %s is damaged (%s); moved aside to %s, the disk cache "
               "starts empty", directory, damaged, aside)

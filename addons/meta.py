@@ -23,6 +23,10 @@ PEER = "relais.peer"          # upstream address tried when no connection was ma
 ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
 
 
+# HTTP versions whose field names must be lower case (RFC 9113 8.2.1, RFC 9114 4.2)
+LOWER_CASE_VERSIONS = frozenset({b"HTTP/2.0", b"HTTP/3"})
+
+
 def client_ip(flow) -> str:
     """The client's address as Squid prints it (IPv4-mapped IPv6 unwrapped)."""
     peer = getattr(flow.client_conn, "peername", None)

@@ -19,6 +19,12 @@ from mitmproxy import http
 log = logging.getLogger(__name__)
 
 
+def may_stream(response: http.Response, late: bool) -> bool:
+    """True if the response is streamed, or may be later: `late` (stream_large_bodies is set) and its
+    length is unknown. Otherwise its body is buffered whole and wrapping it is useless."""
+    return bool(response.stream) or (late and "content-length" not in response.headers)
+
+
 def wrap(response: http.Response, wrapper) -> None:
     """Make `wrapper(inner)` the response's stream callable, `inner` being the callable it had (or
     None): now if the response is streamed, else when it is (wrappers apply in the order given)."""
