@@ -582,6 +582,9 @@ class DiskTier:
 
     def _acknowledge(self, acks: list) -> None:
         """Operations done (committed or failed): committed puts free the backlog, removes and clears end."""
+        for ack in acks:  # before flushes end, so whoever waited on one sees what the writer said
+            if ack[0] == "log":
+                log.warning(ack[1])
         with self.lock:
             for ack in acks:
                 kind = ack[0]
@@ -600,9 +603,6 @@ class DiskTier:
                     done = self.flushes.pop(ack[1], None)
                     if done is not None:
                         done.set()
-        for ack in acks:
-            if ack[0] == "log":
-                log.warning(ack[1])
 
     def _reindex(self, h: int) -> None:
         """Rebuild `known` from the disk in the background (the caller holds the lock), once the writer
