@@ -284,15 +284,30 @@ class Proxy:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.confdir = self.tmp / "conf"
         self.access_log = self.tmp / "access.log"
-        self.ports = list(ports) if ports else [free_port() for _ in modes]
-        self.port = self.ports[0]
         opts = {"confdir": str(self.confdir), "access_log": str(self.access_log),
                 "ssl_insecure": "true", "termlog_verbosity": "info"}
         if script in ("addons/all.py", "addons/acl.py"):
             # Squid's default policy refuses CONNECT to the high ports of the test origins.
             opts["policy"] = str(ROOT / "tests" / "policies" / "test.yaml")
         opts.update({k: v for k, v in (options or {}).items()})
-        other_netns = bool(prefix)  # then its ports cannot be probed from here
+        self.output = self.tmp / "mitmdump.out"
+        # A free port may be taken by another process before mitmdump binds it: then mitmdump
+        # exits, and another set of free ports is tried (ports given by the caller are not changed).
+        for attempt in range(1 if ports else 3):
+            self.ports = list(ports) if ports else [free_port() for _ in modes]
+            self.port = self.ports[0]
+            self._start(modes, script, opts, args, env, prefix, listen_host)
+            if not wait:
+                return
+            try:
+                self._wait_started(other_netns=bool(prefix))  # then its ports cannot be probed from here
+                return
+            except Exception:
+                self.stop()
+                if ports or attempt == 2 or "address already in use" not in self.text():
+                    raise
+
+    def _start(self, modes, script, opts, args, env, prefix, listen_host) -> None:
         cmd = [*(prefix or hermetic_dns(self.tmp)), MITMDUMP, "--listen-host", listen_host]
         for mode, port in zip(modes, self.ports):
             cmd += ["--mode", f"{mode}@{port}"]
@@ -306,20 +321,20 @@ class Proxy:
             cmd += ["--set", f"{k}={v}"]
         cmd += list(args)
         self.cmd = cmd
-        self.output = self.tmp / "mitmdump.out"
         self._out = open(self.output, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(self.tmp), stdout=self._out, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, start_new_session=True)
-        if wait:
-            try:
-                if other_netns:  # wait for its own word
-                    self.wait_output("listening at", timeout=30)
-                else:
-                    for port in self.ports:
-                        self._wait(port)
-            except Exception:
-                self.stop()
-                raise
+
+    def _wait_started(self, other_netns: bool) -> None:
+        if other_netns:  # wait for its own word
+            self.wait_output("listening at", timeout=30)
+            return
+        for port in self.ports:
+            self._wait(port)
+        # Something listens on each port; this mitmdump says it is the one (another process may
+        # have taken a port it then failed to bind).
+        for port in self.ports:
+            self.wait_output(f":{port}.", timeout=10)
 
     def _wait(self, port: int, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
