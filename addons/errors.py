@@ -7,7 +7,9 @@ before a plain HTTP request goes upstream on a new connection, this addon
 checks that the origin resolves and accepts connections (remembering a
 success for `connect_check_ttl` seconds, so a busy origin costs one extra
 handshake per interval), and answers with Squid's page when it does not.
-It also turns a failed CONNECT into Squid's 503, and runs reverse-only
+A request for the proxy's own address (a forwarding loop, which mitmproxy
+refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
+answers a loop. It also turns a failed CONNECT into Squid's 503, and runs reverse-only
 proxies with the lazy connection strategy, so that a dead backend gets an
 answer instead of a closed connection.
 
@@ -111,6 +113,13 @@ class Errors:
         # returns only when it is awaitable, so those cost no coroutine.
         if flow.response or flow.error or not flow.live:
             return None
+        if _to_self(flow):
+            # mitmproxy refuses to connect to its own listeners (its 502 "destination unknown"); Squid
+            # answers a forwarding loop with 403 ERR_ACCESS_DENIED
+            logger.warning("forwarding loop: %s is this proxy's own address; denied", flow.request.pretty_url)
+            answer(flow, Failure("ERR_ACCESS_DENIED", 0, "forwarding loop: the request is for this proxy itself",
+                                 None))
+            return None
         parent = _parent(flow)
         if parent is not None:  # checked only once a flow through it failed: each check is a connection
             return self._check(flow, parent, parent=True) if parent in self.suspect else None
@@ -165,6 +174,21 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
     """The upstream proxy of an upstream-mode listener, or None."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
     return tuple(mode.address) if getattr(mode, "type_name", "") == "upstream" else None
+
+
+def _to_self(flow: http.HTTPFlow) -> bool:
+    """True when the request would go to one of this proxy's own TCP listeners, by the rule mitmproxy's
+    proxyserver refuses such connections with."""
+    if flow.server_conn.timestamp_tcp_setup is not None or _parent(flow) is not None:
+        return False
+    host, port = flow.request.host, flow.request.port
+    try:
+        listeners = [(addr, server.mode.transport_protocol) for server in ctx.master.addons.get("proxyserver").servers
+                     for addr in server.listen_addrs]
+    except Exception:  # another mitmproxy version: its own check still refuses the connection
+        return False
+    return any(proto == "tcp" and port == addr[1] and host in ("localhost", "127.0.0.1", "::1", addr[0])
+               for addr, proto in listeners)
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

@@ -137,6 +137,23 @@ def test_refused_origin_gets_squid_503(proxy):
         "TCP_MISS", "503", "HIER_DIRECT", "127.0.0.1", "text/html")
 
 
+def test_a_request_for_the_proxy_itself_is_a_forwarding_loop_denied_as_squid_does(start_proxy):
+    proxy = start_proxy()
+    # mitmproxy refuses to connect to its own listener with a 502 of its own, logged as an abort;
+    # Squid answers a forwarding loop with 403 ERR_ACCESS_DENIED
+    for host in ("127.0.0.1", "localhost"):
+        url = f"http://{host}:{proxy.port}/loop"
+        r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, url)
+        assert b" 403 " in r.stdout.split(b"\r\n")[0] and b"X-Squid-Error: ERR_ACCESS_DENIED" in r.stdout, r.stdout
+        f = find(proxy, url=url)
+        assert (f["code"], f["status"], f["hier"]) == ("TCP_MISS", "403", "HIER_NONE")
+    assert "forwarding loop" in proxy.text()
+    # nothing else reached the log (a probe of the proxy by itself, an inner hop) but the line of the
+    # harness's own check that the proxy listens: a connection without a request
+    others = [line for line in proxy.log_lines(2) if "/loop" not in line]
+    assert len(others) == 1 and "NONE_NONE/000 0 - error:transaction-end-before-headers" in others[0], others
+
+
 def test_unresolvable_host_gets_dns_error(proxy):
     r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, "http://nosuchhost.invalid/")
     assert b"X-Squid-Error: ERR_DNS_FAIL" in r.stdout
