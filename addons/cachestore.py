@@ -616,6 +616,14 @@ class DiskTier:
         self.loader.start()
 
     def _load(self, written: threading.Event | None = None) -> None:
+        try:
+            self._load_keys(written)
+        finally:
+            # diskcache opened a connection for this thread: closed now, not whenever the garbage collector
+            # gets to it (left open, it keeps the store's last close from checkpointing the WAL into cache.db)
+            self.dc.close()
+
+    def _load_keys(self, written: threading.Event | None = None) -> None:
         """hash() of the primary keys with an entry (m|<vary hash>|<primary>) on disk."""
         if written is not None:
             written.wait(60)  # set when the writer has written what was queued before, or is gone
