@@ -323,7 +323,8 @@ class Proxy:
         self.cmd = cmd
         self._out = open(self.output, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(self.tmp), stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                     start_new_session=True)
 
     def _wait_started(self, other_netns: bool) -> None:
         if other_netns:  # wait for its own word
@@ -418,6 +419,31 @@ class Proxy:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self._out.close()
+
+
+def wait_stored(cache_dir, needle: str, since: float = 0.0, timeout: float = 10.0) -> None:
+    """Until cache_dir's disk cache holds an entry whose key contains `needle`, stored after `since`
+    (time.time()). The disk writer commits 0.2 s or more after a response is stored, and until it says
+    so the proxy does not read that key from the disk: a request sent meanwhile is a miss."""
+    import sqlite3
+    db = Path(cache_dir) / "cache.db"
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                found = con.execute("SELECT 1 FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}' "
+                                    "AND instr(key, ?) > 0 AND store_time > ?", (needle, since)).fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error:
+            found = None
+        if found:
+            time.sleep(0.1)  # the writer's acknowledgement reaches the proxy right after its commit
+            return
+        if time.monotonic() >= end:
+            raise AssertionError(f"no entry with {needle!r} stored in {db} after {timeout}s")
+        time.sleep(0.05)
 
 
 def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:

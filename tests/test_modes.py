@@ -216,7 +216,7 @@ def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(st
     r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
     assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CANNOT_FORWARD" in r.stdout, r.stdout[:300]
     assert b"upstream proxy 127.0.0.1" in r.stdout
-    lines = [fields(l) for l in p.log_lines(3) if "/parent-down" in l]
+    lines = [fields(l) for l in p.wait_lines("/parent-down", 2)]
     assert [(f["code"], f["status"], f["hier"]) for f in lines] == [("TCP_MISS", "502", "HIER_NONE"),
                                                                       ("TCP_MISS", "503", "HIER_NONE")]
     start_proxy(script=None, ports=[port])  # back

@@ -119,6 +119,7 @@ def run_cases(proxy, origin, tls_origin, dead) -> dict[int, str]:
         28: lambda: curl(*x, f"{o}/slow/100k", timeout=1),
     }
     lines: dict[int, str] = {}
+    proxy.wait_lines("error:transaction-end-before-headers")  # the harness's readiness probe, logged first
     for case, send in sends.items():
         before = len(proxy.log_lines(0))
         send()
