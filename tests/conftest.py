@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Origin, Proxy, make_cert
+from harness import Origin, Proxy, closed_port, make_cert
 
 
 @pytest.fixture
@@ -23,6 +23,13 @@ def tls_origin(cert):
     o = Origin(tls=cert)
     yield o
     o.close()
+
+
+@pytest.fixture
+def refused_port():
+    """A loopback port that refuses connections for the whole test (see harness.closed_port)."""
+    with closed_port() as (port, _):
+        yield port
 
 
 @pytest.fixture

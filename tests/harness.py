@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +41,17 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+@contextmanager
+def closed_port(host: str = "127.0.0.1"):
+    """A port that refuses connections while the block runs: a socket bound to it without listen()
+    (connect() gets ECONNREFUSED), which no other process can take meanwhile, as it could a
+    free_port() (then a connection to it would be accepted). Yields (port, socket): the socket's
+    listen() brings the port up."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        yield s.getsockname()[1], s
 
 
 # --- origin -----------------------------------------------------------------

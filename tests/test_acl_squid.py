@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -247,36 +248,69 @@ def proxies(tmp_path_factory):
     origin = Origin()
     tmp = Path(tempfile.mkdtemp(prefix="relais-squid-"))  # readable by the proxy user, unlike pytest's tmp
     os.chmod(tmp, 0o755)
-    sport, rport = free_port(), free_port()
-    text = conf(tmp, sport, rport, origin.port)
-    (tmp / "squid.conf").write_text(text)
     users = []
     for user, pw in (("alice", "apw"), ("bob", "bpw")):
         h = subprocess.run(["openssl", "passwd", "-apr1", pw], capture_output=True, text=True, check=True).stdout.strip()
         users.append(f"{user}:{h}")
     (tmp / "users").write_text("\n".join(users) + "\n")
     proxy_uid = pwd.getpwnam("proxy").pw_uid
-    for f in (tmp, tmp / "users", tmp / "squid.conf"):
-        os.chown(f, proxy_uid, -1)
-    squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    relais = None
+    squid = relais = None
     try:
-        wait_port(sport, timeout=30)
-        relais = Proxy(tmp_path_factory.mktemp("relais"), ports=[rport],
-                       options={"policy": str(tmp / "squid.conf"), "proxyauth": f"@{tmp / 'users'}"})
+        # A free port may be taken by another process before Squid or Relais binds it: then the one that
+        # could not bind exits, and both start again on new ports (the conf names both).
+        for attempt in range(3):
+            sport, rport = free_port(), free_port()
+            (tmp / "squid.conf").write_text(conf(tmp, sport, rport, origin.port))
+            (tmp / "cache.log").unlink(missing_ok=True)
+            for f in (tmp, tmp / "users", tmp / "squid.conf"):
+                os.chown(f, proxy_uid, -1)
+            squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_squid(squid, tmp, sport)
+                wait_port(sport, timeout=30)
+                relais = Proxy(tmp_path_factory.mktemp("relais"), ports=[rport],
+                               options={"policy": str(tmp / "squid.conf"), "proxyauth": f"@{tmp / 'users'}"})
+                break
+            except Exception as e:
+                stop(squid)
+                if attempt == 2 or "address already in use" not in str(e).lower():
+                    raise
         yield sport, rport, origin.port
     finally:
         if relais:
             relais.stop()
-        squid.terminate()
-        try:
-            squid.wait(15)
-        except subprocess.TimeoutExpired:
-            squid.kill()
-            squid.wait()
+        if squid:
+            stop(squid)
         origin.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_squid(squid: subprocess.Popen, tmp: Path, port: int, timeout: float = 30.0) -> None:
+    """Until Squid's cache.log says it accepts connections on the port: something else may listen there
+    (then Squid cannot bind it, and exits)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            log = (tmp / "cache.log").read_text(errors="replace")
+        except FileNotFoundError:
+            log = ""
+        if re.search(rf"Accepting HTTP Socket connections at \S+ local=127\.0\.0\.1:{port} ", log):
+            return
+        if squid.poll() is not None:
+            raise RuntimeError(f"squid exited {squid.returncode}:\n{log}")
+        if time.monotonic() >= end:
+            raise TimeoutError(f"squid not listening on {port} after {timeout}s:\n{log}")
+        time.sleep(0.1)
+
+
+def stop(squid: subprocess.Popen) -> None:
+    squid.terminate()
+    try:
+        squid.wait(15)
+    except subprocess.TimeoutExpired:
+        squid.kill()
+        squid.wait()
 
 
 def test_at_least_forty_cases_over_all_acl_types():
@@ -322,6 +356,10 @@ def test_maxconn_same_as_squid(proxies):
             busy = ask(port, ["http://127.0.0.1:{o}/busy"], "127.0.0.11", oport)
         finally:
             idle.close()
-        time.sleep(0.5)
-        calm = ask(port, ["http://127.0.0.1:{o}/calm"], "127.0.0.11", oport)
+        end = time.monotonic() + 5  # each proxy notices the closed connection in its own time
+        while True:
+            calm = ask(port, ["http://127.0.0.1:{o}/calm"], "127.0.0.11", oport)
+            if outcome(calm) == "allow" or time.monotonic() >= end:
+                break
+            time.sleep(0.2)
         assert (outcome(busy), outcome(calm)) == ("deny", "allow"), (port, busy, calm)

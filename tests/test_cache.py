@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, curl, curl_status, free_port, wait_stored
+from harness import Origin, Proxy, closed_port, curl, curl_status, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -322,30 +322,27 @@ def test_404_with_max_age_is_negative_hit(cproxy, origin):
 
 
 def test_negative_caching_of_refused_origin(cproxy):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/down"
-    s1, h1, _ = fetch(cproxy, url)
-    s2, h2, _ = fetch(cproxy, f"http://127.0.0.1:{port}/other")
-    assert s1 == s2 == 503
-    assert h1["x-squid-error"].startswith("ERR_CONNECT_FAIL") and h2["x-squid-error"].startswith("ERR_CONNECT_FAIL")
-    assert codes(cproxy, url, 1) == ["TCP_MISS/503"]
-    assert codes(cproxy, f"http://127.0.0.1:{port}/other", 1) == ["TCP_NEGATIVE_HIT/503"]
-    # the origin comes up, but the failure is remembered for negative_ttl
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    with closed_port() as (port, s):
+        url = f"http://127.0.0.1:{port}/down"
+        s1, h1, _ = fetch(cproxy, url)
+        s2, h2, _ = fetch(cproxy, f"http://127.0.0.1:{port}/other")
+        assert s1 == s2 == 503
+        assert h1["x-squid-error"].startswith("ERR_CONNECT_FAIL") and h2["x-squid-error"].startswith("ERR_CONNECT_FAIL")
+        assert codes(cproxy, url, 1) == ["TCP_MISS/503"]
+        assert codes(cproxy, f"http://127.0.0.1:{port}/other", 1) == ["TCP_NEGATIVE_HIT/503"]
+        # the origin comes up, but the failure is remembered for negative_ttl
         s.listen()
         assert fetch(cproxy, url)[0] == 503
     assert codes(cproxy, url, 2)[1] == "TCP_NEGATIVE_HIT/503"
 
 
-def test_negative_ttl_0_disables(start_proxy, origin, tmp_path):
+def test_negative_ttl_0_disables(start_proxy, origin, tmp_path, refused_port):
     p = start_proxy(options={"cache_dir": "none", "negative_ttl": 0})
     url = f"{origin.url}/status/404"
     fetch(p, url)
     fetch(p, url)
     assert origin.hits["/status/404"] == 2
-    port = free_port()
+    port = refused_port
     fetch(p, f"http://127.0.0.1:{port}/x")
     fetch(p, f"http://127.0.0.1:{port}/x")
     assert codes(p, f"http://127.0.0.1:{port}/x", 2) == ["TCP_MISS/503", "TCP_MISS/503"]
@@ -662,6 +659,21 @@ def test_a_streamed_error_during_revalidation_is_what_the_client_gets_and_leaves
     assert list((tmp_path / "c" / "incoming").rglob("body-*")) == []
 
 
+def body_files(cache_dir) -> list[Path]:
+    """The body files of the entries committed in cache_dir's disk cache. A file written by a batch
+    the kill cut short before its commit is named by no row: damaging it would test nothing."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{Path(cache_dir) / 'cache.db'}?mode=ro", uri=True, timeout=1)
+        try:
+            names = [f for (f,) in con.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet
+        return []
+    return sorted(Path(cache_dir) / f for f in names)
+
+
 def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path):
     opts = {"cache_dir": str(tmp_path / "crash"), "cache_mem": "0", "access_log": "none"}
     p1 = start_proxy(options=opts)
@@ -677,14 +689,16 @@ def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path
     threads = [threading.Thread(target=load, args=(urls[i::4],)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    end = time.monotonic() + 10
+    while not body_files(opts["cache_dir"]) and time.monotonic() < end:  # a first batch committed
+        time.sleep(0.05)
     os.killpg(p1.proc.pid, signal.SIGKILL)   # kill -9 in the middle of the writes
     stop.set()
     for t in threads:
         t.join(10)
     p1.proc.wait(5)
     # damage one stored body file on purpose: it must be detected, dropped and logged
-    files = sorted(Path(opts["cache_dir"]).rglob("*.val"))
+    files = body_files(opts["cache_dir"])
     assert files, "bodies of 40 KB and more are files in diskcache"
     with open(files[0], "r+b") as f:
         f.truncate(100)

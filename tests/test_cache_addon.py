@@ -368,10 +368,10 @@ def test_a_refresh_reaches_an_https_origin_through_the_deadline_handlers(cert):
 def test_refreshes_still_queued_when_the_cache_closes_are_cancelled_not_left_pending():
     async def scenario():
         r = cachemod.Refresher(1)
-        gate = threading.Event()
-        running = r.run(lambda: gate.wait(5) and "done")
+        started, gate = threading.Event(), threading.Event()
+        running = r.run(lambda: started.set() or (gate.wait(5) and "done"))
         queued = r.run(lambda: "never run")
-        await asyncio.sleep(0.1)
+        assert started.wait(5)  # the worker took the first job (the second stays queued)
         r.close()
         gate.set()
         assert await asyncio.wait_for(running, 5) == "done"  # a running fetch ends as it would

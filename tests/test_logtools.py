@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from harness import Proxy, curl, free_port
+from harness import Proxy, closed_port, curl
 from test_accesslog import STRICT
 
 FULL = "%x.%^ %~%L %h %^ %b %^ %U %^ %^ %M"       # every field goaccess can take from a native line
@@ -40,9 +40,9 @@ def scenario(tmp_path_factory, cert):
         curl("--socks5-hostname", socks, f"{origin.url}/socks")
         curl("--socks5-hostname", socks, "-k", f"https://127.0.0.1:{passthrough.port}/socks-tunnel")
         curl(f"http://{reverse}/reverse")
-        dead = free_port()
-        curl("-x", http, f"http://127.0.0.1:{dead}/refused")
-        curl("-x", http, "-k", f"https://127.0.0.1:{dead}/")
+        with closed_port() as (dead, _):  # refuses connections, and no other process can take it
+            curl("-x", http, f"http://127.0.0.1:{dead}/refused")
+            curl("-x", http, "-k", f"https://127.0.0.1:{dead}/")
         curl("-x", http, "http://nosuchhost.invalid/")
         socket.create_connection(("127.0.0.1", proxy.port)).close()
         with socket.create_connection(("127.0.0.1", proxy.port)) as s:

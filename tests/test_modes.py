@@ -126,9 +126,8 @@ def test_reverse_with_tls_from_client(start_proxy, origin, tls_origin, upstream)
 
 # --- failures ---------------------------------------------------------------------
 
-def test_refused_origin_gets_squid_503(proxy):
-    from harness import free_port
-    port = free_port()
+def test_refused_origin_gets_squid_503(proxy, refused_port):
+    port = refused_port
     r = curl("-D", "-", "-o", "/dev/null", "-x", proxy.url, f"http://127.0.0.1:{port}/nothing")
     assert b"503" in r.stdout.split(b"\r\n")[0]
     assert b"X-Squid-Error: ERR_CONNECT_FAIL 111" in r.stdout
@@ -161,9 +160,8 @@ def test_unresolvable_host_gets_dns_error(proxy):
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", "HIER_NONE", "-")
 
 
-def test_reverse_proxy_answers_squid_503_when_the_backend_is_down(start_proxy):
-    from harness import free_port
-    dead = free_port()
+def test_reverse_proxy_answers_squid_503_when_the_backend_is_down(start_proxy, refused_port):
+    dead = refused_port
     proxy = start_proxy(modes=(f"reverse:http://127.0.0.1:{dead}",))
     r = curl("-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{proxy.port}/down")
     assert r.returncode == 0, r.stderr  # an answer, not a dropped connection
@@ -224,11 +222,10 @@ def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(st
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:{closed}", "nosuchhost.invalid:80"], ids=["refused", "dns"])
-def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, target):
+def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, refused_port, target):
     """Eagerly (the default), mitmproxy connects when the SOCKS handshake asks, before any flow: a failure
     made no flow and no log line."""
-    from harness import free_port
-    target = target.format(closed=free_port())
+    target = target.format(closed=refused_port)
     proxy = start_proxy(modes=("socks5",))
     r = curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", f"http://{target}/x")
     assert r.returncode != 0
@@ -238,9 +235,9 @@ def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, t
     assert len([l for l in proxy.log_lines(0, timeout=0) if target in l]) == 1
 
 
-def test_a_tunnel_through_a_parent_proxy_that_is_down_is_not_logged_as_forwarded(start_proxy, tls_origin):
-    from harness import free_port
-    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{free_port()}",), options={"ignore_hosts": "127.0.0.1"})
+def test_a_tunnel_through_a_parent_proxy_that_is_down_is_not_logged_as_forwarded(start_proxy, tls_origin,
+                                                                                  refused_port):
+    p = start_proxy(modes=(f"upstream:http://127.0.0.1:{refused_port}",), options={"ignore_hosts": "127.0.0.1"})
     r = curl("-k", "-x", p.url, f"{tls_origin.url}/t")
     assert r.returncode != 0
     f = find(p, method="CONNECT")

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from harness import ROOT, SHARED, Origin, Proxy, curl, free_port
+from harness import ROOT, SHARED, Origin, Proxy, closed_port, curl
 
 REF = SHARED / "reference" / "squid-5.7-access.log"
 ETAG_1K, ETAG_100K, ETAG_REVAL = '"6b08e857-400"', '"6b08e857-19000"', '"6b08e857-e"'
@@ -71,13 +71,15 @@ def make_origin(cert=None) -> Origin:
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory, cert):
     tmp = tmp_path_factory.mktemp("reference")
-    origin, tls_origin, dead = make_origin(), make_origin(cert), free_port()
+    origin, tls_origin = make_origin(), make_origin(cert)
     proxy = Proxy(tmp, options={
         "policy": str(ROOT / "tests" / "policies" / "reference.yaml"),
         "negative_ttl": 60, "cache_dir": str(tmp / "cache"), "proxyauth": "alice:secret",
         "ignore_hosts": f"127\\.0\\.0\\.1:{tls_origin.port}"})
     try:
-        yield proxy, origin, tls_origin, dead, run_cases(proxy, origin, tls_origin, dead)
+        with closed_port() as (dead, _):  # refuses connections, and no other process can take it
+            lines = run_cases(proxy, origin, tls_origin, dead)
+        yield proxy, origin, tls_origin, dead, lines
     finally:
         proxy.stop()
         origin.close()

@@ -66,18 +66,33 @@ mitmdump()
 
 
 def test_all_py_works_without_the_project_installed(start_proxy, origin, tmp_path):
-    import subprocess, sys
-    from harness import free_port, wait_port
-    port = free_port()
-    out = open(tmp_path / "out.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", NOT_INSTALLED, "--listen-host", "127.0.0.1", "-p", str(port),
-                             "-s", str(ROOT / "addons" / "all.py"), "--set", f"confdir={tmp_path / 'conf'}",
-                             "--set", f"access_log={tmp_path / 'access.log'}",
-                             "--set", f"policy={ROOT / 'tests' / 'policies' / 'test.yaml'}",
-                             "--set", f"cache_dir={tmp_path / 'cache'}"],
-                            cwd="/", stdout=out, stderr=subprocess.STDOUT)
+    import os, subprocess, sys, time
+    from harness import free_port
+    # A free port may be taken by another process before mitmdump binds it: then mitmdump exits, and
+    # another port is tried. Its own "listening at" line says that it is the one listening.
+    for attempt in range(3):
+        port = free_port()
+        with open(tmp_path / "out.txt", "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-c", NOT_INSTALLED, "--listen-host", "127.0.0.1", "-p", str(port),
+                                     "-s", str(ROOT / "addons" / "all.py"), "--set", f"confdir={tmp_path / 'conf'}",
+                                     "--set", f"access_log={tmp_path / 'access.log'}",
+                                     "--set", f"policy={ROOT / 'tests' / 'policies' / 'test.yaml'}",
+                                     "--set", f"cache_dir={tmp_path / 'cache'}"],
+                                    cwd="/", stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the line is written at once
+        end = time.monotonic() + 30
+        while True:
+            text = (tmp_path / "out.txt").read_text()
+            if f"listening at 127.0.0.1:{port}." in text or proc.poll() is not None or time.monotonic() >= end:
+                break
+            time.sleep(0.1)
+        if f"listening at 127.0.0.1:{port}." in text:
+            break
+        proc.terminate()
+        proc.wait(10)
+        text = (tmp_path / "out.txt").read_text()
+        assert attempt < 2 and "address already in use" in text, text
     try:
-        wait_port(port)
         r = curl("-x", f"http://127.0.0.1:{port}", f"{origin.url}/uninstalled")
         assert r.stdout == b"hello /uninstalled", (tmp_path / "out.txt").read_text()
         text = (tmp_path / "out.txt").read_text()
