@@ -245,6 +245,8 @@ class DiskTier:
         self.added: set[int] | None = set()
         self.known_limit = self.KNOWN_MIN
         self.q: queue.SimpleQueue = queue.SimpleQueue()  # operations for the sender thread
+        self.hurry = threading.Event()  # set with an urgent operation: the sender stops gathering
+        self.more = False               # the sender's last frame was full
         # the writer imports this module under the same name (it unpickles our Meta objects)
         root = Path(__file__).resolve().parents[__name__.count(".")]
         self.proc = subprocess.Popen(
@@ -397,7 +399,7 @@ class DiskTier:
                 self._journal([primary])
                 return
             self.busy[primary] = self.busy.get(primary, 0) + 1
-        self.q.put(("remove", primary))
+        self._urgent(("remove", primary))
 
     def clear(self) -> None:
         with self.lock:
@@ -407,7 +409,7 @@ class DiskTier:
             self.clearing += 1
             if self.known is not None:
                 self.known = set()
-        self.q.put(("clear",))
+        self._urgent(("clear",))
 
     # --- removals the writer could not make (it died): journaled, made when the cache opens next ---
     def _journal(self, keys: list[str]) -> None:
@@ -465,13 +467,13 @@ class DiskTier:
                 return
             token = next(self.tokens)
             self.flushes[token] = done
-        self.q.put(("flush", token))
+        self._urgent(("flush", token))
         done.wait(max(0.0, end - time.monotonic()))
 
     def close(self) -> None:
         self.flush()
         self.closing = True
-        self.q.put(None)  # the sender closes the writer's stdin: it writes what it has, then exits
+        self._urgent(None)  # the sender closes the writer's stdin: it writes what it has, then exits
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -524,20 +526,25 @@ class DiskTier:
         within GATHER seconds of the first, up to FRAME_BYTES of bodies (a frame is in memory twice,
         pickled here and unpickled in the writer); a flush or the end goes at once."""
         ops = [self.q.get()]
+        if ops[0] is not None and ops[0][0] not in URGENT and not self.more:
+            # one wake-up per batch (a thread that wakes takes the GIL from the event loop); an urgent
+            # operation queued meanwhile ends the wait
+            self.hurry.wait(self.GATHER)
+        self.hurry.clear()
         size = _body_bytes(ops[0])
-        deadline = time.monotonic() + self.GATHER
         while ops[-1] is not None and ops[-1][0] not in URGENT and size < self.FRAME_BYTES:
             try:
                 op = self.q.get_nowait()
             except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(left, self.GATHER / 10))  # a few wake-ups, not one per queued write
-                continue
+                break
             ops.append(op)
             size += _body_bytes(op)
+        self.more = size >= self.FRAME_BYTES  # a full frame: the next one is sent without waiting
         return ops
+
+    def _urgent(self, op) -> None:
+        self.q.put(op)
+        self.hurry.set()
 
     def _encode(self, ops: list) -> bytes:
         try:
@@ -610,7 +617,7 @@ class DiskTier:
         self.known, self.added = None, {h}
         token, written = next(self.tokens), threading.Event()
         self.flushes[token] = written
-        self.q.put(("flush", token))  # behind every put queued so far (that of h is in `added`)
+        self._urgent(("flush", token))  # behind every put queued so far (that of h is in `added`)
         self.loader = threading.Thread(target=self._load, args=(written,), name="relais-cache-disk-load",
                                        daemon=True)
         self.loader.start()

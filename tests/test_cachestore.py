@@ -281,21 +281,24 @@ def test_the_sender_gathers_writes_within_a_time_and_a_size():
 
     d = cs.DiskTier.__new__(cs.DiskTier)  # the gathering alone: no writer process
     d.q, d.GATHER, d.FRAME_BYTES = queue.SimpleQueue(), 0.2, 1000
+    d.hurry, d.more = threading.Event(), False
     put = lambda n: ("put", "http://a/", None, b"x" * n, None, None, False)  # noqa: E731
     for _ in range(5):
         d.q.put(put(300))
     first = d._gather()
     assert len(first) == 4, "stops once the bodies reach FRAME_BYTES; the rest waits for the next frame"
-    d.q.put(("flush", 1))
+    d._urgent(("flush", 1))
     d.q.put(put(10))
+    start = time.monotonic()
     assert [op[0] for op in d._gather()] == ["put", "flush"], "a flush goes at once"
+    assert time.monotonic() - start < 0.1, "after a full frame, the next is sent without waiting"
     start = time.monotonic()
     assert len(d._gather()) == 1 and time.monotonic() - start >= 0.19, "a lone write waits GATHER for others"
     for op in ("remove", "clear"):  # a purge that waited could be lost to a crash meanwhile
         d.q.put(put(10))
-        d.q.put((op, "http://a/"))
+        threading.Timer(0.05, d._urgent, [(op, "http://a/")]).start()  # queued while the sender waits
         start = time.monotonic()
-        assert [o[0] for o in d._gather()] == ["put", op] and time.monotonic() - start < 0.1
+        assert [o[0] for o in d._gather()] == ["put", op] and time.monotonic() - start < 0.15
 
 
 def test_the_vary_index_gives_the_garbage_collector_nothing_to_walk():
