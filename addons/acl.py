@@ -189,13 +189,13 @@ class AccessControl:
             return
         # Transparent/socks5: before connecting upstream, deny what the connection alone already decides.
         self.prechecked[client] = True
+        req = None
         try:
             req = self._tunnel_request(client, data.server.address, _user_of(client))
             await self._resolve(req)
             d = self.policy.precheck(req)
         except Exception as e:
-            data.server.error = f"denied by {_failed(e).rule}"
-            return
+            d = _failed(e)  # denied, and logged as any denial
         if d is not None and not d.allowed:
             data.server.error = f"denied by {d.rule}"
             await self._deny_connection(client, data.server, req, d, close_server=False)
@@ -410,9 +410,7 @@ class AccessControl:
         try:
             req, d = await self._tls_decision(client, server, data.client_hello.sni)
         except Exception as e:
-            _failed(e)
-            _close(client, server)
-            return
+            req, d = None, _failed(e)  # denied, and logged as any denial
         if d is not None and not d.allowed:
             data.ignore_connection = True
             await self._deny_connection(client, server, req, d)
@@ -492,9 +490,14 @@ class AccessControl:
             flow.metadata[meta.USER] = user
         self._mark(flow, req, d)
         _close(client, server if close_server else None)
-        log.info("%s: %s denied by %s", _ip(client.peername), req.url, d.rule)
+        log.info("%s: %s denied by %s", _ip(client.peername), req.url if req else _address(server), d.rule)
         await ctx.master.addons.handle_lifecycle(TcpStartHook(flow))
         await ctx.master.addons.handle_lifecycle(TcpEndHook(flow))
+
+
+def _address(server) -> str:
+    address = server.address or ("-", 0)
+    return f"{address[0]}:{address[1]}"
 
 
 def _user_of(client) -> str | None:

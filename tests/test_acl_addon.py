@@ -216,3 +216,47 @@ def test_http2_requests_show_their_host_and_their_cookies_to_req_header_acls(tmp
             ac.requestheaders(f)
             assert (f.response is not None) == denied, (authority, cookies)
             assert f.request.headers["host"] == "good.example"  # the request itself is left as it is
+
+
+@pytest.mark.parametrize("hook", ["server_connect", "tls_clienthello"])
+def test_an_error_deciding_a_connection_before_any_flow_denies_it_and_is_logged_as_a_denial(tmp_path, caplog, hook):
+    """A SOCKS5 connection judged at server_connect, or a TLS ClientHello: an error while deciding
+    closes it as a denial would, with the TCP flow the access log writes TCP_DENIED from."""
+    import asyncio
+    import types
+    from mitmproxy import tls
+    from mitmproxy.proxy import context, server_hooks
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    (tmp_path / "p.yaml").write_text("http_access:\n  - allow all\n")
+    ac = acl.AccessControl()
+    seen = []
+
+    class Recorder:
+        def tcp_start(self, flow):
+            seen.append(dict(flow.metadata))
+
+    async def main():
+        with taddons.context(ac, Recorder()) as tctx:
+            tctx.configure(ac, policy=str(tmp_path / "p.yaml"))
+
+            def broken(*a):
+                raise ValueError("a bug")
+            ac.policy.precheck = ac.policy.check = broken
+            client, server = tflow.tclient_conn(), tflow.tserver_conn()
+            client.proxy_mode = ProxyMode.parse("socks5")
+            server.address = ("10.1.2.3", 5222)
+            if hook == "server_connect":
+                data = server_hooks.ServerConnectionHookData(client=client, server=server)
+                await ac.server_connect(data)
+                assert data.server.error == "denied by an error in access control"
+            else:
+                ctx = context.Context(client, tctx.options)
+                ctx.server = server
+                data = tls.ClientHelloData(ctx, types.SimpleNamespace(sni="chat.example"))  # all the hook reads of it
+                await ac.tls_clienthello(data)
+                assert data.ignore_connection
+            assert client in ac.denied
+            assert [(m[meta.CODE], m[meta.ACL]["rule"]) for m in seen] == [("TCP_DENIED", "an error in access control")]
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert "access control failed (ValueError: a bug); denied" in caplog.text
