@@ -373,6 +373,7 @@ class DiskTier:
                     _unlink(path)
                 return False
             self.backlog += size
+            full = self.backlog >= self.FRAME_BYTES  # a frame's worth waits: no point gathering more
             # until it is written, what the disk holds for this key is older: reads skip it meanwhile
             self.busy[primary] = self.busy.get(primary, 0) + 1
             known = self.known
@@ -386,6 +387,8 @@ class DiskTier:
                 if len(known) > self.known_limit:  # the keys of evicted entries pile up: read it anew
                     self._reindex(h)
         self.q.put(("put", primary, meta, body, path, vary_sets, stored_before))
+        if full:
+            self.hurry.set()
         return True
 
     def update_meta(self, primary: str, meta: Meta) -> None:
@@ -528,7 +531,7 @@ class DiskTier:
         ops = [self.q.get()]
         if ops[0] is not None and ops[0][0] not in URGENT and not self.more:
             # one wake-up per batch (a thread that wakes takes the GIL from the event loop); an urgent
-            # operation queued meanwhile ends the wait
+            # operation, or a frame's worth of bodies, queued meanwhile ends the wait
             self.hurry.wait(self.GATHER)
         self.hurry.clear()
         size = _body_bytes(ops[0])
