@@ -9,9 +9,9 @@ success for `connect_check_ttl` seconds, so a busy origin costs one extra
 handshake per interval), and answers with Squid's page when it does not.
 A request for the proxy's own address (a forwarding loop, which mitmproxy
 refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
-answers a loop. It also turns a failed CONNECT into Squid's 503, and runs reverse-only
-proxies with the lazy connection strategy, so that a dead backend gets an
-answer instead of a closed connection.
+answers a loop. It also turns a failed CONNECT into Squid's 503, and runs
+reverse-only proxies with the lazy connection strategy, so that a dead
+backend gets an answer instead of a closed connection.
 
     mitmdump -s addons/errors.py
 """
@@ -81,6 +81,8 @@ class Errors:
     def __init__(self) -> None:
         self.reachable: dict[tuple[str, int], float] = {}
         self.suspect: set[tuple[str, int]] = set()  # upstream proxies a flow failed through: checked until one passes
+        self.listeners: frozenset[tuple[str, int]] | None = None  # this proxy's own (host, port), read once
+        self.tracking = False  # mitmproxy tells us when its listeners change: `listeners` may be kept
 
     def load(self, loader):
         loader.add_option(
@@ -108,12 +110,45 @@ class Errors:
             logger.info("reverse proxy: connection_strategy set to lazy so a dead backend gets an answer")
             ctx.options.update(connection_strategy="lazy")
 
+    def running(self):
+        try:
+            ctx.master.addons.get("proxyserver").servers.changed.connect(self._listeners_changed)
+            self.tracking = True
+        except Exception:  # another mitmproxy version: the listeners are read for each check instead
+            pass
+
+    def _listeners_changed(self) -> None:
+        self.listeners = None
+
+    def _own_listeners(self) -> frozenset[tuple[str, int]]:
+        """(host, port) of this proxy's TCP listeners, read from mitmproxy's servers once per change of
+        them (reading them costs a system call per socket)."""
+        if self.listeners is not None:
+            return self.listeners
+        try:
+            servers = ctx.master.addons.get("proxyserver").servers
+            found = frozenset((str(addr[0]), addr[1]) for server in servers
+                              if server.mode.transport_protocol == "tcp" for addr in server.listen_addrs)
+        except Exception:  # another mitmproxy version: its own check still refuses the connection
+            return frozenset()
+        if self.tracking and not servers.is_updating:
+            self.listeners = found
+        return found
+
+    def _to_self(self, flow: http.HTTPFlow) -> bool:
+        """True when the request would go to one of this proxy's own listeners, by the rule mitmproxy's
+        proxyserver refuses such connections with."""
+        if flow.server_conn.timestamp_tcp_setup is not None or _parent(flow) is not None:
+            return False
+        host, port = flow.request.host, flow.request.port
+        return any(port == p and host in ("localhost", "127.0.0.1", "::1", h) for h, p in self._own_listeners())
+
     def request(self, flow: http.HTTPFlow):
         # Not a coroutine function: most requests need no check, and mitmproxy awaits what a hook
         # returns only when it is awaitable, so those cost no coroutine.
         if flow.response or flow.error or not flow.live:
             return None
-        if _to_self(flow):
+        if self._to_self(flow):
             # mitmproxy refuses to connect to its own listeners (its 502 "destination unknown"); Squid
             # answers a forwarding loop with 403 ERR_ACCESS_DENIED
             logger.warning("forwarding loop: %s is this proxy's own address; denied", flow.request.pretty_url)
@@ -174,21 +209,6 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
     """The upstream proxy of an upstream-mode listener, or None."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
     return tuple(mode.address) if getattr(mode, "type_name", "") == "upstream" else None
-
-
-def _to_self(flow: http.HTTPFlow) -> bool:
-    """True when the request would go to one of this proxy's own TCP listeners, by the rule mitmproxy's
-    proxyserver refuses such connections with."""
-    if flow.server_conn.timestamp_tcp_setup is not None or _parent(flow) is not None:
-        return False
-    host, port = flow.request.host, flow.request.port
-    try:
-        listeners = [(addr, server.mode.transport_protocol) for server in ctx.master.addons.get("proxyserver").servers
-                     for addr in server.listen_addrs]
-    except Exception:  # another mitmproxy version: its own check still refuses the connection
-        return False
-    return any(proto == "tcp" and port == addr[1] and host in ("localhost", "127.0.0.1", "::1", addr[0])
-               for addr, proto in listeners)
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:
