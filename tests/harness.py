@@ -433,29 +433,30 @@ class Proxy:
         self._out.close()
 
 
+def cache_rows(cache_dir, sql: str, params: tuple = ()) -> list[tuple]:
+    """The rows of a read-only query on cache_dir's disk cache database; none while it does not exist."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{Path(cache_dir) / 'cache.db'}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute(sql, params).fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+
+
 def wait_stored(cache_dir, needle: str, since: float = 0.0, timeout: float = 10.0) -> None:
     """Until cache_dir's disk cache holds an entry whose key contains `needle`, stored after `since`
     (time.time()). The disk writer commits 0.2 s or more after a response is stored, and until it says
     so the proxy does not read that key from the disk: a request sent meanwhile is a miss."""
-    import sqlite3
-    db = Path(cache_dir) / "cache.db"
     end = time.monotonic() + timeout
-    while True:
-        try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-            try:
-                found = con.execute("SELECT 1 FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}' "
-                                    "AND instr(key, ?) > 0 AND store_time > ?", (needle, since)).fetchone()
-            finally:
-                con.close()
-        except sqlite3.Error:
-            found = None
-        if found:
-            time.sleep(0.1)  # the writer's acknowledgement reaches the proxy right after its commit
-            return
+    while not cache_rows(cache_dir, "SELECT 1 FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}' "
+                                    "AND instr(key, ?) > 0 AND store_time > ?", (needle, since)):
         if time.monotonic() >= end:
-            raise AssertionError(f"no entry with {needle!r} stored in {db} after {timeout}s")
+            raise AssertionError(f"no entry with {needle!r} stored in {cache_dir} after {timeout}s")
         time.sleep(0.05)
+    time.sleep(0.1)  # the writer's acknowledgement reaches the proxy right after its commit
 
 
 def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, closed_port, curl, curl_status, wait_stored
+from harness import Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -662,16 +662,8 @@ def test_a_streamed_error_during_revalidation_is_what_the_client_gets_and_leaves
 def body_files(cache_dir) -> list[Path]:
     """The body files of the entries committed in cache_dir's disk cache. A file written by a batch
     the kill cut short before its commit is named by no row: damaging it would test nothing."""
-    import sqlite3
-    try:
-        con = sqlite3.connect(f"file:{Path(cache_dir) / 'cache.db'}?mode=ro", uri=True, timeout=1)
-        try:
-            names = [f for (f,) in con.execute("SELECT filename FROM Cache WHERE filename IS NOT NULL")]
-        finally:
-            con.close()
-    except sqlite3.Error:  # not created yet
-        return []
-    return sorted(Path(cache_dir) / f for f in names)
+    return sorted(Path(cache_dir) / f for (f,) in cache_rows(cache_dir, "SELECT filename FROM Cache "
+                                                                         "WHERE filename IS NOT NULL"))
 
 
 def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path):
