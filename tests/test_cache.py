@@ -483,7 +483,7 @@ def test_intercepted_https_is_cached_separately(start_proxy, tls_origin, tmp_pat
     assert lines[0].split()[6].startswith("https://")
 
 
-def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
+def test_reverse_mode_key_cannot_be_poisoned_across_listeners_by_the_host_header(start_proxy, tmp_path):
     a, b = Origin(), Origin()
     try:
         a.route("/r", lambda s: (200, {"Cache-Control": "max-age=60"}, b"from a"))
@@ -491,8 +491,8 @@ def test_reverse_mode_key_ignores_host_header(start_proxy, tmp_path):
         p = start_proxy(modes=(f"reverse:{a.url}", f"reverse:{b.url}"),
                         options={"cache_dir": str(tmp_path / "c"), "keep_host_header": True})
         pa, pb = p.ports
-        # poisoning attempt: ask reverse proxy A with B's Host header
-        r = curl("-H", f"Host: 127.0.0.1:{b.port}", f"http://127.0.0.1:{pa}/r")
+        # poisoning attempt: ask reverse proxy A with the Host header B's clients send
+        r = curl("-H", f"Host: 127.0.0.1:{pb}", f"http://127.0.0.1:{pa}/r")
         assert r.stdout == b"from a"
         assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
         assert curl(f"http://127.0.0.1:{pb}/r").stdout == b"from b"
@@ -1001,7 +1001,7 @@ def test_a_virtual_host_with_a_port_or_an_ipv6_address_is_invalidated_by_an_unsa
 
 def test_a_streamed_200_that_matches_the_clients_conditional_is_logged_as_the_200_it_was(start_proxy, tmp_path):
     """The client's If-None-Match matches the origin's new response, but that one was streamed (past
-    stream_large_bodies): it already went out as a 200, and stays one in the log and in mitmweb."""
+    stream_large_bodies): it already went out as a 200, and stays one in the flow the log is written from."""
     n = {"v": 0}
 
     def page(seen):

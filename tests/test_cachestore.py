@@ -282,23 +282,38 @@ def test_the_sender_gathers_writes_within_a_time_and_a_size():
     d = cs.DiskTier.__new__(cs.DiskTier)  # the gathering alone: no writer process
     d.q, d.GATHER, d.FRAME_BYTES = queue.SimpleQueue(), 0.2, 1000
     d.hurry, d.more = threading.Event(), False
+    d.lock, d.failed, d.backlog, d.busy, d.clearing = threading.Lock(), False, 0, {}, 0
+    d.known, d.added, d.known_limit = set(), set(), 1000
     put = lambda n: ("put", "http://a/", None, b"x" * n, None, None, False)  # noqa: E731
     for _ in range(5):
         d.q.put(put(300))
     first = d._gather()
     assert len(first) == 4, "stops once the bodies reach FRAME_BYTES; the rest waits for the next frame"
-    d._urgent(("flush", 1))
+    start = time.monotonic()
+    assert len(d._gather()) == 1 and time.monotonic() - start < 0.1, "after a full frame, the next goes at once"
+    d.q.put(put(10))
+    d.q.put(("flush", 1))
+    d.hurry.set()  # as flush() does
+    start = time.monotonic()
+    assert [op[0] for op in d._gather()] == ["put", "flush"] and time.monotonic() - start < 0.1, "a flush goes at once"
     d.q.put(put(10))
     start = time.monotonic()
-    assert [op[0] for op in d._gather()] == ["put", "flush"], "a flush goes at once"
-    assert time.monotonic() - start < 0.1, "after a full frame, the next is sent without waiting"
-    start = time.monotonic()
     assert len(d._gather()) == 1 and time.monotonic() - start >= 0.19, "a lone write waits GATHER for others"
-    for op in ("remove", "clear"):  # a purge that waited could be lost to a crash meanwhile
+    d.known.add(hash("http://a/"))  # on disk: a removal is sent
+    # a purge or a clear goes at once: one that waited could be lost to a crash
+    for op, queue_it in (("remove", lambda: d.remove("http://a/")), ("clear", d.clear)):
         d.q.put(put(10))
-        threading.Timer(0.05, d._urgent, [(op, "http://a/")]).start()  # queued while the sender waits
+        threading.Timer(0.05, queue_it).start()  # queued while the sender waits
         start = time.monotonic()
         assert [o[0] for o in d._gather()] == ["put", op] and time.monotonic() - start < 0.15
+    # bodies worth a frame, queued while the sender waits, end the wait too
+    meta_of = lambda n: cs.Meta(url="http://b/", status=200, reason="OK", http_version="HTTP/1.1", headers=[],  # noqa: E731
+                                request_time=0, response_time=0, lifetime=0, lifetime_source="", vary=(),
+                                vary_key=(), length=n, digest="")
+    d.put("http://b/", meta_of(10), b"x" * 10)
+    threading.Timer(0.05, lambda: d.put("http://b/", meta_of(1000), b"x" * 1000)).start()
+    start = time.monotonic()
+    assert len(d._gather()) == 2 and time.monotonic() - start < 0.15
 
 
 def test_the_vary_index_gives_the_garbage_collector_nothing_to_walk():
@@ -512,13 +527,22 @@ def test_a_value_on_disk_that_cannot_be_read_back_is_replaced_by_the_next_write(
 
 def test_writes_in_flight_when_the_writer_dies_are_not_waited_for_and_are_removed_at_the_next_start(tmp_path):
     s = disk_store(tmp_path)
-    s.put("http://a/inflight", meta("http://a/inflight", SMALL), SMALL)  # sent after GATHER (0.2 s)
+    s.put("http://a/inflight", meta("http://a/inflight", SMALL), SMALL)
+    s.disk.flush()  # an older copy on disk
+    new = b"n" * 100
+    s.put("http://a/inflight", meta("http://a/inflight", new), new)  # sent after GATHER (0.2 s)
+    assert s.writing("http://a/inflight")
     s.disk.proc.kill()
     s.disk.proc.wait()
     s.disk.receiver.join(5)
     assert not s.writing("http://a/inflight")  # collapsed clients would wait for it
     assert json.loads((tmp_path / cs.JOURNAL).read_text()) == "http://a/inflight"
     s.close()
+    s = disk_store(tmp_path)  # the older copy is removed, not served as if it were the newer one
+    try:
+        assert s.get("http://a/inflight", "-") == (None, None) and not (tmp_path / cs.JOURNAL).exists()
+    finally:
+        s.close()
 
 
 def test_a_database_found_damaged_while_running_turns_the_tier_off_once_and_is_moved_aside_at_the_next_start(
