@@ -291,7 +291,7 @@ class Proxy:
     def __init__(self, tmp: Path, modes=("regular",), script: str | None = "addons/all.py",
                  options: dict[str, object] | None = None, args: list[str] = (),
                  env: dict[str, str] | None = None, wait: bool = True, prefix: list[str] = (),
-                 listen_host: str = "127.0.0.1", ports: list[int] | None = None):
+                 listen_host: str = "127.0.0.1", ports: list[int] | None = None, program: list[str] = (MITMDUMP,)):
         self.tmp = Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.confdir = self.tmp / "conf"
@@ -308,7 +308,7 @@ class Proxy:
         for attempt in range(1 if ports else 3):
             self.ports = list(ports) if ports else [free_port() for _ in modes]
             self.port = self.ports[0]
-            self._start(modes, script, opts, args, env, prefix, listen_host)
+            self._start(program, modes, script, opts, args, env, prefix, listen_host)
             if not wait:
                 return
             try:
@@ -319,8 +319,8 @@ class Proxy:
                 if ports or attempt == 2 or "address already in use" not in self.text():
                     raise
 
-    def _start(self, modes, script, opts, args, env, prefix, listen_host) -> None:
-        cmd = [*(prefix or hermetic_dns(self.tmp)), MITMDUMP, "--listen-host", listen_host]
+    def _start(self, program, modes, script, opts, args, env, prefix, listen_host) -> None:
+        cmd = [*(prefix or hermetic_dns(self.tmp)), *program, "--listen-host", listen_host]
         for mode, port in zip(modes, self.ports):
             cmd += ["--mode", f"{mode}@{port}"]
         if script:
@@ -457,6 +457,17 @@ def wait_stored(cache_dir, needle: str, since: float = 0.0, timeout: float = 10.
             raise AssertionError(f"no entry with {needle!r} stored in {cache_dir} after {timeout}s")
         time.sleep(0.05)
     time.sleep(0.1)  # the writer's acknowledgement reaches the proxy right after its commit
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process started in a session of its own, and its children: SIGINT, SIGKILL after 15 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, free_port, wait_port
+from harness import Origin, Proxy, free_port, stop_group, wait_port
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 DAYS = "MTWHFAS"  # datetime.weekday() -> Squid's day letter
@@ -273,7 +273,7 @@ def proxies(tmp_path_factory):
                                options={"policy": str(tmp / "squid.conf"), "proxyauth": f"@{tmp / 'users'}"})
                 break
             except Exception as e:
-                stop(squid)
+                stop_group(squid)
                 if attempt == 2 or "address already in use" not in str(e).lower():
                     raise
         yield sport, rport, origin.port
@@ -281,7 +281,7 @@ def proxies(tmp_path_factory):
         if relais:
             relais.stop()
         if squid:
-            stop(squid)
+            stop_group(squid)
         origin.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -302,15 +302,6 @@ def wait_squid(squid: subprocess.Popen, tmp: Path, port: int, timeout: float = 3
         if time.monotonic() >= end:
             raise TimeoutError(f"squid not listening on {port} after {timeout}s:\n{log}")
         time.sleep(0.1)
-
-
-def stop(squid: subprocess.Popen) -> None:
-    squid.terminate()
-    try:
-        squid.wait(15)
-    except subprocess.TimeoutExpired:
-        squid.kill()
-        squid.wait()
 
 
 def test_at_least_forty_cases_over_all_acl_types():

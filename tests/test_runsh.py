@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, curl, free_port, wait_port
+from harness import ROOT, curl, free_port, stop_group, wait_port
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +44,6 @@ def start(folder: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -82,7 +71,7 @@ def test_run_sh_starts_a_logging_proxy_as_the_unprivileged_user(fresh_copy, orig
         # mitmproxy's CA lives under var/ too, so a user can find it to trust it
         assert (fresh_copy / "var" / "mitmproxy" / "mitmproxy-ca-cert.pem").exists()
     finally:
-        stop(proc)
+        stop_group(proc)
         print((fresh_copy / "run.out").read_text()[-3000:])
 
 

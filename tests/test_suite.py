@@ -66,41 +66,12 @@ mitmdump()
 
 
 def test_all_py_works_without_the_project_installed(start_proxy, origin, tmp_path):
-    import os, subprocess, sys, time
-    from harness import free_port
-    # A free port may be taken by another process before mitmdump binds it: then mitmdump exits, and
-    # another port is tried. Its own "listening at" line says that it is the one listening.
-    for attempt in range(3):
-        port = free_port()
-        with open(tmp_path / "out.txt", "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-c", NOT_INSTALLED, "--listen-host", "127.0.0.1", "-p", str(port),
-                                     "-s", str(ROOT / "addons" / "all.py"), "--set", f"confdir={tmp_path / 'conf'}",
-                                     "--set", f"access_log={tmp_path / 'access.log'}",
-                                     "--set", f"policy={ROOT / 'tests' / 'policies' / 'test.yaml'}",
-                                     "--set", f"cache_dir={tmp_path / 'cache'}"],
-                                    cwd="/", stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the line is written at once
-        end = time.monotonic() + 30
-        while True:
-            text = (tmp_path / "out.txt").read_text()
-            if f"listening at 127.0.0.1:{port}." in text or proc.poll() is not None or time.monotonic() >= end:
-                break
-            time.sleep(0.1)
-        if f"listening at 127.0.0.1:{port}." in text:
-            break
-        proc.terminate()
-        proc.wait(10)
-        text = (tmp_path / "out.txt").read_text()
-        assert attempt < 2 and "address already in use" in text, text
-    try:
-        r = curl("-x", f"http://127.0.0.1:{port}", f"{origin.url}/uninstalled")
-        assert r.stdout == b"hello /uninstalled", (tmp_path / "out.txt").read_text()
-        text = (tmp_path / "out.txt").read_text()
-        assert "Traceback" not in text
-        assert "deprecated" not in text, "all.py names a hook mitmproxy warns about"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    import sys
+    p = start_proxy(program=[sys.executable, "-c", NOT_INSTALLED], options={"cache_dir": str(tmp_path / "cache")})
+    r = curl("-x", p.url, f"{origin.url}/uninstalled")
+    assert r.stdout == b"hello /uninstalled", p.text()
+    assert "Traceback" not in p.text()
+    assert "deprecated" not in p.text(), "all.py names a hook mitmproxy warns about"
 
 
 def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_path):
