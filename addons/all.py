@@ -11,7 +11,9 @@ sits where it does):
 2. anonymize  - strips the client's identity before the cache keys on the request
 3. cache      - RFC 9111 shared cache; answers hits before anything goes upstream
 4. errors     - Squid-like answers when the origin is unreachable
-5. accesslog  - one Squid access.log line per transaction, last so it sees every verdict
+5. interim    - no flow hook: makes mitmproxy relay an origin's 1xx interim responses
+                instead of taking them as the final response
+6. accesslog  - one Squid access.log line per transaction, last so it sees every verdict
 """
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from addons import accesslog, acl, anonymize, cache, errors  # noqa: E402
+from addons import accesslog, acl, anonymize, cache, errors, interim  # noqa: E402
 from addons.suite import Suite, no_missing_hooks  # noqa: E402
 
 pipeline = [
@@ -29,6 +31,7 @@ pipeline = [
     anonymize.Anonymize(),
     cache.Cache(),
     errors.Errors(),
+    interim.Interim(),
     accesslog.AccessLog(),
 ]
 addons = [Suite(*pipeline)]

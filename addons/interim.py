@@ -1,0 +1,113 @@
+"""Interim (1xx) responses from HTTP/1 origins, relayed to the client as Squid relays them.
+
+mitmproxy (11 and, at the time of writing, its newest release) reads the first response
+head an HTTP/1 origin sends as the final response. A `103 Early Hints` or `102 Processing`
+sent before the real answer then becomes the answer: its headers are relayed as if final,
+the real response is dropped, and the client waits for a body that never comes. The cache
+would store the interim as the response. RFC 9110 15.2 says a proxy MUST forward 1xx
+responses (unless it asked for them itself) and that a cache never stores them.
+
+While this addon is loaded, mitmproxy's HTTP/1 client skips interim heads (101 aside,
+which switches protocols) and reads the final response after them. Each interim response
+is sent to the client, minus its hop-by-hop fields (RFC 9110 7.6.1), when `relay_interim`
+is on and the client can take it (HTTP/1.1 or later; RFC 9110 15.2 forbids 1xx to an
+HTTP/1.0 client). `100 Continue` is never relayed: mitmproxy answers a client's
+`Expect: 100-continue` itself and does not pass the expectation on. No flow hook sees an
+interim response; the final one is answered, stored and logged as usual.
+
+HTTP/2 origins are not concerned (mitmproxy's HTTP/2 client drops their 1xx itself).
+
+    mitmdump -s addons/interim.py
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import events
+
+try:  # mitmproxy's internal HTTP/1 layer: if it moves, the addon says so and changes nothing
+    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.proxy.commands import CloseConnection
+    from mitmproxy.proxy.layers.http import ReceiveHttp, ResponseHeaders, ResponseProtocolError, SendHttp
+    Http1Client = _http1.Http1Client
+    PATCHABLE = callable(getattr(Http1Client, "read_headers", None))
+except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy
+    PATCHABLE = False
+
+logger = logging.getLogger(__name__)
+
+# "HTTP/1.x 1nn " where nn is not 01 (101 Switching Protocols ends HTTP/1 on the connection)
+INTERIM = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d[ \r\n]")
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
+                        "upgrade", "proxy-authenticate", "proxy-authorization", "trailer"})
+
+
+def interim_next(buf) -> bool:
+    """True if the next response head in mitmproxy's receive buffer is a 1xx other than 101."""
+    data = getattr(buf, "_data", None)  # h11's ReceiveBuffer keeps a bytearray: look without copying it all
+    start = bytes(data[:13]) if data is not None else bytes(buf)[:13]
+    return INTERIM.match(start) is not None
+
+
+def forwardable(response) -> bool:
+    """RFC 9110 15.2: 100 Continue was the proxy's own business; 1xx never go to HTTP/1.0 clients."""
+    return response.status_code != 100
+
+
+def strip_hop_by_hop(response) -> None:
+    listed = {t.strip().lower() for v in response.headers.get_all("connection") for t in v.split(",")}
+    for name in HOP_BY_HOP | listed:
+        response.headers.pop(name, None)
+
+
+class Interim:
+    name = "interim"
+    original = None  # mitmproxy's Http1Client.read_headers while ours is in place
+
+    def load(self, loader):
+        loader.add_option(
+            "relay_interim", bool, True,
+            "Send 1xx interim responses from HTTP/1 origins (102 Processing, 103 Early Hints) on to "
+            "HTTP/1.1 and HTTP/2 clients, as Squid does; off drops them. Either way the final response "
+            "that follows is the one answered, cached and logged (mitmproxy alone would take the 1xx "
+            "as the final response).",
+        )
+        if not PATCHABLE:
+            logger.warning("interim: this mitmproxy's HTTP/1 layer is not the one expected; "
+                           "1xx interim responses from origins are left to mitmproxy")
+            return
+        if Interim.original is None:
+            Interim.original = Http1Client.read_headers
+            Http1Client.read_headers = read_headers
+
+    def done(self):
+        if Interim.original is not None:
+            Http1Client.read_headers = Interim.original
+            Interim.original = None
+
+
+def read_headers(self, event):
+    """Http1Client.read_headers, with interim response heads taken off the front first."""
+    if isinstance(event, events.DataReceived) and self.request is not None:
+        while self.buf and interim_next(self.buf):
+            lines = self.buf.maybe_extract_lines()
+            if lines is None:
+                return  # the interim head is not complete yet: wait for more
+            try:
+                response = http1.read_response_head([bytes(x) for x in lines])
+            except ValueError as e:
+                yield CloseConnection(self.conn)
+                yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
+                return
+            if (self.context.options.relay_interim and forwardable(response)
+                    and self.request.http_version not in ("HTTP/1.0", "HTTP/0.9")):
+                strip_hop_by_hop(response)
+                yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
+        if not self.buf:
+            return
+    yield from Interim.original(self, event)
+
+
+addons = [Interim()]
