@@ -523,6 +523,8 @@ class AccessLog:
         self._log_http(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get(meta.RECOVERED):  # answered after all (recover.py): logged in `response`
+            return
         resp = flow.response
         unsent = resp is None or not (resp.stream or flow.metadata.get(meta.LOCAL))
         if unsent and not _client_gone(flow):

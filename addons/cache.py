@@ -51,10 +51,10 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
-    from addons import cachestore, errorpage, meta, policyfile, rfc9111, streams
+    from addons import cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import cachestore, errorpage, meta, policyfile, rfc9111, streams
+    from addons import cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,6 +464,7 @@ class Cache:
         self.sizes: dict[str, int] = {}
         self.late_streams = False
         self.disk_error: str | None = None  # why the disk tier is off, when cache_dir could not be opened
+        self.recovering = False  # recover.install() in effect: answers made in the error hook are sent
 
     # --- options -------------------------------------------------------
     def load(self, loader):
@@ -489,6 +490,8 @@ class Cache:
                           "Client networks allowed to use the PURGE method.")
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
+        # an origin that closes or resets the connection before responding: answered stale (error hook)
+        self.recovering = recover.install()
 
     def configure(self, updated):
         o = ctx.options
@@ -556,6 +559,9 @@ class Cache:
         return rules, targets
 
     def done(self):
+        if self.recovering:
+            recover.uninstall()
+            self.recovering = False
         if self.refresher is not None:
             self.refresher.close()
             self.refresher = None
@@ -1122,11 +1128,21 @@ class Cache:
                 self.counts["invalidated"] += 1
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.pending.pop(flow.id, None)
+        pending = self.pending.pop(flow.id, None)
         stream = self.streams.pop(flow.id, None)
         if stream:
             stream[1].abort()  # an aborted transfer is never stored
         self._release(flow)
+        # The origin accepted the revalidation and then failed without a response: stale-if-error
+        # as for an unreachable origin (recover.py sends this answer instead of mitmproxy's 502).
+        if (pending is not None and self.recovering and flow.response is None and flow.live
+                and not flow.metadata.get(meta.LOCAL) and self._stale_if_error(flow, pending)):
+            failure = flow.error.msg if flow.error else "no response"
+            self._restore_conditionals(flow, pending)
+            self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),
+                                    warning='111 - "Revalidation Failed"')
+            flow.metadata[meta.RECOVERED] = True
+            flow.comment += f" (origin: {failure})"
 
     # --- stale-while-revalidate -------------------------------------------------
     def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:

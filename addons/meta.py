@@ -21,6 +21,7 @@ SENT_BYTES = "relais.sent_bytes"  # body bytes actually sent to the client (stre
 PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts); only its size is kept
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
 ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
+RECOVERED = "relais.recovered"  # the origin failed and an addon answered in the error hook (recover.py)
 
 
 # HTTP versions whose field names must be lower case (RFC 9113 8.2.1, RFC 9114 4.2)

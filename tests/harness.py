@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -67,6 +68,10 @@ class Seen:
     client: str
 
 
+CLOSE = object()  # a route's body that makes the origin close the connection without responding
+RESET = object()  # ... or reset it (RST)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_Server"
@@ -85,6 +90,12 @@ class Handler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             origin.hits[path] = origin.hits.get(path, 0) + 1
         status, headers, payload = origin.respond(seen)
+        if payload is CLOSE or payload is RESET:  # no response at all: the connection ends
+            self.close_connection = True
+            if payload is RESET:  # closed at once with linger 0: RST instead of FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+            return
         if callable(payload):  # a generator of chunks, sent slowly
             self.send_response(status)
             for k, v in headers.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
+from harness import CLOSE, RESET, Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -385,6 +385,44 @@ def test_stale_if_error_on_origin_5xx(cproxy, origin):
     time.sleep(1.3)
     assert fetch(cproxy, url)[2] == b"good"
     assert codes(cproxy, url, 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
+
+
+def good_then_gone(cache_control: str, how):
+    """An origin route that answers 200 once, then accepts requests and ends the connection unanswered."""
+    calls = []
+
+    def fn(seen):
+        calls.append(1)
+        if len(calls) == 1:
+            return 200, {"Cache-Control": cache_control}, b"good"
+        return 0, {}, how
+    return fn
+
+
+@pytest.mark.parametrize("how", [CLOSE, RESET], ids=["closed", "reset"])
+def test_stale_if_error_when_origin_ends_the_connection_unanswered(cproxy, origin, how):
+    """Squid serves the stale copy when the origin accepted the revalidation and then closed or reset
+    the connection; mitmproxy would send its own 502 after the error hook (recover.py)."""
+    path = f"/siegone-{len(origin.routes)}"
+    origin.route(path, good_then_gone("max-age=1, stale-if-error=60", how))
+    url = f"{origin.url}{path}"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    status, headers, body = fetch(cproxy, url)
+    assert (status, body) == (200, b"good")
+    assert "111" in headers.get("warning", "")
+    assert origin.hits[path] == 2  # it was asked, and failed
+    assert codes(cproxy, url, 2) == ["TCP_MISS/200", "TCP_REFRESH_FAIL_OLD/200"]
+    assert len(lines_for(cproxy, url)) == 2  # one line for the answered failure, not two
+
+
+def test_origin_ending_the_connection_without_stale_if_error_is_a_502(cproxy, origin):
+    origin.route("/gone-nosie", good_then_gone("max-age=1", CLOSE))
+    url = f"{origin.url}/gone-nosie"
+    fetch(cproxy, url)
+    time.sleep(1.3)
+    assert fetch(cproxy, url)[0] == 502
+    assert codes(cproxy, url, 2)[1] == "TCP_MISS/502"
 
 
 def test_stale_without_stale_if_error_shows_error(cproxy, origin):

@@ -1,0 +1,83 @@
+"""An addon may still answer a request whose origin failed before responding, from the `error` hook.
+
+When an origin accepts the connection and then closes or resets it before its response
+(or sends one that cannot be parsed), mitmproxy calls the `error` hook and then sends its
+own 502 page: a response an addon puts in the flow there is ignored. Squid serves a
+stale copy in that case when stale-if-error allows it, and so should the cache.
+
+While `install()` is in effect (the cache calls it at load), an addon that, in the
+`error` hook of a flow with no response yet, sets `flow.response` and
+`flow.metadata["relais.recovered"] = True` has that response sent instead of the 502:
+`flow.error` is cleared and the `response` hook follows, as for any answer, so the other
+addons see an answered flow (the access log logs it there, not in `error`). Anything
+else goes as mitmproxy does it. Not an addon: a helper the addons that answer use.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+try:
+    from addons import meta
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import meta
+
+try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and installed() says so
+    from mitmproxy.proxy.layers.http import HttpErrorHook, HttpStream, ResponseProtocolError
+    PATCHABLE = callable(getattr(HttpStream, "handle_protocol_error", None)) and \
+        callable(getattr(HttpStream, "send_response", None))
+except ImportError:  # pragma: no cover - another mitmproxy
+    PATCHABLE = False
+
+logger = logging.getLogger(__name__)
+_original = None
+_users = 0
+
+
+def install() -> bool:
+    """Let addons answer from the `error` hook (counted: each install() needs its uninstall()).
+    False when this mitmproxy's HTTP layer is not the one expected: answers made there would be lost."""
+    global _original, _users
+    if not PATCHABLE:
+        return False
+    _users += 1
+    if _original is None:
+        _original = HttpStream.handle_protocol_error
+        HttpStream.handle_protocol_error = handle_protocol_error
+    return True
+
+
+def uninstall() -> None:
+    global _original, _users
+    if _users:
+        _users -= 1
+    if not _users and _original is not None:
+        HttpStream.handle_protocol_error = _original
+        _original = None
+
+
+def installed() -> bool:
+    return _original is not None
+
+
+def handle_protocol_error(self, event):
+    """HttpStream.handle_protocol_error, unless an addon answered in the error hook it triggers."""
+    had_response = self.flow.response is not None
+    steps = _original(self, event)
+    reply = None
+    while True:
+        try:
+            command = steps.send(reply)
+        except StopIteration:
+            return
+        reply = yield command
+        if (isinstance(command, HttpErrorHook) and isinstance(event, ResponseProtocolError)
+                and not had_response and self.flow.response is not None
+                and self.flow.metadata.get(meta.RECOVERED)):
+            steps.close()  # no 502 page
+            logger.debug("%s: answered after the origin failed (%s)", self.flow.request.url, event.message)
+            self.flow.error = None
+            yield from self.send_response()
+            return
