@@ -13,7 +13,9 @@ is sent to the client, minus its hop-by-hop fields (RFC 9110 7.6.1), when `relay
 is on and the client can take it (HTTP/1.1 or later; RFC 9110 15.2 forbids 1xx to an
 HTTP/1.0 client). `100 Continue` is never relayed: mitmproxy answers a client's
 `Expect: 100-continue` itself and does not pass the expectation on. No flow hook sees an
-interim response; the final one is answered, stored and logged as usual.
+interim response; the final one is answered, stored and logged as usual. An HTTP/1 client
+that got an interim response still gets the error page if the origin then fails
+(mitmproxy's HTTP/1 server sends none once it has sent a response head, interim or not).
 
 HTTP/2 origins are not concerned (mitmproxy's HTTP/2 client drops their 1xx itself).
 
@@ -31,8 +33,8 @@ try:  # mitmproxy's internal HTTP/1 layer: if it moves, the addon says so and ch
     from mitmproxy.proxy.layers.http import _http1
     from mitmproxy.proxy.commands import CloseConnection
     from mitmproxy.proxy.layers.http import ReceiveHttp, ResponseHeaders, ResponseProtocolError, SendHttp
-    Http1Client = _http1.Http1Client
-    PATCHABLE = callable(getattr(Http1Client, "read_headers", None))
+    Http1Client, Http1Server = _http1.Http1Client, _http1.Http1Server
+    PATCHABLE = callable(getattr(Http1Client, "read_headers", None)) and callable(getattr(Http1Server, "send", None))
 except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -64,7 +66,7 @@ def strip_hop_by_hop(response) -> None:
 
 class Interim:
     name = "interim"
-    original = None  # mitmproxy's Http1Client.read_headers while ours is in place
+    originals: dict = {}  # (class, method name) -> mitmproxy's method, while ours is in place
 
     def load(self, loader):
         loader.add_option(
@@ -78,14 +80,26 @@ class Interim:
             logger.warning("interim: this mitmproxy's HTTP/1 layer is not the one expected; "
                            "1xx interim responses from origins are left to mitmproxy")
             return
-        if Interim.original is None:
-            Interim.original = Http1Client.read_headers
-            Http1Client.read_headers = read_headers
+        for cls, name, ours in ((Http1Client, "read_headers", read_headers), (Http1Server, "send", server_send)):
+            if (cls, name) not in Interim.originals:
+                Interim.originals[(cls, name)] = getattr(cls, name)
+                setattr(cls, name, ours)
 
     def done(self):
-        if Interim.original is not None:
-            Http1Client.read_headers = Interim.original
-            Interim.original = None
+        for (cls, name), original in Interim.originals.items():
+            setattr(cls, name, original)
+        Interim.originals.clear()
+
+
+def server_send(self, event):
+    """Http1Server.send, which does not take an interim response it sends for the response: if the
+    origin then fails, the client still gets the error page (mitmproxy sends none once it has sent
+    a response head)."""
+    before = self.response
+    yield from Interim.originals[(Http1Server, "send")](self, event)
+    if isinstance(event, ResponseHeaders) and 100 <= event.response.status_code < 200 \
+            and event.response.status_code != 101:
+        self.response = before
 
 
 def read_headers(self, event):
@@ -107,7 +121,7 @@ def read_headers(self, event):
                 yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
         if not self.buf:
             return
-    yield from Interim.original(self, event)
+    yield from Interim.originals[(Http1Client, "read_headers")](self, event)
 
 
 addons = [Interim()]

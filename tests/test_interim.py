@@ -22,7 +22,8 @@ HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nX-Hint:
 
 
 class RawOrigin:
-    """Answers each request with `script[path]`: a list of byte strings, written with a short pause between."""
+    """Answers each request with `script[path]`: a list of byte strings, written with a short pause
+    between; None closes the connection."""
 
     def __init__(self, script: dict[str, list[bytes]]):
         self.script = script
@@ -63,6 +64,8 @@ class RawOrigin:
                 for i, part in enumerate(self.script[path]):
                     if i:
                         time.sleep(0.05)
+                    if part is None:  # close the connection here
+                        return
                     conn.sendall(part)
 
     def close(self):
@@ -77,6 +80,7 @@ def origin():
         "/together": [b"HTTP/1.1 102 Processing\r\n\r\n" + HINTS + FINAL],
         "/split": [HINTS[:20], HINTS[20:], FINAL],
         "/continue": [b"HTTP/1.1 100 Continue\r\n\r\n", FINAL],
+        "/hints-then-close": [HINTS, None],
         "/bad": [b"HTTP/1.1 103 Early Hints\r\nno colon here\r\n\r\n", FINAL],
     })
     yield o
@@ -158,6 +162,15 @@ def test_a_malformed_interim_head_is_a_bad_gateway(tmp_path, origin):
         r = curl("-D", "-", "-x", p.url, origin.url + "/bad")
         assert heads(r.stdout) == ["HTTP/1.1 502 Bad Gateway"]
         assert b"Cannot parse HTTP response" in r.stdout
+    finally:
+        p.stop()
+
+
+def test_an_origin_failing_after_an_interim_response_gets_the_client_an_error_page(tmp_path, origin):
+    p = Proxy(tmp_path, script="addons/interim.py")
+    try:
+        r = curl("-D", "-", "-x", p.url, origin.url + "/hints-then-close")
+        assert heads(r.stdout) == ["HTTP/1.1 103 Early Hints", "HTTP/1.1 502 Bad Gateway"]
     finally:
         p.stop()
 
