@@ -198,7 +198,7 @@ class AccessControl:
             d = _failed(e)  # denied, and logged as any denial
         if d is not None and not d.allowed:
             data.server.error = f"denied by {d.rule}"
-            await self._deny_connection(client, data.server, req, d, close_server=False)
+            await self._deny_connection(client, data.server, req, d, close_server=False, reply=_socks_refusal(client))
 
     # --- HTTP ------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow):
@@ -480,16 +480,18 @@ class AccessControl:
             flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
             flow.marked = flow.marked or MARK
 
-    async def _deny_connection(self, client, server, req, d, close_server: bool = True) -> None:
-        """A connection denied before it has a flow (ClientHello, server_connect): closed, and logged
-        through a TCP flow of its own (tcp_start/tcp_end hooks, so the access log and mitmweb see it)."""
+    async def _deny_connection(self, client, server, req, d, close_server: bool = True,
+                               reply: bytes = b"") -> None:
+        """A connection denied before it has a flow (ClientHello, server_connect): closed, after
+        `reply` is sent to the client, and logged through a TCP flow of its own (tcp_start/tcp_end
+        hooks, so the access log and mitmweb see it)."""
         self.denied[client] = (d, req)
         flow = tcp.TCPFlow(client, server, live=False)
         user = _user_of(client)
         if user:
             flow.metadata[meta.USER] = user
         self._mark(flow, req, d)
-        _close(client, server if close_server else None)
+        _close(client, server if close_server else None, reply)
         log.info("%s: %s denied by %s", _ip(client.peername), req.url if req else _address(server), d.rule)
         await ctx.master.addons.handle_lifecycle(TcpStartHook(flow))
         await ctx.master.addons.handle_lifecycle(TcpEndHook(flow))
@@ -510,8 +512,21 @@ def _user_of(client) -> str | None:
     return auth[0] if auth else None
 
 
-def _close(client, server=None) -> None:
-    """Really close connections from a hook: close the sockets, then stop mitmproxy's readers.
+# RFC 1928 6: reply 0x02 "connection not allowed by ruleset", with an empty IPv4 bound address
+SOCKS5_NOT_ALLOWED = b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00"
+
+
+def _socks_refusal(client) -> bytes:
+    """What tells a SOCKS5 client denied in server_connect why: with the eager strategy mitmproxy
+    connects before it answers the client's request, so the answer is still due (mitmproxy's own,
+    had the connection been left to it, would say "host unreachable"). Lazily, it has been sent."""
+    eager = getattr(ctx.options, "connection_strategy", "eager") == "eager"
+    return SOCKS5_NOT_ALLOWED if eager and getattr(client.proxy_mode, "type_name", "") == "socks5" else b""
+
+
+def _close(client, server=None, reply: bytes = b"") -> None:
+    """Really close connections from a hook: send `reply` to the client, close the sockets, then
+    stop mitmproxy's readers.
 
     mitmproxy's own CloseConnection only cancels the reader task; when that
     task has not started yet (a connection refused in server_connect under
@@ -529,6 +544,8 @@ def _close(client, server=None) -> None:
             continue
         if io.writer is not None:
             try:
+                if reply and conn is client:
+                    io.writer.write(reply)  # closing still sends what was written
                 io.writer.close()
             except Exception:  # already closed
                 pass

@@ -343,6 +343,16 @@ def test_socks5_raw_tcp_denied_is_really_closed(env):
     assert echo.received == b""  # nothing the client sent reached the server
 
 
+def test_socks5_denied_before_connecting_is_told_not_allowed_by_ruleset(env):
+    """Decided on the connection alone (port 21 is not in Safe_ports): the SOCKS5 client gets
+    reply 0x02, "connection not allowed by ruleset" (RFC 1928), then the connection closes."""
+    proxy, *_ = env
+    with pytest.raises(ConnectionError) as refused:
+        socks5(proxy.ports[1], "127.0.0.1", 21)
+    assert "b'\\x05\\x02\\x00\\x01" in str(refused.value)
+    assert " TCP_DENIED/403 0 CONNECT 127.0.0.1:21 " in proxy.log_line("CONNECT 127.0.0.1:21 ")
+
+
 def test_socks5_tls_decided_by_sni(env):
     proxy, _, tls_origin, _ = env
     socks = proxy.ports[1]
