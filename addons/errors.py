@@ -183,9 +183,9 @@ class Errors:
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
-        # parent proxy): the client got mitmproxy's 502, and the next request checks again, for Squid's
-        # 503 or a stale copy
-        if flow.response is not None:
+        # parent proxy): the client got mitmproxy's 502 (or a stale copy), and the next request checks
+        # again, for Squid's 503 or a stale copy
+        if flow.response is not None and not flow.metadata.get(meta.RECOVERED):  # (a stale copy the cache sent instead)
             return
         parent = _parent(flow)
         if parent is not None:
