@@ -1133,10 +1133,11 @@ class Cache:
         if stream:
             stream[1].abort()  # an aborted transfer is never stored
         self._release(flow)
-        # The origin accepted the revalidation and then failed without a response: stale-if-error
-        # as for an unreachable origin (recover.py sends this answer instead of mitmproxy's 502).
-        if (pending is not None and self.recovering and flow.response is None and flow.live
-                and not flow.metadata.get(meta.LOCAL) and self._stale_if_error(flow, pending)):
+        # The origin failed a revalidation before any response (refused mitmproxy's own connection, or
+        # accepted it and closed or reset it): stale-if-error, as for an origin the errors addon found
+        # unreachable (recover.py sends this answer instead of mitmproxy's 502).
+        if (pending is not None and flow.metadata.get(meta.RECOVERABLE) and not flow.metadata.get(meta.LOCAL)
+                and self._stale_if_error(flow, pending)):
             failure = flow.error.msg if flow.error else "no response"
             self._restore_conditionals(flow, pending)
             self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),

@@ -81,24 +81,24 @@ class Interim:
                            "1xx interim responses from origins are left to mitmproxy")
             return
         for cls, name, ours in ((Http1Client, "read_headers", read_headers), (Http1Server, "send", server_send)):
-            if (cls, name) not in Interim.originals:
-                Interim.originals[(cls, name)] = getattr(cls, name)
+            if getattr(cls, name) is not ours:
+                Interim.originals.setdefault((cls, name), getattr(cls, name))
                 setattr(cls, name, ours)
 
     def done(self):
+        # The originals are kept: a live connection holds our read_headers as its bound `state`
+        # and still calls it (and the original through it) after this.
         for (cls, name), original in Interim.originals.items():
             setattr(cls, name, original)
-        Interim.originals.clear()
 
 
 def server_send(self, event):
-    """Http1Server.send, which does not take an interim response it sends for the response: if the
-    origin then fails, the client still gets the error page (mitmproxy sends none once it has sent
-    a response head)."""
+    """Http1Server.send, which does not take an interim response relayed by read_headers for the
+    response: if the origin then fails, the client still gets the error page (mitmproxy sends none
+    once it has sent a response head)."""
     before = self.response
     yield from Interim.originals[(Http1Server, "send")](self, event)
-    if isinstance(event, ResponseHeaders) and 100 <= event.response.status_code < 200 \
-            and event.response.status_code != 101:
+    if isinstance(event, ResponseHeaders) and getattr(event, "relais_interim", False):
         self.response = before
 
 
@@ -115,10 +115,16 @@ def read_headers(self, event):
                 yield CloseConnection(self.conn)
                 yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
                 return
-            if (self.context.options.relay_interim and forwardable(response)
-                    and self.request.http_version not in ("HTTP/1.0", "HTTP/0.9")):
+            # (an HTTP/3 client would take a second HEADERS frame as an error: mitmproxy 11 never
+            # pairs one with an HTTP/1 origin anyway)
+            if (getattr(self.context.options, "relay_interim", False) and forwardable(response)
+                    and self.request.http_version in ("HTTP/1.1", "HTTP/2.0")):
                 strip_hop_by_hop(response)
-                yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
+                interim = ResponseHeaders(self.stream_id, response)
+                interim.relais_interim = True  # for server_send: a head it must not take as the response
+                yield SendHttp(interim, self.context.client)
+            while self.buf and bytes(self.buf)[:1] in (b"\r", b"\n") and self.buf.maybe_extract_lines() == []:
+                pass  # a stray empty line after the interim head
         if not self.buf:
             return
     yield from Interim.originals[(Http1Client, "read_headers")](self, event)

@@ -5,12 +5,15 @@ When an origin accepts the connection and then closes or resets it before its re
 own 502 page: a response an addon puts in the flow there is ignored. Squid serves a
 stale copy in that case when stale-if-error allows it, and so should the cache.
 
-While `install()` is in effect (the cache calls it at load), an addon that, in the
-`error` hook of a flow with no response yet, sets `flow.response` and
+While `install()` is in effect (the cache calls it at load), the `error` hook of a flow
+that can still be answered carries `flow.metadata["relais.recoverable"] = True`: the
+origin failed before any response, the whole request was received, and the client is
+still there. An addon that then sets `flow.response` and
 `flow.metadata["relais.recovered"] = True` has that response sent instead of the 502:
-`flow.error` is cleared and the `response` hook follows, as for any answer, so the other
-addons see an answered flow (the access log logs it there, not in `error`). Anything
-else goes as mitmproxy does it. Not an addon: a helper the addons that answer use.
+`flow.error` is cleared and the `response` hook follows (not `responseheaders`), so the
+other addons see an answered flow after its `error` hook (the access log logs it in
+`response`; mitmproxy's `save_stream_file` records the flow at both). Anything else goes
+as mitmproxy does it. Not an addon: a helper the addons that answer use.
 """
 from __future__ import annotations
 
@@ -64,7 +67,9 @@ def installed() -> bool:
 
 def handle_protocol_error(self, event):
     """HttpStream.handle_protocol_error, unless an addon answered in the error hook it triggers."""
-    had_response = self.flow.response is not None
+    # the origin failed before any response, and the whole request is in: the stream can still end well
+    recoverable = (isinstance(event, ResponseProtocolError) and self.flow.response is None
+                   and self.client_state == self.state_done)
     steps = _original(self, event)
     reply = None
     while True:
@@ -72,10 +77,15 @@ def handle_protocol_error(self, event):
             command = steps.send(reply)
         except StopIteration:
             return
-        reply = yield command
-        if (isinstance(command, HttpErrorHook) and isinstance(event, ResponseProtocolError)
-                and not had_response and self.flow.response is not None
-                and self.flow.metadata.get(meta.RECOVERED)):
+        if not (recoverable and isinstance(command, HttpErrorHook)):
+            reply = yield command
+            continue
+        self.flow.metadata[meta.RECOVERABLE] = True  # for this hook only
+        try:
+            reply = yield command
+        finally:
+            self.flow.metadata.pop(meta.RECOVERABLE, None)
+        if self.flow.response is not None and self.flow.metadata.get(meta.RECOVERED):
             steps.close()  # no 502 page
             logger.debug("%s: answered after the origin failed (%s)", self.flow.request.url, event.message)
             self.flow.error = None

@@ -416,6 +416,47 @@ def test_stale_if_error_when_origin_ends_the_connection_unanswered(cproxy, origi
     assert len(lines_for(cproxy, url)) == 2  # one line for the answered failure, not two
 
 
+@pytest.mark.parametrize("cc", ["max-age=1, stale-if-error=60", "max-age=1"])
+def test_a_client_leaving_during_a_revalidation_is_logged_and_not_answered(cproxy, origin, cc):
+    """The client gives up while the origin is slow to revalidate: the error is the client's, so
+    no stale copy is served to nobody, and the request is logged as any abandoned one."""
+    path = f"/slowreval-{len(origin.routes)}"
+    calls = []
+
+    def route(seen):
+        calls.append(1)
+        if len(calls) > 1:
+            time.sleep(3)
+        return 200, {"Cache-Control": cc, "ETag": '"v1"'}, b"good"
+    origin.route(path, route)
+    url = f"{origin.url}{path}"
+    assert fetch(cproxy, url)[2] == b"good"
+    time.sleep(1.3)
+    assert curl("-x", cproxy.url, "--max-time", "1", url, timeout=1).returncode == 28  # curl gave up
+    assert codes(cproxy, url, 2) == ["TCP_MISS/200", "TCP_MISS_ABORTED/000"]
+
+
+def test_stale_if_error_while_the_request_body_streams_keeps_the_connection_usable(tmp_path, origin):
+    """With stream_large_bodies a GET's large body goes upstream as it arrives; the origin refusing
+    then is answered by mitmproxy as it would be (the request is not all in, the stream cannot end
+    well with a stale copy), and the client's connection still serves its next request."""
+    origin.route("/bigbody", lambda seen: (200, {"Cache-Control": "max-age=1, stale-if-error=60"}, b"good"))
+    p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache"), "stream_large_bodies": "1k"})
+    try:
+        url = f"{origin.url}/bigbody"
+        assert fetch(p, url)[2] == b"good"
+        port = origin.port
+        origin.close()  # refused from now on
+        time.sleep(1.3)
+        body = tmp_path / "body"
+        body.write_bytes(b"x" * 100_000)
+        r = curl("-i", "-x", p.url, "-X", "GET", "-H", "Expect:", "--data-binary", f"@{body}", url,
+                 "--next", "-i", "--max-time", "5", "-x", p.url, f"http://127.0.0.1:{port}/bigbody", timeout=8)
+        assert r.stdout.count(b"HTTP/1.1 ") == 2, r.stdout  # both requests got an answer
+    finally:
+        p.stop()
+
+
 def test_origin_ending_the_connection_without_stale_if_error_is_a_502(cproxy, origin):
     origin.route("/gone-nosie", good_then_gone("max-age=1", CLOSE))
     url = f"{origin.url}/gone-nosie"

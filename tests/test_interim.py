@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from mitmproxy.test import taddons
 
 from harness import Proxy, curl
 
@@ -81,6 +82,7 @@ def origin():
         "/split": [HINTS[:20], HINTS[20:], FINAL],
         "/continue": [b"HTTP/1.1 100 Continue\r\n\r\n", FINAL],
         "/hints-then-close": [HINTS, None],
+        "/blank-line": [HINTS + b"\r\n" + FINAL],
         "/bad": [b"HTTP/1.1 103 Early Hints\r\nno colon here\r\n\r\n", FINAL],
     })
     yield o
@@ -131,7 +133,8 @@ def test_interim_relayed_then_the_final_response_is_cached_without_it(tmp_path, 
 @pytest.mark.parametrize("path, expected", [
     ("/together", ["HTTP/1.1 102 Processing", "HTTP/1.1 103 Early Hints", "HTTP/1.1 200 OK"]),
     ("/split", ["HTTP/1.1 103 Early Hints", "HTTP/1.1 200 OK"]),
-    ("/continue", ["HTTP/1.1 200 OK"]),  # mitmproxy answers Expect itself: the origin's 100 is not passed on
+    ("/continue", ["HTTP/1.1 200 OK"]),
+    ("/blank-line", ["HTTP/1.1 103 Early Hints", "HTTP/1.1 200 OK"]),  # a stray empty line after the 1xx  # mitmproxy answers Expect itself: the origin's 100 is not passed on
 ])
 def test_interim_heads_however_they_arrive(tmp_path, origin, path, expected):
     p = Proxy(tmp_path, script="addons/interim.py")
@@ -185,3 +188,23 @@ def test_interim_relayed_to_an_http2_client(tmp_path, origin):
         assert r.stdout.endswith(b"final")
     finally:
         p.stop()
+
+
+def test_unloading_keeps_live_connections_working():
+    """A live HTTP/1 connection holds the patched read_headers as its bound state: after the addon
+    is unloaded (a script reload, the proxy's exit), that state must still reach mitmproxy's method."""
+    from addons import interim
+    from mitmproxy.proxy import context, events
+    from mitmproxy.proxy.layers.http import _http1
+    from mitmproxy.test import tflow
+    original = _http1.Http1Client.read_headers
+    addon = interim.Interim()
+    with taddons.context(addon) as tctx:
+        ctx = context.Context(tflow.tclient_conn(), tctx.options)
+        ctx.server = tflow.tserver_conn()
+        layer = _http1.Http1Client(ctx)
+        state = layer.read_headers  # bound now, as mitmproxy binds it when the connection starts
+        assert state.__func__ is interim.read_headers
+        addon.done()
+    assert _http1.Http1Client.read_headers is original  # restored for new connections
+    assert list(state(events.ConnectionClosed(ctx.server))) == []  # the old binding still works
