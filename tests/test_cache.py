@@ -562,6 +562,29 @@ def test_intercepted_https_is_cached_separately(start_proxy, tls_origin, tmp_pat
     assert lines[0].split()[6].startswith("https://")
 
 
+@pytest.mark.parametrize("strategy", ["eager", "lazy"])
+def test_intercepted_https_when_the_origin_dies_per_connection_strategy(start_proxy, cert, tmp_path, strategy):
+    """Eagerly, mitmproxy connects to the origin at CONNECT time, before any request: a dead origin
+    fails the CONNECT itself (Squid's 503), so a stale copy cannot be served. Lazily, the request
+    reaches the cache, and the copy stale-if-error allows is served when the connection fails."""
+    origin = Origin(tls=cert)
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "connection_strategy": strategy})
+    url = f"{origin.url}/tls-sie?h.Cache-Control=max-age=1,stale-if-error=60"
+    try:
+        assert curl("--cacert", p.ca, "-x", p.url, url).stdout == b"hello /tls-sie"
+    finally:
+        origin.close()
+    time.sleep(1.3)
+    r = curl("-i", "--cacert", p.ca, "-x", p.url, url)
+    if strategy == "eager":
+        assert r.returncode != 0 and b"HTTP/1.1 503" in r.stdout  # curl shows the refused CONNECT
+        assert " NONE_NONE/503 0 CONNECT " in p.wait_lines(f"CONNECT 127.0.0.1:{origin.port}", 2)[-1]
+    else:
+        assert r.returncode == 0 and r.stdout.endswith(b"hello /tls-sie"), (r.stdout, r.stderr)
+        assert b"111" in r.stdout  # Warning: 111 - "Revalidation Failed"
+        assert [l.split()[3] for l in p.wait_lines("/tls-sie", 2)] == ["TCP_MISS/200", "TCP_REFRESH_FAIL_OLD/200"]
+
+
 def test_reverse_mode_key_cannot_be_poisoned_across_listeners_by_the_host_header(start_proxy, tmp_path):
     a, b = Origin(), Origin()
     try:
