@@ -10,8 +10,8 @@ responses (unless it asked for them itself) and that a cache never stores them.
 While this addon is loaded, mitmproxy's HTTP/1 client skips interim heads (101 aside,
 which switches protocols) and reads the final response after them. Each interim response
 is sent to the client, minus its hop-by-hop fields (RFC 9110 7.6.1), when `relay_interim`
-is on and the client can take it (HTTP/1.1 or later; RFC 9110 15.2 forbids 1xx to an
-HTTP/1.0 client). `100 Continue` is never relayed: mitmproxy answers a client's
+is on and the client speaks HTTP/1.1 or HTTP/2 (RFC 9110 15.2 forbids 1xx to an HTTP/1.0
+client). `100 Continue` is never relayed: mitmproxy answers a client's
 `Expect: 100-continue` itself and does not pass the expectation on. No flow hook sees an
 interim response; the final one is answered, stored and logged as usual. An HTTP/1 client
 that got an interim response still gets the error page if the origin then fails
@@ -66,7 +66,7 @@ def strip_hop_by_hop(response) -> None:
 
 class Interim:
     name = "interim"
-    originals: dict = {}  # (class, method name) -> mitmproxy's method, while ours is in place
+    originals: dict = {}  # (class, method name) -> mitmproxy's method, kept once replaced (see done)
 
     def load(self, loader):
         loader.add_option(

@@ -1,9 +1,12 @@
 """An addon may still answer a request whose origin failed before responding, from the `error` hook.
 
-When an origin accepts the connection and then closes or resets it before its response
-(or sends one that cannot be parsed), mitmproxy calls the `error` hook and then sends its
-own 502 page: a response an addon puts in the flow there is ignored. Squid serves a
-stale copy in that case when stale-if-error allows it, and so should the cache.
+When mitmproxy's own connection to the origin fails (the errors addon trusts an origin
+for connect_check_ttl after a successful check, and does not check it again), or when the
+origin accepts the request and then closes or resets the connection before its response
+(or sends one that cannot be parsed),
+mitmproxy calls the `error` hook and then sends its own 502 page: a response an addon puts
+in the flow there is ignored. Squid serves a stale copy in that case when stale-if-error
+allows it, and so should the cache.
 
 While `install()` is in effect (the cache calls it at load), the `error` hook of a flow
 that can still be answered carries `flow.metadata["relais.recoverable"] = True`: the
