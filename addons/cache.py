@@ -460,6 +460,7 @@ class Cache:
         self.counts: Counter = Counter()
         self.purge_nets: list = []
         self.negative_ttl = 30.0
+        self.max_stale = 0.0
         self.object_max = 4 * 1024 * 1024
         self.sizes: dict[str, int] = {}
         self.late_streams = False
@@ -488,6 +489,12 @@ class Cache:
                           "relative to the cwd or the Relais folder.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
+        loader.add_option("max_stale", int, 0,
+                          "Squid max_stale: seconds past its freshness a stored response may still be served when "
+                          "the origin fails (unreachable, 5xx, connection closed), even without stale-if-error; "
+                          "must-revalidate still forbids it. 0 (the default) serves stale only where RFC 9111 "
+                          "and RFC 5861 let the origin or the client allow it; Squid's own default is one week "
+                          "(604800).")
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
@@ -502,6 +509,8 @@ class Cache:
             raise exceptions.OptionsError(f"cache_dir_size: must be more than 0 megabytes, not {o.cache_dir_size}")
         if o.negative_ttl < 0:
             raise exceptions.OptionsError(f"negative_ttl: must be 0 or more seconds, not {o.negative_ttl}")
+        if o.max_stale < 0:
+            raise exceptions.OptionsError(f"max_stale: must be 0 or more seconds, not {o.max_stale}")
         if not o.cache_dir.strip():
             raise exceptions.OptionsError("cache_dir: empty; use 'none' for a RAM-only cache")
         first = not getattr(self, "_configured", False)
@@ -517,6 +526,7 @@ class Cache:
         if "cache_policy" in updated or first:
             self.rules, self.targets = self._load_policy(o.cache_policy)
         self.negative_ttl = float(o.negative_ttl)
+        self.max_stale = float(o.max_stale)
         self.collapse = o.collapsed_forwarding
         self.late_streams = bool(getattr(o, "stream_large_bodies", None))  # see addons/streams.py
         self.object_max = sizes["maximum_object_size"]
@@ -658,7 +668,7 @@ class Cache:
                 self._refresh_in_background(key, entry, flow)
             return None
         # must revalidate
-        if failure and rfc9111.stale_if_error_ok(req.headers, self._policy(m), d.staleness):
+        if failure and rfc9111.stale_if_error_ok(req.headers, self._policy(m), d.staleness, max_stale=self.max_stale):
             self._serve(flow, entry, tier, age, stale=True, code="TCP_REFRESH_FAIL_OLD",
                         warning='111 - "Revalidation Failed"')
             return None
@@ -996,7 +1006,8 @@ class Cache:
 
     def _stale_if_error(self, flow: http.HTTPFlow, pending: Pending) -> bool:
         m = pending.entry.meta
-        return rfc9111.stale_if_error_ok(flow.request.headers, self._policy(m), m.age(time.time()) - m.lifetime)
+        return rfc9111.stale_if_error_ok(flow.request.headers, self._policy(m), m.age(time.time()) - m.lifetime,
+                                         max_stale=self.max_stale)
 
     def _restore_conditionals(self, flow: http.HTTPFlow, pending: Pending) -> None:
         for name in ("If-None-Match", "If-Modified-Since"):

@@ -618,16 +618,21 @@ def only_if_cached(req_headers) -> bool:
     return "only-if-cached" in cache_control(req_headers)
 
 
-def stale_if_error_ok(req_headers, resp_headers, staleness: float, shared: bool = True) -> bool:
+def stale_if_error_ok(req_headers, resp_headers, staleness: float, shared: bool = True,
+                      max_stale: float = 0.0) -> bool:
     """RFC 5861 4: may a stale response be served because the origin failed?
 
     The request's or the response's stale-if-error bounds the staleness, as
     does a request max-stale; must-revalidate (and its shared-cache
-    relatives) still forbids it.
+    relatives) still forbids it. `max_stale` is the operator's own bound
+    (Squid's max_stale; RFC 9111 4.2.4 allows serving stale when configured
+    "in accordance with an out-of-band contract"): 0 allows nothing more.
     """
     resp_cc = cache_control(resp_headers)
     if must_revalidate_when_stale(resp_cc, shared):
         return False
+    if max_stale > 0 and staleness <= max_stale:
+        return True
     req_cc = cache_control(req_headers)
     for cc in (req_cc, resp_cc):
         limit = cc.delta("stale-if-error")

@@ -466,6 +466,25 @@ def test_origin_ending_the_connection_without_stale_if_error_is_a_502(cproxy, or
     assert codes(cproxy, url, 2)[1] == "TCP_MISS/502"
 
 
+@pytest.mark.parametrize("how", ["503", "closed"])
+def test_max_stale_serves_stale_when_the_origin_fails_without_stale_if_error(tmp_path, origin, how):
+    """Squid's max_stale: the operator allows stale copies up to that age when revalidation fails,
+    whatever the origin said (must-revalidate aside)."""
+    p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache"), "max_stale": 60})
+    try:
+        for path, cc in ((f"/ms-{how}", "max-age=1"), (f"/ms-mr-{how}", "max-age=1, must-revalidate")):
+            origin.route(path, good_then_broken(cc) if how == "503" else good_then_gone(cc, CLOSE))
+            url = f"{origin.url}{path}"
+            fetch(p, url)
+        time.sleep(1.3)
+        status, headers, body = fetch(p, f"{origin.url}/ms-{how}")
+        assert (status, body) == (200, b"good") and "111" in headers.get("warning", "")
+        assert fetch(p, f"{origin.url}/ms-mr-{how}")[0] == (503 if how == "503" else 502)
+        assert codes(p, f"{origin.url}/ms-{how}", 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
+    finally:
+        p.stop()
+
+
 def test_stale_without_stale_if_error_shows_error(cproxy, origin):
     origin.route("/nosie", good_then_broken("max-age=1"))
     url = f"{origin.url}/nosie"

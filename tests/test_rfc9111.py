@@ -349,6 +349,13 @@ class TestDecide:
         assert not r.stale_if_error_ok([], H(cache_control="max-age=1"), 30)
         assert not r.stale_if_error_ok([], H(cache_control="max-age=1, must-revalidate, stale-if-error=60"), 30)
 
+    def test_the_operators_max_stale(self):  # Squid's max_stale; RFC 9111 4.2.4's out-of-band contract
+        assert r.stale_if_error_ok([], H(cache_control="max-age=1"), 30, max_stale=60)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1"), 90, max_stale=60)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1, must-revalidate"), 30, max_stale=60)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1, s-maxage=1"), 30, max_stale=60)
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1"), 30, max_stale=0)
+
 
 # --- 4.1 Vary ------------------------------------------------------------------------------
 
