@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import Origin, Proxy, closed_port, make_cert
+from harness import Origin, Proxy, closed_port, hold_port, make_cert
 
 
 @pytest.fixture
@@ -30,6 +30,16 @@ def refused_port():
     """A loopback port that refuses connections for the whole test (see harness.closed_port)."""
     with closed_port() as (port, _):
         yield port
+
+
+@pytest.fixture
+def held_ports():
+    """held_ports(port): the port an origin of the test just closed keeps refusing connections until
+    the test ends (harness.hold_port)."""
+    held = []
+    yield lambda port: held.append(hold_port(port))
+    for s in held:
+        s.close()
 
 
 @pytest.fixture

@@ -55,6 +55,16 @@ def closed_port(host: str = "127.0.0.1"):
         yield s.getsockname()[1], s
 
 
+def hold_port(port: int, host: str = "127.0.0.1") -> socket.socket:
+    """A socket bound to a port a listener of the test has just released, without listen(): connections
+    to it are still refused, and no other process can be given the port (nor a connect() from it to
+    itself) while the socket is open, as it could once the port is free. Close it when done."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the port's connections in TIME_WAIT
+    s.bind((host, port))
+    return s
+
+
 # --- origin -----------------------------------------------------------------
 
 @dataclass

@@ -171,7 +171,7 @@ def test_reverse_proxy_answers_squid_503_when_the_backend_is_down(start_proxy, r
 
 
 @pytest.mark.parametrize("check_ttl", [0, 30], ids=["checked", "trusted"])
-def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path, check_ttl):
+def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path, check_ttl, held_ports):
     """With connect_check_ttl 30 the backend was checked less than that ago when it died: mitmproxy's own
     connection fails, and the cache answers in the error hook (recover.py) instead of mitmproxy's 502."""
     from harness import Origin
@@ -182,12 +182,16 @@ def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path,
                         options={"cache_dir": str(tmp_path / "cache"), "connect_check_ttl": check_ttl})
     assert curl(f"http://127.0.0.1:{proxy.port}/page").stdout == b"kept"
     origin.close()
+    held_ports(origin.port)
     time.sleep(1.5)  # now stale, and the backend is gone
     for _ in range(2):
         r = curl("-i", f"http://127.0.0.1:{proxy.port}/page")
         assert r.stdout.startswith(b"HTTP/1.1 200") and r.stdout.endswith(b"kept"), r.stdout
     assert [line.split()[3] for line in proxy.wait_lines("/page", 3)] == \
         ["TCP_MISS/200"] + ["TCP_REFRESH_FAIL_OLD/200"] * 2
+    # the failure marked the backend for a new check (errors.py): an uncached page gets Squid's 503
+    r = curl("-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{proxy.port}/other")
+    assert b" 503 " in r.stdout.split(b"\r\n")[0] and b"ERR_CONNECT_FAIL" in r.stdout, r.stdout
 
 
 def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):

@@ -43,6 +43,8 @@ def table() -> str:
         rec = Recorder()
         if hasattr(addon, "load"):
             addon.load(rec)
+            if hasattr(addon, "done"):  # undoes what load did to mitmproxy itself (interim, cache's recover)
+                addon.done()
         module = type(addon).__module__.rsplit(".", 1)[-1]
         for name, default, help in rec.options:
             text = " ".join(help.split()).replace("|", "\\|")
