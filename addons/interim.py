@@ -14,8 +14,7 @@ is on and the client speaks HTTP/1.1 or HTTP/2 (RFC 9110 15.2 forbids 1xx to an 
 client). `100 Continue` is never relayed: mitmproxy answers a client's
 `Expect: 100-continue` itself and does not pass the expectation on. No flow hook sees an
 interim response; the final one is answered, stored and logged as usual. An HTTP/1 client
-that got an interim response still gets the error page if the origin then fails
-(mitmproxy's HTTP/1 server sends none once it has sent a response head, interim or not).
+that got an interim response still gets the error page if the origin then fails.
 
 HTTP/2 origins are not concerned (mitmproxy's HTTP/2 client drops their 1xx itself).
 
@@ -31,10 +30,10 @@ from mitmproxy.proxy import events
 
 try:  # mitmproxy's internal HTTP/1 layer: if it moves, the addon says so and changes nothing
     from mitmproxy.proxy.layers.http import _http1
-    from mitmproxy.proxy.commands import CloseConnection
+    from mitmproxy.proxy.commands import CloseConnection, SendData
     from mitmproxy.proxy.layers.http import ReceiveHttp, ResponseHeaders, ResponseProtocolError, SendHttp
-    Http1Client, Http1Server = _http1.Http1Client, _http1.Http1Server
-    PATCHABLE = callable(getattr(Http1Client, "read_headers", None)) and callable(getattr(Http1Server, "send", None))
+    Http1Client = _http1.Http1Client
+    PATCHABLE = callable(getattr(Http1Client, "read_headers", None))
 except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -80,7 +79,7 @@ class Interim:
             logger.warning("interim: this mitmproxy's HTTP/1 layer is not the one expected; "
                            "1xx interim responses from origins are left to mitmproxy")
             return
-        for cls, name, ours in ((Http1Client, "read_headers", read_headers), (Http1Server, "send", server_send)):
+        for cls, name, ours in ((Http1Client, "read_headers", read_headers),):
             if getattr(cls, name) is not ours:
                 Interim.originals.setdefault((cls, name), getattr(cls, name))
                 setattr(cls, name, ours)
@@ -90,16 +89,6 @@ class Interim:
         # and still calls it (and the original through it) after this.
         for (cls, name), original in Interim.originals.items():
             setattr(cls, name, original)
-
-
-def server_send(self, event):
-    """Http1Server.send, which does not take an interim response relayed by read_headers for the
-    response: if the origin then fails, the client still gets the error page (mitmproxy sends none
-    once it has sent a response head)."""
-    before = self.response
-    yield from Interim.originals[(Http1Server, "send")](self, event)
-    if isinstance(event, ResponseHeaders) and getattr(event, "relais_interim", False):
-        self.response = before
 
 
 def read_headers(self, event):
@@ -120,9 +109,12 @@ def read_headers(self, event):
             if (getattr(self.context.options, "relay_interim", False) and forwardable(response)
                     and self.request.http_version in ("HTTP/1.1", "HTTP/2.0")):
                 strip_hop_by_hop(response)
-                interim = ResponseHeaders(self.stream_id, response)
-                interim.relais_interim = True  # for server_send: a head it must not take as the response
-                yield SendHttp(interim, self.context.client)
+                if self.request.http_version == "HTTP/1.1":
+                    # written as is: mitmproxy's HTTP/1 server would take it for the response's head, and
+                    # send no error page if the origin then failed
+                    yield SendData(self.context.client, http1.assemble_response_head(response))
+                else:  # HTTP/2: its own HEADERS frame on the client's stream
+                    yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
             while self.buf and bytes(self.buf)[:1] in (b"\r", b"\n") and self.buf.maybe_extract_lines() == []:
                 pass  # a stray empty line after the interim head
         if not self.buf:
