@@ -19,7 +19,10 @@ mitmproxy's hooks:
   (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error, or the error
   (TCP_REFRESH_FAIL_ERR); storable
   responses stored; unsafe methods invalidate (RFC 9111 4.4).
-- error: an aborted transfer is never stored.
+- error: an aborted transfer is never stored. A revalidation the origin failed
+  before any response (refused mitmproxy's connection, closed or reset it) is
+  answered with the stale entry stale-if-error or max_stale allows
+  (TCP_REFRESH_FAIL_OLD), which addons/recover.py sends instead of mitmproxy's 502.
 
 Commands: cache.purge URL, cache.clear, cache.stats.
 """
