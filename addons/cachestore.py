@@ -735,7 +735,8 @@ def _body_folder(entry) -> bool:
 def open_or_recover(directory: Path, limit: int):
     """_open(), after moving a damaged database aside (the folder, renamed <name>.damaged-<time>, or
     its cache.db files if the folder cannot be renamed): the disk cache starts empty, and what was
-    there is kept for whoever wants to look. Other failures (a full or read-only disk) go up."""
+    there is kept for whoever wants to look, the newest copy only (a disk that keeps damaging the
+    cache must not fill up with copies). Other failures (a full or read-only disk) go up."""
     try:
         if (directory / DAMAGED_MARK).exists():
             raise sqlite3.DatabaseError(f"{DAMAGED[1]} (found so by the previous run)")
@@ -761,7 +762,17 @@ def open_or_recover(directory: Path, limit: int):
                 sub.rename(aside / sub.name)
     log.warning("cache: the disk cache's database in %s is damaged (%s); moved aside to %s, the disk cache "
               "starts empty", directory, damaged, aside)
+    _remove_older_copies(aside)
     return _open(directory, limit)
+
+
+def _remove_older_copies(aside: Path) -> None:
+    """Remove the damaged copies moved aside before `aside` (same name up to the time stamp)."""
+    prefix = aside.name.rsplit("-", 2)[0] + "-"  # <name>.damaged-
+    for old in aside.parent.glob(prefix + "*"):
+        if old != aside and old.is_dir() and old.name < aside.name:
+            shutil.rmtree(old, ignore_errors=True)
+            log.warning("cache: removed %s, an older damaged copy of the disk cache", old)
 
 
 def _body_bytes(op) -> int:

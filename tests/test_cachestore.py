@@ -442,6 +442,23 @@ def test_a_damaged_database_is_moved_aside_and_the_disk_tier_starts_empty(tmp_pa
     assert "is damaged" in caplog.text and str(aside[0]) in caplog.text
 
 
+def test_only_the_newest_damaged_copy_is_kept(tmp_path, caplog):
+    """A disk that keeps damaging the cache must not fill up with copies moved aside."""
+    older = tmp_path / "cache.damaged-20000101-000000"
+    (older / "ab").mkdir(parents=True)
+    (older / "cache.db").write_bytes(b"old junk")
+    unrelated = tmp_path / "other.damaged-20000101-000000"  # another cache's copy: not this one's business
+    unrelated.mkdir()
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / "cache.db").write_bytes(os.urandom(8192))
+    disk_store(d).close()
+    aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cache.damaged-"))
+    assert len(aside) == 1 and aside[0] > older.name
+    assert unrelated.exists()
+    assert f"removed {older}" in caplog.text
+
+
 def test_bodies_being_streamed_by_another_live_proxy_on_the_same_folder_are_left_alone(tmp_path):
     """Another proxy's folder is known by the lock it holds (flock), not by its pid: containers on one
     volume all run as pid 1."""
