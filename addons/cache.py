@@ -464,6 +464,7 @@ class Cache:
         self.purge_nets: list = []
         self.negative_ttl = 30.0
         self.max_stale = 0.0
+        self.reload_into_ims = False
         self.object_max = 4 * 1024 * 1024
         self.sizes: dict[str, int] = {}
         self.late_streams = False
@@ -498,6 +499,12 @@ class Cache:
                           "must-revalidate still forbids it. 0 (the default) serves stale only where RFC 9111 "
                           "and RFC 5861 let the origin or the client allow it; Squid's own default is one week "
                           "(604800).")
+        loader.add_option("reload_into_ims", bool, False,
+                          "Squid reload_into_ims: a client's reload (Cache-Control: no-cache, Pragma: no-cache) of a "
+                          "stored response with validators is revalidated with If-None-Match / If-Modified-Since "
+                          "(answered TCP_REFRESH_UNMODIFIED from the store when the origin says 304) instead of "
+                          "fetched whole; RFC 9111 allows either. Off, as in Squid: the reload goes to the origin "
+                          "unconditionally (TCP_MISS).")
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
@@ -530,6 +537,7 @@ class Cache:
             self.rules, self.targets = self._load_policy(o.cache_policy)
         self.negative_ttl = float(o.negative_ttl)
         self.max_stale = float(o.max_stale)
+        self.reload_into_ims = o.reload_into_ims
         self.collapse = o.collapsed_forwarding
         self.late_streams = bool(getattr(o, "stream_large_bodies", None))  # see addons/streams.py
         self.object_max = sizes["maximum_object_size"]
@@ -661,6 +669,8 @@ class Cache:
         d = rfc9111.decide(asks, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
         if d.action == rfc9111.RELOAD:
             self.counts["reload"] += 1
+            if self.reload_into_ims and rfc9111.validators(m.headers):
+                return self._revalidate(flow, key, entry, tier)  # RFC 9111 5.2.1.4: validated, not refetched
             return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
         if d.serve:
             if (b"if-match" in names or b"if-unmodified-since" in names) and \
@@ -679,6 +689,13 @@ class Cache:
             return self._only_if_cached(flow)
         if failure:
             return self._answer_failure(flow, failure)
+        return self._revalidate(flow, key, entry, tier)
+
+    def _revalidate(self, flow: http.HTTPFlow, key: str, entry: cachestore.Entry, tier: str) -> None:
+        """4.3.1: the request goes to the origin with the entry's validators (the client's own
+        conditionals are kept aside); response() then freshens or replaces the entry."""
+        req = flow.request
+        m = entry.meta
         saved = []
         for name in ("If-None-Match", "If-Modified-Since"):
             for v in req.headers.get_all(name):

@@ -183,6 +183,32 @@ def test_request_no_cache_goes_to_origin(cproxy, origin):
     assert codes(cproxy, f"{origin.url}/nc", 3) == ["TCP_MISS/200"] * 3
 
 
+def test_reload_into_ims_validates_a_reload_instead_of_fetching_it_whole(tmp_path, origin):
+    seen_conditionals = []
+
+    def etagged(seen):
+        seen_conditionals.append(seen.headers.get("if-none-match"))
+        if seen.headers.get("if-none-match") == '"v1"':
+            return 304, {"ETag": '"v1"', "Cache-Control": "max-age=60"}, b""
+        return 200, {"ETag": '"v1"', "Cache-Control": "max-age=60"}, b"payload"
+    origin.route("/rims", etagged)
+    origin.route("/rims-nv", lambda seen: (200, {"Cache-Control": "max-age=60"}, b"no validator"))
+    p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache"), "reload_into_ims": True})
+    try:
+        url = f"{origin.url}/rims"
+        assert fetch(p, url)[2] == b"payload"
+        assert fetch(p, url, "-H", "Cache-Control: no-cache")[:3:2] == (200, b"payload")
+        assert fetch(p, url, "-H", "Pragma: no-cache")[:3:2] == (200, b"payload")
+        assert seen_conditionals == [None, '"v1"', '"v1"']
+        assert codes(p, url, 3) == ["TCP_MISS/200"] + ["TCP_REFRESH_UNMODIFIED/200"] * 2
+        nv = f"{origin.url}/rims-nv"  # nothing to validate with: the reload goes to the origin whole
+        for _ in range(2):
+            fetch(p, nv, "-H", "Cache-Control: no-cache")
+        assert codes(p, nv, 2) == ["TCP_MISS/200"] * 2
+    finally:
+        p.stop()
+
+
 def test_heuristic_freshness_from_last_modified(cproxy, origin):
     # no explicit freshness: 10% of (Date - Last-Modified), refresh_pattern of policies/cache.yaml
     origin.route("/lm", lambda seen: (200, {"Last-Modified": "Mon, 02 Nov 2020 10:00:00 GMT"}, b"old"))
