@@ -1,4 +1,4 @@
-"""Interim (1xx) responses from HTTP/1 origins, relayed to the client as Squid relays them.
+"""Interim (1xx) responses from origins, relayed to the client as Squid relays them.
 
 mitmproxy (11 and, at the time of writing, its newest release) reads the first response
 head an HTTP/1 origin sends as the final response. A `103 Early Hints` or `102 Processing`
@@ -16,7 +16,8 @@ client). `100 Continue` is never relayed: mitmproxy answers a client's
 interim response; the final one is answered, stored and logged as usual. An HTTP/1 client
 that got an interim response still gets the error page if the origin then fails.
 
-HTTP/2 origins are not concerned (mitmproxy's HTTP/2 client drops their 1xx itself).
+An HTTP/2 origin's interim responses, which mitmproxy's HTTP/2 client drops, are relayed
+to HTTP/2 clients the same way (mitmproxy pairs an HTTP/2 origin with an HTTP/2 client).
 
     mitmdump -s addons/interim.py
 """
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
+from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import events
 
@@ -32,8 +35,12 @@ try:  # mitmproxy's internal HTTP/1 layer: if it moves, the addon says so and ch
     from mitmproxy.proxy.layers.http import _http1
     from mitmproxy.proxy.commands import CloseConnection, SendData
     from mitmproxy.proxy.layers.http import ReceiveHttp, ResponseHeaders, ResponseProtocolError, SendHttp
-    Http1Client = _http1.Http1Client
-    PATCHABLE = callable(getattr(Http1Client, "read_headers", None))
+    from mitmproxy.proxy.layers.http import _http2
+    import h2.events
+    Http1Client, Http2Client = _http1.Http1Client, _http2.Http2Client
+    PATCHABLE = callable(getattr(Http1Client, "read_headers", None)) and \
+        callable(getattr(Http2Client, "handle_h2_event", None)) and \
+        callable(getattr(_http2, "parse_h2_response_headers", None))
 except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -70,16 +77,16 @@ class Interim:
     def load(self, loader):
         loader.add_option(
             "relay_interim", bool, True,
-            "Send 1xx interim responses from HTTP/1 origins (102 Processing, 103 Early Hints) on to "
-            "HTTP/1.1 and HTTP/2 clients, as Squid does; off drops them. Either way the final response "
-            "that follows is the one answered, cached and logged (mitmproxy alone would take the 1xx "
-            "as the final response).",
+            "Send origins' 1xx interim responses (102 Processing, 103 Early Hints) on to HTTP/1.1 and "
+            "HTTP/2 clients, as Squid does; off drops them. Either way the final response that follows "
+            "is the one answered, cached and logged (mitmproxy alone would take an HTTP/1 origin's 1xx "
+            "for the final response, and drop an HTTP/2 origin's).",
         )
         if not PATCHABLE:
             logger.warning("interim: this mitmproxy's HTTP/1 layer is not the one expected; "
                            "1xx interim responses from origins are left to mitmproxy")
             return
-        for cls, name, ours in ((Http1Client, "read_headers", read_headers),):
+        for cls, name, ours in ((Http1Client, "read_headers", read_headers), (Http2Client, "handle_h2_event", h2_event)):
             if getattr(cls, name) is not ours:
                 Interim.originals.setdefault((cls, name), getattr(cls, name))
                 setattr(cls, name, ours)
@@ -120,6 +127,25 @@ def read_headers(self, event):
         if not self.buf:
             return
     yield from Interim.originals[(Http1Client, "read_headers")](self, event)
+
+
+def h2_event(self, event):
+    """Http2Client.handle_h2_event, relaying an informational response to an HTTP/2 client."""
+    if not isinstance(event, h2.events.InformationalResponseReceived):
+        return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
+    stream = self.their_stream_id.get(event.stream_id)
+    relay = (getattr(self.context.options, "relay_interim", False) and stream is not None
+             and self.context.client.alpn == b"h2")
+    try:
+        status, headers = _http2.parse_h2_response_headers(event.headers)
+    except ValueError:
+        relay = False
+    if not relay or status == 100:  # (mitmproxy answers Expect itself)
+        return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
+    response = http.Response(b"HTTP/2.0", status, b"", headers, None, None, time.time(), None)
+    strip_hop_by_hop(response)
+    yield SendHttp(ResponseHeaders(stream, response), self.context.client)
+    return False
 
 
 addons = [Interim()]

@@ -205,3 +205,18 @@ def test_unloading_keeps_live_connections_working():
         addon.done()
     assert _http1.Http1Client.read_headers is original  # restored for new connections
     assert list(state(events.ConnectionClosed(ctx.server))) == []  # the old binding still works
+
+
+def test_an_http2_origins_interim_response_reaches_an_http2_client(tmp_path, cert):
+    from harness import H2Origin
+    o = H2Origin(cert)
+    p = Proxy(tmp_path, script="addons/interim.py")
+    try:
+        r = curl("-D", "-", "--http2", "--cacert", p.ca, "-x", p.url, f"{o.url}/hints")
+        assert r.returncode == 0, r.stderr
+        assert heads(r.stdout) == ["HTTP/1.1 200 Connection established", "HTTP/2 103", "HTTP/2 200"]
+        assert b"link: </s.css>; rel=preload" in r.stdout.lower()
+        assert r.stdout.endswith(b"h2 hello /hints")
+    finally:
+        p.stop()
+        o.sock.close()
