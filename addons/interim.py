@@ -17,7 +17,7 @@ interim response; the final one is answered, stored and logged as usual. An HTTP
 that got an interim response still gets the error page if the origin then fails.
 
 An HTTP/2 origin's interim responses, which mitmproxy's HTTP/2 client drops, are relayed
-to HTTP/2 clients the same way (mitmproxy pairs an HTTP/2 origin with an HTTP/2 client).
+the same way to HTTP/2 clients and to HTTP/1.1 clients that negotiated http/1.1 by ALPN.
 
     mitmdump -s addons/interim.py
 """
@@ -28,21 +28,18 @@ import re
 import time
 
 from mitmproxy import http
-from mitmproxy.net.http import http1
+from mitmproxy.net.http import http1, status_codes
 from mitmproxy.proxy import events
 
-try:  # mitmproxy's internal HTTP/1 layer: if it moves, the addon says so and changes nothing
-    from mitmproxy.proxy.layers.http import _http1
+try:  # mitmproxy's internal HTTP layers: what moved in another version is left to mitmproxy
     from mitmproxy.proxy.commands import CloseConnection, SendData
     from mitmproxy.proxy.layers.http import ReceiveHttp, ResponseHeaders, ResponseProtocolError, SendHttp
-    from mitmproxy.proxy.layers.http import _http2
+    from mitmproxy.proxy.layers.http import _http1, _http2
     import h2.events
-    Http1Client, Http2Client = _http1.Http1Client, _http2.Http2Client
-    PATCHABLE = callable(getattr(Http1Client, "read_headers", None)) and \
-        callable(getattr(Http2Client, "handle_h2_event", None)) and \
-        callable(getattr(_http2, "parse_h2_response_headers", None))
-except (ImportError, AttributeError):  # pragma: no cover - another mitmproxy
-    PATCHABLE = False
+except ImportError:  # pragma: no cover - another mitmproxy
+    _http1 = _http2 = None
+Http1Client = getattr(_http1, "Http1Client", None)
+Http2Client = getattr(_http2, "Http2Client", None)
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +79,14 @@ class Interim:
             "is the one answered, cached and logged (mitmproxy alone would take an HTTP/1 origin's 1xx "
             "for the final response, and drop an HTTP/2 origin's).",
         )
-        if not PATCHABLE:
-            logger.warning("interim: this mitmproxy's HTTP/1 layer is not the one expected; "
-                           "1xx interim responses from origins are left to mitmproxy")
-            return
-        for cls, name, ours in ((Http1Client, "read_headers", read_headers), (Http2Client, "handle_h2_event", h2_event)):
+        patches = ((Http1Client, "read_headers", read_headers, "HTTP/1"),
+                   (Http2Client, "handle_h2_event", h2_event, "HTTP/2"))
+        for cls, name, ours, layer in patches:
+            if not callable(getattr(cls, name, None)) or \
+                    (layer == "HTTP/2" and not callable(getattr(_http2, "parse_h2_response_headers", None))):
+                logger.warning("interim: this mitmproxy's %s layer is not the one expected; 1xx interim "
+                               "responses from %s origins are left to mitmproxy", layer, layer)
+                continue
             if getattr(cls, name) is not ours:
                 Interim.originals.setdefault((cls, name), getattr(cls, name))
                 setattr(cls, name, ours)
@@ -130,21 +130,29 @@ def read_headers(self, event):
 
 
 def h2_event(self, event):
-    """Http2Client.handle_h2_event, relaying an informational response to an HTTP/2 client."""
+    """Http2Client.handle_h2_event, relaying an informational response (102-199: 100 was mitmproxy's
+    own business, and 101 is not allowed in HTTP/2) to the client."""
     if not isinstance(event, h2.events.InformationalResponseReceived):
         return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
     stream = self.their_stream_id.get(event.stream_id)
-    relay = (getattr(self.context.options, "relay_interim", False) and stream is not None
-             and self.context.client.alpn == b"h2")
+    alpn = self.context.client.alpn
     try:
         status, headers = _http2.parse_h2_response_headers(event.headers)
     except ValueError:
-        relay = False
-    if not relay or status == 100:  # (mitmproxy answers Expect itself)
+        status = 0
+    # an HTTP/1.1 client meets an HTTP/2 origin when its ALPN list puts http/1.1 first and the
+    # origin is connected later (lazily); a client without ALPN may be HTTP/1.0: none for it
+    if (not getattr(self.context.options, "relay_interim", False) or stream is None
+            or not 102 <= status < 200 or alpn not in (b"h2", b"http/1.1")):
         return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
     response = http.Response(b"HTTP/2.0", status, b"", headers, None, None, time.time(), None)
     strip_hop_by_hop(response)
-    yield SendHttp(ResponseHeaders(stream, response), self.context.client)
+    if alpn == b"h2":
+        yield SendHttp(ResponseHeaders(stream, response), self.context.client)
+    else:  # as read_headers does for HTTP/1.1 clients
+        response.http_version = "HTTP/1.1"
+        response.reason = status_codes.RESPONSES.get(status, "")
+        yield SendData(self.context.client, http1.assemble_response_head(response))
     return False
 
 

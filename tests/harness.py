@@ -209,7 +209,7 @@ class Origin:
 class H2Origin:
     """A loopback HTTPS origin that speaks HTTP/2 only (ALPN h2, the h2 library mitmproxy uses): every
     GET gets 200 'h2 hello <path>' with Cache-Control max-age=60 (after a 103 Early Hints for
-    paths starting /hints), one stream at a time. `requests`
+    paths starting /hints, a 101 for /switch), one stream at a time. `requests`
     holds the header lists it received, and `errors` what it found wrong in them (the h2 library
     refuses a request with an upper-case field name, as RFC 9113 8.2.1 says)."""
 
@@ -263,6 +263,8 @@ class H2Origin:
                             path = dict(heads.pop(ev.stream_id))[":path"]
                             if path.startswith("/hints"):  # a 103 Early Hints first
                                 c.send_headers(ev.stream_id, [(":status", "103"), ("link", "</s.css>; rel=preload")])
+                            if path.startswith("/switch"):  # a 101, which HTTP/2 does not allow: to be dropped
+                                c.send_headers(ev.stream_id, [(":status", "101")])
                             body = f"h2 hello {path}".encode()
                             c.send_headers(ev.stream_id, [(":status", "200"), ("content-type", "text/plain"),
                                                           ("cache-control", "max-age=60"),

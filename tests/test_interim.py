@@ -217,6 +217,35 @@ def test_an_http2_origins_interim_response_reaches_an_http2_client(tmp_path, cer
         assert heads(r.stdout) == ["HTTP/1.1 200 Connection established", "HTTP/2 103", "HTTP/2 200"]
         assert b"link: </s.css>; rel=preload" in r.stdout.lower()
         assert r.stdout.endswith(b"h2 hello /hints")
+        r = curl("-D", "-", "--http2", "--cacert", p.ca, "-x", p.url, f"{o.url}/switch")  # 101: not in HTTP/2
+        assert r.returncode == 0 and heads(r.stdout)[1:] == ["HTTP/2 200"], (r.stdout, r.stderr)
+    finally:
+        p.stop()
+        o.sock.close()
+
+
+def test_an_http2_origins_interim_response_reaches_an_http11_client(tmp_path, cert):
+    """The client's ALPN list puts http/1.1 first and the origin, connected later (lazily), picks h2."""
+    import socket
+    import ssl
+    from harness import H2Origin
+    o = H2Origin(cert)
+    p = Proxy(tmp_path, script="addons/interim.py", options={"connection_strategy": "lazy"})
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+            raw.sendall(f"CONNECT 127.0.0.1:{o.port} HTTP/1.1\r\nHost: 127.0.0.1:{o.port}\r\n\r\n".encode())
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            tls = ssl.create_default_context(cafile=p.ca)
+            tls.set_alpn_protocols(["http/1.1", "h2"])
+            with tls.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                assert s.selected_alpn_protocol() == "http/1.1"
+                s.sendall(b"GET /hints HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := s.recv(65536):
+                    answer += chunk
+        assert heads(answer) == ["HTTP/1.1 103 Early Hints", "HTTP/1.1 200 OK"], answer
+        assert answer.endswith(b"h2 hello /hints")
+        assert any(dict(r).get(":path") == "/hints" for r in o.requests)  # it did reach the origin over HTTP/2
     finally:
         p.stop()
         o.sock.close()
