@@ -668,9 +668,13 @@ class Cache:
         asks = req.headers if b"cache-control" in names or b"pragma" in names else ()
         d = rfc9111.decide(asks, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
         if d.action == rfc9111.RELOAD:
-            self.counts["reload"] += 1
+            if rfc9111.only_if_cached(req.headers):  # no stored copy without validation, and none of that
+                return self._only_if_cached(flow)
             if self.reload_into_ims and rfc9111.validators(m.headers):
-                return self._revalidate(flow, key, entry, tier)  # RFC 9111 5.2.1.4: validated, not refetched
+                self._revalidate(flow, key, entry, tier, reload=True)  # RFC 9111 5.2.1.4: validated, not refetched
+                if flow.id in self.pending:
+                    return None
+            self.counts["reload"] += 1
             return None  # Squid 5.7: a client reload skips the lookup (TCP_MISS)
         if d.serve:
             if (b"if-match" in names or b"if-unmodified-since" in names) and \
@@ -691,7 +695,8 @@ class Cache:
             return self._answer_failure(flow, failure)
         return self._revalidate(flow, key, entry, tier)
 
-    def _revalidate(self, flow: http.HTTPFlow, key: str, entry: cachestore.Entry, tier: str) -> None:
+    def _revalidate(self, flow: http.HTTPFlow, key: str, entry: cachestore.Entry, tier: str,
+                    reload: bool = False) -> None:
         """4.3.1: the request goes to the origin with the entry's validators (the client's own
         conditionals are kept aside); response() then freshens or replaces the entry."""
         req = flow.request
@@ -707,7 +712,7 @@ class Cache:
             return None
         for name, v in rfc9111.validators(m.headers):
             req.headers[name] = v
-        self.pending[flow.id] = Pending(key, entry, tier, saved)
+        self.pending[flow.id] = Pending(key, entry, tier, saved, reload)
         return None
 
     def _collapsible(self, flow: http.HTTPFlow, names: set[bytes] | None = None) -> bool:
@@ -1026,8 +1031,10 @@ class Cache:
 
     def _stale_if_error(self, flow: http.HTTPFlow, pending: Pending) -> bool:
         m = pending.entry.meta
-        return rfc9111.stale_if_error_ok(flow.request.headers, self._policy(m), m.age(time.time()) - m.lifetime,
-                                         max_stale=self.max_stale)
+        staleness = m.age(time.time()) - m.lifetime
+        if pending.reload and not rfc9111.stale_if_error_ok(flow.request.headers, (), staleness):
+            return False  # a client that asked for no stored copy gets one only if it says so itself
+        return rfc9111.stale_if_error_ok(flow.request.headers, self._policy(m), staleness, max_stale=self.max_stale)
 
     def _restore_conditionals(self, flow: http.HTTPFlow, pending: Pending) -> None:
         for name in ("If-None-Match", "If-Modified-Since"):
@@ -1044,7 +1051,7 @@ class Cache:
                                   resp.timestamp_start or time.time(), flow.request.pretty_url)
             entry = cachestore.Entry(new, entry.body)
         self._restore_conditionals(flow, pending)
-        pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals)
+        pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals, pending.reload)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", meta.forwarded(flow))
 
     def _freshened(self, key: str, entry: cachestore.Entry, headers, request_time: float, response_time: float,

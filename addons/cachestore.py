@@ -39,6 +39,7 @@ import logging
 import os
 import pickle
 import queue
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -135,6 +136,7 @@ class Pending:
     entry: Entry
     tier: str
     client_conditionals: list[tuple[str, str]]
+    reload: bool = False  # the client's reload, revalidated (reload_into_ims): it asked for no stored copy
 
 
 @dataclass
@@ -767,10 +769,13 @@ def open_or_recover(directory: Path, limit: int):
 
 
 def _remove_older_copies(aside: Path) -> None:
-    """Remove the damaged copies moved aside before `aside` (same name up to the time stamp)."""
+    """Remove the damaged copies moved aside before `aside`: its name with an earlier time stamp
+    (a copy renamed by hand, or another cache's, is left alone)."""
     prefix = aside.name.rsplit("-", 2)[0] + "-"  # <name>.damaged-
-    for old in aside.parent.glob(prefix + "*"):
-        if old != aside and old.is_dir() and old.name < aside.name:
+    copy = re.compile(re.escape(prefix) + r"\d{8}-\d{6}")
+    for old in aside.parent.iterdir():
+        if (old != aside and copy.fullmatch(old.name) and old.name < aside.name
+                and old.is_dir() and not old.is_symlink()):
             shutil.rmtree(old, ignore_errors=True)
             log.warning("cache: removed %s, an older damaged copy of the disk cache", old)
 

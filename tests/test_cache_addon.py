@@ -552,3 +552,54 @@ def test_a_cache_dir_set_live_that_cannot_be_opened_is_refused(tmp_path):
         with pytest.raises(exceptions.OptionsError, match="cache_dir: cannot open '/proc/relais-cache'"):
             tctx.configure(c, cache_dir="/proc/relais-cache")
     c.done()
+
+
+def _reload_setup(cache, cc="max-age=60", **options):
+    c, tctx = cache
+    tctx.configure(c, reload_into_ims=True, **options)
+    f = stored_flow("http://example.com/rl", cc=cc)
+    f.response.headers["ETag"] = '"v1"'
+    c.response(f)
+    return c
+
+
+def _answer(c, f, status, body=b"", **headers):
+    f.response = tutils.tresp(status_code=status)
+    f.response.headers.clear()
+    for k, v in headers.items():
+        f.response.headers[k.replace("_", "-")] = v
+    f.response.set_content(body)
+    f.response.timestamp_start = time.time()
+    c.responseheaders(f)
+    c.response(f)
+
+
+def test_a_revalidated_reload_is_counted_once_as_a_refresh(cache):
+    c = _reload_setup(cache)
+    f = request_flow("http://example.com/rl", Cache_Control="no-cache")
+    c.requestheaders(f)
+    assert f.request.headers.get("If-None-Match") == '"v1"'  # revalidated, not fetched whole
+    _answer(c, f, 304, ETag='"v1"', Cache_Control="max-age=60")
+    assert f.metadata[meta.CODE] == "TCP_REFRESH_UNMODIFIED"
+    assert c.counts["reload"] == 0 and c.counts["TCP_REFRESH_UNMODIFIED"] == 1
+
+
+@pytest.mark.parametrize("options, cc", [({"max_stale": 3600}, "max-age=60"), ({}, "max-age=60, stale-if-error=60")])
+def test_a_revalidated_reload_gets_the_origins_error_not_the_stored_copy(cache, options, cc):
+    """The client asked for no stored copy (no-cache): stale-if-error and max_stale are not its say."""
+    c = _reload_setup(cache, cc=cc, **options)
+    f = request_flow("http://example.com/rl", Cache_Control="no-cache")
+    c.requestheaders(f)
+    _answer(c, f, 503, b"down")
+    assert f.response.status_code == 503 and f.response.content == b"down"
+    g = request_flow("http://example.com/rl", Cache_Control="no-cache, stale-if-error=60")  # unless it says so
+    c.requestheaders(g)
+    _answer(c, g, 503, b"down")
+    assert g.response.status_code == 200 and g.metadata[meta.CODE] == "TCP_REFRESH_FAIL_OLD"
+
+
+def test_no_cache_with_only_if_cached_is_a_504(cache):
+    c = _reload_setup(cache)
+    f = request_flow("http://example.com/rl", Cache_Control="no-cache, only-if-cached")
+    c.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 504

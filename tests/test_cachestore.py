@@ -442,20 +442,23 @@ def test_a_damaged_database_is_moved_aside_and_the_disk_tier_starts_empty(tmp_pa
     assert "is damaged" in caplog.text and str(aside[0]) in caplog.text
 
 
-def test_only_the_newest_damaged_copy_is_kept(tmp_path, caplog):
+@pytest.mark.parametrize("name", ["cache", "c[AB]"])  # glob characters in the folder's name
+def test_only_the_newest_damaged_copy_is_kept(tmp_path, caplog, name):
     """A disk that keeps damaging the cache must not fill up with copies moved aside."""
-    older = tmp_path / "cache.damaged-20000101-000000"
+    older = tmp_path / f"{name}.damaged-20000101-000000"
     (older / "ab").mkdir(parents=True)
     (older / "cache.db").write_bytes(b"old junk")
-    unrelated = tmp_path / "other.damaged-20000101-000000"  # another cache's copy: not this one's business
-    unrelated.mkdir()
-    d = tmp_path / "cache"
+    unrelated = [tmp_path / "other.damaged-20000101-000000", tmp_path / "cA.damaged-20000101-000000",
+                 tmp_path / f"{name}.damaged-0-keep-for-analysis"]  # another cache's copies, one renamed by hand
+    for u in unrelated:
+        u.mkdir()
+    d = tmp_path / name
     d.mkdir()
     (d / "cache.db").write_bytes(os.urandom(8192))
     disk_store(d).close()
-    aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cache.damaged-"))
+    aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f"{name}.damaged-2"))
     assert len(aside) == 1 and aside[0] > older.name
-    assert unrelated.exists()
+    assert all(u.exists() for u in unrelated)
     assert f"removed {older}" in caplog.text
 
 
