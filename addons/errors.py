@@ -1,12 +1,14 @@
 """Squid-like answers when the origin cannot be reached.
 
 mitmproxy answers a failed upstream connection with its own 502 page, sent
-after the `error` hook, which no addon can replace. Squid answers 503
-ERR_CONNECT_FAIL (refused, unreachable, timeout) or 503 ERR_DNS_FAIL. So,
-before a plain HTTP request goes upstream on a new connection, this addon
-checks that the origin resolves and accepts connections (remembering a
-success for `connect_check_ttl` seconds, so a busy origin costs one extra
-handshake per interval), and answers with Squid's page when it does not.
+after the `error` hook. Squid answers 503 ERR_CONNECT_FAIL (refused,
+unreachable, timeout) or 503 ERR_DNS_FAIL. So, before a request goes
+upstream on a new connection, this addon checks that the origin resolves and
+accepts connections (remembering a success for `connect_check_ttl` seconds,
+so a busy origin costs one extra handshake per interval), and answers with
+Squid's page when it does not; an origin that fails mitmproxy's own
+connection within that time gets the same page from the `error` hook
+(addons/recover.py sends it instead of mitmproxy's 502).
 A request for the proxy's own address (a forwarding loop, which mitmproxy
 refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
 answers a loop. It also turns a failed CONNECT into Squid's 503, and runs
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno as errnos
 import logging
+import re
 import socket
 import sys
 import time
@@ -29,10 +32,10 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 try:
-    from addons import errorpage, meta
+    from addons import errorpage, meta, recover
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import errorpage, meta
+    from addons import errorpage, meta, recover
 
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class Errors:
         self.suspect: set[tuple[str, int]] = set()  # upstream proxies a flow failed through: checked until one passes
         self.listeners: frozenset[tuple[str, int]] | None = None  # this proxy's own (host, port), read once
         self.tracking = False  # mitmproxy tells us when its listeners change: `listeners` may be kept
+        self.recovering = False  # recover.install() in effect: Squid's page can answer mitmproxy's own failures
 
     def load(self, loader):
         loader.add_option(
@@ -95,6 +99,8 @@ class Errors:
             "Seconds an origin that accepted a connection is trusted before it is checked again; "
             "0 checks before every new upstream connection.",
         )
+        # an origin that fails mitmproxy's own connection gets Squid's page too (error hook)
+        self.recovering = recover.install()
 
     def configure(self, updated):
         for name in ("connect_timeout", "connect_check_ttl"):
@@ -109,6 +115,11 @@ class Errors:
             # backend gets Squid's 503 page, or a stale copy from the cache.
             logger.info("reverse proxy: connection_strategy set to lazy so a dead backend gets an answer")
             ctx.options.update(connection_strategy="lazy")
+
+    def done(self):
+        if self.recovering:
+            recover.uninstall()
+            self.recovering = False
 
     def running(self):
         try:
@@ -183,15 +194,18 @@ class Errors:
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
-        # parent proxy): the client got mitmproxy's 502 (or a stale copy), and the next request checks
-        # again, for Squid's 503 or a stale copy
-        if flow.response is not None and not flow.metadata.get(meta.RECOVERED):  # (a stale copy the cache sent instead)
+        # parent proxy): the next request checks again. An origin's failure gets Squid's page now (sent
+        # by recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy.
+        if flow.response is not None and not flow.metadata.get(meta.RECOVERED):
             return
         parent = _parent(flow)
         if parent is not None:
             self.suspect.add(parent)
         elif flow.server_conn.timestamp_tcp_setup is None:
             self.reachable.pop((flow.request.host, flow.request.port), None)
+            if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
+                answer(flow, _connect_failure(flow.error.msg if flow.error else ""))
+                flow.metadata[meta.RECOVERED] = True
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
@@ -209,6 +223,16 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
     """The upstream proxy of an upstream-mode listener, or None."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
     return tuple(mode.address) if getattr(mode, "type_name", "") == "upstream" else None
+
+
+def _connect_failure(message: str) -> Failure:
+    """Squid's page for mitmproxy's own failed connection, from its message ("[Errno 111] Connect call
+    failed ...", "[Errno -2] Name or service not known"...)."""
+    m = re.search(r"\[Errno (-?\d+)\]", message)
+    errno = int(m.group(1)) if m else 0
+    dns = errno < 0 or any(w in message.lower() for w in ("name or service", "getaddrinfo", "resolve"))
+    return Failure("ERR_DNS_FAIL" if dns else "ERR_CONNECT_FAIL", 0 if dns else errno, message or "connection failed",
+                   None)
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

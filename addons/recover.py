@@ -8,7 +8,7 @@ mitmproxy calls the `error` hook and then sends its own 502 page: a response an 
 in the flow there is ignored. Squid serves a stale copy in that case when stale-if-error
 allows it, and so should the cache.
 
-While `install()` is in effect (the cache calls it at load), the `error` hook of a flow
+While `install()` is in effect (the cache and the errors addon call it at load), the `error` hook of a flow
 that can still be answered carries `flow.metadata["relais.recoverable"] = True`: the
 origin failed before any response, the whole request was received, and the client is
 still there. An addon that then sets `flow.response` and

@@ -170,6 +170,32 @@ def test_reverse_proxy_answers_squid_503_when_the_backend_is_down(start_proxy, r
     assert f["url"] == f"http://127.0.0.1:{dead}/down"
 
 
+def test_a_backend_that_dies_while_trusted_gets_squids_503_not_mitmproxys_502(start_proxy, held_ports):
+    """Within connect_check_ttl the backend is not checked: mitmproxy's own connection fails, and the
+    errors addon answers in the error hook (recover.py) with the page it answers a failed check with."""
+    from harness import Origin
+    origin = Origin()
+    proxy = start_proxy(modes=(f"reverse:{origin.url}",), options={"connect_check_ttl": 30, "cache_dir": "none"})
+    assert curl(f"http://127.0.0.1:{proxy.port}/alive").stdout == b"hello /alive"
+    origin.close()
+    held_ports(origin.port)
+    # the second is answered by the cache's negative caching of that failure (negative_ttl)
+    for path, code in (("/trusted", "TCP_MISS/503"), ("/again", "TCP_NEGATIVE_HIT/503")):
+        r = curl("-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{proxy.port}{path}")
+        assert b" 503 " in r.stdout.split(b"\r\n")[0] and b"X-Squid-Error: ERR_CONNECT_FAIL" in r.stdout, r.stdout
+        assert f" {code} " in proxy.log_line(path)
+
+
+@pytest.mark.parametrize("message, page, errno", [
+    ("[Errno 111] Connect call failed ('127.0.0.1', 9)", "ERR_CONNECT_FAIL", 111),
+    ("[Errno -2] Name or service not known", "ERR_DNS_FAIL", 0),
+    ("Connection timed out", "ERR_CONNECT_FAIL", 0)])
+def test_squids_page_for_mitmproxys_own_connection_failure(message, page, errno):
+    from addons.errors import _connect_failure
+    f = _connect_failure(message)
+    assert (f.page, f.errno, str(f)) == (page, errno, message)
+
+
 @pytest.mark.parametrize("check_ttl", [0, 30], ids=["checked", "trusted"])
 def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path, check_ttl, held_ports):
     """With connect_check_ttl 30 the backend was checked less than that ago when it died: mitmproxy's own
