@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - another mitmproxy
     _http1 = _http2 = None
 Http1Client = getattr(_http1, "Http1Client", None)
 Http2Client = getattr(_http2, "Http2Client", None)
+H1_READ, H2_EVENT = (Http1Client, "read_headers"), (Http2Client, "handle_h2_event")  # keys of Interim.originals
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,28 @@ def interim_next(buf) -> bool:
     return INTERIM.match(start) is not None
 
 
-def forwardable(response) -> bool:
-    """RFC 9110 15.2: 100 Continue was the proxy's own business; 1xx never go to HTTP/1.0 clients."""
-    return response.status_code != 100
+def relayed(status: int) -> bool:
+    """The interim responses passed on: not 100 Continue (mitmproxy answers a client's Expect itself),
+    not 101 Switching Protocols (it ends HTTP/1 on the connection, and HTTP/2 forbids it)."""
+    return 102 <= status < 200
 
 
 def strip_hop_by_hop(response) -> None:
     listed = {t.strip().lower() for v in response.headers.get_all("connection") for t in v.split(",")}
     for name in HOP_BY_HOP | listed:
         response.headers.pop(name, None)
+
+
+def to_client(context, stream_id: int, response, http2_client: bool):
+    """The command that sends an interim response to the client, minus its hop-by-hop fields."""
+    strip_hop_by_hop(response)
+    if http2_client:  # its own HEADERS frame on the client's stream
+        return SendHttp(ResponseHeaders(stream_id, response), context.client)
+    # HTTP/1.1: written as is, since mitmproxy's HTTP/1 server would take it for the response's
+    # head and then send no error page if the origin failed
+    response.http_version = "HTTP/1.1"
+    response.reason = response.reason or status_codes.RESPONSES.get(response.status_code, "")
+    return SendData(context.client, http1.assemble_response_head(response))
 
 
 class Interim:
@@ -112,28 +126,22 @@ def read_headers(self, event):
                 yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
                 return
             # (an HTTP/3 client would take a second HEADERS frame as an error: mitmproxy 11 never
-            # pairs one with an HTTP/1 origin anyway)
-            if (getattr(self.context.options, "relay_interim", False) and forwardable(response)
-                    and self.request.http_version in ("HTTP/1.1", "HTTP/2.0")):
-                strip_hop_by_hop(response)
-                if self.request.http_version == "HTTP/1.1":
-                    # written as is: mitmproxy's HTTP/1 server would take it for the response's head, and
-                    # send no error page if the origin then failed
-                    yield SendData(self.context.client, http1.assemble_response_head(response))
-                else:  # HTTP/2: its own HEADERS frame on the client's stream
-                    yield SendHttp(ResponseHeaders(self.stream_id, response), self.context.client)
+            # pairs one with an HTTP/1 origin anyway; RFC 9110 15.2: none to an HTTP/1.0 client)
+            version = self.request.http_version
+            if (getattr(self.context.options, "relay_interim", False) and relayed(response.status_code)
+                    and version in ("HTTP/1.1", "HTTP/2.0")):
+                yield to_client(self.context, self.stream_id, response, http2_client=version == "HTTP/2.0")
             while self.buf and bytes(self.buf)[:1] in (b"\r", b"\n") and self.buf.maybe_extract_lines() == []:
                 pass  # a stray empty line after the interim head
         if not self.buf:
             return
-    yield from Interim.originals[(Http1Client, "read_headers")](self, event)
+    yield from Interim.originals[H1_READ](self, event)
 
 
 def h2_event(self, event):
-    """Http2Client.handle_h2_event, relaying an informational response (102-199: 100 was mitmproxy's
-    own business, and 101 is not allowed in HTTP/2) to the client."""
+    """Http2Client.handle_h2_event, relaying an informational response to the client."""
     if not isinstance(event, h2.events.InformationalResponseReceived):
-        return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
+        return (yield from Interim.originals[H2_EVENT](self, event))
     stream = self.their_stream_id.get(event.stream_id)
     alpn = self.context.client.alpn
     try:
@@ -143,16 +151,10 @@ def h2_event(self, event):
     # an HTTP/1.1 client meets an HTTP/2 origin when its ALPN list puts http/1.1 first and the
     # origin is connected later (lazily); a client without ALPN may be HTTP/1.0: none for it
     if (not getattr(self.context.options, "relay_interim", False) or stream is None
-            or not 102 <= status < 200 or alpn not in (b"h2", b"http/1.1")):
-        return (yield from Interim.originals[(Http2Client, "handle_h2_event")](self, event))
+            or not relayed(status) or alpn not in (b"h2", b"http/1.1")):
+        return (yield from Interim.originals[H2_EVENT](self, event))
     response = http.Response(b"HTTP/2.0", status, b"", headers, None, None, time.time(), None)
-    strip_hop_by_hop(response)
-    if alpn == b"h2":
-        yield SendHttp(ResponseHeaders(stream, response), self.context.client)
-    else:  # as read_headers does for HTTP/1.1 clients
-        response.http_version = "HTTP/1.1"
-        response.reason = status_codes.RESPONSES.get(status, "")
-        yield SendData(self.context.client, http1.assemble_response_head(response))
+    yield to_client(self.context, stream, response, http2_client=alpn == b"h2")
     return False
 
 

@@ -3,20 +3,20 @@
 When mitmproxy's own connection to the origin fails (the errors addon trusts an origin
 for connect_check_ttl after a successful check, and does not check it again), or when the
 origin accepts the request and then closes or resets the connection before its response
-(or sends one that cannot be parsed),
-mitmproxy calls the `error` hook and then sends its own 502 page: a response an addon puts
-in the flow there is ignored. Squid serves a stale copy in that case when stale-if-error
-allows it, and so should the cache.
+(or sends one that cannot be parsed), mitmproxy calls the `error` hook and then sends its
+own 502 page: a response an addon puts in the flow there is ignored. Squid serves a stale
+copy in that case when stale-if-error allows it, or else its own error page.
 
-While `install()` is in effect (the cache and the errors addon call it at load), the `error` hook of a flow
-that can still be answered carries `flow.metadata["relais.recoverable"] = True`: the
-origin failed before any response, the whole request was received, and the client is
-still there. An addon that then sets `flow.response` and
-`flow.metadata["relais.recovered"] = True` has that response sent instead of the 502:
-`flow.error` is cleared and the `response` hook follows (not `responseheaders`), so the
-other addons see an answered flow after its `error` hook (the access log logs it in
-`response`; mitmproxy's `save_stream_file` records the flow at both). Anything else goes
-as mitmproxy does it. Not an addon: a helper the addons that answer use.
+While `install()` is in effect (the cache and the errors addon call it at load), the
+`error` hook of a flow that can still be answered carries
+`flow.metadata["relais.recoverable"] = True`: the origin failed before any response, the
+whole request was received, and the client is still there. An addon that then sets
+`flow.response` and `flow.metadata["relais.recovered"] = True` has that response sent
+instead of the 502: `flow.error` is cleared and the `response` hook follows (not
+`responseheaders`), so the other addons see an answered flow after its `error` hook (the
+access log logs it in `response`; mitmproxy's `save_stream_file` records the flow at
+both). Anything else goes as mitmproxy does it. Not an addon: a helper the addons that
+answer use.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from addons import meta
 
-try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and installed() says so
+try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and install() says so
     from mitmproxy.proxy.layers.http import HttpErrorHook, HttpStream, ResponseProtocolError
     PATCHABLE = callable(getattr(HttpStream, "handle_protocol_error", None)) and \
         callable(getattr(HttpStream, "send_response", None))
@@ -47,6 +47,8 @@ def install() -> bool:
     False when this mitmproxy's HTTP layer is not the one expected: answers made there would be lost."""
     global _original, _users
     if not PATCHABLE:
+        logger.warning("this mitmproxy's HTTP layer is not the one expected: an origin that fails before "
+                       "responding gets mitmproxy's own 502, never a stale copy or Squid's page")
         return False
     _users += 1
     if _original is None:
@@ -62,10 +64,6 @@ def uninstall() -> None:
     if not _users and _original is not None:
         HttpStream.handle_protocol_error = _original
         _original = None
-
-
-def installed() -> bool:
-    return _original is not None
 
 
 def handle_protocol_error(self, event):

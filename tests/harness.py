@@ -50,8 +50,7 @@ def closed_port(host: str = "127.0.0.1"):
     (connect() gets ECONNREFUSED), which no other process can take meanwhile, as it could a
     free_port() (then a connection to it would be accepted). Yields (port, socket): the socket's
     listen() brings the port up."""
-    with socket.socket() as s:
-        s.bind((host, 0))
+    with hold_port(0, host) as s:
         yield s.getsockname()[1], s
 
 
