@@ -990,7 +990,7 @@ def _yaml_acl(b: Builder, name: str, node, file: str) -> None:
 def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = None) -> Policy:
     """`acl`, `http_access` and `ssl_bump` lines of a squid.conf; other directives are ignored."""
     b = Builder(file, base)
-    for no, raw in enumerate(_squid_lines(text), 1):
+    for no, raw in enumerate(squid_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -1009,7 +1009,7 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
     return b.build()
 
 
-def _squid_lines(text: str) -> list[str]:
+def squid_lines(text: str) -> list[str]:
     """Lines with backslash continuations joined, keeping line numbers stable."""
     out, pending = [], ""
     for raw in text.splitlines():
@@ -1044,7 +1044,7 @@ def squid_to_yaml(text: str, base: Path | None = None) -> str:
     load_squid_text(text, base=base)  # validates
     acls: dict[str, list[str]] = {}
     rules: dict[str, list[str]] = {"http_access": [], "ssl_bump": []}
-    for raw in _squid_lines(text):
+    for raw in squid_lines(text):
         line = re.sub(r"\s#.*$", "", raw.strip())
         if not line or line.startswith("#"):
             continue

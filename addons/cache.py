@@ -48,16 +48,17 @@ from http.client import responses
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
-    from addons import cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
+    from addons import aclrules, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
+    from addons import aclrules, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,12 +386,50 @@ def make_response(version: bytes, status: int, reason: bytes, headers: http.Head
     return r
 
 
-POLICY_KEYS = ("refresh_pattern", "targeted_fields")
+POLICY_KEYS = ("refresh_pattern", "targeted_fields", "cache", "send_hit", "store_miss")
+ACCESS_KEYS = ("cache", "send_hit", "store_miss")
+_ACL_NAME = re.compile(r"!?[A-Za-z0-9_.:-]+")
+_NOT = {"cache": "not cached", "send_hit": "not served from the cache", "store_miss": "not stored"}
 
 
-def load_policy(text: str, source: str = "<policy>") -> tuple[list[rfc9111.RefreshRule], tuple[str, ...]]:
-    """The refresh_pattern rules and targeted fields of a cache policy (policies/cache.yaml); a mistake
-    raises policyfile.PolicyError with its file and line."""
+class AccessRule(NamedTuple):
+    """One line of Squid's cache / send_hit / store_miss lists: allow or deny when all its acls match."""
+    allow: bool
+    terms: tuple[tuple[bool, str], ...]  # (negated, acl name)
+    text: str
+    line: int | None = None
+
+
+class CachePolicy(NamedTuple):  # (not dataclasses: mitmproxy loads this file as a script, outside sys.modules)
+    rules: list[rfc9111.RefreshRule]
+    targets: tuple[str, ...] = ()
+    access: dict[str, tuple[AccessRule, ...]] = {}  # never mutated
+
+
+def parse_access_rule(text: str, line: int | None = None) -> AccessRule:
+    """'deny QUERY', 'allow localnet !CONNECT': Squid's syntax, on the acl names of the access policy."""
+    words = text.split()
+    if len(words) < 2 or words[0] not in ("allow", "deny"):
+        raise ValueError(f'a rule is "allow" or "deny" and one or more acl names, such as "deny QUERY": {text!r}')
+    for w in words[1:]:
+        if not _ACL_NAME.fullmatch(w):
+            raise ValueError(f"bad acl name {w!r} in {text!r}")
+    return AccessRule(words[0] == "allow", tuple((w.startswith("!"), w.lstrip("!")) for w in words[1:]),
+                      " ".join(words), line)
+
+
+def access_allows(rules: Sequence[AccessRule], acls) -> tuple[bool, AccessRule | None]:
+    """Squid's check of an access list against the names of the acls a request matched: the first
+    rule whose terms all hold decides; when none does, the opposite of the last rule; no rules allow."""
+    for r in rules:
+        if all((name in acls) != neg for neg, name in r.terms):
+            return r.allow, r
+    return (not rules[-1].allow, None) if rules else (True, None)
+
+
+def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
+    """The refresh_pattern rules, targeted fields and cache / send_hit / store_miss rules of a cache policy
+    (policies/cache.yaml); a mistake raises policyfile.PolicyError with its file and line."""
     doc = policyfile.load(text, source)
     if doc is None:
         doc = policyfile.Map()
@@ -420,7 +459,48 @@ def load_policy(text: str, source: str = "<policy>") -> tuple[list[rfc9111.Refre
                                                 for t in targets):
         raise policyfile.PolicyError(source, policyfile.line_of(doc, "targeted_fields"),
                                      f"targeted_fields must be a list of header field names, not {targets!r}")
-    return rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets)
+    access = {}
+    for key in ACCESS_KEYS:
+        items = doc.get(key) or []
+        if not isinstance(items, list):
+            raise policyfile.PolicyError(source, policyfile.line_of(doc, key),
+                                         f'{key} must be a list of rules such as "deny QUERY"')
+        parsed = []
+        for i, item in enumerate(items):
+            line = policyfile.line_of(items, i)
+            try:
+                if not isinstance(item, str):
+                    raise ValueError(f'a rule is a string such as "deny QUERY", not {item!r}')
+                parsed.append(parse_access_rule(item, line))
+            except ValueError as e:
+                raise policyfile.PolicyError(source, line, f"{key}: {e}") from None
+        if parsed:
+            access[key] = tuple(parsed)
+    return CachePolicy(rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets), access)
+
+
+SHIPPED_TARGETS = ("cdn-cache-control",)  # policies/cache.yaml's; a squid.conf cannot name any
+
+
+def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
+    """The refresh_pattern, cache, send_hit and store_miss lines of a squid.conf (the rest is ignored, as
+    the acl addon reads the acl and http_access lines of the same file); a mistake raises
+    policyfile.PolicyError with its file and line."""
+    refresh, access = [], {}
+    for no, raw in enumerate(aclrules.squid_lines(text), 1):
+        line = re.sub(r"\s#.*$", "", raw.strip())  # a trailing comment, as Squid allows
+        directive, _, rest = line.replace("\t", " ").partition(" ")
+        if directive not in ("refresh_pattern",) + ACCESS_KEYS:
+            continue
+        try:
+            if directive == "refresh_pattern":
+                refresh.append(rfc9111.parse_refresh_pattern(rest.strip()))
+            else:
+                access.setdefault(directive, []).append(parse_access_rule(rest, no))
+        except ValueError as e:
+            raise policyfile.PolicyError(source, no, f"{directive}: {e}") from None
+    return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
+                       {k: tuple(v) for k, v in access.items()})
 
 
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
@@ -448,6 +528,8 @@ class Cache:
         self.store: cachestore.Store | None = None
         self.rules: list[rfc9111.RefreshRule] = [rfc9111.DEFAULT_RULE]
         self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
+        self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
+        self.warned_no_acls = False
         self.policy_file: str | None = None
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
@@ -489,8 +571,10 @@ class Cache:
                           "Squid negative_ttl: seconds errors without explicit freshness (404, 405, 410, 414, 501) "
                           "and unreachable origins are remembered; 0 disables negative caching.")
         loader.add_option("cache_policy", str, "policies/cache.yaml",
-                          "Cache policy file (refresh_pattern table, targeted_fields such as CDN-Cache-Control), "
-                          "relative to the cwd or the Relais folder.")
+                          "Cache policy: a YAML file (refresh_pattern table, targeted_fields such as "
+                          "CDN-Cache-Control, Squid's cache / send_hit / store_miss rules) or a squid.conf (*.conf: "
+                          "its refresh_pattern, cache, send_hit and store_miss lines), relative to the cwd or the "
+                          "Relais folder.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
         loader.add_option("max_stale", int, 0,
@@ -534,7 +618,8 @@ class Cache:
                     raise exceptions.OptionsError(f"purge_from: bad network {spec!r}: {e}") from e
             self.purge_nets = nets
         if "cache_policy" in updated or first:
-            self.rules, self.targets = self._load_policy(o.cache_policy)
+            policy = self._load_policy(o.cache_policy)
+            self.rules, self.targets, self.access = policy.rules, policy.targets, policy.access
         self.negative_ttl = float(o.negative_ttl)
         self.max_stale = float(o.max_stale)
         self.reload_into_ims = o.reload_into_ims
@@ -566,18 +651,19 @@ class Cache:
                 self.store = cachestore.Store(*args, None, 0)
             self.sizes = sizes
 
-    def _load_policy(self, value: str) -> tuple[list[rfc9111.RefreshRule], tuple[str, ...]]:
+    def _load_policy(self, value: str) -> CachePolicy:
         if not value or value == "none":
-            return [rfc9111.DEFAULT_RULE], ()
+            return CachePolicy([rfc9111.DEFAULT_RULE])
         path = resolve(value)
         try:
-            rules, targets = load_policy(path.read_text(encoding="utf-8"), str(path))
+            load = load_squid_policy if path.suffix == ".conf" else load_policy
+            policy = load(path.read_text(encoding="utf-8"), str(path))
         except (OSError, UnicodeDecodeError) as e:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
         except policyfile.PolicyError as e:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
         self.policy_file = str(path)
-        return rules, targets
+        return policy
 
     def done(self):
         if self.recovering:
@@ -635,8 +721,37 @@ class Cache:
             if failure:
                 self._answer_failure(flow, failure)
             return None
-        result = self._lookup_and_answer(flow, key, failure, collapse=True)
-        return result
+        if self.access and not self._allowed(flow, "send_hit"):
+            if rfc9111.only_if_cached(flow.request.headers):
+                return self._only_if_cached(flow)
+            self.counts["miss"] += 1
+            return None
+        return self._lookup_and_answer(flow, key, failure, collapse=True)
+
+    def _allowed(self, flow: http.HTTPFlow, directive: str) -> bool:
+        """Squid's `cache` rules, then its `send_hit` (may a stored response answer the request?) or
+        `store_miss` (may the response be stored?), on the acls the request matched (relais.acls, from
+        the acl addon). Without that list the rules cannot be judged, and the cache stays out of it."""
+        lists = [(name, self.access[name]) for name in ("cache", directive) if name in self.access]
+        if not lists:
+            return True
+        acls = flow.metadata.get(meta.ACLS)
+        if acls is None:
+            if not self.warned_no_acls:
+                self.warned_no_acls = True
+                log.warning("cache: the cache policy has cache/send_hit/store_miss rules, and %s has no acl list "
+                            "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
+                            "requests are neither answered from the cache nor stored", flow.request.pretty_url)
+            return False
+        for name, rules in lists:
+            ok, rule = access_allows(rules, acls)
+            if not ok:
+                why = f"{name} {rule.text}" if rule else f"{name}: no rule matched, so the opposite of the last"
+                note = f"cache: {_NOT[name]} ({why})"
+                if note not in flow.comment:  # `cache` rules are asked at the request and at the response
+                    flow.comment = f"{flow.comment}\n{note}" if flow.comment else note
+                return False
+        return True
 
     def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
         req = flow.request
@@ -905,6 +1020,8 @@ class Cache:
             return
         if flow.id in self.pending and resp.status_code == 304:
             return
+        if self.access and not self._allowed(flow, "store_miss"):
+            return
         key = primary_key(flow)
         ok, _ = rfc9111.storable("GET", resp.status_code, flow.request.headers, self._view(flow, resp.headers),
                                  negative_ttl=self.negative_ttl)
@@ -990,7 +1107,6 @@ class Cache:
         if method == "HEAD" and resp.status_code == 200 and self._update_from_head(flow, key, pending):
             return
         if pending is not None:
-            m = pending.entry.meta
             if resp.status_code == 304:
                 self._freshen(flow, pending)
                 return
@@ -1007,12 +1123,13 @@ class Cache:
             flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
             flow.comment = f"cache: {code}"
             self.counts[code] += 1
+        may_store = not self.access or self._allowed(flow, "store_miss")
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
-            if method == "POST" and self._describes_target(flow, key):
+            if method == "POST" and may_store and self._describes_target(flow, key):
                 self._store(flow, key, since=time.time())  # as a response to GET; after its own invalidation
             return
-        if method == "GET":
+        if method == "GET" and may_store:
             if stream is not None:
                 self._store_stream(flow, *stream)
             else:

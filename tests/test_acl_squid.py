@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pwd
-import re
 import shutil
 import socket
 import subprocess
@@ -21,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from harness import Origin, Proxy, free_port, stop_group, wait_port
+from squid import SQUID, wait_squid
 
-SQUID = shutil.which("squid") or "/usr/sbin/squid"
 DAYS = "MTWHFAS"  # datetime.weekday() -> Squid's day letter
 
 
@@ -284,24 +283,6 @@ def proxies(tmp_path_factory):
             stop_group(squid)
         origin.close()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def wait_squid(squid: subprocess.Popen, tmp: Path, port: int, timeout: float = 30.0) -> None:
-    """Until Squid's cache.log says it accepts connections on the port: something else may listen there
-    (then Squid cannot bind it, and exits)."""
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            log = (tmp / "cache.log").read_text(errors="replace")
-        except FileNotFoundError:
-            log = ""
-        if re.search(rf"Accepting HTTP Socket connections at \S+ local=127\.0\.0\.1:{port} ", log):
-            return
-        if squid.poll() is not None:
-            raise RuntimeError(f"squid exited {squid.returncode}:\n{log}")
-        if time.monotonic() >= end:
-            raise TimeoutError(f"squid not listening on {port} after {timeout}s:\n{log}")
-        time.sleep(0.1)
 
 
 def test_at_least_forty_cases_over_all_acl_types():

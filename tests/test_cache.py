@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import CLOSE, RESET, Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
+from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -701,6 +701,66 @@ def test_cdn_cache_control_rules_in_reverse_mode_only(start_proxy, origin, tmp_p
     for _ in range(2):
         curl("-x", f"http://127.0.0.1:{fwd}", f"{origin.url}/cdn-nostore?fwd")
     assert origin.hits["/cdn-nostore"] == 3      # a forward proxy is no CDN: max-age=600 applies
+
+
+CACHE_RULES_ACLS = """
+  private_area: urlpath_regex ^/private/
+  nohit: req_header X-No-Hit .
+  nostore: req_header X-No-Store .
+"""
+CACHE_RULES = """
+cache:
+  - deny private_area
+send_hit:
+  - deny nohit
+store_miss:
+  - deny nostore
+"""
+
+
+def rules_proxy(start_proxy, tmp_path, script="addons/all.py"):
+    """A proxy whose cache policy has Squid's cache / send_hit / store_miss rules on acls of its access policy."""
+    access = tmp_path / "access.yaml"
+    access.write_text((ROOT / "tests" / "policies" / "test.yaml").read_text().replace("acls:\n", "acls:" + CACHE_RULES_ACLS, 1))
+    rules = tmp_path / "cache.yaml"
+    rules.write_text((ROOT / "policies" / "cache.yaml").read_text().split("\ncache: []")[0] + CACHE_RULES)
+    options = {"cache_dir": str(tmp_path / "c"), "cache_policy": str(rules)}
+    if script == "addons/all.py":
+        options["policy"] = str(access)
+    return start_proxy(script=script, options=options)
+
+
+def test_cache_send_hit_and_store_miss_rules_as_in_squid(start_proxy, origin, tmp_path):
+    for path in ("/private/a", "/public/a", "/s", "/n"):
+        origin.route(path, lambda s: (200, {"Cache-Control": "max-age=600"}, b"body"))
+    p = rules_proxy(start_proxy, tmp_path)
+    # cache deny: neither answered from the cache nor stored
+    for _ in range(2):
+        assert fetch(p, f"{origin.url}/private/a")[0] == 200
+        fetch(p, f"{origin.url}/public/a")
+    assert origin.hits["/private/a"] == 2 and origin.hits["/public/a"] == 1
+    assert codes(p, f"{origin.url}/private/a", 2) == ["TCP_MISS/200", "TCP_MISS/200"]
+    # send_hit deny: goes to the origin even when stored, and its response is stored
+    fetch(p, f"{origin.url}/s", "-H", "X-No-Hit: 1")
+    fetch(p, f"{origin.url}/s", "-H", "X-No-Hit: 1")
+    assert origin.hits["/s"] == 2
+    assert fetch(p, f"{origin.url}/s")[1]["x-cache"].startswith("HIT") and origin.hits["/s"] == 2
+    # store_miss deny: not stored, but a stored response answers it
+    fetch(p, f"{origin.url}/n", "-H", "X-No-Store: 1")
+    fetch(p, f"{origin.url}/n")
+    assert origin.hits["/n"] == 2
+    assert fetch(p, f"{origin.url}/n", "-H", "X-No-Store: 1")[1]["x-cache"].startswith("HIT")
+    assert origin.hits["/n"] == 2
+    assert codes(p, f"{origin.url}/n", 3) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200"]
+
+
+def test_cache_rules_without_the_acl_addon_keep_the_cache_out_and_say_why(start_proxy, origin, tmp_path):
+    origin.route("/public/b", lambda s: (200, {"Cache-Control": "max-age=600"}, b"body"))
+    p = rules_proxy(start_proxy, tmp_path, script="addons/cache.py")
+    for _ in range(2):
+        assert fetch(p, f"{origin.url}/public/b")[0] == 200
+    assert origin.hits["/public/b"] == 2
+    p.wait_output("is the acl addon loaded")
 
 
 # --- storage: disk tier, persistence, streaming, crash safety ----------------------------------------

@@ -517,6 +517,11 @@ def test_a_refresh_answered_304_with_another_vary_drops_the_stored_response(cach
     ('refresh_pattern:\n  - ". 0 10% 60 override-expire"\n', 2, "option 'override-expire' is not supported"),
     ("targeted_fields: []\ntargeted_fields: []\n", 2, "duplicate key 'targeted_fields'"),
     ("targeted_fields: [a b]\n", 1, "targeted_fields must be a list of header field names"),
+    ("cache: deny QUERY\n", 1, "cache must be a list of rules"),
+    ('cache:\n  - "refuse QUERY"\n', 2, 'cache: a rule is "allow" or "deny" and one or more acl names'),
+    ('send_hit:\n  - "deny"\n', 2, 'send_hit: a rule is "allow" or "deny"'),
+    ('store_miss:\n  - "allow a"\n  - "deny b/c"\n', 3, "store_miss: bad acl name 'b/c'"),
+    ("cache:\n  - {deny: QUERY}\n", 2, 'cache: a rule is a string such as "deny QUERY"'),
 ])
 def test_a_broken_cache_policy_is_refused_with_its_file_line_and_reason(tmp_path, text, line, reason):
     pol = tmp_path / "cache.yaml"
@@ -603,3 +608,88 @@ def test_no_cache_with_only_if_cached_is_a_504(cache):
     f = request_flow("http://example.com/rl", Cache_Control="no-cache, only-if-cached")
     c.requestheaders(f)
     assert f.response is not None and f.response.status_code == 504
+
+
+@pytest.mark.parametrize("rules,acls,allowed", [
+    ([], [], True),                                             # no rules: everything allowed
+    (["deny QUERY"], ["QUERY", "all"], False),
+    (["deny QUERY"], ["all"], True),                             # none applies: the opposite of the last
+    (["allow lan"], ["all"], False),
+    (["allow lan !CONNECT", "deny all"], ["lan", "all"], True),  # all terms of a line must hold
+    (["allow lan !CONNECT", "deny all"], ["lan", "CONNECT", "all"], False),
+    (["deny a", "allow b", "deny all"], ["a", "b"], False),      # the first line that applies decides
+])
+def test_access_rules_are_judged_as_squid_judges_an_access_list(rules, acls, allowed):
+    parsed = [cachemod.parse_access_rule(r) for r in rules]
+    assert cachemod.access_allows(parsed, acls)[0] is allowed
+
+
+def test_cache_rules_say_in_the_flow_comment_which_rule_kept_the_cache_out(tmp_path):
+    pol = tmp_path / "cache.yaml"
+    pol.write_text('cache:\n  - "deny QUERY"\nsend_hit:\n  - "deny nohit"\n')
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        c.response(stored_flow(url="http://example.com/q"))  # no acl list: not stored
+        f = request_flow(url="http://example.com/q")
+        f.metadata[meta.ACLS] = ["all"]
+        c.requestheaders(f)
+        assert f.response is None
+        stored = stored_flow(url="http://example.com/q")
+        stored.metadata[meta.ACLS] = ["QUERY", "all"]
+        c.response(stored)
+        assert stored.comment == "cache: not cached (cache deny QUERY)"
+        stored.metadata[meta.ACLS] = ["all"]
+        c.response(stored)
+        f = request_flow(url="http://example.com/q")
+        f.metadata[meta.ACLS] = ["nohit", "all"]
+        c.requestheaders(f)
+        assert f.response is None and f.comment == "cache: not served from the cache (send_hit deny nohit)"
+        f = request_flow(url="http://example.com/q")
+        f.metadata[meta.ACLS] = ["all"]
+        c.requestheaders(f)
+        assert f.response is not None and f.metadata[meta.CODE] == "TCP_MEM_HIT"
+    c.done()
+
+
+SQUID_CONF = """# a squid.conf: the cache policy reads its refresh_pattern, cache, send_hit and store_miss lines
+http_port 3128
+acl QUERY urlpath_regex \\?
+cache deny QUERY   # no answers from the cache for queries
+send_hit deny \\
+    nohit
+refresh_pattern ^ftp:		1440	20%	10080
+refresh_pattern -i (/cgi-bin/|\\?) 0	0%	0
+store_miss deny !localnet CONNECT
+"""
+
+
+def test_a_squid_conf_gives_the_cache_its_refresh_patterns_and_rules(tmp_path):
+    conf = tmp_path / "squid.conf"
+    conf.write_text(SQUID_CONF)
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(conf))
+        assert [(r.pattern, r.min, r.percent, r.max) for r in c.rules] == [
+            ("^ftp:", 1440 * 60, 0.2, 10080 * 60), ("(/cgi-bin/|\\?)", 0, 0, 0)]
+        assert {k: [(r.text, r.line) for r in v] for k, v in c.access.items()} == {
+            "cache": [("deny QUERY", 4)], "send_hit": [("deny nohit", 6)],
+            "store_miss": [("deny !localnet CONNECT", 9)]}
+        assert c.targets == ("cdn-cache-control",)
+    c.done()
+
+
+@pytest.mark.parametrize("line,reason", [
+    ("refresh_pattern . 0 20% 4320 override-expire", "refresh_pattern: refresh_pattern: option 'override-expire'"),
+    ("cache maybe QUERY", 'cache: a rule is "allow" or "deny"'),
+    ("store_miss deny", 'store_miss: a rule is "allow" or "deny"'),
+])
+def test_a_squid_conf_mistake_is_refused_with_its_line(tmp_path, line, reason):
+    conf = tmp_path / "squid.conf"
+    conf.write_text(f"http_port 3128\nacl QUERY urlpath_regex \\?\n{line}\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(c, cache_dir="none", cache_policy=str(conf))
+        assert f"cache_policy: {conf}, line 3: {reason}" in str(e.value), str(e.value)
+    c.done()

@@ -1,0 +1,130 @@
+"""Differential test: Squid's cache / send_hit / store_miss rules in a real Squid and in Relais.
+
+One squid.conf holds the acls and the three rules. Squid reads all of it; Relais reads the same
+file twice: its acl and http_access lines as the access policy (`policy`), its cache, send_hit,
+store_miss (and refresh_pattern) lines as the cache policy (`cache_policy`). The same requests go
+through both, each to its own origin, and the access-log result codes and the requests each
+origin received must be the same.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+from harness import Origin, Proxy, curl, free_port, stop_group, wait_port
+from squid import SQUID, wait_squid
+
+RULES = ["cache deny private_area", "send_hit deny nohit", "store_miss deny nostore"]
+
+# (path, extra request header): every path answers 200 with Cache-Control: max-age=600
+STEPS = [
+    ("/private/a", None), ("/private/a", None),             # cache deny: never a hit, never stored
+    ("/public/a", None), ("/public/a", None),               # no rule: stored, then a hit
+    ("/s", "X-No-Hit: 1"), ("/s", "X-No-Hit: 1"), ("/s", None),        # send_hit deny: stored, not a hit
+    ("/n", "X-No-Store: 1"), ("/n", None), ("/n", "X-No-Store: 1"),    # store_miss deny: not stored
+    ("/both", "X-No-Store: 1"), ("/both", "X-No-Hit: 1"), ("/both", None),
+]
+
+
+def conf(tmp: Path, port: int) -> str:
+    return f"""
+http_port 127.0.0.1:{port}
+pid_filename {tmp}/squid.pid
+cache_log {tmp}/cache.log
+access_log stdio:{tmp}/access.log
+cache_effective_user proxy
+coredump_dir {tmp}
+dns_nameservers 127.0.0.1
+shutdown_lifetime 0 seconds
+visible_hostname relais-diff
+pinger_enable off
+netdb_filename none
+logfile_rotate 0
+
+acl private_area urlpath_regex /private/
+acl nohit req_header X-No-Hit .
+acl nostore req_header X-No-Store .
+http_access allow localhost
+http_access deny all
+""" + "\n".join(RULES) + "\n"
+
+
+def run_steps(port: int, origin: Origin) -> None:
+    for path in {p for p, _ in STEPS}:
+        origin.route(path, lambda seen: (200, {"Cache-Control": "max-age=600", "Content-Type": "text/plain"}, b"body"))
+    for path, header in STEPS:
+        r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}",
+                 *(["-H", header] if header else []), f"{origin.url}{path}")
+        assert r.stdout == b"200", (path, r.stdout, r.stderr)
+
+
+def codes(lines: list[str], origin: Origin) -> list[str]:
+    """(path, Squid code) of each log line about this origin, in order."""
+    out = []
+    for line in lines:
+        f = line.split()
+        if len(f) > 6 and f[6].startswith(origin.url):
+            out.append(f"{f[6][len(origin.url):]} {f[3].split('/')[0]}")
+    return out
+
+
+def wait_codes(path: Path, origin: Origin, n: int, timeout: float = 10.0) -> list[str]:
+    end = time.monotonic() + timeout
+    while True:
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        found = codes(lines, origin)
+        if len(found) >= n or time.monotonic() >= end:
+            return found
+        time.sleep(0.1)
+
+
+def test_cache_rules_as_squid_applies_them(tmp_path_factory):
+    assert os.geteuid() == 0, "the Squid differential test runs Squid as root (cache_effective_user proxy)"
+    tmp = Path(tempfile.mkdtemp(prefix="relais-squid-cache-"))  # readable by the proxy user, unlike pytest's tmp
+    os.chmod(tmp, 0o755)
+    squid_origin, relais_origin = Origin(), Origin()
+    squid = relais = None
+    try:
+        for attempt in range(3):  # a free port may be taken before Squid binds it: then try another
+            port = free_port()
+            (tmp / "squid.conf").write_text(conf(tmp, port))
+            (tmp / "cache.log").unlink(missing_ok=True)
+            for f in (tmp, tmp / "squid.conf"):
+                os.chown(f, pwd.getpwnam("proxy").pw_uid, -1)
+            squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_squid(squid, tmp, port)
+                wait_port(port, timeout=30)
+                break
+            except Exception as e:
+                stop_group(squid)
+                if attempt == 2 or "address already in use" not in str(e).lower():
+                    raise
+        relais = Proxy(tmp_path_factory.mktemp("relais"),
+                       options={"policy": str(tmp / "squid.conf"), "cache_policy": str(tmp / "squid.conf"),
+                                "cache_dir": "none"})
+        run_steps(port, squid_origin)
+        run_steps(relais.port, relais_origin)
+        expected = wait_codes(tmp / "access.log", squid_origin, len(STEPS))
+        got = wait_codes(relais.access_log, relais_origin, len(STEPS))
+        assert len(expected) == len(STEPS), (expected, (tmp / "cache.log").read_text(errors="replace")[-2000:])
+        assert got == expected
+        assert relais_origin.hits == squid_origin.hits
+        # what Squid 5.7 does with these rules, so that a Squid that cached nothing cannot pass
+        assert expected.count("/public/a TCP_MEM_HIT") == 1 and squid_origin.hits["/private/a"] == 2
+        assert squid_origin.hits["/s"] == 2 and squid_origin.hits["/n"] == 2
+    finally:
+        if relais:
+            relais.stop()
+        if squid:
+            stop_group(squid)
+        squid_origin.close()
+        relais_origin.close()
+        shutil.rmtree(tmp, ignore_errors=True)
