@@ -699,12 +699,14 @@ class Cache:
     # --- lookups ----------------------------------------------------------
     def lookup(self, key: str, req_headers) -> tuple[cachestore.Entry | None, str | None]:
         store = self.store
+        failed = None
         for fields in store.vary_sets(key):
             vk = rfc9111.vary_values(fields, req_headers) if fields else ()
             entry, tier = store.get(key, cachestore.vary_hash(vk))
             if entry is not None:
                 return entry, tier
-        return None, None
+            failed = failed or tier  # cachestore.SWAPFAIL: stored, but its body could not be read
+        return None, failed
 
     def requestheaders(self, flow: http.HTTPFlow):
         if flow.response or flow.error or self.store is None:
@@ -774,6 +776,11 @@ class Cache:
                     self.leader[flow.id] = key
                 except RuntimeError:  # no event loop (in-process tests): nothing to collapse with
                     pass
+            if tier == cachestore.SWAPFAIL:  # Squid's name for a stored copy that could not be read
+                flow.metadata[meta.CODE] = "TCP_SWAPFAIL_MISS"
+                flow.metadata[meta.CACHE] = {"status": "SWAPFAIL_MISS", "tier": "disk"}
+                flow.comment = "cache: TCP_SWAPFAIL_MISS (the stored copy was damaged, and is dropped)"
+                self.counts["TCP_SWAPFAIL_MISS"] += 1
             self.counts["miss"] += 1
             return None
         now = time.time()

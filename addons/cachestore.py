@@ -310,16 +310,16 @@ class DiskTier:
             self._read_failed("metadata", primary, e)
             return None
 
-    def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
-        """The stored metadata and its verified body, or None."""
+    def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes | None] | None:
+        """The stored metadata and its verified body; None if nothing is stored; (meta, None) if the
+        body could not be read or did not match (Squid's swap failure: the entry is dropped)."""
         value = self._stored(primary, vh)
         if value is None:
             return None
         if isinstance(value, tuple):  # small body stored with its metadata
             meta, body = value
-            return (meta, body) if self._verified(meta, body) else None
-        body = self.get_body(value)
-        return None if body is None else (value, body)
+            return (meta, body) if self._verified(meta, body) else (meta, None)
+        return value, self.get_body(value)
 
     def body_id(self, primary: str, vh: str) -> str | None:
         """The body_id of the entry stored on disk under (primary, vh), or None."""
@@ -717,6 +717,7 @@ LOCK = "in-use"  # in each folder of incoming/: locked while the proxy that stre
 JOURNAL = "pending-removals"  # keys (JSON lines) to remove when the cache opens next
 JOURNAL_MAX = 10_000  # keys journaled in one run; past that the journal says clear
 CLEAR = "\x00clear"  # in the journal: remove everything
+SWAPFAIL = "swapfail"  # the tier Store.get names for an entry whose body could not be read or was wrong
 DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved aside at the next open
 URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
 
@@ -1024,6 +1025,8 @@ class Store:
         got = self.disk.get_entry(primary, vh)
         if got is None:
             return None, None
+        if got[1] is None:
+            return None, SWAPFAIL
         e = Entry(*got)
         self.mem.put((primary, vh), e)  # promotion by use
         return e, "disk"

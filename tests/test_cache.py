@@ -910,6 +910,9 @@ def test_kill_9_during_writes_then_no_corrupt_body(start_proxy, origin, tmp_path
         assert status == 200 and body == b"x" * (40000 + i), f"bad body for {u}"
     p2.stop()
     assert "corrupt disk entry" in p2.text()
+    # Squid's code for a stored copy that could not be read: one line for each dropped entry
+    swapfails = [l for l in p2.log_lines(path=tmp_path / "access2.log") if " TCP_SWAPFAIL_MISS/200 " in l]
+    assert swapfails and len(swapfails) == p2.text().count("corrupt disk entry"), swapfails
 
 
 # --- PURGE and commands ------------------------------------------------------------------------------

@@ -96,9 +96,10 @@ def test_a_damaged_body_is_dropped_and_never_served(tmp_path, body, caplog):
         s.disk.dc.set("m|-|http://a/x", (m, bad))
     else:
         s.disk.dc.set(f"b|{m.body_id}", bad)
-    assert s.get("http://a/x", "-") == (None, None)
+    assert s.get("http://a/x", "-") == (None, cs.SWAPFAIL)  # Squid's swap failure: logged TCP_SWAPFAIL_MISS
     s.disk.flush()
     assert s.disk.dc.get("m|-|http://a/x") is None, "the bad entry is dropped"
+    assert s.get("http://a/x", "-") == (None, None)
     assert "corrupt disk entry" in caplog.text
     s.close()
 
