@@ -1010,10 +1010,11 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
 
 
 def squid_lines(text: str) -> list[str]:
-    """Lines with backslash continuations joined, keeping line numbers stable."""
+    """Lines with backslash continuations joined, keeping line numbers stable. A comment line is
+    never continued, as in Squid ("# C:\\squid\\" does not swallow the next directive)."""
     out, pending = [], ""
     for raw in text.splitlines():
-        if raw.endswith("\\"):
+        if raw.endswith("\\") and (pending or not raw.lstrip().startswith("#")):
             pending += raw[:-1] + " "
             out.append("")
             continue

@@ -461,7 +461,9 @@ def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
                                      f"targeted_fields must be a list of header field names, not {targets!r}")
     access = {}
     for key in ACCESS_KEYS:
-        items = doc.get(key) or []
+        items = doc.get(key)
+        if items is None:
+            items = []
         if not isinstance(items, list):
             raise policyfile.PolicyError(source, policyfile.line_of(doc, key),
                                          f'{key} must be a list of rules such as "deny QUERY"')
@@ -718,15 +720,16 @@ class Cache:
             self._purge(flow)
             return None
         key = primary_key(flow)
+        if not self._allowed(flow, "send_hit"):  # nothing from the cache, failures included
+            if method in ("GET", "HEAD"):
+                if rfc9111.only_if_cached(flow.request.headers):
+                    return self._only_if_cached(flow)
+                self.counts["miss"] += 1
+            return None
         failure = self._failure(key)
         if method not in ("GET", "HEAD"):
             if failure:
                 self._answer_failure(flow, failure)
-            return None
-        if self.access and not self._allowed(flow, "send_hit"):
-            if rfc9111.only_if_cached(flow.request.headers):
-                return self._only_if_cached(flow)
-            self.counts["miss"] += 1
             return None
         return self._lookup_and_answer(flow, key, failure, collapse=True)
 
@@ -734,8 +737,7 @@ class Cache:
         """Squid's `cache` rules, then its `send_hit` (may a stored response answer the request?) or
         `store_miss` (may the response be stored?), on the acls the request matched (relais.acls, from
         the acl addon). Without that list the rules cannot be judged, and the cache stays out of it."""
-        lists = [(name, self.access[name]) for name in ("cache", directive) if name in self.access]
-        if not lists:
+        if not self.access:
             return True
         acls = flow.metadata.get(meta.ACLS)
         if acls is None:
@@ -745,7 +747,7 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
-        for name, rules in lists:
+        for name, rules in [(name, self.access[name]) for name in ("cache", directive) if name in self.access]:
             ok, rule = access_allows(rules, acls)
             if not ok:
                 why = f"{name} {rule.text}" if rule else f"{name}: no rule matched, so the opposite of the last"
@@ -767,7 +769,7 @@ class Cache:
                 return self._only_if_cached(flow)
             if failure:
                 return self._answer_failure(flow, failure)
-            if collapse and self._collapsible(flow, names):
+            if collapse and self._collapsible(flow, names) and self._allowed(flow, "store_miss"):
                 fut = self.inflight.get(key)
                 if fut is not None and not fut.done():
                     return self._wait_collapsed(flow, key, fut)
@@ -779,7 +781,7 @@ class Cache:
             if tier == cachestore.SWAPFAIL:  # Squid's name for a stored copy that could not be read
                 flow.metadata[meta.CODE] = "TCP_SWAPFAIL_MISS"
                 flow.metadata[meta.CACHE] = {"status": "SWAPFAIL_MISS", "tier": "disk"}
-                flow.comment = "cache: TCP_SWAPFAIL_MISS (the stored copy was damaged, and is dropped)"
+                flow.comment = "cache: TCP_SWAPFAIL_MISS (the stored copy could not be read, or was damaged)"
                 self.counts["TCP_SWAPFAIL_MISS"] += 1
             self.counts["miss"] += 1
             return None
@@ -803,7 +805,7 @@ class Cache:
                     not rfc9111.cache_can_evaluate(req.headers):
                 return None  # If-Match / If-Unmodified-Since: the origin decides
             self._serve(flow, entry, tier, age, stale=d.staleness >= 0, names=names)
-            if d.action == rfc9111.SWR:
+            if d.action == rfc9111.SWR and self._allowed(flow, "store_miss"):
                 self._refresh_in_background(key, entry, flow)
             return None
         # must revalidate
@@ -1027,7 +1029,7 @@ class Cache:
             return
         if flow.id in self.pending and resp.status_code == 304:
             return
-        if self.access and not self._allowed(flow, "store_miss"):
+        if not self._allowed(flow, "store_miss"):
             return
         key = primary_key(flow)
         ok, _ = rfc9111.storable("GET", resp.status_code, flow.request.headers, self._view(flow, resp.headers),
@@ -1099,7 +1101,8 @@ class Cache:
         if key is None:
             return
         if local == "errors":
-            self._remember_failure(flow, key)
+            if self._allowed(flow, "store_miss"):
+                self._remember_failure(flow, key)
             if pending and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
@@ -1111,8 +1114,12 @@ class Cache:
         if resp is None:
             return
         self.failures.pop(origin_of(key), None) if self.failures else None
-        if method == "HEAD" and resp.status_code == 200 and self._update_from_head(flow, key, pending):
-            return
+        if method == "HEAD" and resp.status_code == 200:
+            if self._allowed(flow, "send_hit") and self._allowed(flow, "store_miss"):
+                if self._update_from_head(flow, key, pending):
+                    return
+            elif self._forget(key):  # RFC 9111 4.3.5: update or invalidate; the rules forbid answering: as Squid
+                self.counts["invalidated"] += 1
         if pending is not None:
             if resp.status_code == 304:
                 self._freshen(flow, pending)
@@ -1130,7 +1137,7 @@ class Cache:
             flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
             flow.comment = f"cache: {code}"
             self.counts[code] += 1
-        may_store = not self.access or self._allowed(flow, "store_miss")
+        may_store = self._allowed(flow, "store_miss")
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
             if method == "POST" and may_store and self._describes_target(flow, key):

@@ -693,3 +693,112 @@ def test_a_squid_conf_mistake_is_refused_with_its_line(tmp_path, line, reason):
             tctx.configure(c, cache_dir="none", cache_policy=str(conf))
         assert f"cache_policy: {conf}, line 3: {reason}" in str(e.value), str(e.value)
     c.done()
+
+
+def rules_cache(tmp_path, text):
+    pol = tmp_path / "cache.yaml"
+    pol.write_text(text)
+    c = cachemod.Cache()
+    return c, pol
+
+
+def with_acls(f, *acls):
+    f.metadata[meta.ACLS] = list(acls)
+    return f
+
+
+def test_store_miss_deny_starts_no_background_refresh_and_leads_no_collapse(tmp_path):
+    c, pol = rules_cache(tmp_path, 'store_miss:\n  - "deny nostore"\n')
+    started = []
+    c._refresh_in_background = lambda key, entry, flow: started.append(key)
+
+    async def run():
+        with taddons.context(c) as tctx:
+            tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+            s = with_acls(stored_flow(url="http://example.com/swr", cc="max-age=1, stale-while-revalidate=600"), "all")
+            s.request.timestamp_start = s.response.timestamp_start = time.time() - 10
+            c.response(s)
+            f = with_acls(request_flow(url="http://example.com/swr"), "nostore", "all")
+            c.requestheaders(f)
+            assert f.metadata[meta.CODE] == "TCP_MEM_HIT" and started == []  # served stale; not refreshed
+            f = with_acls(request_flow(url="http://example.com/swr"), "all")
+            c.requestheaders(f)
+            assert started == ["http://example.com:80/swr"]
+            leader = with_acls(request_flow(url="http://example.com/c"), "nostore", "all")
+            assert c.requestheaders(leader) is None and c.inflight == {}  # others do not wait for it
+    asyncio.run(run())
+    c.done()
+
+
+def test_cache_rules_keep_remembered_failures_out_too(tmp_path):
+    c, pol = rules_cache(tmp_path, 'cache:\n  - "deny nocache"\n')
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        f = with_acls(request_flow(url="http://down.example/x"), "nocache", "all")
+        c.requestheaders(f)
+        f.response = tutils.tresp(status_code=503)
+        f.metadata[meta.LOCAL], f.metadata[meta.ERROR] = "errors", "ERR_CONNECT_FAIL"
+        c.response(f)
+        assert c.failures == {}  # a denied request's failure is not remembered
+        f = with_acls(request_flow(url="http://down.example/x"), "all")
+        c.requestheaders(f)
+        f.response = tutils.tresp(status_code=503)
+        f.metadata[meta.LOCAL], f.metadata[meta.ERROR] = "errors", "ERR_CONNECT_FAIL"
+        c.response(f)
+        assert list(c.failures) == ["http://down.example:80"]
+        for method in ("GET", "POST"):
+            denied = with_acls(request_flow(url="http://down.example/y", method=method), "nocache", "all")
+            c.requestheaders(denied)
+            assert denied.response is None, method  # goes to the origin, not TCP_NEGATIVE_HIT
+            allowed = with_acls(request_flow(url="http://down.example/y", method=method), "all")
+            c.requestheaders(allowed)
+            assert allowed.metadata[meta.CODE] == "TCP_NEGATIVE_HIT", method
+    c.done()
+
+
+@pytest.mark.parametrize("text", ['store_miss:\n  - "deny x"\n', 'send_hit:\n  - "deny x"\n'])
+def test_without_an_acl_list_any_rules_keep_the_cache_out_entirely(tmp_path, caplog, text):
+    c, pol = rules_cache(tmp_path, text)
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        c.response(stored_flow(url="http://example.com/a"))
+        c.response(with_acls(stored_flow(url="http://example.com/b"), "all"))
+        a, b = request_flow(url="http://example.com/a"), request_flow(url="http://example.com/b")
+        c.requestheaders(a)
+        c.requestheaders(b)
+        assert a.response is None and b.response is None  # neither stored (a) nor served (b)
+    assert caplog.text.count("is the acl addon loaded") == 1
+    c.done()
+
+
+def test_a_head_the_rules_keep_from_the_cache_gets_the_origins_answer_and_invalidates_the_stored_get(tmp_path):
+    """RFC 9111 4.3.5 lets a HEAD's 200 update or invalidate the stored GET; when the rules forbid answering
+    from the cache, the origin's answer goes to the client and the stored GET is dropped, as Squid does."""
+    c, pol = rules_cache(tmp_path, 'send_hit:\n  - "deny nohit"\n')
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        s = with_acls(stored_flow(url="http://example.com/h"), "all")
+        s.response.headers["ETag"] = '"v1"'
+        s.response.headers["X-Stored"] = "old"
+        c.response(s)
+        head = with_acls(request_flow(url="http://example.com/h", method="HEAD"), "nohit", "all")
+        c.requestheaders(head)
+        assert head.response is None
+        head.response = tutils.tresp(status_code=200)
+        head.response.headers.clear()
+        head.response.headers.update({"ETag": '"v1"', "Cache-Control": "max-age=60", "X-Stored": "new"})
+        c.response(head)
+        assert head.response.headers["X-Stored"] == "new" and meta.CODE not in head.metadata  # the origin's
+        get = with_acls(request_flow(url="http://example.com/h"), "all")
+        c.requestheaders(get)
+        assert get.response is None and c.counts["invalidated"] == 1
+    c.done()
+
+
+@pytest.mark.parametrize("value", ["false", "0", '""', "{}"])
+def test_a_rule_list_that_is_not_a_list_is_refused(tmp_path, value):
+    c, pol = rules_cache(tmp_path, f"cache: {value}\n")
+    with taddons.context(c) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="line 1: cache must be a list of rules"):
+            tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+    c.done()
