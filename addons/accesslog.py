@@ -29,7 +29,6 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http, tcp
 from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import layers
-from mitmproxy.net.http.http1 import assemble
 
 try:
     from addons import meta, streams
