@@ -404,6 +404,7 @@ class CachePolicy(NamedTuple):  # (not dataclasses: mitmproxy loads this file as
     rules: list[rfc9111.RefreshRule]
     targets: tuple[str, ...] = ()
     access: dict[str, tuple[AccessRule, ...]] = {}  # never mutated
+    notes: tuple[str, ...] = ()  # what was read but not applied, for a warning
 
 
 def parse_access_rule(text: str, line: int | None = None) -> AccessRule:
@@ -488,7 +489,7 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
     """The refresh_pattern, cache, send_hit and store_miss lines of a squid.conf (the rest is ignored, as
     the acl addon reads the acl and http_access lines of the same file); a mistake raises
     policyfile.PolicyError with its file and line."""
-    refresh, access = [], {}
+    refresh, access, notes = [], {}, []
     for no, raw in enumerate(aclrules.squid_lines(text), 1):
         line = re.sub(r"\s#.*$", "", raw.strip())  # a trailing comment, as Squid allows
         directive, _, rest = line.replace("\t", " ").partition(" ")
@@ -496,13 +497,18 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
             continue
         try:
             if directive == "refresh_pattern":
-                refresh.append(rfc9111.parse_refresh_pattern(rest.strip()))
+                words = rest.split()
+                head = 5 if words[:1] == ["-i"] else 4
+                refresh.append(rfc9111.parse_refresh_pattern(" ".join(words[:head])))
+                if words[head:]:  # override-expire, ignore-no-store...: a squid.conf is read as far as RFC 9111 goes
+                    notes.append(f"{source}, line {no}: refresh_pattern options ignored (they break RFC 9111, "
+                                 f"which the cache follows): {' '.join(words[head:])}")
             else:
                 access.setdefault(directive, []).append(parse_access_rule(rest, no))
         except ValueError as e:
             raise policyfile.PolicyError(source, no, f"{directive}: {e}") from None
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
-                       {k: tuple(v) for k, v in access.items()})
+                       {k: tuple(v) for k, v in access.items()}, tuple(notes))
 
 
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
@@ -665,6 +671,8 @@ class Cache:
         except policyfile.PolicyError as e:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
         self.policy_file = str(path)
+        for note in policy.notes:
+            log.warning("cache_policy: %s", note)
         return policy
 
     def done(self):

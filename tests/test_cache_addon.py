@@ -679,8 +679,20 @@ def test_a_squid_conf_gives_the_cache_its_refresh_patterns_and_rules(tmp_path):
     c.done()
 
 
+def test_a_squid_conf_refresh_pattern_is_read_without_the_options_that_break_rfc_9111(tmp_path, caplog):
+    conf = tmp_path / "squid.conf"
+    conf.write_text("refresh_pattern -i \\.(gif|png)$ 1440 90% 43200 override-expire ignore-no-store\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(conf))
+        assert [(r.pattern, r.min, r.percent, r.max) for r in c.rules] == [("\\.(gif|png)$", 1440 * 60, 0.9, 43200 * 60)]
+    assert f"{conf}, line 1: refresh_pattern options ignored" in caplog.text and "override-expire ignore-no-store" \
+        in caplog.text
+    c.done()
+
+
 @pytest.mark.parametrize("line,reason", [
-    ("refresh_pattern . 0 20% 4320 override-expire", "refresh_pattern: refresh_pattern: option 'override-expire'"),
+    ("refresh_pattern . 0 20%", "refresh_pattern: refresh_pattern needs: [-i] regex min percent max"),
     ("cache maybe QUERY", 'cache: a rule is "allow" or "deny"'),
     ("store_miss deny", 'store_miss: a rule is "allow" or "deny"'),
 ])
