@@ -24,7 +24,8 @@ mitmproxy's hooks:
   answered with the stale entry stale-if-error or max_stale allows
   (TCP_REFRESH_FAIL_OLD), which addons/recover.py sends instead of mitmproxy's 502.
 
-Commands: cache.purge URL, cache.clear, cache.stats.
+Commands: cache.purge URL, cache.clear, cache.stats, cache.reload (re-reads the cache policy,
+also done when its file changes; a broken file is refused and the last good policy stays).
 """
 from __future__ import annotations
 
@@ -482,6 +483,7 @@ def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
     return CachePolicy(rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets), access)
 
 
+CHECK_EVERY = 1.0  # seconds between two looks at the cache policy file's mtime
 SHIPPED_TARGETS = ("cdn-cache-control",)  # policies/cache.yaml's; a squid.conf cannot name any
 
 
@@ -509,6 +511,14 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
             raise policyfile.PolicyError(source, no, f"{directive}: {e}") from None
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
                        {k: tuple(v) for k, v in access.items()}, tuple(notes))
+
+
+def _stamp(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
@@ -539,6 +549,8 @@ class Cache:
         self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
         self.warned_no_acls = False
         self.policy_file: str | None = None
+        self.policy_stamp: tuple | None = None    # the policy file's (mtime, size) when read
+        self.next_check = 0.0                    # when to look at it again
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
@@ -626,8 +638,7 @@ class Cache:
                     raise exceptions.OptionsError(f"purge_from: bad network {spec!r}: {e}") from e
             self.purge_nets = nets
         if "cache_policy" in updated or first:
-            policy = self._load_policy(o.cache_policy)
-            self.rules, self.targets, self.access = policy.rules, policy.targets, policy.access
+            self._use(self._load_policy(o.cache_policy))
         self.negative_ttl = float(o.negative_ttl)
         self.max_stale = float(o.max_stale)
         self.reload_into_ims = o.reload_into_ims
@@ -660,20 +671,52 @@ class Cache:
             self.sizes = sizes
 
     def _load_policy(self, value: str) -> CachePolicy:
+        """The policy the cache_policy option names; OptionsError with its file, line and reason."""
         if not value or value == "none":
+            self.policy_file = self.policy_stamp = None
             return CachePolicy([rfc9111.DEFAULT_RULE])
         path = resolve(value)
         try:
+            stamp = _stamp(path)
             load = load_squid_policy if path.suffix == ".conf" else load_policy
             policy = load(path.read_text(encoding="utf-8"), str(path))
         except (OSError, UnicodeDecodeError) as e:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
         except policyfile.PolicyError as e:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
-        self.policy_file = str(path)
+        self.policy_file, self.policy_stamp = str(path), stamp
+        self.next_check = time.monotonic() + CHECK_EVERY
         for note in policy.notes:
             log.warning("cache_policy: %s", note)
         return policy
+
+    def _use(self, policy: CachePolicy) -> None:
+        self.rules, self.targets, self.access = policy.rules, policy.targets, policy.access
+
+    @command.command("cache.reload")
+    def reload(self) -> None:
+        """Re-read the cache policy (also done when its file changes); if it is broken, keep the current
+        one and say why."""
+        if self.policy_file is None:
+            return
+        try:
+            self._use(self._load_policy(self.policy_file))
+        except exceptions.OptionsError as e:
+            self.policy_stamp = _stamp(Path(self.policy_file))  # not tried again until the file changes again
+            log.error("cache: policy not reloaded, keeping the last good one: %s", e)
+            raise exceptions.CommandError(f"cache.reload: kept the previous policy: {e}") from None
+        log.info("cache: policy reloaded from %s", self.policy_file)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        if self.policy_file is None or now < self.next_check:
+            return
+        self.next_check = now + CHECK_EVERY
+        if _stamp(Path(self.policy_file)) != self.policy_stamp:
+            try:
+                self.reload()
+            except exceptions.CommandError:
+                pass  # logged; the last good policy stays
 
     def done(self):
         if self.recovering:
@@ -721,6 +764,7 @@ class Cache:
     def requestheaders(self, flow: http.HTTPFlow):
         if flow.response or flow.error or self.store is None:
             return None
+        self._watch()
         method = flow.request.method
         if method == "CONNECT":
             return None

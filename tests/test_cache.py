@@ -754,6 +754,29 @@ def test_cache_send_hit_and_store_miss_rules_as_in_squid(start_proxy, origin, tm
     assert codes(p, f"{origin.url}/n", 3) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200"]
 
 
+def test_an_edited_cache_policy_applies_without_a_restart_and_a_broken_edit_keeps_the_last_good(
+        start_proxy, origin, tmp_path):
+    for path in ("/w1", "/w2", "/w3"):
+        origin.route(path, lambda s: (200, {"Cache-Control": "max-age=600"}, b"body"))
+    p = rules_proxy(start_proxy, tmp_path)
+    for _ in range(2):
+        fetch(p, f"{origin.url}/w1")
+    assert origin.hits["/w1"] == 1
+    rules = tmp_path / "cache.yaml"
+    rules.write_text(rules.read_text().replace("  - deny private_area", "  - deny all"))
+    time.sleep(1.2)  # the file is looked at once a second
+    for _ in range(2):
+        fetch(p, f"{origin.url}/w2")
+    fetch(p, f"{origin.url}/w1")
+    assert origin.hits["/w2"] == 2 and origin.hits["/w1"] == 2  # nothing stored, nothing answered
+    rules.write_text(rules.read_text() + "  - perhaps all\n")
+    time.sleep(1.2)
+    for _ in range(2):
+        fetch(p, f"{origin.url}/w3")
+    assert origin.hits["/w3"] == 2  # the last good policy (deny all) stays
+    p.wait_output("policy not reloaded, keeping the last good one")
+
+
 def test_cache_rules_without_the_acl_addon_keep_the_cache_out_and_say_why(start_proxy, origin, tmp_path):
     origin.route("/public/b", lambda s: (200, {"Cache-Control": "max-age=600"}, b"body"))
     p = rules_proxy(start_proxy, tmp_path, script="addons/cache.py")

@@ -814,3 +814,27 @@ def test_a_rule_list_that_is_not_a_list_is_refused(tmp_path, value):
         with pytest.raises(exceptions.OptionsError, match="line 1: cache must be a list of rules"):
             tctx.configure(c, cache_dir="none", cache_policy=str(pol))
     c.done()
+
+
+def test_the_cache_policy_is_reloaded_when_its_file_changes_and_a_broken_one_keeps_the_last_good(tmp_path, caplog):
+    caplog.set_level("INFO")
+    pol = tmp_path / "cache.yaml"
+    pol.write_text('refresh_pattern:\n  - ". 0 10% 60"\n')
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        assert c.access == {}
+        pol.write_text('refresh_pattern:\n  - ". 0 10% 60"\ncache:\n  - "deny all"\n')
+        c.next_check = 0  # (a second later)
+        c.requestheaders(with_acls(request_flow(), "all"))
+        assert [r.text for r in c.access["cache"]] == ["deny all"] and "cache: policy reloaded" in caplog.text
+        pol.write_text('cache:\n  - "deny all"\n  - "perhaps"\n')
+        with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {pol}, line 3"):
+            c.reload()
+        c.next_check = 0
+        c.requestheaders(with_acls(request_flow(), "all"))  # the same broken file is not tried again
+        assert caplog.text.count("policy not reloaded") == 1
+        assert [r.text for r in c.access["cache"]] == ["deny all"] and c.policy_file == str(pol)
+        tctx.configure(c, cache_policy="none")
+        assert c.access == {} and c.policy_file is None
+    c.done()
