@@ -1010,11 +1010,16 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
 
 
 def squid_lines(text: str) -> list[str]:
-    """Lines with backslash continuations joined, keeping line numbers stable. A comment line is
-    never continued, as in Squid ("# C:\\squid\\" does not swallow the next directive)."""
+    """Lines with backslash continuations joined, keeping line numbers stable. As in Squid, comment
+    and empty lines are skipped (given as ""), also inside a continued line, so that neither
+    "# C:\\squid\\" nor a commented-out value ends or swallows a directive."""
     out, pending = [], ""
     for raw in text.splitlines():
-        if raw.endswith("\\") and (pending or not raw.lstrip().startswith("#")):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            out.append("")
+            continue
+        if raw.endswith("\\"):
             pending += raw[:-1] + " "
             out.append("")
             continue

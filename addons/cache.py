@@ -503,8 +503,8 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
                 head = 5 if words[:1] == ["-i"] else 4
                 refresh.append(rfc9111.parse_refresh_pattern(" ".join(words[:head])))
                 if words[head:]:  # override-expire, ignore-no-store...: a squid.conf is read as far as RFC 9111 goes
-                    notes.append(f"{source}, line {no}: refresh_pattern options ignored (they break RFC 9111, "
-                                 f"which the cache follows): {' '.join(words[head:])}")
+                    notes.append(f"{source}, line {no}: refresh_pattern options not supported, ignored (the "
+                                 f"cache follows RFC 9111): {' '.join(words[head:])}")
             else:
                 access.setdefault(directive, []).append(parse_access_rule(rest, no))
         except ValueError as e:
@@ -594,7 +594,7 @@ class Cache:
                           "Cache policy: a YAML file (refresh_pattern table, targeted_fields such as "
                           "CDN-Cache-Control, Squid's cache / send_hit / store_miss rules) or a squid.conf (*.conf: "
                           "its refresh_pattern, cache, send_hit and store_miss lines), relative to the cwd or the "
-                          "Relais folder.")
+                          "Relais folder; re-read when it changes, and by cache.reload.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
         loader.add_option("max_stale", int, 0,
@@ -675,7 +675,7 @@ class Cache:
         if not value or value == "none":
             self.policy_file = self.policy_stamp = None
             return CachePolicy([rfc9111.DEFAULT_RULE])
-        path = resolve(value)
+        path = resolve(value).absolute()  # reloads read this file, whatever the cwd holds meanwhile
         try:
             stamp = _stamp(path)
             load = load_squid_policy if path.suffix == ".conf" else load_policy
@@ -684,6 +684,8 @@ class Cache:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
         except policyfile.PolicyError as e:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
+        except Exception as e:  # what a parser may still raise on odd input (a YAML nested too deep)
+            raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {type(e).__name__}: {e}") from e
         self.policy_file, self.policy_stamp = str(path), stamp
         self.next_check = time.monotonic() + CHECK_EVERY
         for note in policy.notes:
@@ -712,7 +714,8 @@ class Cache:
         if self.policy_file is None or now < self.next_check:
             return
         self.next_check = now + CHECK_EVERY
-        if _stamp(Path(self.policy_file)) != self.policy_stamp:
+        stamp = _stamp(Path(self.policy_file))
+        if stamp is not None and stamp != self.policy_stamp:  # (a file being replaced may be missing a moment)
             try:
                 self.reload()
             except exceptions.CommandError:

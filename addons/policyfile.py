@@ -71,6 +71,8 @@ def load(text: str, source: str = "<policy>"):
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         reason = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
         raise PolicyError(source, mark.line + 1 if mark else None, f"not valid YAML: {reason}") from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise PolicyError(source, None, "nested too deep to be a policy") from None
 
 
 def line_of(parent, key) -> int | None:

@@ -367,7 +367,8 @@ DEFAULT_RULE = RefreshRule(".", 0, 0.1, 4320 * 60)
 
 
 def parse_refresh_pattern(line: str) -> RefreshRule:
-    """Squid syntax: ``[-i] regex min percent% max [options]`` (min and max in minutes)."""
+    """Squid syntax: ``[-i] regex min percent% max`` (min and max in minutes); Squid's options after max
+    (override-expire, ignore-no-store...) are refused here."""
     parts = line.split()
     icase = False
     if parts and parts[0] == "-i":

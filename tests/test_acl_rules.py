@@ -396,12 +396,15 @@ def test_squid_conf_import_gives_the_same_decisions_as_yaml():
 
 
 def test_a_squid_conf_comment_ending_in_a_backslash_continues_nothing():
-    """As Squid parses it: the directive after "# C:\\squid\\" is read, and a continued acl is joined."""
-    conf = "acl lan src \\\n  10.0.0.0/8\n# from C:\\squid\\\nhttp_access deny lan\nhttp_access allow all\n"
+    """As Squid parses it: comment and empty lines are skipped, also inside a continued line."""
+    conf = ("acl lan src \\\n  10.0.0.0/8 \\\n# 172.16.0.0/12 \\\n\n  192.168.0.0/16\n# from C:\\squid\\\n"
+            "http_access deny lan\nhttp_access allow all\n")
     p = load_squid_text(conf, "squid.conf")
     assert not p.check(Request(src="10.1.1.1", **http("http://a.test/"))).allowed
+    assert not p.check(Request(src="192.168.1.1", **http("http://a.test/"))).allowed  # after the comment
+    assert p.check(Request(src="172.16.1.1", **http("http://a.test/"))).allowed  # commented out
     assert p.check(Request(src="192.0.2.1", **http("http://a.test/"))).allowed
-    assert aclrules.squid_lines(conf)[:4] == ["", "acl lan src    10.0.0.0/8", "# from C:\\squid\\", "http_access deny lan"]
+    assert aclrules.squid_lines(conf)[4:7] == ["acl lan src    10.0.0.0/8    192.168.0.0/16", "", "http_access deny lan"]
 
 
 def test_squid_conf_errors_have_line_numbers():

@@ -113,6 +113,9 @@ def test_reload_command_keeps_last_good(addon, tmp_path):
     pol.write_text(text.replace("visible_hostname: null", "visible_hostname: three.test\nlevels: {}"))
     with pytest.raises(exceptions.CommandError, match=rf"kept the previous policy: {pol}, line \d+: duplicate key"):
         addon.tctx.command(addon.reload)
+    pol.write_text("[" * 5000)  # what the YAML parser cannot take is a refused policy too, not an addon error
+    with pytest.raises(exceptions.CommandError, match=rf"kept the previous policy: {pol}: nested too deep"):
+        addon.tctx.command(addon.reload)
     f = flow()
     addon.requestheaders(f)
     assert f.request.headers["Via"] == "1.1 two.test (relais)"

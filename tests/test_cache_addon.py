@@ -686,7 +686,7 @@ def test_a_squid_conf_refresh_pattern_is_read_without_the_options_that_break_rfc
     with taddons.context(c) as tctx:
         tctx.configure(c, cache_dir="none", cache_policy=str(conf))
         assert [(r.pattern, r.min, r.percent, r.max) for r in c.rules] == [("\\.(gif|png)$", 1440 * 60, 0.9, 43200 * 60)]
-    assert f"{conf}, line 1: refresh_pattern options ignored" in caplog.text and "override-expire ignore-no-store" \
+    assert f"{conf}, line 1: refresh_pattern options not supported, ignored" in caplog.text and "override-expire ignore-no-store" \
         in caplog.text
     c.done()
 
@@ -837,4 +837,24 @@ def test_the_cache_policy_is_reloaded_when_its_file_changes_and_a_broken_one_kee
         assert [r.text for r in c.access["cache"]] == ["deny all"] and c.policy_file == str(pol)
         tctx.configure(c, cache_policy="none")
         assert c.access == {} and c.policy_file is None
+    c.done()
+
+
+def test_a_relative_cache_policy_stays_that_file_while_it_is_replaced(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "policies").mkdir()
+    mine = tmp_path / "policies" / "cache.yaml"  # the same relative name as the shipped policy
+    mine.write_text('cache:\n  - "deny all"\n')
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy="policies/cache.yaml")
+        assert c.policy_file == str(mine) and "cache" in c.access
+        mine.unlink()  # an editor replacing the file
+        c.next_check = 0
+        c.requestheaders(with_acls(request_flow(), "all"))
+        assert c.policy_file == str(mine) and "cache" in c.access and "not reloaded" not in caplog.text
+        mine.write_text("[" * 5000)  # nested too deep for the YAML parser: still an error that names the file
+        with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {mine}: nested"):
+            c.reload()
+        assert "cache" in c.access
     c.done()
