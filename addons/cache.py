@@ -6,7 +6,8 @@ Decisions (storable? fresh? may it answer this request?) are in rfc9111.py;
 bytes live in cachestore.py (RAM LRU + diskcache). This addon wires them to
 mitmproxy's hooks:
 
-- requestheaders: PURGE; lookups. A hit is answered right here (flow.response
+- requestheaders: PURGE; Squid's cache / send_hit rules (cache policy, on the acls in
+  relais.acls); lookups. A hit is answered right here (flow.response
   set, relais.local="cache", relais.code TCP_MEM_HIT / TCP_HIT /
   TCP_NEGATIVE_HIT / TCP_IMS_HIT / TCP_INM_HIT, HIER_NONE). A stale entry is
   revalidated (If-None-Match / If-Modified-Since added). Concurrent misses for
@@ -18,7 +19,8 @@ mitmproxy's hooks:
   body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
   (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error, or the error
   (TCP_REFRESH_FAIL_ERR); storable
-  responses stored; unsafe methods invalidate (RFC 9111 4.4).
+  responses stored, unless Squid's cache / store_miss rules keep them out; unsafe methods
+  invalidate (RFC 9111 4.4).
 - error: an aborted transfer is never stored. A revalidation the origin failed
   before any response (refused mitmproxy's connection, closed or reset it) is
   answered with the stale entry stale-if-error or max_stale allows
@@ -507,8 +509,9 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
                                  f"cache follows RFC 9111): {' '.join(words[head:])}")
             else:
                 access.setdefault(directive, []).append(parse_access_rule(rest, no))
-        except ValueError as e:
-            raise policyfile.PolicyError(source, no, f"{directive}: {e}") from None
+        except ValueError as e:  # (refresh_pattern's own messages name it)
+            msg = str(e) if directive == "refresh_pattern" else f"{directive}: {e}"
+            raise policyfile.PolicyError(source, no, msg) from None
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
                        {k: tuple(v) for k, v in access.items()}, tuple(notes))
 
@@ -1203,6 +1206,10 @@ class Cache:
                 self._store_stream(flow, *stream)
             else:
                 self._store(flow, key)
+        elif method == "GET" and (pending is not None or self.lookup(key, req.headers)[0] is not None):
+            # a newer response the rules keep out (a reload, a refresh): the stored copy is superseded, as in Squid
+            if self._forget(key):
+                self.counts["invalidated"] += 1
         if pending is not None and pending.client_conditionals:
             # the client's own conditionals, stripped for our revalidation, answered from the new response
             self._restore_conditionals(flow, pending)

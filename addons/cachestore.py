@@ -312,7 +312,7 @@ class DiskTier:
 
     def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes | None] | None:
         """The stored metadata and its verified body; None if nothing is stored; (meta, None) if the
-        body could not be read or did not match (Squid's swap failure: the entry is dropped)."""
+        body could not be read or did not match (Squid's swap failure; a damaged entry is dropped)."""
         value = self._stored(primary, vh)
         if value is None:
             return None

@@ -374,7 +374,7 @@ def parse_refresh_pattern(line: str) -> RefreshRule:
     if parts and parts[0] == "-i":
         icase, parts = True, parts[1:]
     if len(parts) < 4:
-        raise ValueError(f"refresh_pattern needs: [-i] regex min percent max [options]: {line!r}")
+        raise ValueError(f"refresh_pattern needs: [-i] regex min percent max: {line!r}")
     regex, mn, pct, mx, *opts = parts
     try:
         re.compile(regex)

@@ -692,7 +692,7 @@ def test_a_squid_conf_refresh_pattern_is_read_without_the_options_that_break_rfc
 
 
 @pytest.mark.parametrize("line,reason", [
-    ("refresh_pattern . 0 20%", "refresh_pattern: refresh_pattern needs: [-i] regex min percent max"),
+    ("refresh_pattern . 0 20%", "refresh_pattern needs: [-i] regex min percent max"),
     ("cache maybe QUERY", 'cache: a rule is "allow" or "deny"'),
     ("store_miss deny", 'store_miss: a rule is "allow" or "deny"'),
 ])
@@ -857,4 +857,24 @@ def test_a_relative_cache_policy_stays_that_file_while_it_is_replaced(tmp_path, 
         with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {mine}: nested"):
             c.reload()
         assert "cache" in c.access
+    c.done()
+
+
+def test_a_refresh_whose_new_response_the_rules_keep_out_drops_the_superseded_copy(tmp_path):
+    c, pol = rules_cache(tmp_path, 'store_miss:\n  - "deny nostore"\n')
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(pol))
+        s = with_acls(stored_flow(url="http://example.com/x", cc="max-age=1"), "all")
+        s.response.headers["ETag"] = '"v1"'
+        s.request.timestamp_start = s.response.timestamp_start = time.time() - 10
+        c.response(s)
+        f = with_acls(request_flow(url="http://example.com/x"), "nostore", "all")
+        c.requestheaders(f)
+        assert f.response is None and f.request.headers["If-None-Match"] == '"v1"'  # revalidated
+        f.response = tutils.tresp(status_code=200)  # a new version, which store_miss keeps out
+        c.response(f)
+        assert f.metadata[meta.CODE] == "TCP_REFRESH_MODIFIED" and c.counts["invalidated"] == 1
+        g = with_acls(request_flow(url="http://example.com/x"), "all")
+        c.requestheaders(g)
+        assert g.response is None and "If-None-Match" not in g.request.headers  # a plain miss now, as in Squid
     c.done()

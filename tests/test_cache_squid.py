@@ -33,6 +33,8 @@ STEPS = [
     ("/n", "X-No-Store: 1", "GET"), ("/n", None, "GET"),           # store_miss deny: not stored
     ("/n", "X-No-Store: 1", "GET"), ("/n", "X-No-Store: 1", "HEAD"),
     ("/both", "X-No-Store: 1", "GET"), ("/both", "X-No-Hit: 1", "GET"), ("/both", None, "GET"),
+    # a stored copy that a response the rules keep out supersedes (a reload here) is dropped
+    ("/r", None, "GET"), ("/r", "X-No-Store: 1|Cache-Control: no-cache", "GET"), ("/r", None, "GET"),
 ]
 
 
@@ -64,7 +66,8 @@ def run_steps(port: int, origin: Origin) -> None:
         origin.route(path, lambda seen: (200, {"Cache-Control": "max-age=600", "Content-Type": "text/plain"}, b"body"))
     for path, header, method in STEPS:
         r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "-x", f"http://127.0.0.1:{port}",
-                 *(["-H", header] if header else []), *(["-I"] if method == "HEAD" else []), f"{origin.url}{path}")
+                 *[a for h in (header or "").split("|") if h for a in ("-H", h)], *(["-I"] if method == "HEAD" else []),
+                 f"{origin.url}{path}")
         assert r.stdout == b"200", (path, r.stdout, r.stderr)
 
 
@@ -124,7 +127,7 @@ def test_cache_rules_as_squid_applies_them(tmp_path_factory):
         # what Squid 5.7 does with these rules (a HEAD it may not answer from the cache invalidates the stored
         # GET), so that a Squid that cached nothing cannot pass
         assert expected.count("GET /public/a TCP_MEM_HIT") == 1
-        assert squid_origin.hits == {"/private/a": 3, "/public/a": 1, "/s": 4, "/n": 2, "/both": 2}
+        assert squid_origin.hits == {"/private/a": 3, "/public/a": 1, "/s": 4, "/n": 2, "/both": 2, "/r": 3}
     finally:
         if relais:
             relais.stop()
