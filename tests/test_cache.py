@@ -718,13 +718,13 @@ store_miss:
 """
 
 
-def rules_proxy(start_proxy, tmp_path, script="addons/all.py"):
+def rules_proxy(start_proxy, tmp_path, script="addons/all.py", **extra):
     """A proxy whose cache policy has Squid's cache / send_hit / store_miss rules on acls of its access policy."""
     access = tmp_path / "access.yaml"
     access.write_text((ROOT / "tests" / "policies" / "test.yaml").read_text().replace("acls:\n", "acls:" + CACHE_RULES_ACLS, 1))
     rules = tmp_path / "cache.yaml"
     rules.write_text((ROOT / "policies" / "cache.yaml").read_text().split("\ncache: []")[0] + CACHE_RULES)
-    options = {"cache_dir": str(tmp_path / "c"), "cache_policy": str(rules)}
+    options = {"cache_dir": str(tmp_path / "c"), "cache_policy": str(rules), **extra}
     if script == "addons/all.py":
         options["policy"] = str(access)
     return start_proxy(script=script, options=options)
@@ -775,6 +775,20 @@ def test_an_edited_cache_policy_applies_without_a_restart_and_a_broken_edit_keep
         fetch(p, f"{origin.url}/w3")
     assert origin.hits["/w3"] == 2  # the last good policy (deny all) stays
     p.wait_output("policy not reloaded, keeping the last good one")
+
+
+def test_a_streamed_body_the_rules_keep_out_is_not_stored_and_leaves_no_file(start_proxy, origin, tmp_path):
+    p = rules_proxy(start_proxy, tmp_path, stream_large_bodies="10k")
+    url = f"{origin.url}/size/50000?h.Cache-Control=max-age=600"
+    assert len(fetch(p, url, "-H", "X-No-Store: 1")[2]) == 50000
+    time.sleep(1)  # the disk writer commits within 0.2 s of a store
+    stored = "SELECT 1 FROM Cache WHERE key >= 'm|' AND key < 'm}' AND instr(key, '/size/50000') > 0"
+    assert cache_rows(tmp_path / "c", stored) == []
+    assert list((tmp_path / "c" / "incoming").rglob("body-*")) == []
+    assert len(fetch(p, url)[2]) == 50000  # allowed: stored
+    wait_stored(tmp_path / "c", "/size/50000")
+    assert len(fetch(p, url)[2]) == 50000
+    assert codes(p, f"{origin.url}/size/50000", 3) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_HIT/200"]
 
 
 def test_cache_rules_without_the_acl_addon_keep_the_cache_out_and_say_why(start_proxy, origin, tmp_path):
