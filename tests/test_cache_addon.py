@@ -121,9 +121,10 @@ def test_http_and_https_never_mix(cache):
 
 
 def test_reverse_key_uses_the_target_not_the_host_header():
-    f = request_flow("http://evil.example/x")
-    f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://10.0.0.1:8080")
-    assert cachemod.primary_key(f) == "http://10.0.0.1:8080/x"
+    with taddons.context():  # primary_key reads mitmproxy's options (keep_host_header)
+        f = request_flow("http://evil.example/x")
+        f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://10.0.0.1:8080")
+        assert cachemod.primary_key(f) == "http://10.0.0.1:8080/x"
 
 
 @pytest.mark.parametrize("value,expected", [
