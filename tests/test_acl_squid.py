@@ -56,6 +56,11 @@ acl lan2 src 127.0.0.2
 acl lan34 src 127.0.0.3-127.0.0.4
 acl lan6 src 127.0.0.6/255.255.255.255
 acl lan7 src 127.0.0.7/32 ::1
+# one acl over several lines; Squid skips the comment and empty lines inside it
+acl split src 127.0.0.21 \\
+# 127.0.0.22 \\
+
+    127.0.0.23
 acl bad_dst dst 127.0.0.9
 acl local_dst dst 127.0.0.0/8
 acl blocked dstdomain .blocked.test exact.test
@@ -130,6 +135,7 @@ http_access deny otherday
 http_access deny night
 http_access deny lan6 today
 http_access deny lan7
+http_access deny split
 http_access deny adminpath !admins
 http_access deny ref
 http_access deny rxpath !uname
@@ -178,6 +184,9 @@ CASES = [
     ("req_header -i", ["-H", "X-Block: YES", "http://127.0.0.1:{o}/h"], None),
     ("req_header no match", ["-H", "X-Block: yes please", "http://127.0.0.1:{o}/h"], None),
     ("time today + src mask", ["http://127.0.0.1:{o}/t"], "127.0.0.6"),
+    ("acl continued: first line", ["http://127.0.0.1:{o}/c"], "127.0.0.21"),
+    ("acl continued: commented out", ["http://127.0.0.1:{o}/c"], "127.0.0.22"),
+    ("acl continued: after a comment and an empty line", ["http://127.0.0.1:{o}/c"], "127.0.0.23"),
     ("src /32", ["http://127.0.0.1:{o}/t"], "127.0.0.7"),
     ("src not listed", ["http://127.0.0.1:{o}/t"], "127.0.0.8"),
     ("auth: no credentials", ["http://127.0.0.1:{o}/auth/x"], None),
