@@ -990,11 +990,9 @@ def _yaml_acl(b: Builder, name: str, node, file: str) -> None:
 def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = None) -> Policy:
     """`acl`, `http_access` and `ssl_bump` lines of a squid.conf; other directives are ignored."""
     b = Builder(file, base)
-    for no, raw in enumerate(squid_lines(text), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+    for no, line in enumerate(squid_lines(text), 1):
+        if not line:
             continue
-        line = re.sub(r"\s#.*$", "", line)  # trailing comments (Squid allows them after values)
         try:
             tokens = split_squid(line)
         except ValueError as e:
@@ -1010,9 +1008,11 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
 
 
 def squid_lines(text: str) -> list[str]:
-    """Lines with backslash continuations joined, keeping line numbers stable. As in Squid, comment
-    and empty lines are skipped (given as ""), also inside a continued line, so that neither
-    "# C:\\squid\\" nor a commented-out value ends or swallows a directive."""
+    """The directives of a squid.conf, one per line number (line numbers stay those of the file): a
+    line continued with a backslash joined into its last line, and "" for everything else. As in
+    Squid, comment and empty lines are skipped, also inside a continued line, so that neither
+    "# C:\\squid\\" nor a commented-out value ends or swallows a directive; a trailing comment
+    after the values is removed."""
     out, pending = [], ""
     for raw in text.splitlines():
         stripped = raw.strip()
@@ -1023,11 +1023,15 @@ def squid_lines(text: str) -> list[str]:
             pending += raw[:-1] + " "
             out.append("")
             continue
-        out.append(pending + raw)
+        out.append(_without_comment(pending + raw))
         pending = ""
     if pending:
-        out.append(pending)
+        out.append(_without_comment(pending))
     return out
+
+
+def _without_comment(line: str) -> str:
+    return re.sub(r"\s#.*$", "", line.strip())
 
 
 def load(path: str | Path) -> Policy:
@@ -1050,9 +1054,8 @@ def squid_to_yaml(text: str, base: Path | None = None) -> str:
     load_squid_text(text, base=base)  # validates
     acls: dict[str, list[str]] = {}
     rules: dict[str, list[str]] = {"http_access": [], "ssl_bump": []}
-    for raw in squid_lines(text):
-        line = re.sub(r"\s#.*$", "", raw.strip())
-        if not line or line.startswith("#"):
+    for line in squid_lines(text):
+        if not line:
             continue
         tokens = split_squid(line)
         if tokens[0] == "acl":

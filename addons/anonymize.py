@@ -25,23 +25,20 @@ a broken policy is reported and the last good one stays in force.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 from mitmproxy import command, ctx, exceptions, http
 
 try:
-    from addons import anonrules, meta
+    from addons import anonrules, meta, policyfile
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import anonrules, meta
+    from addons import anonrules, meta, policyfile
 
 ROOT = Path(__file__).resolve().parents[1]
 ACLS = getattr(meta, "ACLS", "relais.acls")  # names of the acls that matched, written by the acl addon
-CHECK_EVERY = 1.0  # seconds between two looks at the policy file's mtime
 MEMO_SIZE = 4096  # anonymized header sets remembered
 logger = logging.getLogger(__name__)
 
@@ -67,9 +64,7 @@ def read_policy(path: Path) -> tuple[anonrules.Policy, tuple]:
 class Anonymize:
     def __init__(self) -> None:
         self.policy: anonrules.Policy | None = None
-        self.path: Path | None = None
-        self.stamp: tuple | None = None
-        self.next_check = 0.0
+        self.watch = policyfile.Watch()     # the policy file, re-read when it changes
         self.hostname = socket.gethostname()
         self.last_error: str | None = None  # why the last reload failed
         self.level = anonrules.AUTO         # the anonymize option
@@ -116,12 +111,15 @@ class Anonymize:
                 raise exceptions.OptionsError("anonymize_policy: empty path")
             path = resolve_policy(value)
             try:
-                self.policy, self.stamp = read_policy(path)
+                self.policy, stamp = read_policy(path)
                 self.memo.clear()
             except anonrules.PolicyError as e:
                 raise exceptions.OptionsError(f"anonymize_policy: {e}") from None
-            self.path = path
-            self.next_check = time.monotonic() + CHECK_EVERY
+            self.watch = policyfile.Watch(path, stamp)
+
+    @property
+    def path(self) -> Path | None:
+        return self.watch.path
 
     @command.command("anonymize.reload")
     def reload(self) -> None:
@@ -134,29 +132,13 @@ class Anonymize:
             policy, stamp = read_policy(self.path)
         except anonrules.PolicyError as e:
             self.last_error = str(e)
-            self.stamp = self._stamp()  # do not retry a broken file until it changes again
+            self.watch.refused()
             logger.error("anonymize: policy not reloaded, keeping the last good one: %s", e)
             return False
-        self.policy, self.stamp, self.last_error = policy, stamp, None
+        self.policy, self.watch.stamp, self.last_error = policy, stamp, None
         self.memo.clear()
         logger.info("anonymize: policy reloaded from %s", self.path)
         return True
-
-    def _stamp(self):
-        try:
-            st = os.stat(self.path)
-            return st.st_mtime_ns, st.st_size
-        except OSError:
-            return None
-
-    def _watch(self) -> None:
-        now = time.monotonic()
-        if self.path is None or now < self.next_check:
-            return
-        self.next_check = now + CHECK_EVERY
-        stamp = self._stamp()
-        if stamp is not None and stamp != self.stamp:
-            self._reload()
 
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
@@ -166,7 +148,8 @@ class Anonymize:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or flow.is_replay == "request" or self.policy is None:
             return
-        self._watch()
+        if self.watch.changed():
+            self._reload()
         level, override = self.level_for(flow)
         req = flow.request
         keep = ()

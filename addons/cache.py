@@ -485,7 +485,6 @@ def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
     return CachePolicy(rules or [rfc9111.DEFAULT_RULE], tuple(t.lower() for t in targets), access)
 
 
-CHECK_EVERY = 1.0  # seconds between two looks at the cache policy file's mtime
 SHIPPED_TARGETS = ("cdn-cache-control",)  # policies/cache.yaml's; a squid.conf cannot name any
 
 
@@ -494,8 +493,7 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
     the acl addon reads the acl and http_access lines of the same file); a mistake raises
     policyfile.PolicyError with its file and line."""
     refresh, access, notes = [], {}, []
-    for no, raw in enumerate(aclrules.squid_lines(text), 1):
-        line = re.sub(r"\s#.*$", "", raw.strip())  # a trailing comment, as Squid allows
+    for no, line in enumerate(aclrules.squid_lines(text), 1):
         directive, _, rest = line.replace("\t", " ").partition(" ")
         if directive not in ("refresh_pattern",) + ACCESS_KEYS:
             continue
@@ -514,14 +512,6 @@ def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
             raise policyfile.PolicyError(source, no, msg) from None
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
                        {k: tuple(v) for k, v in access.items()}, tuple(notes))
-
-
-def _stamp(path: Path) -> tuple | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
@@ -550,10 +540,9 @@ class Cache:
         self.rules: list[rfc9111.RefreshRule] = [rfc9111.DEFAULT_RULE]
         self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
         self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
+        self.checks: dict[str, list] = {}
         self.warned_no_acls = False
-        self.policy_file: str | None = None
-        self.policy_stamp: tuple | None = None    # the policy file's (mtime, size) when read
-        self.next_check = 0.0                    # when to look at it again
+        self.watch = policyfile.Watch()            # the cache policy file, re-read when it changes
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
@@ -676,11 +665,11 @@ class Cache:
     def _load_policy(self, value: str) -> CachePolicy:
         """The policy the cache_policy option names; OptionsError with its file, line and reason."""
         if not value or value == "none":
-            self.policy_file = self.policy_stamp = None
+            self.watch = policyfile.Watch()
             return CachePolicy([rfc9111.DEFAULT_RULE])
         path = resolve(value).absolute()  # reloads read this file, whatever the cwd holds meanwhile
         try:
-            stamp = _stamp(path)
+            stamp = policyfile.stamp(path)
             load = load_squid_policy if path.suffix == ".conf" else load_policy
             policy = load(path.read_text(encoding="utf-8"), str(path))
         except (OSError, UnicodeDecodeError) as e:
@@ -689,14 +678,16 @@ class Cache:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
         except Exception as e:  # what a parser may still raise on odd input (a YAML nested too deep)
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {type(e).__name__}: {e}") from e
-        self.policy_file, self.policy_stamp = str(path), stamp
-        self.next_check = time.monotonic() + CHECK_EVERY
+        self.watch = policyfile.Watch(path, stamp)
         for note in policy.notes:
             log.warning("cache_policy: %s", note)
         return policy
 
     def _use(self, policy: CachePolicy) -> None:
         self.rules, self.targets, self.access = policy.rules, policy.targets, policy.access
+        # what each question asks, in order: Squid's `cache` list first, then send_hit or store_miss
+        self.checks = {d: [(n, policy.access[n]) for n in ("cache", d) if n in policy.access]
+                       for d in ("send_hit", "store_miss")}
 
     @command.command("cache.reload")
     def reload(self) -> None:
@@ -707,22 +698,14 @@ class Cache:
         try:
             self._use(self._load_policy(self.policy_file))
         except exceptions.OptionsError as e:
-            self.policy_stamp = _stamp(Path(self.policy_file))  # not tried again until the file changes again
+            self.watch.refused()
             log.error("cache: policy not reloaded, keeping the last good one: %s", e)
             raise exceptions.CommandError(f"cache.reload: kept the previous policy: {e}") from None
         log.info("cache: policy reloaded from %s", self.policy_file)
 
-    def _watch(self) -> None:
-        now = time.monotonic()
-        if self.policy_file is None or now < self.next_check:
-            return
-        self.next_check = now + CHECK_EVERY
-        stamp = _stamp(Path(self.policy_file))
-        if stamp is not None and stamp != self.policy_stamp:  # (a file being replaced may be missing a moment)
-            try:
-                self.reload()
-            except exceptions.CommandError:
-                pass  # logged; the last good policy stays
+    @property
+    def policy_file(self) -> str | None:
+        return str(self.watch.path) if self.watch.path else None
 
     def done(self):
         if self.recovering:
@@ -770,7 +753,11 @@ class Cache:
     def requestheaders(self, flow: http.HTTPFlow):
         if flow.response or flow.error or self.store is None:
             return None
-        self._watch()
+        if self.watch.changed():
+            try:
+                self.reload()
+            except exceptions.CommandError:
+                pass  # logged; the last good policy stays
         method = flow.request.method
         if method == "CONNECT":
             return None
@@ -805,7 +792,7 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
-        for name, rules in [(name, self.access[name]) for name in ("cache", directive) if name in self.access]:
+        for name, rules in self.checks[directive]:
             ok, rule = access_allows(rules, acls)
             if not ok:
                 why = f"{name} {rule.text}" if rule else f"{name}: no rule matched, so the opposite of the last"
@@ -1172,8 +1159,9 @@ class Cache:
         if resp is None:
             return
         self.failures.pop(origin_of(key), None) if self.failures else None
+        may_store = self._allowed(flow, "store_miss")
         if method == "HEAD" and resp.status_code == 200:
-            if self._allowed(flow, "send_hit") and self._allowed(flow, "store_miss"):
+            if may_store and self._allowed(flow, "send_hit"):
                 if self._update_from_head(flow, key, pending):
                     return
             elif self._forget(key):  # RFC 9111 4.3.5: update or invalidate; the rules forbid answering: as Squid
@@ -1195,7 +1183,6 @@ class Cache:
             flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
             flow.comment = f"cache: {code}"
             self.counts[code] += 1
-        may_store = self._allowed(flow, "store_miss")
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
             if method == "POST" and may_store and self._describes_target(flow, key):

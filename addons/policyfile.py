@@ -3,8 +3,12 @@
 `load(text, source)` parses with PyYAML's safe loader, but mappings and sequences
 remember the line of each key and item, and a duplicate key is an error (PyYAML
 silently keeps the last). Every mistake is a PolicyError saying `source, line N: reason`.
+`Watch` tells when a policy file changed, for the addons that re-read theirs.
 """
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import yaml
 
@@ -82,3 +86,37 @@ def line_of(parent, key) -> int | None:
     if isinstance(parent, Seq) and isinstance(key, int) and key < len(parent.item_lines):
         return parent.item_lines[key]
     return getattr(parent, "line", None)
+
+
+CHECK_EVERY = 1.0  # seconds between two looks at a watched policy file
+
+
+def stamp(path: Path) -> tuple | None:
+    """A file's (mtime, size), None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+class Watch:
+    """A policy file looked at once every CHECK_EVERY seconds, from a request hook (no thread)."""
+
+    def __init__(self, path: Path | None = None, read_stamp: tuple | None = None):
+        self.path, self.stamp = path, read_stamp  # the stamp taken before the file was last read
+        self.next = time.monotonic() + CHECK_EVERY
+
+    def changed(self) -> bool:
+        """True, at most once a second, when the file differs from what was last read or refused
+        (a file being replaced may be missing a moment: not a change)."""
+        now = time.monotonic()
+        if self.path is None or now < self.next:
+            return False
+        self.next = now + CHECK_EVERY
+        new = stamp(self.path)
+        return new is not None and new != self.stamp
+
+    def refused(self) -> None:
+        """The file as it is now could not be read: not tried again until it changes again."""
+        self.stamp = stamp(self.path)

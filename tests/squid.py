@@ -1,11 +1,15 @@
 """Running a real Squid beside Relais in the differential tests (Debian's squid-openssl)."""
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
+
+from harness import stop_group, wait_port
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 
@@ -26,3 +30,23 @@ def wait_squid(squid: subprocess.Popen, tmp: Path, port: int, timeout: float = 3
         if time.monotonic() >= end:
             raise TimeoutError(f"squid not listening on {port} after {timeout}s:\n{log}")
         time.sleep(0.1)
+
+
+def start_squid(tmp: Path, conf_text: str, port: int) -> subprocess.Popen:
+    """Squid with conf_text as tmp/squid.conf, once it listens on `port`. Squid runs as the proxy user,
+    which gets the folder and its files. A Squid that does not start is stopped and the error goes up
+    ("address already in use" when another process took the port first: the caller may try another)."""
+    (tmp / "squid.conf").write_text(conf_text)
+    (tmp / "cache.log").unlink(missing_ok=True)
+    uid = pwd.getpwnam("proxy").pw_uid
+    for f in (tmp, *tmp.iterdir()):
+        os.chown(f, uid, -1)
+    squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_squid(squid, tmp, port)
+        wait_port(port, timeout=30)
+    except Exception:
+        stop_group(squid)
+        raise
+    return squid

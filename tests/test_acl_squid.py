@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, free_port, stop_group, wait_port
-from squid import SQUID, wait_squid
+from harness import Origin, Proxy, free_port, stop_group
+from squid import SQUID, start_squid
 
 DAYS = "MTWHFAS"  # datetime.weekday() -> Squid's day letter
 
@@ -261,27 +260,20 @@ def proxies(tmp_path_factory):
         h = subprocess.run(["openssl", "passwd", "-apr1", pw], capture_output=True, text=True, check=True).stdout.strip()
         users.append(f"{user}:{h}")
     (tmp / "users").write_text("\n".join(users) + "\n")
-    proxy_uid = pwd.getpwnam("proxy").pw_uid
     squid = relais = None
     try:
         # A free port may be taken by another process before Squid or Relais binds it: then the one that
         # could not bind exits, and both start again on new ports (the conf names both).
         for attempt in range(3):
             sport, rport = free_port(), free_port()
-            (tmp / "squid.conf").write_text(conf(tmp, sport, rport, origin.port))
-            (tmp / "cache.log").unlink(missing_ok=True)
-            for f in (tmp, tmp / "users", tmp / "squid.conf"):
-                os.chown(f, proxy_uid, -1)
-            squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                wait_squid(squid, tmp, sport)
-                wait_port(sport, timeout=30)
+                squid = start_squid(tmp, conf(tmp, sport, rport, origin.port), sport)
                 relais = Proxy(tmp_path_factory.mktemp("relais"), ports=[rport],
                                options={"policy": str(tmp / "squid.conf"), "proxyauth": f"@{tmp / 'users'}"})
                 break
             except Exception as e:
-                stop_group(squid)
+                if squid:
+                    stop_group(squid)
                 if attempt == 2 or "address already in use" not in str(e).lower():
                     raise
         yield sport, rport, origin.port

@@ -12,7 +12,7 @@ from mitmproxy.test import taddons, tflow
 
 from harness import ROOT
 
-from addons import anonymize, meta
+from addons import anonymize, meta, policyfile
 
 SHIPPED = ROOT / "policies" / "anonymize.yaml"
 
@@ -122,7 +122,7 @@ def test_reload_command_keeps_last_good(addon, tmp_path):
 
 
 def test_file_change_is_picked_up(addon, tmp_path, monkeypatch):
-    monkeypatch.setattr(anonymize, "CHECK_EVERY", 0.0)
+    monkeypatch.setattr(policyfile, "CHECK_EVERY", 0.0)
     pol = tmp_path / "anon.yaml"
     text = SHIPPED.read_text()
     pol.write_text(text.replace("visible_hostname: null", "visible_hostname: one.test"))

@@ -826,13 +826,13 @@ def test_the_cache_policy_is_reloaded_when_its_file_changes_and_a_broken_one_kee
         tctx.configure(c, cache_dir="none", cache_policy=str(pol))
         assert c.access == {}
         pol.write_text('refresh_pattern:\n  - ". 0 10% 60"\ncache:\n  - "deny all"\n')
-        c.next_check = 0  # (a second later)
+        c.watch.next = 0  # (a second later)
         c.requestheaders(with_acls(request_flow(), "all"))
         assert [r.text for r in c.access["cache"]] == ["deny all"] and "cache: policy reloaded" in caplog.text
         pol.write_text('cache:\n  - "deny all"\n  - "perhaps"\n')
         with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {pol}, line 3"):
             c.reload()
-        c.next_check = 0
+        c.watch.next = 0
         c.requestheaders(with_acls(request_flow(), "all"))  # the same broken file is not tried again
         assert caplog.text.count("policy not reloaded") == 1
         assert [r.text for r in c.access["cache"]] == ["deny all"] and c.policy_file == str(pol)
@@ -851,7 +851,7 @@ def test_a_relative_cache_policy_stays_that_file_while_it_is_replaced(tmp_path, 
         tctx.configure(c, cache_dir="none", cache_policy="policies/cache.yaml")
         assert c.policy_file == str(mine) and "cache" in c.access
         mine.unlink()  # an editor replacing the file
-        c.next_check = 0
+        c.watch.next = 0
         c.requestheaders(with_acls(request_flow(), "all"))
         assert c.policy_file == str(mine) and "cache" in c.access and "not reloaded" not in caplog.text
         mine.write_text("[" * 5000)  # nested too deep for the YAML parser: still an error that names the file

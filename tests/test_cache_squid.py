@@ -9,16 +9,13 @@ origin received must be the same.
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 
-from harness import Origin, Proxy, curl, free_port, stop_group, wait_port
-from squid import SQUID, wait_squid
+from harness import Origin, Proxy, curl, free_port, stop_group
+from squid import start_squid
 
 RULES = ["cache deny private_area", "send_hit deny nohit", "store_miss deny nostore"]
 
@@ -72,23 +69,13 @@ def run_steps(port: int, origin: Origin) -> None:
 
 
 def codes(lines: list[str], origin: Origin) -> list[str]:
-    """(path, Squid code) of each log line about this origin, in order."""
+    """'method path code' of each access-log line about this origin, in order."""
     out = []
     for line in lines:
         f = line.split()
         if len(f) > 6 and f[6].startswith(origin.url):
             out.append(f"{f[5]} {f[6][len(origin.url):]} {f[3].split('/')[0]}")
     return out
-
-
-def wait_codes(path: Path, origin: Origin, n: int, timeout: float = 10.0) -> list[str]:
-    end = time.monotonic() + timeout
-    while True:
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        found = codes(lines, origin)
-        if len(found) >= n or time.monotonic() >= end:
-            return found
-        time.sleep(0.1)
 
 
 def test_cache_rules_as_squid_applies_them(tmp_path_factory):
@@ -100,18 +87,10 @@ def test_cache_rules_as_squid_applies_them(tmp_path_factory):
     try:
         for attempt in range(3):  # a free port may be taken before Squid binds it: then try another
             port = free_port()
-            (tmp / "squid.conf").write_text(conf(tmp, port))
-            (tmp / "cache.log").unlink(missing_ok=True)
-            for f in (tmp, tmp / "squid.conf"):
-                os.chown(f, pwd.getpwnam("proxy").pw_uid, -1)
-            squid = subprocess.Popen([SQUID, "-N", "-f", str(tmp / "squid.conf")], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                wait_squid(squid, tmp, port)
-                wait_port(port, timeout=30)
+                squid = start_squid(tmp, conf(tmp, port), port)
                 break
             except Exception as e:
-                stop_group(squid)
                 if attempt == 2 or "address already in use" not in str(e).lower():
                     raise
         relais = Proxy(tmp_path_factory.mktemp("relais"),
@@ -119,9 +98,8 @@ def test_cache_rules_as_squid_applies_them(tmp_path_factory):
                                 "cache_dir": "none"})
         run_steps(port, squid_origin)
         run_steps(relais.port, relais_origin)
-        expected = wait_codes(tmp / "access.log", squid_origin, len(STEPS))
-        got = wait_codes(relais.access_log, relais_origin, len(STEPS))
-        assert len(expected) == len(STEPS), (expected, (tmp / "cache.log").read_text(errors="replace")[-2000:])
+        expected = codes(relais.wait_lines(squid_origin.url, len(STEPS), path=tmp / "access.log"), squid_origin)
+        got = codes(relais.wait_lines(relais_origin.url, len(STEPS)), relais_origin)
         assert got == expected, [(g, e) for g, e in zip(got, expected) if g != e]
         assert relais_origin.hits == squid_origin.hits
         # what Squid 5.7 does with these rules (a HEAD it may not answer from the cache invalidates the stored
