@@ -113,29 +113,36 @@ class Interim:
 
 
 def read_headers(self, event):
-    """Http1Client.read_headers, with interim response heads taken off the front first."""
-    if isinstance(event, events.DataReceived) and self.request is not None:
-        while self.buf and interim_next(self.buf):
-            lines = self.buf.maybe_extract_lines()
-            if lines is None:
-                return  # the interim head is not complete yet: wait for more
-            try:
-                response = http1.read_response_head([bytes(x) for x in lines])
-            except ValueError as e:
-                yield CloseConnection(self.conn)
-                yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
-                return
-            # (an HTTP/3 client would take a second HEADERS frame as an error: mitmproxy 11 never
-            # pairs one with an HTTP/1 origin anyway; RFC 9110 15.2: none to an HTTP/1.0 client)
-            version = self.request.http_version
-            if (getattr(self.context.options, "relay_interim", False) and relayed(response.status_code)
-                    and version in ("HTTP/1.1", "HTTP/2.0")):
-                yield to_client(self.context, self.stream_id, response, http2_client=version == "HTTP/2.0")
-            while self.buf and bytes(self.buf)[:1] in (b"\r", b"\n") and self.buf.maybe_extract_lines() == []:
-                pass  # a stray empty line after the interim head
-        if not self.buf:
+    """Http1Client.read_headers, with interim response heads taken off the front first.
+
+    A plain function: without an interim head next (nearly always) it returns mitmproxy's own
+    generator, so the response is read with no extra generator layer in between."""
+    if isinstance(event, events.DataReceived) and self.request is not None and self.buf and interim_next(self.buf):
+        return _skip_interim(self, event)
+    return Interim.originals[H1_READ](self, event)
+
+
+def _skip_interim(self, event):
+    while self.buf and interim_next(self.buf):
+        lines = self.buf.maybe_extract_lines()
+        if lines is None:
+            return  # the interim head is not complete yet: wait for more
+        try:
+            response = http1.read_response_head([bytes(x) for x in lines])
+        except ValueError as e:
+            yield CloseConnection(self.conn)
+            yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
             return
-    yield from Interim.originals[H1_READ](self, event)
+        # (an HTTP/3 client would take a second HEADERS frame as an error: mitmproxy 11 never
+        # pairs one with an HTTP/1 origin anyway; RFC 9110 15.2: none to an HTTP/1.0 client)
+        version = self.request.http_version
+        if (getattr(self.context.options, "relay_interim", False) and relayed(response.status_code)
+                and version in ("HTTP/1.1", "HTTP/2.0")):
+            yield to_client(self.context, self.stream_id, response, http2_client=version == "HTTP/2.0")
+        while self.buf and bytes(self.buf)[:1] in (b"\r", b"\n") and self.buf.maybe_extract_lines() == []:
+            pass  # a stray empty line after the interim head
+    if self.buf:
+        yield from Interim.originals[H1_READ](self, event)
 
 
 def h2_event(self, event):
