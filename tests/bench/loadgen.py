@@ -4,10 +4,29 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import free_port, wait_port  # noqa: E402
+
 PARALLEL = 8  # concurrent transfers
+
+
+class FastOrigin:
+    """tests/bench/fast_origin.py in its own process (the test Origin is too slow to measure a proxy)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "fast_origin.py"),
+                                      str(self.port)])
+        wait_port(self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(5)
 
 
 def load(proxy_url: str, urls: list[str], tmp: Path) -> float:

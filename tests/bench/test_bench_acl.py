@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from addons import aclrules  # noqa: E402
-from loadgen import CLIENT_CORE, PROXY_CORE, can_pin, load, paired, pin, wait_idle  # noqa: E402
-from harness import ROOT, Proxy, free_port, wait_port  # noqa: E402
+from loadgen import CLIENT_CORE, PROXY_CORE, FastOrigin, can_pin, load, paired, pin, wait_idle  # noqa: E402
+from harness import ROOT, Proxy  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 DOMAINS = 10_000
 REGEXES = 100
 DECISIONS = 20_000
@@ -120,13 +118,11 @@ def test_bench_decision_cost(tmp_path):
 
 
 def test_bench_relay_with_and_without_acl(tmp_path):
-    port = free_port()
-    origin = subprocess.Popen([sys.executable, str(HERE / "fast_origin.py"), str(port)])
+    origin = FastOrigin()
+    url = origin.url
     with_acl, without_acl = "with acl (default policy)", "without acl"
     proxies = {}
     try:
-        wait_port(port)
-        url = f"http://127.0.0.1:{port}"
         options = {"policy": str(ROOT / "policies" / "default.yaml"), "access_log": "none"}
         proxies[with_acl] = Proxy(tmp_path / "with", options=options)
         proxies[without_acl] = Proxy(tmp_path / "without", script="tests/bench/pipeline_without_acl.py",
@@ -135,7 +131,7 @@ def test_bench_relay_with_and_without_acl(tmp_path):
             load(p.url, [f"{url}/size/1000?warm={i}" for i in range(200)], tmp_path)
         print()
         if can_pin():
-            pin(origin.pid, CLIENT_CORE)
+            pin(origin.proc.pid, CLIENT_CORE)
             for p in proxies.values():
                 pin(p.proc.pid, PROXY_CORE)
             ratios = []
@@ -161,5 +157,4 @@ def test_bench_relay_with_and_without_acl(tmp_path):
     finally:
         for p in proxies.values():
             p.stop()
-        origin.terminate()
-        origin.wait(5)
+        origin.close()

@@ -37,29 +37,12 @@ cache sits (tests/bench/pipeline_ceiling.py).
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadgen import PARALLEL, CLIENT_CORE, PROXY_CORE, can_pin, family, load, paired, pin, wait_idle  # noqa: E402
-from harness import ROOT, Proxy, free_port, wait_port  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
-
-class FastOrigin:
-    """tests/bench/fast_origin.py in its own process (the test Origin is too slow to measure a proxy)."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "fast_origin.py"), str(self.port)])
-        wait_port(self.port)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.proc.terminate()
-        self.proc.wait(5)
+from loadgen import PARALLEL, CLIENT_CORE, PROXY_CORE, FastOrigin, can_pin, family, load, paired, pin, wait_idle  # noqa: E402
+from harness import ROOT, Proxy  # noqa: E402
 
 N = 3000            # requests per throughput scenario
 OBJECTS = 100       # distinct URLs for the hit scenarios
