@@ -568,7 +568,8 @@ class Cache:
     # --- options -------------------------------------------------------
     def load(self, loader):
         loader.add_option("cache_mem", str, "64 MB",
-                          "Squid cache_mem: RAM for hot cached objects (bytes, or e.g. '64 MB'); 0 disables the RAM tier.")
+                          "Squid cache_mem: RAM for hot cached objects (bytes, or e.g. '64 MB'), counted as the memory "
+                          "each takes in the proxy (body, fields and bookkeeping); 0 disables the RAM tier.")
         loader.add_option("maximum_object_size_in_memory", str, "512 KB",
                           "Squid maximum_object_size_in_memory: larger objects are kept on disk only.")
         loader.add_option("maximum_object_size", str, "4 MB",

@@ -879,3 +879,35 @@ def test_a_refresh_whose_new_response_the_rules_keep_out_drops_the_superseded_co
         c.requestheaders(g)
         assert g.response is None and "If-None-Match" not in g.request.headers  # a plain miss now, as in Squid
     c.done()
+
+
+@pytest.mark.parametrize("fields", [0, 12])
+def test_cache_mem_bounds_the_memory_the_ram_tier_really_takes(tmp_path, fields):
+    """cache_mem counts what entries take in the proxy, hits' encoded fields included, not only
+    their bytes on the wire: 1 KB objects once took more than twice cache_mem."""
+    import gc
+    import tracemalloc
+    limit = 1 << 20
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_mem=str(limit))
+        urls = [f"http://example.com/small?n={i}" for i in range(3000)]  # far more than fit
+        gc.collect()
+        tracemalloc.start()
+        try:
+            for url in urls:
+                f = stored_flow(url=url, cc="max-age=600", body=b"x" * 1000)
+                for k in range(fields):
+                    f.response.headers[f"X-Field-{k}"] = f"value {k} of a response field"
+                c.response(f)
+            for url in urls:  # a hit each, for those still in RAM
+                c.requestheaders(request_flow(url))
+            del f
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        mem = c.store.mem
+        assert len(mem.items) < len(urls) and 0.9 * limit < mem.bytes <= limit  # full, and evicting
+        # what stays is the entries, and their keys in the Vary index (about 0.15 KB each, bounded apart)
+        assert held < 1.15 * limit + 200 * len(urls), (held, len(mem.items))

@@ -673,3 +673,19 @@ def test_a_damaged_database_moved_aside_inside_its_folder_keeps_its_body_files(t
         s.close()
     (aside,) = list(tmp_path.glob("cache.db.damaged-*"))
     assert (aside / "cache.db").exists() and len(list(aside.glob("*/*/*.val"))) == 1
+
+
+def test_sqlite_memory_is_bounded_also_for_a_cache_made_with_diskcaches_defaults(tmp_path):
+    """SQLite's page cache and memory-mapped reads grew the writer process and the proxy by tens of MB
+    as the disk tier filled (diskcache's defaults: 32 MB, 64 MB); an older cache folder has those
+    defaults in its settings table."""
+    import diskcache
+    diskcache.Cache(str(tmp_path)).close()
+    dc = cs._open(tmp_path, 1 << 30)
+    try:
+        assert dc._sql("PRAGMA mmap_size").fetchone()[0] == 0
+        assert dc._sql("PRAGMA cache_size").fetchone()[0] == 1024
+        with diskcache.Cache(str(tmp_path)) as other:  # kept in the folder's settings
+            assert other.sqlite_mmap_size == 0
+    finally:
+        dc.close()
