@@ -1074,7 +1074,7 @@ class Store:
         e = self.mem.get(key)
         if e is not None:
             if e.meta.body_id == meta.body_id:
-                e.meta = meta
+                self.mem.put(key, Entry(meta, e.body))  # counted anew: the new fields may weigh more
         elif self.disk is not None and self.mem.fits(meta) and self.disk.body_id(primary, meta.vhash) == meta.body_id:
             self.mem.put(key, Entry(meta, body))  # out of RAM meanwhile, still on disk: back by use
         if self.disk:

@@ -21,7 +21,11 @@ class FastOrigin:
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "fast_origin.py"),
                                       str(self.port)])
-        wait_port(self.port)
+        try:
+            wait_port(self.port)
+        except BaseException:
+            self.close()
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self):

@@ -51,7 +51,11 @@ def suite_of(tmp: Path, names: set[str]) -> str:
 def start_proxy(tmp: Path, script: str | None, origin: str) -> Proxy:
     p = Proxy(tmp, script=script, options={"policy": str(ROOT / "tests" / "policies" / "test.yaml"),
                                            "cache_mem": "8 MB", "cache_dir": str(tmp / "cache")})
-    load(p.url, [f"{origin}/size/1000?warm={i}&h.Cache-Control=max-age=3600" for i in range(200)], tmp)
+    try:
+        load(p.url, [f"{origin}/size/1000?warm={i}&h.Cache-Control=max-age=3600" for i in range(200)], tmp)
+    except BaseException:
+        p.stop()
+        raise
     return p
 
 
