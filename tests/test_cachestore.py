@@ -694,3 +694,19 @@ def test_sqlite_memory_is_bounded_also_for_a_cache_made_with_diskcaches_defaults
             assert other.sqlite_mmap_size == 0
     finally:
         dc.close()
+
+
+def test_new_fields_from_a_304_are_counted_against_cache_mem():
+    """A 304 may bring fields the stored response lacked: the RAM tier counts the entry anew, and
+    evicts what no longer fits, instead of keeping the first count."""
+    s = cs.Store(mem_limit=20_000, mem_object_max=20_000, object_max=1 << 20, disk_dir=None, disk_limit=0)
+    for i in range(4):
+        s.put(f"http://a/{i}", meta(f"http://a/{i}", SMALL), SMALL)
+    assert len(s.mem.items) == 4 and s.mem.bytes <= 20_000
+    old = s.get("http://a/3", cs.vary_hash(()))[0].meta
+    fields = [*old.headers, *((f"X-Field-{k}", "v" * 200) for k in range(20))]
+    new = dataclasses.replace(old, headers=fields)
+    s.update_meta("http://a/3", new, SMALL)
+    assert s.get("http://a/3", cs.vary_hash(()))[0].meta is new
+    assert s.mem.bytes == sum(e.meta.size() for e in s.mem.items.values()) <= 20_000
+    assert len(s.mem.items) < 4  # the grown entry pushed older ones out
