@@ -3,7 +3,7 @@
 1. decision cost of a policy with 10,000 dstdomain entries and 100 regexes (µs per decision, with and
    without the relais.acls export), against a naive scan of the same lists (the speed-up of compiling);
 2. relay throughput through mitmdump with addons/all.py and the default policy, against the same
-   pipeline without the ACL addon (tests/bench/pipeline_without_acl.py), as a ratio (target: at
+   pipeline without the ACL addon (tests/bench/pipeline_subset.py), as a ratio (target: at
    least 0.95). The ratio comes from paired runs, both proxies loaded at once on one core, as in
    the cache benchmark (tests/bench/loadgen.py says why); sequential rounds where the machine
    cannot pin processes to cores.
@@ -125,8 +125,8 @@ def test_bench_relay_with_and_without_acl(tmp_path):
     try:
         options = {"policy": str(ROOT / "policies" / "default.yaml"), "access_log": "none"}
         proxies[with_acl] = Proxy(tmp_path / "with", options=options)
-        proxies[without_acl] = Proxy(tmp_path / "without", script="tests/bench/pipeline_without_acl.py",
-                                     options={"access_log": "none"})
+        proxies[without_acl] = Proxy(tmp_path / "without", script="tests/bench/pipeline_subset.py",
+                                     options={"access_log": "none"}, env={"RELAIS_BENCH_WITHOUT": "AccessControl"})
         for p in proxies.values():  # warm-up
             load(p.url, [f"{url}/size/1000?warm={i}" for i in range(200)], tmp_path)
         print()

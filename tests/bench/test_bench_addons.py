@@ -1,8 +1,9 @@
 """What each addon of the suite costs on a request (./run.sh bench), in one invocation.
 
 Each addon of addons/all.py runs alone in a Suite, as all.py composes them, and is compared
-with an empty Suite. Also compared: the empty Suite with the bare relay (what loading a script
-costs), and all.py with the empty Suite. Every request is a cacheable miss (a new URL with
+with an empty Suite (both tests/bench/pipeline_subset.py). Also compared: the empty Suite with
+the bare relay (what loading a script costs), and all.py with the empty Suite and with the bare
+relay. Every request is a cacheable miss (a new URL with
 Cache-Control: max-age), so the cache stores each response and its disk writer writes it.
 
 The ratios come from paired runs, both proxies loaded at once on one core and the rest on the
@@ -31,26 +32,14 @@ ROUNDS = 4          # runs per ratio, half of them with each proxy started first
 PAIR_SECONDS = 5
 N = 1500            # requests per run where the proxies cannot be pinned
 
-SCRIPT = """import sys
-sys.path.insert(0, {root!r})
-from addons import all as suite
-from addons.suite import Suite, no_missing_hooks
-
-addons = [Suite(*(a for a in suite.pipeline if type(a).__name__ in {names!r}))]
-no_missing_hooks(globals())
-"""
+SUBSET = "tests/bench/pipeline_subset.py"
 
 
-def suite_of(tmp: Path, names: set[str]) -> str:
-    """A script loading only the named members of all.py's pipeline, in one Suite."""
-    path = tmp / f"suite-{'-'.join(sorted(names)) or 'empty'}.py"
-    path.write_text(SCRIPT.format(root=str(ROOT), names=names))
-    return str(path)
-
-
-def start_proxy(tmp: Path, script: str | None, origin: str) -> Proxy:
+def start_proxy(tmp: Path, script: str | None, without: list[str], origin: str) -> Proxy:
+    """mitmdump with `script` (None: the bare relay), all.py's addons named in `without` left out."""
     p = Proxy(tmp, script=script, options={"policy": str(ROOT / "tests" / "policies" / "test.yaml"),
-                                           "cache_mem": "8 MB", "cache_dir": str(tmp / "cache")})
+                                           "cache_mem": "8 MB", "cache_dir": str(tmp / "cache")},
+              env={"RELAIS_BENCH_WITHOUT": ",".join(without)})
     try:
         load(p.url, [f"{origin}/size/1000?warm={i}&h.Cache-Control=max-age=3600" for i in range(200)], tmp)
     except BaseException:
@@ -63,8 +52,8 @@ def test_bench_addons(tmp_path):
     origin = FastOrigin()
     cc = "h.Cache-Control=max-age=3600"
     members = [type(a).__name__ for a in suite.pipeline]
-    scripts = {"bare relay": None, "empty suite": suite_of(tmp_path, set()), "all.py": "addons/all.py",
-               **{m: suite_of(tmp_path, {m}) for m in members}}
+    setups = {"bare relay": (None, []), "empty suite": (SUBSET, members), "all.py": ("addons/all.py", []),
+              **{m: (SUBSET, [n for n in members if n != m]) for m in members}}  # (script, addons left out)
     comparisons = [("empty suite", "bare relay"), *((m, "empty suite") for m in members),
                    ("all.py", "empty suite"), ("all.py", "bare relay")]
     pinned = can_pin()
@@ -77,7 +66,7 @@ def test_bench_addons(tmp_path):
             # Fresh proxies for each comparison: one that served the runs before would carry their state
             # (stored objects, a disk writer still busy) into this one.
             for side, name in (("a", a), ("b", b)):
-                proxies.append(start_proxy(tmp_path / f"{c}-{side}", scripts[name], origin.url))
+                proxies.append(start_proxy(tmp_path / f"{c}-{side}", *setups[name], origin.url))
             pa, pb = proxies
             if pinned:
                 for p in proxies:

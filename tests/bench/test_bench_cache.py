@@ -31,7 +31,7 @@ it would in production. The bench keeps the stricter setting.
 
 Two more paired ratios say what the cache itself costs, every other Relais addon running
 on both sides: all.py on misses against all.py without the cache
-(tests/bench/pipeline_relay.py), and memory hits against the trivial answer put where the
+(tests/bench/pipeline_subset.py without Cache), and memory hits against the trivial answer put where the
 cache sits (tests/bench/pipeline_ceiling.py).
 """
 from __future__ import annotations
@@ -85,10 +85,11 @@ def test_bench_cache(tmp_path):
     try:
         relay_urls = [f"{origin.url}/size/{SIZE}?n={i % OBJECTS}" for i in range(N)]
         policy = {"policy": str(ROOT / "tests" / "policies" / "test.yaml")}  # all.py's, in the harness
-        for name, script, options in (("bare relay", None, None), ("ceiling", "tests/bench/ceiling_addon.py", None),
-                                      ("ceiling in all.py", "tests/bench/pipeline_ceiling.py", policy),
-                                      ("all.py without cache", "tests/bench/pipeline_relay.py", policy)):
-            proxies[name] = Proxy(tmp_path / name.replace(" ", "-"), script=script, options=options)
+        for name, script, options, env in (
+                ("bare relay", None, None, None), ("ceiling", "tests/bench/ceiling_addon.py", None, None),
+                ("ceiling in all.py", "tests/bench/pipeline_ceiling.py", policy, None),
+                ("all.py without cache", "tests/bench/pipeline_subset.py", policy, {"RELAIS_BENCH_WITHOUT": "Cache"})):
+            proxies[name] = Proxy(tmp_path / name.replace(" ", "-"), script=script, options=options, env=env)
             load(proxies[name].url, relay_urls[:200], tmp_path)  # warm-up
         proxies["all"] = Proxy(tmp_path / "all", options={"cache_dir": str(tmp_path / "all" / "cache"),
                                                            "cache_mem": f"{CACHE_MEM_MB} MB"})
