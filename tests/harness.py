@@ -22,7 +22,26 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+
+
+def _shared() -> Path:
+    """The shared test data (../shared beside the project). RELAIS_SHARED names it elsewhere; a clone
+    made with `git clone /work/main /tmp/x` finds the one beside the project it was cloned from."""
+    if os.environ.get("RELAIS_SHARED"):
+        return Path(os.environ["RELAIS_SHARED"])
+    here = ROOT.parent / "shared"
+    if here.is_dir():
+        return here
+    try:
+        origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    beside = Path(origin).parent / "shared" if origin and Path(origin).is_dir() else None
+    return beside if beside is not None and beside.is_dir() else here
+
+
+SHARED = _shared()
 BIN = Path(sys.executable).parent
 MITMDUMP = str(BIN / "mitmdump") if (BIN / "mitmdump").exists() else "mitmdump"
 
