@@ -79,12 +79,13 @@ class AccessControl:
         loader.add_option(
             "policy", str, DEFAULT_POLICY,
             "Access policy: a YAML policy (acls, http_access, ssl_bump) or a squid.conf (*.conf: its acl, "
-            "http_access and ssl_bump lines). Relative paths are looked up in the current folder, then in "
+            "http_access and ssl_bump lines, and those of the files it includes). Relative paths are looked up in the current folder, then in "
             "the Relais folder.",
         )
         loader.add_option(
             "policy_watch", str, "2",
-            "Seconds (decimals allowed) between checks of the policy file and its list files for changes; "
+            "Seconds (decimals allowed) between checks of the policy file, the files it includes and its list "
+            "files for changes; "
             "0 disables the watch (use the policy.reload command).",
         )
 
@@ -131,6 +132,7 @@ class AccessControl:
     def _stamps(path: Path, policy: aclrules.Policy | None = None) -> dict[str, float]:
         files = {str(path)}
         if policy:
+            files.update(policy.includes)
             for acl in policy.acls.values():
                 for ln in acl.lines:
                     files.update(f for _, f, _ in ln.values if f)

@@ -32,6 +32,7 @@ import bisect
 import dataclasses
 import datetime as _dt
 import functools
+import glob
 import ipaddress
 import re
 from pathlib import Path
@@ -613,6 +614,7 @@ class Policy:
     def __init__(self, acls: dict[str, Acl], http_access: list[Rule], ssl_bump: list[Rule],
                  source: str = "<policy>"):
         self.acls, self.http_access, self.ssl_bump, self.source = acls, http_access, ssl_bump, source
+        self.includes: tuple[str, ...] = ()  # the files a squid.conf included (for reloads to watch)
         used = {a.name for rule in http_access + ssl_bump for _, a in rule.terms}
         self.uses_dst = any(self.acls[n].type == "dst" for n in used)
         self.uses_rdns = any(self.acls[n].type in ("dstdomain", "dstdom_regex") and not self.acls[n].noresolve
@@ -988,23 +990,72 @@ def _yaml_acl(b: Builder, name: str, node, file: str) -> None:
 # --- squid.conf subset -----------------------------------------------------------
 
 def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = None) -> Policy:
-    """`acl`, `http_access` and `ssl_bump` lines of a squid.conf; other directives are ignored."""
+    """`acl`, `http_access` and `ssl_bump` lines of a squid.conf and of the files it includes; other
+    directives are ignored."""
     b = Builder(file, base)
-    for no, line in enumerate(squid_lines(text), 1):
-        if not line:
-            continue
+    included: list[str] = []
+    for src, no, line in squid_directives(text, file, base, included):
         try:
             tokens = split_squid(line)
         except ValueError as e:
-            raise PolicyError(str(e), file, no) from None
+            raise PolicyError(str(e), src, no) from None
         directive = tokens[0]
         if directive == "acl":
             if len(tokens) < 3:
-                raise PolicyError("acl: needs a name and a type", file, no)
-            b.acl(tokens[1], tokens[2:], file, no)
+                raise PolicyError("acl: needs a name and a type", src, no)
+            b.acl(tokens[1], tokens[2:], src, no)
         elif directive in ("http_access", "ssl_bump"):
-            b.rule(directive, " ".join(tokens[1:]), file, no)
-    return b.build()
+            b.rule(directive, " ".join(tokens[1:]), src, no)
+    policy = b.build()
+    policy.includes = tuple(included)
+    return policy
+
+
+INCLUDE_DEPTH = 16  # Squid's limit on nested includes (what stops a file that includes itself)
+
+
+def squid_directives(text: str, file: str, base: Path | None = None, included: list[str] | None = None,
+                     depth: int = 0):
+    """(file, line, directive) for each directive of a squid.conf (squid_lines), in order, an `include`
+    line replaced by the directives of the files it names, as Squid reads them: a list of paths, quoted
+    or not, glob patterns expanded in sorted order (Debian's squid.conf has `include
+    /etc/squid/conf.d/*.conf`). A relative path is taken from the folder of the file that includes it
+    (`base` for the top one). A pattern that matches no file, a file that cannot be read and includes
+    nested more than 16 deep are errors at the include line, as in Squid. The files read are added to
+    `included`, for a reload to watch."""
+    for no, line in enumerate(squid_lines(text), 1):
+        if not line:
+            continue
+        if line.split(None, 1)[0] != "include":
+            yield file, no, line
+            continue
+        try:
+            patterns = split_squid(line)[1:]
+        except ValueError as e:
+            raise PolicyError(str(e), file, no) from None
+        if not patterns:
+            raise PolicyError("include: needs a file name", file, no)
+        if depth >= INCLUDE_DEPTH:
+            raise PolicyError(f"include: nested more than {INCLUDE_DEPTH} deep (does a file include itself?)",
+                              file, no)
+        folder = base if base is not None else Path(file).parent
+        for pattern in patterns:
+            if len(pattern) > 1 and pattern[0] == pattern[-1] == '"':
+                pattern = pattern[1:-1]
+            full = str(folder / pattern)  # an absolute pattern stays itself
+            names = sorted(glob.glob(full)) if any(c in pattern for c in "*?[") else [full]
+            if not names:
+                raise PolicyError(f"include: no file matches {pattern!r}", file, no)
+            for name in names:
+                try:
+                    sub = Path(name).read_text(encoding="utf-8")
+                except UnicodeDecodeError as e:
+                    raise PolicyError(f"include: {name} is not UTF-8 text: {e.reason}", file, no) from None
+                except OSError as e:
+                    raise PolicyError(f"include: cannot read {name}: {e.strerror or e}", file, no) from None
+                if included is not None:
+                    included.append(name)
+                yield from squid_directives(sub, name, Path(name).parent, included, depth + 1)
 
 
 def squid_lines(text: str) -> list[str]:
@@ -1049,14 +1100,12 @@ def load(path: str | Path) -> Policy:
 
 
 def squid_to_yaml(text: str, base: Path | None = None) -> str:
-    """Converts the acl/http_access/ssl_bump lines of a squid.conf to a Relais YAML policy
-    (comments and other directives are dropped; list files stay references)."""
+    """Converts the acl/http_access/ssl_bump lines of a squid.conf (and of the files it includes) to a
+    Relais YAML policy (comments and other directives are dropped; list files stay references)."""
     load_squid_text(text, base=base)  # validates
     acls: dict[str, list[str]] = {}
     rules: dict[str, list[str]] = {"http_access": [], "ssl_bump": []}
-    for line in squid_lines(text):
-        if not line:
-            continue
+    for _, _, line in squid_directives(text, "<squid.conf>", base):
         tokens = split_squid(line)
         if tokens[0] == "acl":
             acls.setdefault(tokens[1], []).append(" ".join(tokens[2:]))

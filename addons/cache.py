@@ -408,6 +408,7 @@ class CachePolicy(NamedTuple):  # (not dataclasses: mitmproxy loads this file as
     targets: tuple[str, ...] = ()
     access: dict[str, tuple[AccessRule, ...]] = {}  # never mutated
     notes: tuple[str, ...] = ()  # what was read but not applied, for a warning
+    includes: tuple[str, ...] = ()  # the files a squid.conf included (watched for changes with it)
 
 
 def parse_access_rule(text: str, line: int | None = None) -> AccessRule:
@@ -488,30 +489,33 @@ def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
 SHIPPED_TARGETS = ("cdn-cache-control",)  # policies/cache.yaml's; a squid.conf cannot name any
 
 
-def load_squid_policy(text: str, source: str = "<squid.conf>") -> CachePolicy:
-    """The refresh_pattern, cache, send_hit and store_miss lines of a squid.conf (the rest is ignored, as
-    the acl addon reads the acl and http_access lines of the same file); a mistake raises
-    policyfile.PolicyError with its file and line."""
-    refresh, access, notes = [], {}, []
-    for no, line in enumerate(aclrules.squid_lines(text), 1):
-        directive, _, rest = line.replace("\t", " ").partition(" ")
-        if directive not in ("refresh_pattern",) + ACCESS_KEYS:
-            continue
-        try:
-            if directive == "refresh_pattern":
-                words = rest.split()
-                head = 5 if words[:1] == ["-i"] else 4
-                refresh.append(rfc9111.parse_refresh_pattern(" ".join(words[:head])))
-                if words[head:]:  # override-expire, ignore-no-store...: a squid.conf is read as far as RFC 9111 goes
-                    notes.append(f"{source}, line {no}: refresh_pattern options not supported, ignored (the "
-                                 f"cache follows RFC 9111): {' '.join(words[head:])}")
-            else:
-                access.setdefault(directive, []).append(parse_access_rule(rest, no))
-        except ValueError as e:  # (refresh_pattern's own messages name it)
-            msg = str(e) if directive == "refresh_pattern" else f"{directive}: {e}"
-            raise policyfile.PolicyError(source, no, msg) from None
+def load_squid_policy(text: str, source: str = "<squid.conf>", base: Path | None = None) -> CachePolicy:
+    """The refresh_pattern, cache, send_hit and store_miss lines of a squid.conf and of the files it
+    includes (the rest is ignored, as the acl addon reads the acl and http_access lines of the same
+    files); a mistake raises policyfile.PolicyError with its file and line."""
+    refresh, access, notes, included = [], {}, [], []
+    try:
+        for src, no, line in aclrules.squid_directives(text, source, base, included):
+            directive, _, rest = line.replace("\t", " ").partition(" ")
+            if directive not in ("refresh_pattern",) + ACCESS_KEYS:
+                continue
+            try:
+                if directive == "refresh_pattern":
+                    words = rest.split()
+                    head = 5 if words[:1] == ["-i"] else 4
+                    refresh.append(rfc9111.parse_refresh_pattern(" ".join(words[:head])))
+                    if words[head:]:  # override-expire, ignore-no-store...: read as far as RFC 9111 goes
+                        notes.append(f"{src}, line {no}: refresh_pattern options not supported, ignored (the "
+                                     f"cache follows RFC 9111): {' '.join(words[head:])}")
+                else:
+                    access.setdefault(directive, []).append(parse_access_rule(rest, no))
+            except ValueError as e:  # (refresh_pattern's own messages name it)
+                msg = str(e) if directive == "refresh_pattern" else f"{directive}: {e}"
+                raise policyfile.PolicyError(src, no, msg) from None
+    except aclrules.PolicyError as e:  # an include that cannot be followed
+        raise policyfile.PolicyError(e.file or source, e.line, e.reason) from None
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
-                       {k: tuple(v) for k, v in access.items()}, tuple(notes))
+                       {k: tuple(v) for k, v in access.items()}, tuple(notes), tuple(included))
 
 
 def _add_length(headers: list[tuple[str, str]], status: int, n: int) -> list[tuple[str, str]]:
@@ -586,8 +590,9 @@ class Cache:
         loader.add_option("cache_policy", str, "policies/cache.yaml",
                           "Cache policy: a YAML file (refresh_pattern table, targeted_fields such as "
                           "CDN-Cache-Control, Squid's cache / send_hit / store_miss rules) or a squid.conf (*.conf: "
-                          "its refresh_pattern, cache, send_hit and store_miss lines), relative to the cwd or the "
-                          "Relais folder; re-read when it changes, and by cache.reload.")
+                          "its refresh_pattern, cache, send_hit and store_miss lines, and those of the files it "
+                          "includes), relative to the cwd or the Relais folder; re-read when it (or a file it "
+                          "includes) changes, and by cache.reload.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
         loader.add_option("max_stale", int, 0,
@@ -671,15 +676,16 @@ class Cache:
         path = resolve(value).absolute()  # reloads read this file, whatever the cwd holds meanwhile
         try:
             stamp = policyfile.stamp(path)
-            load = load_squid_policy if path.suffix == ".conf" else load_policy
-            policy = load(path.read_text(encoding="utf-8"), str(path))
+            text = path.read_text(encoding="utf-8")
+            policy = (load_squid_policy(text, str(path), path.parent) if path.suffix == ".conf"
+                      else load_policy(text, str(path)))
         except (OSError, UnicodeDecodeError) as e:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
         except policyfile.PolicyError as e:
             raise exceptions.OptionsError(f"cache_policy: {e}") from e
         except Exception as e:  # what a parser may still raise on odd input (a YAML nested too deep)
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {type(e).__name__}: {e}") from e
-        self.watch = policyfile.Watch(path, stamp)
+        self.watch = policyfile.Watch(path, stamp, also=policy.includes)
         for note in policy.notes:
             log.warning("cache_policy: %s", note)
         return policy

@@ -101,22 +101,28 @@ def stamp(path: Path) -> tuple | None:
 
 
 class Watch:
-    """A policy file looked at once every CHECK_EVERY seconds, from a request hook (no thread)."""
+    """A policy file (and the files it includes, `also`) looked at once every CHECK_EVERY seconds,
+    from a request hook (no thread)."""
 
-    def __init__(self, path: Path | None = None, read_stamp: tuple | None = None):
+    def __init__(self, path: Path | None = None, read_stamp: tuple | None = None, also=()):
         self.path, self.stamp = path, read_stamp  # the stamp taken before the file was last read
+        self.also = {p: stamp(Path(p)) for p in also}  # (taken once they were read)
         self.next = time.monotonic() + CHECK_EVERY
 
     def changed(self) -> bool:
-        """True, at most once a second, when the file differs from what was last read or refused
+        """True, at most once a second, when a file differs from what was last read or refused
         (a file being replaced may be missing a moment: not a change)."""
         now = time.monotonic()
         if self.path is None or now < self.next:
             return False
         self.next = now + CHECK_EVERY
-        new = stamp(self.path)
-        return new is not None and new != self.stamp
+        for path, old in ((self.path, self.stamp), *self.also.items()):
+            new = stamp(Path(path))
+            if new is not None and new != old:
+                return True
+        return False
 
     def refused(self) -> None:
-        """The file as it is now could not be read: not tried again until it changes again."""
+        """The files as they are now could not be read: not tried again until one changes again."""
         self.stamp = stamp(self.path)
+        self.also = {p: stamp(Path(p)) for p in self.also}

@@ -505,6 +505,43 @@ def test_policy_file_is_watched_and_a_broken_edit_keeps_the_last_good_policy(tmp
         origin.close()
 
 
+def test_a_squid_conf_policy_follows_its_includes_and_watches_them(tmp_path):
+    """Debian's squid.conf ends in `include /etc/squid/conf.d/*.conf`: access control and the cache
+    read the included files (each its own directives), and an edit to one of them is applied live."""
+    (tmp_path / "conf.d").mkdir()
+    rules = tmp_path / "conf.d" / "local.conf"
+    rules.write_text("acl blocked urlpath_regex ^/one\nacl nocache urlpath_regex ^/fresh\n"
+                     "http_access deny blocked\ncache deny nocache\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text("http_port 3128\ninclude conf.d/*.conf\nhttp_access allow localhost\nhttp_access deny all\n")
+    origin = Origin()
+    origin.route("/fresh", lambda req: (200, {"Cache-Control": "max-age=600"}, b"fresh"))
+    proxy = Proxy(tmp_path / "p", options={"policy": str(conf), "cache_policy": str(conf), "policy_watch": 0.2,
+                                           "cache_dir": "none"})
+    try:
+        def code(path):
+            return curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, f"{origin.url}{path}").stdout
+        assert code("/one") == b"403" and code("/two") == b"200"
+        assert " TCP_DENIED/403 " in proxy.log_line("/one")
+        for _ in range(2):
+            assert code("/fresh") == b"200"
+        assert proxy.wait_lines("/fresh", 2)[1].split()[3] == "TCP_MISS/200"  # cache deny nocache
+        text = rules.read_text().replace("^/one", "^/two").replace("cache deny", "cache allow")
+        rules.write_text(text)
+        end = time.monotonic() + 10
+        while code("/two") != b"403":
+            assert time.monotonic() < end, proxy.text()
+            time.sleep(0.2)
+        assert code("/one") == b"200"
+        time.sleep(1.1)  # the cache looks at its policy files once a second, from a request
+        for _ in range(3):
+            assert code("/fresh") == b"200"
+        assert proxy.wait_lines("/fresh", 5)[-1].split()[3] == "TCP_MEM_HIT/200", proxy.text()
+    finally:
+        proxy.stop()
+        origin.close()
+
+
 @pytest.mark.parametrize("text, expect", [
     ("acls:\n  a: src 10.0.0.0/8\n  b: port eighty\nhttp_access:\n  - allow a\n", ":3: acl b (port): bad port 'eighty'"),
     ("acls: {a: src 10.0.0.1\nhttp_access: []\n", ":2: YAML"),

@@ -495,3 +495,48 @@ def test_new_urls_are_answered_from_the_memo_by_the_url_acls_results():
             assert d.allowed == allowed == p.check(Request(**r)).allowed, (url, referer)
             assert acls == p.matching(Request(**r))
     assert len(p.memo) == 4, "one verdict per combination of the url acls' results, not one per URL"
+
+
+def includes(tmp_path: Path) -> Path:
+    """A squid.conf that includes conf.d/*.conf (as Debian's does) and a quoted name with a space."""
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "20-rules.conf").write_text("# local rules\nhttp_access deny blocked\n")
+    (tmp_path / "conf.d" / "10-acls.conf").write_text("acl blocked dstdomain .blocked.test\n")
+    (tmp_path / "conf.d" / "README").write_text("not a .conf: not read\n")
+    (tmp_path / "last rules.conf").write_text("http_access allow all\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text('http_port 3128\ninclude conf.d/*.conf\ninclude "last rules.conf"\n')
+    return conf
+
+
+def test_a_squid_conf_reads_the_files_it_includes_in_order(tmp_path):
+    conf = includes(tmp_path)
+    p = aclrules.load(conf)
+    assert not allowed(p, **http("http://www.blocked.test/"))
+    assert allowed(p, **http("http://www.other.test/"))
+    d = p.check(Request(src="127.0.0.1", **http("http://www.blocked.test/")))
+    assert (d.rule, d.line) == ("http_access deny blocked", 2)  # the line in its own file
+    assert [(r.file, r.line) for r in p.http_access] == [(str(tmp_path / "conf.d" / "20-rules.conf"), 2),
+                                                          (str(tmp_path / "last rules.conf"), 1)]
+    assert p.includes == tuple(str(tmp_path / n) for n in ("conf.d/10-acls.conf", "conf.d/20-rules.conf",
+                                                           "last rules.conf"))
+    # the converter reads them too
+    ym = load_yaml_text(aclrules.squid_to_yaml(conf.read_text(), tmp_path), "converted.yaml")
+    assert not allowed(ym, **http("http://www.blocked.test/")) and allowed(ym, **http("http://www.other.test/"))
+
+
+@pytest.mark.parametrize("line,where,reason", [
+    ("include conf.d/*.cfg", "squid.conf:2", "include: no file matches 'conf.d/*.cfg'"),
+    ("include missing.conf", "squid.conf:2", "include: cannot read"),
+    ("include", "squid.conf:2", "include: needs a file name"),
+    ("include self.conf", "self.conf:1", "include: nested more than 16 deep"),
+    ("include bad.conf", "bad.conf:2", "http_access: unknown acl 'nobody'"),
+])
+def test_an_include_that_cannot_be_followed_is_an_error_with_its_file_and_line(tmp_path, line, where, reason):
+    (tmp_path / "self.conf").write_text("include self.conf\n")
+    (tmp_path / "bad.conf").write_text("acl a src 10.0.0.0/8\nhttp_access deny nobody\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text(f"acl lan src 10.0.0.0/8\n{line}\nhttp_access allow lan\n")
+    with pytest.raises(PolicyError) as e:
+        aclrules.load(conf)
+    assert str(e.value).startswith(f"{tmp_path / where}: {reason}"), str(e.value)

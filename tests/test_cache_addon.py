@@ -914,3 +914,24 @@ def test_cache_mem_bounds_the_memory_the_ram_tier_really_takes(fields):
             tracemalloc.stop()
         assert entries <= 1.05 * limit, entries
     c.done()
+
+
+def test_a_squid_conf_include_is_followed_and_its_mistakes_are_refused_with_their_file_and_line(tmp_path):
+    conf = tmp_path / "squid.conf"
+    extra = tmp_path / "extra.conf"
+    extra.write_text("refresh_pattern -i \\.css$ 60 50% 600\ncache deny QUERY\n")
+    conf.write_text("acl QUERY urlpath_regex \\?\ninclude extra.conf\nrefresh_pattern . 0 20% 4320\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(conf))
+        assert [r.pattern for r in c.rules] == ["\\.css$", "."]  # in the order Squid reads them
+        assert [(r.text, r.line) for r in c.access["cache"]] == [("deny QUERY", 2)]
+        extra.write_text("cache maybe QUERY\n")
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(c, cache_policy=str(tmp_path / "squid.conf "))  # (a new value: read anew)
+        assert f"cache_policy: {extra}, line 1: cache: a rule is" in str(e.value), str(e.value)
+        extra.unlink()
+        with pytest.raises(exceptions.OptionsError) as e:
+            tctx.configure(c, cache_policy=str(conf))
+        assert f"cache_policy: {conf}, line 2: include: cannot read {extra}" in str(e.value), str(e.value)
+    c.done()
