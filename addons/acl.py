@@ -129,8 +129,8 @@ class AccessControl:
                  len(policy.http_access), len(policy.ssl_bump))
 
     @staticmethod
-    def _stamps(path: Path, policy: aclrules.Policy | None = None) -> dict[str, float]:
-        files = {str(path)}
+    def _stamps(path: Path, policy: aclrules.Policy | None = None, also=()) -> dict[str, float]:
+        files = {str(path), *also}
         if policy:
             files.update(policy.includes)
             for acl in policy.acls.values():
@@ -157,7 +157,8 @@ class AccessControl:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if self.path and self._stamps(self.path, self.policy) != self.stamp:
+            # the files stamped last time too: after a refused reload, those the refused version named
+            if self.path and self._stamps(self.path, self.policy, self.stamp) != self.stamp:
                 self.reload()
 
     @command.command("policy.reload")
@@ -168,7 +169,8 @@ class AccessControl:
         try:
             self._install(self.path)
         except aclrules.PolicyError as e:
-            self.stamp = self._stamps(self.path, self.policy)  # do not retry until it changes again
+            # not retried until a file changes again, a file the refused version included among them
+            self.stamp = self._stamps(self.path, self.policy, getattr(e, "includes", ()))
             log.error("policy rejected, the last good policy stays in force: %s", e)
 
     # --- connections ---------------------------------------------------------------

@@ -34,6 +34,7 @@ import datetime as _dt
 import functools
 import glob
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -614,7 +615,7 @@ class Policy:
     def __init__(self, acls: dict[str, Acl], http_access: list[Rule], ssl_bump: list[Rule],
                  source: str = "<policy>"):
         self.acls, self.http_access, self.ssl_bump, self.source = acls, http_access, ssl_bump, source
-        self.includes: tuple[str, ...] = ()  # the files a squid.conf included (for reloads to watch)
+        self.includes: tuple[str, ...] = ()  # what a squid.conf included (files, glob folders): reloads watch it
         used = {a.name for rule in http_access + ssl_bump for _, a in rule.terms}
         self.uses_dst = any(self.acls[n].type == "dst" for n in used)
         self.uses_rdns = any(self.acls[n].type in ("dstdomain", "dstdom_regex") and not self.acls[n].noresolve
@@ -784,7 +785,9 @@ class Builder:
                 self.lines[name] = [AclLine(t, [(v, None, None) for v in vals], "<predefined>", None)]
                 self.predefined.add(name)
 
-    def acl(self, name: str, tokens: list[str], file: str | None, line: int | None) -> None:
+    def acl(self, name: str, tokens: list[str], file: str | None, line: int | None,
+            base: Path | None = None) -> None:
+        """`base`: the folder relative list files are read from (the policy's, by default)."""
         if not re.fullmatch(r"[A-Za-z0-9_.:\-]+", name or ""):
             raise PolicyError(f"bad acl name {name!r}", file, line)
         if not tokens:
@@ -797,22 +800,24 @@ class Builder:
             self.lines.pop(name, None)
         existing = self.lines.get(name)
         if existing and existing[0].type != t:
+            first = existing[0]
+            where = f"line {first.line}" if first.file == file else f"{first.file}:{first.line}"
             raise PolicyError(f"acl {name}: type {t!r} differs from its first definition "
-                              f"({existing[0].type!r}, line {existing[0].line})", file, line)
+                              f"({first.type!r}, {where})", file, line)
         values: list[tuple[str, str | None, int | None]] = []
         for a in args:
             if len(a) >= 2 and a[0] == '"' and a[-1] == '"':
-                values.extend(self._file_items(name, a[1:-1], file, line))
+                values.extend(self._file_items(name, a[1:-1], file, line, base or self.base))
             else:
                 values.append((a, None, None))
         if not values and t not in ("all", "time"):
             raise PolicyError(f"acl {name} ({t}): no values", file, line)
         self.lines.setdefault(name, []).append(AclLine(t, values, file, line))
 
-    def _file_items(self, name, path: str, file, line):
+    def _file_items(self, name, path: str, file, line, base: Path):
         p = Path(path)
         if not p.is_absolute():
-            p = self.base / p
+            p = base / p
         try:
             text = p.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
@@ -994,19 +999,24 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
     directives are ignored."""
     b = Builder(file, base)
     included: list[str] = []
-    for src, no, line in squid_directives(text, file, base, included):
-        try:
-            tokens = split_squid(line)
-        except ValueError as e:
-            raise PolicyError(str(e), src, no) from None
-        directive = tokens[0]
-        if directive == "acl":
-            if len(tokens) < 3:
-                raise PolicyError("acl: needs a name and a type", src, no)
-            b.acl(tokens[1], tokens[2:], src, no)
-        elif directive in ("http_access", "ssl_bump"):
-            b.rule(directive, " ".join(tokens[1:]), src, no)
-    policy = b.build()
+    try:
+        for src, no, line in squid_directives(text, file, base, included):
+            try:
+                tokens = split_squid(line)
+            except ValueError as e:
+                raise PolicyError(str(e), src, no) from None
+            directive = tokens[0]
+            if directive == "acl":
+                if len(tokens) < 3:
+                    raise PolicyError("acl: needs a name and a type", src, no)
+                # list files named in an included file are read from its folder, as its includes are
+                b.acl(tokens[1], tokens[2:], src, no, base=Path(src).parent if src != file else None)
+            elif directive in ("http_access", "ssl_bump"):
+                b.rule(directive, " ".join(tokens[1:]), src, no)
+        policy = b.build()
+    except PolicyError as e:
+        e.includes = tuple(included)  # what a refused reload watches for the fix
+        raise
     policy.includes = tuple(included)
     return policy
 
@@ -1021,8 +1031,9 @@ def squid_directives(text: str, file: str, base: Path | None = None, included: l
     or not, glob patterns expanded in sorted order (Debian's squid.conf has `include
     /etc/squid/conf.d/*.conf`). A relative path is taken from the folder of the file that includes it
     (`base` for the top one). A pattern that matches no file, a file that cannot be read and includes
-    nested more than 16 deep are errors at the include line, as in Squid. The files read are added to
-    `included`, for a reload to watch."""
+    nested more than 16 deep are errors at the include line, as in Squid. What a reload must watch is
+    added to `included`: each file named (read or not), and the folder of each glob pattern (a file
+    added there changes what it matches)."""
     for no, line in enumerate(squid_lines(text), 1):
         if not line:
             continue
@@ -1043,18 +1054,25 @@ def squid_directives(text: str, file: str, base: Path | None = None, included: l
             if len(pattern) > 1 and pattern[0] == pattern[-1] == '"':
                 pattern = pattern[1:-1]
             full = str(folder / pattern)  # an absolute pattern stays itself
-            names = sorted(glob.glob(full)) if any(c in pattern for c in "*?[") else [full]
+            if any(c in pattern for c in "*?["):
+                # the folder's own name is no pattern, whatever characters it has
+                names = sorted(glob.glob(pattern if Path(pattern).is_absolute()
+                                         else os.path.join(glob.escape(str(folder)), pattern)))
+                if included is not None and not any(c in str(Path(pattern).parent) for c in "*?["):
+                    included.append(str(Path(full).parent))
+            else:
+                names = [full]
             if not names:
                 raise PolicyError(f"include: no file matches {pattern!r}", file, no)
             for name in names:
+                if included is not None:
+                    included.append(name)
                 try:
                     sub = Path(name).read_text(encoding="utf-8")
                 except UnicodeDecodeError as e:
                     raise PolicyError(f"include: {name} is not UTF-8 text: {e.reason}", file, no) from None
                 except OSError as e:
                     raise PolicyError(f"include: cannot read {name}: {e.strerror or e}", file, no) from None
-                if included is not None:
-                    included.append(name)
                 yield from squid_directives(sub, name, Path(name).parent, included, depth + 1)
 
 

@@ -513,7 +513,12 @@ def load_squid_policy(text: str, source: str = "<squid.conf>", base: Path | None
                 msg = str(e) if directive == "refresh_pattern" else f"{directive}: {e}"
                 raise policyfile.PolicyError(src, no, msg) from None
     except aclrules.PolicyError as e:  # an include that cannot be followed
-        raise policyfile.PolicyError(e.file or source, e.line, e.reason) from None
+        err = policyfile.PolicyError(e.file or source, e.line, e.reason)
+        err.includes = tuple(included)  # what a refused reload watches for the fix
+        raise err from None
+    except policyfile.PolicyError as e:
+        e.includes = tuple(included)
+        raise
     return CachePolicy(refresh or [rfc9111.DEFAULT_RULE], SHIPPED_TARGETS,
                        {k: tuple(v) for k, v in access.items()}, tuple(notes), tuple(included))
 
@@ -682,7 +687,9 @@ class Cache:
         except (OSError, UnicodeDecodeError) as e:
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {e}") from e
         except policyfile.PolicyError as e:
-            raise exceptions.OptionsError(f"cache_policy: {e}") from e
+            err = exceptions.OptionsError(f"cache_policy: {e}")
+            err.includes = getattr(e, "includes", ())  # (reload watches them too)
+            raise err from e
         except Exception as e:  # what a parser may still raise on odd input (a YAML nested too deep)
             raise exceptions.OptionsError(f"cache_policy: cannot read {value!r}: {type(e).__name__}: {e}") from e
         self.watch = policyfile.Watch(path, stamp, also=policy.includes)
@@ -705,7 +712,7 @@ class Cache:
         try:
             self._use(self._load_policy(self.policy_file))
         except exceptions.OptionsError as e:
-            self.watch.refused()
+            self.watch.refused(also=getattr(e, "includes", ()))
             log.error("cache: policy not reloaded, keeping the last good one: %s", e)
             raise exceptions.CommandError(f"cache.reload: kept the previous policy: {e}") from None
         log.info("cache: policy reloaded from %s", self.policy_file)

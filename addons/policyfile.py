@@ -106,7 +106,7 @@ class Watch:
 
     def __init__(self, path: Path | None = None, read_stamp: tuple | None = None, also=()):
         self.path, self.stamp = path, read_stamp  # the stamp taken before the file was last read
-        self.also = {p: stamp(Path(p)) for p in also}  # (taken once they were read)
+        self.also = {p: stamp(Path(p)) for p in also}  # included files and glob folders (once read)
         self.next = time.monotonic() + CHECK_EVERY
 
     def changed(self) -> bool:
@@ -122,7 +122,8 @@ class Watch:
                 return True
         return False
 
-    def refused(self) -> None:
-        """The files as they are now could not be read: not tried again until one changes again."""
+    def refused(self, also=()) -> None:
+        """The files as they are now could not be read: not tried again until one changes again, or
+        one of `also` (what the refused version included)."""
         self.stamp = stamp(self.path)
-        self.also = {p: stamp(Path(p)) for p in self.also}
+        self.also = {p: stamp(Path(p)) for p in {**self.also, **dict.fromkeys(also)}}

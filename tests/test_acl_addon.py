@@ -260,3 +260,62 @@ def test_an_error_deciding_a_connection_before_any_flow_denies_it_and_is_logged_
     with caplog.at_level(logging.ERROR):
         asyncio.run(main())
     assert "access control failed (ValueError: a bug); denied" in caplog.text
+
+
+def test_the_policy_watch_sees_new_included_files_and_the_fix_of_a_refused_include(tmp_path, caplog):
+    """The watch of a squid.conf covers what its includes name: a file added where a glob looks, and
+    a file that a refused version included (missing, or broken), whose fix is then applied."""
+    import asyncio
+    import os
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-acls.conf").write_text("acl one urlpath_regex ^/one\nacl two urlpath_regex ^/two\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text("include conf.d/*.conf\nhttp_access deny one\nhttp_access allow localhost\n")
+
+    def code(ac, path):
+        f = flow(path)
+        ac.requestheaders(f)
+        return f.response.status_code if f.response else 200
+
+    def touch(p, n):  # a new mtime whatever the file system's resolution
+        os.utime(p, ns=(os.stat(p).st_mtime_ns + n * 10**9,) * 2)
+
+    async def main(ac):
+        watch = asyncio.get_running_loop().create_task(ac._watch())
+        try:
+            assert code(ac, "/two") == 200
+            (tmp_path / "conf.d" / "20-deny.conf").write_text("http_access deny two\n")
+            touch(tmp_path / "conf.d", 1)
+            await asyncio.sleep(0.5)
+            assert code(ac, "/two") == 403  # the file added beside the glob's others
+            conf.write_text("include extra.conf\n" + conf.read_text())  # not there yet: refused
+            touch(conf, 2)
+            await asyncio.sleep(0.5)
+            assert "last good policy" in caplog.text and code(ac, "/two") == 403
+            assert caplog.text.count("policy rejected") == 1  # not retried while nothing changes
+            (tmp_path / "extra.conf").write_text("acl three urlpath_regex ^/three\nhttp_access deny three\n")
+            await asyncio.sleep(0.5)
+            assert code(ac, "/three") == 403 and code(ac, "/two") == 403
+        finally:
+            watch.cancel()
+
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(conf), policy_watch="0.1")
+        with caplog.at_level(logging.ERROR):
+            asyncio.run(main(ac))
+
+
+def test_a_list_file_named_in_an_included_file_is_read_from_its_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "sites.txt").write_text(".blocked.test\n")
+    (tmp_path / "sub" / "rules.conf").write_text('acl bad dstdomain "sites.txt"\nhttp_access deny bad\n')
+    conf = tmp_path / "squid.conf"
+    conf.write_text("include sub/rules.conf\nhttp_access allow localhost\n")
+    ac = acl.AccessControl()
+    with taddons.context(ac) as tctx:
+        tctx.configure(ac, policy=str(conf))
+        f = flow("/", host="www.blocked.test")
+        ac.requestheaders(f)
+        assert f.response.status_code == 403

@@ -518,7 +518,8 @@ def test_a_squid_conf_reads_the_files_it_includes_in_order(tmp_path):
     assert (d.rule, d.line) == ("http_access deny blocked", 2)  # the line in its own file
     assert [(r.file, r.line) for r in p.http_access] == [(str(tmp_path / "conf.d" / "20-rules.conf"), 2),
                                                           (str(tmp_path / "last rules.conf"), 1)]
-    assert p.includes == tuple(str(tmp_path / n) for n in ("conf.d/10-acls.conf", "conf.d/20-rules.conf",
+    # what a reload watches: the glob's folder (a file added there) and each file read
+    assert p.includes == tuple(str(tmp_path / n) for n in ("conf.d", "conf.d/10-acls.conf", "conf.d/20-rules.conf",
                                                            "last rules.conf"))
     # the converter reads them too
     ym = load_yaml_text(aclrules.squid_to_yaml(conf.read_text(), tmp_path), "converted.yaml")
@@ -540,3 +541,21 @@ def test_an_include_that_cannot_be_followed_is_an_error_with_its_file_and_line(t
     with pytest.raises(PolicyError) as e:
         aclrules.load(conf)
     assert str(e.value).startswith(f"{tmp_path / where}: {reason}"), str(e.value)
+
+
+def test_a_glob_include_in_a_folder_whose_name_looks_like_a_pattern(tmp_path):
+    top = tmp_path / "squid[1]"
+    (top / "conf.d").mkdir(parents=True)
+    (top / "conf.d" / "a.conf").write_text("http_access deny all\n")
+    (top / "squid.conf").write_text("include conf.d/*.conf\n")
+    assert not allowed(aclrules.load(top / "squid.conf"), **http("http://a.test/"))
+
+
+def test_an_acl_defined_again_in_another_file_with_another_type_names_both_files(tmp_path):
+    (tmp_path / "a.conf").write_text("acl x dstdomain .a.test\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text("acl x src 10.0.0.0/8\ninclude a.conf\n")
+    with pytest.raises(PolicyError) as e:
+        aclrules.load(conf)
+    assert str(e.value) == (f"{tmp_path / 'a.conf'}:1: acl x: type 'dstdomain' differs from its first "
+                            f"definition ('src', {conf}:1)")

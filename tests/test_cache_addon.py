@@ -935,3 +935,34 @@ def test_a_squid_conf_include_is_followed_and_its_mistakes_are_refused_with_thei
             tctx.configure(c, cache_policy=str(conf))
         assert f"cache_policy: {conf}, line 2: include: cannot read {extra}" in str(e.value), str(e.value)
     c.done()
+
+
+def test_the_cache_policy_watch_sees_new_included_files_and_the_fix_of_a_refused_include(tmp_path, caplog):
+    import os
+
+    def touch(p, n):  # a new mtime whatever the file system's resolution
+        os.utime(p, ns=(os.stat(p).st_mtime_ns + n * 10**9,) * 2)
+
+    def ask(c):  # a request, a second after the last look at the files
+        c.watch.next = 0
+        c.requestheaders(with_acls(request_flow(), "all"))
+        return {k: [r.text for r in v] for k, v in c.access.items()}
+
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10.conf").write_text("refresh_pattern . 0 20% 4320\n")
+    conf = tmp_path / "squid.conf"
+    conf.write_text("include conf.d/*.conf\n")
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", cache_policy=str(conf))
+        assert ask(c) == {}
+        (tmp_path / "conf.d" / "20.conf").write_text("cache deny all\n")
+        touch(tmp_path / "conf.d", 1)
+        assert ask(c) == {"cache": ["deny all"]}  # the file added beside the glob's others
+        conf.write_text(conf.read_text() + "include extra.conf\n")  # not there yet: refused
+        touch(conf, 2)
+        assert ask(c) == {"cache": ["deny all"]} and caplog.text.count("policy not reloaded") == 1
+        assert ask(c) == {"cache": ["deny all"]} and caplog.text.count("policy not reloaded") == 1
+        (tmp_path / "extra.conf").write_text("send_hit deny all\n")
+        assert ask(c) == {"cache": ["deny all"], "send_hit": ["deny all"]}
+    c.done()
