@@ -37,10 +37,10 @@ from mitmproxy.proxy.layers.tcp import TcpEndHook, TcpStartHook
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 try:
-    from addons import aclrules, errorpage, meta
+    from addons import aclrules, answered, errorpage, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import aclrules, errorpage, meta
+    from addons import aclrules, answered, errorpage, meta
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = "policies/default.yaml"
@@ -73,14 +73,15 @@ class AccessControl:
         self.denied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> (decision, request)
         self.prechecked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> True
         self.dns: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self.answering = False  # answered.install() in effect
 
     # --- options, loading, watching ---------------------------------------------
     def load(self, loader):
         loader.add_option(
             "policy", str, DEFAULT_POLICY,
             "Access policy: a YAML policy (acls, http_access, ssl_bump) or a squid.conf (*.conf: its acl, "
-            "http_access and ssl_bump lines, and those of the files it includes). Relative paths are looked up in the current folder, then in "
-            "the Relais folder.",
+            "http_access and ssl_bump lines, and those of the files it includes). Relative paths are looked "
+            "up in the current folder, then in the Relais folder.",
         )
         loader.add_option(
             "policy_watch", str, "2",
@@ -88,6 +89,8 @@ class AccessControl:
             "files for changes; "
             "0 disables the watch (use the policy.reload command).",
         )
+        # a request denied while mitmproxy streams its body (stream_large_bodies) still gets its answer
+        self.answering = answered.install()
 
     def configure(self, updated):
         if "policy_watch" in updated:
@@ -117,6 +120,9 @@ class AccessControl:
         if self.watcher:
             self.watcher.cancel()
             self.watcher = None
+        if self.answering:
+            answered.uninstall()
+            self.answering = False
 
     def _install(self, path: Path) -> None:
         before = self._stamps(path)  # taken before reading: an edit made meanwhile is seen next poll

@@ -58,10 +58,10 @@ from mitmproxy import command, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
-    from addons import aclrules, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
+    from addons import aclrules, answered, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import aclrules, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
+    from addons import aclrules, answered, cachestore, errorpage, meta, policyfile, recover, rfc9111, streams
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -573,6 +573,7 @@ class Cache:
         self.late_streams = False
         self.disk_error: str | None = None  # why the disk tier is off, when cache_dir could not be opened
         self.recovering = False  # recover.install() in effect: answers made in the error hook are sent
+        self.answering = False   # answered.install() in effect
 
     # --- options -------------------------------------------------------
     def load(self, loader):
@@ -616,6 +617,8 @@ class Cache:
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
         self.recovering = recover.install()
+        # a request answered at requestheaders (a remembered failure) while its body is streamed
+        self.answering = answered.install()
 
     def configure(self, updated):
         o = ctx.options
@@ -725,6 +728,9 @@ class Cache:
         if self.recovering:
             recover.uninstall()
             self.recovering = False
+        if self.answering:
+            answered.uninstall()
+            self.answering = False
         if self.refresher is not None:
             self.refresher.close()
             self.refresher = None

@@ -38,32 +38,44 @@ except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
 logger = logging.getLogger(__name__)
-_original = None
-_users = 0
+
+
+class Patch:
+    """A method of mitmproxy's HTTP layer replaced while any addon needs it: each install() needs its
+    uninstall(), and the last uninstall() puts the original back. `original` is for the replacement
+    to call."""
+
+    def __init__(self, cls, name: str, replacement, usable: bool, warning: str):
+        self.cls, self.name, self.replacement, self.usable, self.warning = cls, name, replacement, usable, warning
+        self.original = None
+        self.users = 0
+
+    def install(self) -> bool:
+        """False (and the warning logged) when this mitmproxy's HTTP layer is not the one expected."""
+        if not self.usable:
+            logger.warning(self.warning)
+            return False
+        self.users += 1
+        if self.original is None:
+            self.original = getattr(self.cls, self.name)
+            setattr(self.cls, self.name, self.replacement)
+        return True
+
+    def uninstall(self) -> None:
+        if self.users:
+            self.users -= 1
+        if not self.users and self.original is not None:
+            setattr(self.cls, self.name, self.original)
+            self.original = None
 
 
 def install() -> bool:
-    """Let addons answer from the `error` hook (counted: each install() needs its uninstall()).
-    False when this mitmproxy's HTTP layer is not the one expected: answers made there would be lost."""
-    global _original, _users
-    if not PATCHABLE:
-        logger.warning("this mitmproxy's HTTP layer is not the one expected: an origin that fails before "
-                       "responding gets mitmproxy's own 502, never a stale copy or Squid's page")
-        return False
-    _users += 1
-    if _original is None:
-        _original = HttpStream.handle_protocol_error
-        HttpStream.handle_protocol_error = handle_protocol_error
-    return True
+    """Let addons answer from the `error` hook (see the module's text)."""
+    return _PATCH.install()
 
 
 def uninstall() -> None:
-    global _original, _users
-    if _users:
-        _users -= 1
-    if not _users and _original is not None:
-        HttpStream.handle_protocol_error = _original
-        _original = None
+    _PATCH.uninstall()
 
 
 def handle_protocol_error(self, event):
@@ -71,7 +83,7 @@ def handle_protocol_error(self, event):
     # the origin failed before any response, and the whole request is in: the stream can still end well
     recoverable = (isinstance(event, ResponseProtocolError) and self.flow.response is None
                    and self.client_state == self.state_done)
-    steps = _original(self, event)
+    steps = _PATCH.original(self, event)
     reply = None
     while True:
         try:
@@ -92,3 +104,8 @@ def handle_protocol_error(self, event):
             self.flow.error = None
             yield from self.send_response()
             return
+
+
+_PATCH = Patch(HttpStream if PATCHABLE else None, "handle_protocol_error", handle_protocol_error, PATCHABLE,
+               "this mitmproxy's HTTP layer is not the one expected: an origin that fails before "
+               "responding gets mitmproxy's own 502, never a stale copy or Squid's page")

@@ -585,3 +585,37 @@ def test_default_policy_is_found_from_any_folder_and_refuses_connect_to_high_por
             p.stop()
     finally:
         tls_origin.close()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_a_request_denied_while_its_body_is_streamed_gets_its_403_and_the_body_is_dropped(tmp_path):
+    """With stream_large_bodies, mitmproxy decides to stream a large body before access control
+    denies the request; mitmproxy 11 alone then answers nothing and the client waits. The body
+    is read and dropped (never held: the proxy's memory does not grow by it), then the 403 goes."""
+    origin = Origin()
+    proxy = Proxy(tmp_path / "p", options={"stream_large_bodies": "64k", "cache_dir": "none"})
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"x" * (64 * 1024 * 1024))
+    try:
+        def post(url, *extra):
+            return curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, "-H", "Expect:",
+                        "--data-binary", f"@{body}", *extra, url, timeout=60).stdout
+        before = _rss_mb(proxy.proc.pid)
+        assert post("http://127.0.0.1:1/denied") == b"403"  # a port the policy refuses
+        assert _rss_mb(proxy.proc.pid) - before < 32, "the denied body was held in memory"
+        assert post("http://127.0.0.1:1/chunked", "-H", "Transfer-Encoding: chunked") == b"403"
+        for what in ("/denied", "/chunked"):
+            assert " TCP_DENIED/403 " in proxy.log_line(what)
+        small = curl("-x", proxy.url, "-H", "Expect:", "--data-binary", "hello", f"{origin.url}/echo")
+        assert small.returncode == 0  # the proxy still serves
+        assert post(f"{origin.url}/allowed") == b"200"  # an allowed streamed upload goes through
+        assert " TCP_MISS/200 " in proxy.log_line("/allowed")
+    finally:
+        proxy.stop()
+        origin.close()

@@ -1,0 +1,74 @@
+"""An answer given in `requestheaders` to a request whose body mitmproxy streams.
+
+With stream_large_bodies set, mitmproxy decides to stream a large request body before the
+`requestheaders` hook; an addon that answers the request there (access control denying it,
+the cache answering from a remembered failure) then makes mitmproxy 11's HTTP layer raise
+("Can't set a response and enable streaming at the same time"): the client gets nothing
+and waits until it gives up. Squid reads and discards the body of a request it refused.
+
+While `install()` is in effect (the addons that answer at `requestheaders` call it at load),
+such a body is read and dropped as it arrives, never held in memory, and the answer is sent
+once the body has ended, after the `request` and `responseheaders` hooks, as mitmproxy does
+for an answered request whose body it buffered. Nothing else changes. Not an addon: a helper
+the addons that answer use.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+from pathlib import Path
+
+try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and install() says so
+    from mitmproxy.proxy.layers.http import (HttpRequestHook, HttpResponseHeadersHook, HttpStream,
+                                             RequestEndOfMessage, RequestTrailers)
+    PATCHABLE = all(callable(getattr(HttpStream, name, None))
+                    for name in ("start_request_stream", "send_response", "check_killed"))
+except ImportError:  # pragma: no cover - another mitmproxy
+    PATCHABLE = False
+
+try:
+    from addons.recover import Patch
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons.recover import Patch
+
+
+def install() -> bool:
+    """Drop the streamed body of an answered request (see the module's text)."""
+    return _PATCH.install()
+
+
+def uninstall() -> None:
+    _PATCH.uninstall()
+
+
+def start_request_stream(self):
+    """HttpStream.start_request_stream, except for a request already answered: its body is dropped."""
+    if self.flow.response is None:
+        return (yield from _PATCH.original(self))
+    self.client_state = types.MethodType(_drop_request_body, self)
+
+
+def _drop_request_body(self, event):
+    """The client state of an answered request whose body still arrives: each chunk is dropped;
+    at its end, the hooks and the answer, as state_consume_request_body has them."""
+    if isinstance(event, RequestTrailers):
+        self.flow.request.trailers = event.trailers
+    if not isinstance(event, RequestEndOfMessage):
+        return
+    self.flow.request.timestamp_end = time.time()
+    self.client_state = self.state_done
+    yield HttpRequestHook(self.flow)
+    if (yield from self.check_killed(True)):
+        return
+    self.flow.response.timestamp_start = time.time()
+    yield HttpResponseHeadersHook(self.flow)
+    if (yield from self.check_killed(True)):
+        return
+    yield from self.send_response()
+
+
+_PATCH = Patch(HttpStream if PATCHABLE else None, "start_request_stream", start_request_stream, PATCHABLE,
+               "this mitmproxy's HTTP layer is not the one expected: a request refused while its body is "
+               "streamed (stream_large_bodies) may get no answer")
