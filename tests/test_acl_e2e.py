@@ -594,12 +594,14 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def test_a_request_denied_while_its_body_is_streamed_gets_its_403_and_the_body_is_dropped(tmp_path):
-    """With stream_large_bodies, mitmproxy decides to stream a large body before access control
-    denies the request; mitmproxy 11 alone then answers nothing and the client waits. The body
-    is read and dropped (never held: the proxy's memory does not grow by it), then the 403 goes."""
+@pytest.mark.parametrize("stream_large_bodies", ["64k", None])
+def test_a_denied_request_gets_its_403_and_its_body_is_dropped(tmp_path, stream_large_bodies):
+    """The body of a denied request is read and dropped, never held (the proxy's memory does not
+    grow by it), then the 403 goes. With stream_large_bodies, mitmproxy decides to stream a large
+    body before access control denies the request: mitmproxy 11 alone then answers nothing and
+    the client waits; without it, mitmproxy alone holds the whole body in memory first."""
     origin = Origin()
-    proxy = Proxy(tmp_path / "p", options={"stream_large_bodies": "64k", "cache_dir": "none"})
+    proxy = Proxy(tmp_path / "p", options={"stream_large_bodies": stream_large_bodies, "cache_dir": "none"})
     body = tmp_path / "body.bin"
     body.write_bytes(b"x" * (64 * 1024 * 1024))
     try:
@@ -614,8 +616,9 @@ def test_a_request_denied_while_its_body_is_streamed_gets_its_403_and_the_body_i
             assert " TCP_DENIED/403 " in proxy.log_line(what)
         small = curl("-x", proxy.url, "-H", "Expect:", "--data-binary", "hello", f"{origin.url}/echo")
         assert small.returncode == 0  # the proxy still serves
-        assert post(f"{origin.url}/allowed") == b"200"  # an allowed streamed upload goes through
+        assert post(f"{origin.url}/allowed") == b"200"  # an allowed upload goes through
         assert " TCP_MISS/200 " in proxy.log_line("/allowed")
+        assert len(origin.requests[-1].body) == body.stat().st_size
     finally:
         proxy.stop()
         origin.close()
