@@ -243,15 +243,8 @@ class AccessControl:
     def _deny_on_error(self, flow: http.HTTPFlow, e: Exception) -> None:
         d = _failed(e)
         flow.response = errorpage.make("ERR_ACCESS_DENIED", detail=d.rule)  # no URL: it may be what failed
-        self._refuse_body(flow)
+        answered.refuse_body(flow)
         self._mark(flow, None, d)
-
-    def _refuse_body(self, flow: http.HTTPFlow) -> None:
-        """A denied request's body is not invited (no "100 Continue"), and what the client sends anyway
-        is read and dropped as it comes (answered.py), never held in memory."""
-        flow.request.headers.pop("expect", None)
-        if self.answering and flow.request.method != "CONNECT":  # (a CONNECT has no body)
-            flow.request.stream = True
 
     def _undecided(self, flow: http.HTTPFlow) -> bool:
         """False when an earlier addon answered; mitmproxy's proxyauth challenge is taken over."""
@@ -285,7 +278,7 @@ class AccessControl:
         else:
             page = "ERR_ACCESS_DENIED"
             flow.response = errorpage.make(page, url, detail=d.rule)
-        self._refuse_body(flow)
+        answered.refuse_body(flow)
         flow.metadata[meta.CODE] = "TCP_DENIED"
         flow.metadata[meta.LOCAL] = "acl"
         flow.metadata[meta.ERROR] = page

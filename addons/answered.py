@@ -9,8 +9,10 @@ and waits until it gives up. Squid reads and discards the body of a request it r
 While `install()` is in effect (the addons that answer at `requestheaders` call it at load),
 such a body is read and dropped as it arrives, never held in memory, and the answer is sent
 once the body has ended, after the `request` and `responseheaders` hooks, as mitmproxy does
-for an answered request whose body it buffered. Nothing else changes. Not an addon: a helper
-the addons that answer use.
+for an answered request whose body it buffered; the flow keeps no request body (mitmweb shows
+it missing, and it cannot be replayed). `refuse_body(flow)` asks for that also without
+stream_large_bodies, where mitmproxy would hold the whole body in memory first. Nothing else
+changes. Not an addon: a helper the addons that answer use.
 """
 from __future__ import annotations
 
@@ -19,11 +21,15 @@ import time
 import types
 from pathlib import Path
 
+from mitmproxy import flow as mflow
+
 try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and install() says so
-    from mitmproxy.proxy.layers.http import (HttpRequestHook, HttpResponseHeadersHook, HttpStream,
-                                             RequestEndOfMessage, RequestTrailers)
+    from mitmproxy.proxy.layers.http import (HttpErrorHook, HttpRequestHook, HttpResponseHeadersHook, HttpStream,
+                                             RequestEndOfMessage, RequestTrailers, ResponseProtocolError,
+                                             SendHttp)
     PATCHABLE = all(callable(getattr(HttpStream, name, None))
-                    for name in ("start_request_stream", "send_response", "check_killed"))
+                    for name in ("start_request_stream", "send_response", "check_killed", "state_done",
+                                 "state_errored"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -37,6 +43,15 @@ except ImportError:  # loaded by path without the project installed
 def install() -> bool:
     """Drop the streamed body of an answered request (see the module's text)."""
     return _PATCH.install()
+
+
+def refuse_body(flow) -> None:
+    """For an addon answering a request at `requestheaders`: its body is not invited (no "100
+    Continue"), and what the client sends anyway is read and dropped as it comes, never held in
+    memory (while install() is in effect)."""
+    flow.request.headers.pop("expect", None)
+    if _PATCH.users and flow.request.method != "CONNECT":  # (a CONNECT has no body)
+        flow.request.stream = True
 
 
 def uninstall() -> None:
@@ -61,6 +76,14 @@ def _drop_request_body(self, event):
     self.client_state = self.state_done
     yield HttpRequestHook(self.flow)
     if (yield from self.check_killed(True)):
+        return
+    if self.flow.response is None:  # a script took the answer back: the body it would need is gone
+        msg = "the request was answered, then not, once its body had been dropped"
+        self.flow.error = mflow.Error(msg)
+        yield HttpErrorHook(self.flow)
+        yield SendHttp(ResponseProtocolError(self.stream_id, msg, 502), self.context.client)
+        self.client_state = self.state_errored
+        self.flow.live = False
         return
     self.flow.response.timestamp_start = time.time()
     yield HttpResponseHeadersHook(self.flow)

@@ -1019,6 +1019,7 @@ class Cache:
 
     def _only_if_cached(self, flow: http.HTTPFlow) -> None:
         flow.response = errorpage.make("ERR_ONLY_IF_CACHED_MISS", flow.request.pretty_url)
+        answered.refuse_body(flow)
         flow.metadata[meta.ERROR] = "ERR_ONLY_IF_CACHED_MISS"
         self._tag(flow, "TCP_MISS", "MISS", None)
         return None
@@ -1051,6 +1052,7 @@ class Cache:
         headers = http.Headers(list(f.headers))
         flow.response = http.Response("HTTP/1.1", f.status, b"Service Unavailable", headers,
                                       b"" if flow.request.method == "HEAD" else f.body, None, now, now)
+        answered.refuse_body(flow)  # (an upload to an origin that is down)
         flow.metadata[meta.ERROR] = f.page
         self._tag(flow, "TCP_NEGATIVE_HIT", "NEGATIVE_HIT", "mem")
         return None
@@ -1064,6 +1066,7 @@ class Cache:
         return any(ip.version == n.version and ip in n for n in self.purge_nets)
 
     def _purge(self, flow: http.HTTPFlow) -> None:
+        answered.refuse_body(flow)  # answered here, either way
         if not self._purge_allowed(flow):
             flow.response = errorpage.make("ERR_ACCESS_DENIED", flow.request.pretty_url,
                                            detail="PURGE is not allowed from this address (purge_from)")

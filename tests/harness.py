@@ -520,6 +520,14 @@ def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> s
                           capture_output=True, timeout=timeout + 5, input=input_bytes)
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def curl_status(*args: str, timeout: float = 20) -> int:
     r = curl("-o", "/dev/null", "-w", "%{http_code}", *args, timeout=timeout)
     return int(r.stdout or 0)

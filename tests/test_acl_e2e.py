@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, curl
+from harness import Origin, Proxy, curl, rss_mb
 
 PROBE = '''
 import json
@@ -587,13 +587,6 @@ def test_default_policy_is_found_from_any_folder_and_refuses_connect_to_high_por
         tls_origin.close()
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 @pytest.mark.parametrize("stream_large_bodies", ["64k", None])
 def test_a_denied_request_gets_its_403_and_its_body_is_dropped(tmp_path, stream_large_bodies):
     """The body of a denied request is read and dropped, never held (the proxy's memory does not
@@ -608,9 +601,9 @@ def test_a_denied_request_gets_its_403_and_its_body_is_dropped(tmp_path, stream_
         def post(url, *extra):
             return curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, "-H", "Expect:",
                         "--data-binary", f"@{body}", *extra, url, timeout=60).stdout
-        before = _rss_mb(proxy.proc.pid)
+        before = rss_mb(proxy.proc.pid)
         assert post("http://127.0.0.1:1/denied") == b"403"  # a port the policy refuses
-        assert _rss_mb(proxy.proc.pid) - before < 32, "the denied body was held in memory"
+        assert rss_mb(proxy.proc.pid) - before < 32, "the denied body was held in memory"
         assert post("http://127.0.0.1:1/chunked", "-H", "Transfer-Encoding: chunked") == b"403"
         for what in ("/denied", "/chunked"):
             assert " TCP_DENIED/403 " in proxy.log_line(what)
@@ -619,6 +612,37 @@ def test_a_denied_request_gets_its_403_and_its_body_is_dropped(tmp_path, stream_
         assert post(f"{origin.url}/allowed") == b"200"  # an allowed upload goes through
         assert " TCP_MISS/200 " in proxy.log_line("/allowed")
         assert len(origin.requests[-1].body) == body.stat().st_size
+    finally:
+        proxy.stop()
+        origin.close()
+
+
+TAKE_BACK = """
+from mitmproxy import http
+
+def requestheaders(flow):
+    if flow.request.path.startswith("/take-back"):
+        flow.response = http.Response.make(299, b"answered")
+
+def request(flow):
+    if flow.request.path.startswith("/take-back"):
+        flow.response = None  # (the body it would need to go on was dropped)
+"""
+
+
+def test_an_answer_taken_back_after_the_body_was_dropped_is_a_502_and_the_proxy_goes_on(tmp_path):
+    script = tmp_path / "take_back.py"
+    script.write_text(TAKE_BACK)
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"x" * 200_000)
+    origin = Origin()
+    proxy = Proxy(tmp_path / "p", options={"stream_large_bodies": "64k", "cache_dir": "none"}, args=["-s", str(script)])
+    try:
+        r = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", proxy.url, "-H", "Expect:",
+                 "--data-binary", f"@{body}", f"{origin.url}/take-back")
+        assert r.stdout == b"502" and not origin.requests
+        assert curl("-x", proxy.url, f"{origin.url}/after").stdout == b"hello /after"
+        assert "has crashed" not in proxy.text()
     finally:
         proxy.stop()
         origin.close()

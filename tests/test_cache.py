@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, wait_stored
+from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, rss_mb, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -360,6 +360,23 @@ def test_negative_caching_of_refused_origin(cproxy):
         s.listen()
         assert fetch(cproxy, url)[0] == 503
     assert codes(cproxy, url, 2)[1] == "TCP_NEGATIVE_HIT/503"
+
+
+def test_an_upload_to_an_origin_remembered_down_is_answered_without_holding_its_body(start_proxy, tmp_path,
+                                                                                     refused_port):
+    """The remembered failure answers the upload at once: its body is read and dropped as it comes
+    (mitmproxy alone holds a whole body in memory before an answer given at requestheaders)."""
+    p = start_proxy(options={"cache_dir": "none"})
+    url = f"http://127.0.0.1:{refused_port}/"
+    assert fetch(p, f"{url}first")[0] == 503
+    body = tmp_path / "body.bin"
+    body.write_bytes(b"x" * (64 * 1024 * 1024))
+    before = rss_mb(p.proc.pid)
+    r = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", p.url, "-H", "Expect:", "--data-binary", f"@{body}",
+             f"{url}upload", timeout=60)
+    assert r.stdout == b"503"
+    assert rss_mb(p.proc.pid) - before < 32, "the body was held in memory"
+    assert codes(p, f"{url}upload", 1) == ["TCP_NEGATIVE_HIT/503"]
 
 
 def test_negative_ttl_0_disables(start_proxy, origin, tmp_path, refused_port):
