@@ -27,10 +27,10 @@ on these machines) shares the core equally between the two, whatever the threads
 the ratio compares the CPU each spends per request. (In one session the proxy with more
 threads gets a larger share: all.py on misses measured 0.84 against the bare relay that
 way, 0.80 this way.) The cache's disk writer is a session of its own too, pinned to the
-proxies' core with its proxy. Its work is not taken from both alike, though: measured with
-paired runs, all.py on misses is 5 % slower with its disk tier than with cache_dir none when
-the writer shares the proxy's core, and as fast when the writer runs on the other core, as
-it would in production. The bench keeps the stricter setting.
+proxies' core with its proxy, the stricter setting (in production it may run on another
+core). Measured with paired runs: all.py on misses is 2 to 5 % slower with its disk tier
+than with cache_dir none, and moving the writer to the other core changed that by 1 %
+(session 11 measured it as fast there; session 13, on a slower machine, did not).
 
 Two more paired ratios say what the cache itself costs, every other Relais addon running
 on both sides: all.py on misses against all.py without the cache
