@@ -92,6 +92,6 @@ def _drop_request_body(self, event):
     yield from self.send_response()
 
 
-_PATCH = Patch(HttpStream if PATCHABLE else None, "start_request_stream", start_request_stream, PATCHABLE,
+_PATCH = Patch(HttpStream if PATCHABLE else None, "start_request_stream", start_request_stream,
                "this mitmproxy's HTTP layer is not the one expected: a request refused while its body is "
                "streamed (stream_large_bodies) may get no answer")

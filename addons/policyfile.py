@@ -126,4 +126,4 @@ class Watch:
         """The files as they are now could not be read: not tried again until one changes again, or
         one of `also` (what the refused version included)."""
         self.stamp = stamp(self.path)
-        self.also = {p: stamp(Path(p)) for p in {**self.also, **dict.fromkeys(also)}}
+        self.also = {p: stamp(Path(p)) for p in [*self.also, *also]}

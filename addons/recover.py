@@ -43,16 +43,16 @@ logger = logging.getLogger(__name__)
 class Patch:
     """A method of mitmproxy's HTTP layer replaced while any addon needs it: each install() needs its
     uninstall(), and the last uninstall() puts the original back. `original` is for the replacement
-    to call."""
+    to call. `cls` None: this mitmproxy's layer is not the one expected, and install() says so."""
 
-    def __init__(self, cls, name: str, replacement, usable: bool, warning: str):
-        self.cls, self.name, self.replacement, self.usable, self.warning = cls, name, replacement, usable, warning
+    def __init__(self, cls, name: str, replacement, warning: str):
+        self.cls, self.name, self.replacement, self.warning = cls, name, replacement, warning
         self.original = None
         self.users = 0
 
     def install(self) -> bool:
         """False (and the warning logged) when this mitmproxy's HTTP layer is not the one expected."""
-        if not self.usable:
+        if self.cls is None:
             logger.warning(self.warning)
             return False
         self.users += 1
@@ -106,6 +106,6 @@ def handle_protocol_error(self, event):
             return
 
 
-_PATCH = Patch(HttpStream if PATCHABLE else None, "handle_protocol_error", handle_protocol_error, PATCHABLE,
+_PATCH = Patch(HttpStream if PATCHABLE else None, "handle_protocol_error", handle_protocol_error,
                "this mitmproxy's HTTP layer is not the one expected: an origin that fails before "
                "responding gets mitmproxy's own 502, never a stale copy or Squid's page")

@@ -520,12 +520,26 @@ def curl(*args: str, timeout: float = 20, input_bytes: bytes | None = None) -> s
                           capture_output=True, timeout=timeout + 5, input=input_bytes)
 
 
-def rss_mb(pid: int) -> float:
-    """A process's resident memory now, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def family(pid: int) -> list[int]:
+    """pid and its child processes (the cache's disk writer)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid, *kids]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The most resident memory a process and its child processes (the cache's disk writer) have had
+    so far, in MB: a body held only a moment counts."""
+    total = 0.0
+    for p in family(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
 
 
 def curl_status(*args: str, timeout: float = 20) -> int:

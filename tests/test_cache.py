@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, rss_mb, wait_stored
+from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, peak_rss_mb, wait_stored
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -371,11 +371,11 @@ def test_an_upload_to_an_origin_remembered_down_is_answered_without_holding_its_
     assert fetch(p, f"{url}first")[0] == 503
     body = tmp_path / "body.bin"
     body.write_bytes(b"x" * (64 * 1024 * 1024))
-    before = rss_mb(p.proc.pid)
+    before = peak_rss_mb(p.proc.pid)
     r = curl("-o", "/dev/null", "-w", "%{http_code}", "-x", p.url, "-H", "Expect:", "--data-binary", f"@{body}",
              f"{url}upload", timeout=60)
     assert r.stdout == b"503"
-    assert rss_mb(p.proc.pid) - before < 32, "the body was held in memory"
+    assert peak_rss_mb(p.proc.pid) - before < 32, "the body was held in memory"
     assert codes(p, f"{url}upload", 1) == ["TCP_NEGATIVE_HIT/503"]
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from harness import free_port, wait_port  # noqa: E402
+from harness import family, free_port, wait_port  # noqa: E402
 
 PARALLEL = 8  # concurrent transfers
 
@@ -45,17 +45,6 @@ def load(proxy_url: str, urls: list[str], tmp: Path) -> float:
     bad = [c for c in codes if c != "200"]
     assert len(codes) == len(urls) and not bad, f"{len(bad)} failed requests: {bad[:5]}"
     return len(urls) / elapsed
-
-
-def family(pid: int) -> list[int]:
-    """pid and its child processes (the cache's disk writer)."""
-    kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            kids += [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return [pid, *kids]
 
 
 def cpu_seconds(pid: int) -> float:

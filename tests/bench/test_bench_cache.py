@@ -44,24 +44,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loadgen import PARALLEL, CLIENT_CORE, PROXY_CORE, FastOrigin, can_pin, family, load, paired, pin, wait_idle  # noqa: E402
-from harness import ROOT, Proxy  # noqa: E402
+from loadgen import PARALLEL, CLIENT_CORE, PROXY_CORE, FastOrigin, can_pin, load, paired, pin, wait_idle  # noqa: E402
+from harness import ROOT, Proxy, peak_rss_mb  # noqa: E402
 
 N = 3000            # requests per throughput scenario
 OBJECTS = 100       # distinct URLs for the hit scenarios
 SIZE = 1000         # body bytes
 CACHE_MEM_MB = 8
 RSS_OBJECTS = (100 * 1024, 1024)  # object sizes of the RSS scenarios (bytes)
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak RSS of mitmdump plus that of its child processes (the cache's disk writer)."""
-    total = 0.0
-    for p in family(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) / 1024
-    return total
 
 
 def count_codes(proxy: Proxy) -> dict[str, int]:
