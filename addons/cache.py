@@ -566,7 +566,7 @@ class Cache:
         self.counts: Counter = Counter()
         self.purge_nets: list = []
         self.negative_ttl = 30.0
-        self.max_stale = 0.0
+        self.max_stale = 604800.0
         self.reload_into_ims = False
         self.object_max = 4 * 1024 * 1024
         self.sizes: dict[str, int] = {}
@@ -601,12 +601,12 @@ class Cache:
                           "includes) changes, and by cache.reload.")
         loader.add_option("purge_from", Sequence[str], ["127.0.0.1/8", "::1"],
                           "Client networks allowed to use the PURGE method.")
-        loader.add_option("max_stale", int, 0,
-                          "Squid max_stale: seconds past its freshness a stored response may still be served when "
-                          "the origin fails (unreachable, 5xx, connection closed), even without stale-if-error; "
-                          "must-revalidate still forbids it. 0 (the default) serves stale only where RFC 9111 "
-                          "and RFC 5861 let the origin or the client allow it; Squid's own default is one week "
-                          "(604800).")
+        loader.add_option("max_stale", int, 604800,
+                          "Squid max_stale: seconds past its freshness a stored response may still be served, with "
+                          "Warning 111, when the origin fails (unreachable, 5xx, connection closed), even without "
+                          "stale-if-error; must-revalidate, proxy-revalidate, s-maxage and no-cache still forbid it. "
+                          "One week by default, as in Squid; 0 serves stale only where RFC 9111 and RFC 5861 let "
+                          "the origin or the client allow it.")
         loader.add_option("reload_into_ims", bool, False,
                           "Squid reload_into_ims: a client's reload (Cache-Control: no-cache, Pragma: no-cache) of a "
                           "stored response with validators is revalidated with If-None-Match / If-Modified-Since "

@@ -22,7 +22,9 @@ LM = "Mon, 02 Nov 2026 10:00:00 GMT"
 @pytest.fixture(scope="module")
 def cproxy(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cacheproxy")
-    p = Proxy(tmp, options={"cache_dir": str(tmp / "cache"), "negative_ttl": 30})
+    # max_stale 0: stale copies only where the origin or the client allows them (stale-if-error,
+    # max-stale), which the tests below check; Squid's default (a week) has its own test
+    p = Proxy(tmp, options={"cache_dir": str(tmp / "cache"), "negative_ttl": 30, "max_stale": 0})
     yield p
     p.stop()
 
@@ -525,6 +527,32 @@ def test_max_stale_serves_stale_when_the_origin_fails_without_stale_if_error(tmp
         assert (status, body) == (200, b"good") and "111" in headers.get("warning", "")
         assert fetch(p, f"{origin.url}/ms-mr-{how}")[0] == (503 if how == "503" else 502)
         assert codes(p, f"{origin.url}/ms-{how}", 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize("how", ["503", "closed", "down"])
+def test_stale_copies_are_served_when_the_origin_fails_by_default_as_in_squid(tmp_path, origin, how):
+    """Squid's default max_stale is a week: without any option a stale copy answers for an origin
+    that fails, with Warning 111; must-revalidate still forbids it."""
+    p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache")})
+    down = Origin() if how == "down" else None
+    try:
+        urls = []
+        for name, cc in (("plain", "max-age=1"), ("mr", "max-age=1,must-revalidate")):
+            if down:
+                urls.append(f"{down.url}/d-{name}?h.Cache-Control={cc}")
+            else:
+                origin.route(f"/d-{how}-{name}", good_then_broken(cc) if how == "503" else good_then_gone(cc, CLOSE))
+                urls.append(f"{origin.url}/d-{how}-{name}")
+            assert fetch(p, urls[-1])[0] == 200
+        if down:
+            down.close()
+        time.sleep(2.3)  # stale, and past the errors addon's connect_check_ttl (2 s)
+        status, headers, body = fetch(p, urls[0])
+        assert status == 200 and body.startswith(b"good" if not down else b"hello") and "111" in headers.get("warning", "")
+        assert fetch(p, urls[1])[0] == (502 if how == "closed" else 503)
+        assert codes(p, urls[0].split("?")[0], 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
     finally:
         p.stop()
 
