@@ -18,9 +18,9 @@ mitmproxy's hooks:
 - response: 304 to a revalidation -> stored headers updated and the stored
   body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
   (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error, or the error
-  (TCP_REFRESH_FAIL_ERR); storable
-  responses stored, unless Squid's cache / store_miss rules keep them out; unsafe methods
-  invalidate (RFC 9111 4.4).
+  (TCP_REFRESH_FAIL_ERR); storable responses stored (a single-range 206 apart, for
+  the ranges it holds), unless Squid's cache / store_miss rules keep them out; unsafe
+  methods invalidate (RFC 9111 4.4).
 - error: an aborted transfer is never stored. A revalidation the origin failed
   before any response (refused mitmproxy's connection, closed or reset it) is
   answered with the stale entry stale-if-error or max_stale allows
@@ -353,6 +353,7 @@ def _names(headers: http.Headers) -> set[bytes]:
 
 
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
 
 
 class _Derived:
@@ -759,11 +760,14 @@ class Cache:
         return d
 
     # --- lookups ----------------------------------------------------------
-    def lookup(self, key: str, req_headers) -> tuple[cachestore.Entry | None, str | None]:
+    def lookup(self, key: str, req_headers, partial: bool = False) -> tuple[cachestore.Entry | None, str | None]:
+        """The stored response for this request (with `partial`, the stored partial one instead)."""
         store = self.store
         failed = None
         for fields in store.vary_sets(key):
             vk = rfc9111.vary_values(fields, req_headers) if fields else ()
+            if partial:
+                vk = (*vk, rfc9111.PARTIAL)
             entry, tier = store.get(key, cachestore.vary_hash(vk))
             if entry is not None:
                 return entry, tier
@@ -829,6 +833,8 @@ class Cache:
             self.counts["miss"] += 1
             return None
         entry, tier = self.lookup(key, req.headers)
+        if entry is None and b"range" in names and self._answer_partial(flow, key, names):
+            return None
         if entry is None:
             if b"cache-control" in names and rfc9111.only_if_cached(req.headers):
                 return self._only_if_cached(flow)
@@ -883,6 +889,29 @@ class Cache:
         if failure:
             return self._answer_failure(flow, failure)
         return self._revalidate(flow, key, entry, tier)
+
+    def _answer_partial(self, flow: http.HTTPFlow, key: str, names: set[bytes]) -> bool:
+        """RFC 9111 3.3: a range that a fresh stored partial response (a 206) holds is answered from
+        it. Anything else (a conditional, a range it lacks, a stale one) goes to the origin, whose
+        206 then replaces it: partial responses are neither revalidated nor combined."""
+        if names & _CONDITIONALS:
+            return False
+        entry, tier = self.lookup(key, flow.request.headers, partial=True)
+        if entry is None:
+            return False
+        req, m = flow.request, entry.meta
+        part = rfc9111.content_range(rfc9111.get(m.headers, "content-range"))
+        r = rfc9111.parse_range(req.headers.get("range"), part[2]) if part else None
+        if r is None or r == rfc9111.UNSATISFIABLE or not part[0] <= r[0] <= r[1] <= part[1] \
+                or not rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):
+            return False
+        age = m.age(time.time())
+        asks = req.headers if b"cache-control" in names or b"pragma" in names else ()
+        d = rfc9111.decide(asks, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
+        if not d.serve:
+            return False
+        self._serve(flow, entry, tier, age, stale=d.staleness >= 0, names=names)
+        return True
 
     def _revalidate(self, flow: http.HTTPFlow, key: str, entry: cachestore.Entry, tier: str,
                     reload: bool = False) -> None:
@@ -976,9 +1005,12 @@ class Cache:
             if cond:
                 status, reason, body = 304, "Not Modified", b""
                 headers.pop("Content-Length", None)
-        if cond is None and m.status == 200 and b"range" in names and \
+        if cond is None and m.status in (200, 206) and b"range" in names and \
                 rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):
-            r = rfc9111.parse_range(req.headers.get("range"), len(body))
+            start, length = 0, len(body)
+            if m.status == 206:  # a stored partial response, which holds the range (_answer_partial)
+                start, _, length = rfc9111.content_range(rfc9111.get(m.headers, "content-range"))
+            r = rfc9111.parse_range(req.headers.get("range"), length)
             if r == rfc9111.UNSATISFIABLE:
                 status, reason = 416, "Range Not Satisfiable"
                 headers["Content-Range"] = f"bytes */{len(body)}"
@@ -987,8 +1019,8 @@ class Cache:
             elif r is not None:
                 first, last = r
                 status, reason = 206, "Partial Content"
-                headers["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
-                body = body[first:last + 1]
+                headers["Content-Range"] = f"bytes {first}-{last}/{length}"
+                body = body[first - start:last - start + 1]
                 headers["Content-Length"] = str(len(body))
         if req.method == "HEAD":
             body = b""
@@ -1120,7 +1152,7 @@ class Cache:
         streams.wrap(resp, copying)
 
     def _meta(self, flow: http.HTTPFlow, key: str, length: int, digest: str,
-              rh: rfc9111.Fields | None = None) -> cachestore.Meta | None:
+              rh: rfc9111.Fields | None = None, partial: bool = False) -> cachestore.Meta | None:
         req, resp = flow.request, flow.response
         if rh is None:
             rh = rfc9111.Fields.of(resp.headers)
@@ -1137,12 +1169,12 @@ class Cache:
             return None  # never fresh and cannot be revalidated: storing it is useless
         # Age and X-Cache are recomputed when served; Content-Length is the stored body's, added by the caller
         headers = rfc9111.storable_headers(rh, also_drop=_RECOMPUTED)
+        vary_key = rfc9111.vary_values(fields, req.headers) if fields else ()
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
             headers=headers, request_time=request_time, response_time=response_time,
             lifetime=lifetime, lifetime_source=source, vary=fields,
-            vary_key=rfc9111.vary_values(fields, req.headers) if fields else (),
-            length=length, digest=digest)
+            vary_key=(*vary_key, rfc9111.PARTIAL) if partial else vary_key, length=length, digest=digest)
         m.initial_age = rfc9111.initial_age(rh, request_time, response_time)
         m.targeted = policy is not rh
         return m
@@ -1320,11 +1352,16 @@ class Cache:
                     return  # truncated
             except ValueError:
                 return
-        ok, reason = rfc9111.storable("GET", resp.status_code, req.headers,
-                                      self._view(flow, fields), negative_ttl=self.negative_ttl)
+        partial = resp.status_code == 206
+        if partial:  # RFC 9111 3.3: kept for the ranges it holds, if it says which (one range, known length)
+            part = rfc9111.content_range(", ".join(fields.index.get("content-range", ())))
+            if part is None or part[1] - part[0] + 1 != len(body) or b"range" not in _names(req.headers):
+                return
+        ok, reason = rfc9111.storable("GET", resp.status_code, req.headers, self._view(flow, fields),
+                                      negative_ttl=self.negative_ttl, partial=partial)
         if not ok or len(body) > self.object_max:
             return
-        m = self._meta(flow, key, len(body), cachestore.digest(body), fields)
+        m = self._meta(flow, key, len(body), cachestore.digest(body), fields, partial=partial)
         if m is None:
             return
         _add_length(m.headers, m.status, len(body))

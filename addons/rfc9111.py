@@ -410,17 +410,18 @@ def has_explicit_freshness(resp_headers, shared: bool = True) -> bool:
 
 
 def storable(method: str, status: int, req_headers, resp_headers, *, shared: bool = True,
-             negative_ttl: float = 30.0) -> tuple[bool, str]:
+             negative_ttl: float = 30.0, partial: bool = False) -> tuple[bool, str]:
     """RFC 9111 3 (and 3.5 for Authorization): may this response be stored? -> (ok, reason).
 
     Only GET responses are stored (HEAD is answered from a stored GET);
-    partial content (206) and 304 are never stored as complete responses.
+    304 never is, and partial content (206) only with `partial` (3.3: kept
+    apart, for the ranges it holds, never as a complete response).
     """
     if method != "GET":
         return False, f"method {method}"
     req_cc = cache_control(req_headers)
     resp_cc = cache_control(resp_headers)
-    if status < 200 or status in (206, 304):
+    if status < 200 or status == 304 or (status == 206 and not partial):
         return False, f"status {status}"
     if "must-understand" in resp_cc:
         if status not in UNDERSTOOD_STATUSES:
@@ -826,7 +827,32 @@ def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
-# --- RFC 9110 14: ranges from a complete stored response ---------------------
+# --- RFC 9110 14: ranges from a stored response ------------------------------
+
+# The last part of a stored partial response's secondary key (3.3): a request looks it up only for
+# a range, so it never answers as a complete response.
+PARTIAL = ("\x00partial", None)
+
+
+def content_range(value: str | None) -> tuple[int, int, int] | None:
+    """RFC 9110 14.4: a 206's `Content-Range: bytes first-last/length` -> (first, last, length).
+
+    None for anything else: other units, an unknown length (`*`), a range
+    past the length, or no field (a multipart/byteranges answer).
+    """
+    if not value:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    span, slash, length_s = rest.strip().partition("/")
+    first_s, dash, last_s = span.partition("-")
+    digits = (first_s, last_s, length_s)
+    if unit.lower() != "bytes" or not slash or not dash or not all(d.isascii() and d.isdigit() for d in digits):
+        return None
+    first, last, length = (_at_most(d, POSITION_MAX) for d in digits)
+    if first > last or last >= length:
+        return None
+    return first, last, length
+
 
 UNSATISFIABLE = "unsatisfiable"
 

@@ -139,8 +139,12 @@ class TestStorable:
         assert not self.ok(method="HEAD", resp=H(cache_control="max-age=10"))
         assert not self.ok(method="POST", resp=H(cache_control="max-age=10"))
 
-    def test_partial_and_304_never(self):
+    def test_partial_only_as_partial_and_304_never(self):  # 3.3
         assert not self.ok(206, resp=H(cache_control="max-age=10"))
+        assert r.storable("GET", 206, [], H(cache_control="max-age=10"), partial=True)[0]
+        assert r.storable("GET", 206, [], [], partial=True)[0]  # heuristically cacheable, as 200
+        assert not r.storable("GET", 206, [], H(cache_control="no-store"), partial=True)[0]
+        assert not r.storable("GET", 304, [], H(cache_control="max-age=10"), partial=True)[0]
         assert not self.ok(304, resp=H(cache_control="max-age=10"))
         assert not self.ok(100)
 
@@ -474,6 +478,15 @@ class TestRanges:
         assert r.parse_range(f"bytes=10-{many}", 100) == (10, 99)
         assert r.parse_range(f"bytes=-{many}", 100) == (0, 99)
         assert r.parse_range("bytes=" + "0" * 5000 + "5-" + "0" * 30 + "9", 100) == (5, 9)  # leading zeros
+
+    def test_content_range(self):  # RFC 9110 14.4
+        assert r.content_range("bytes 4-9/10") == (4, 9, 10)
+        assert r.content_range("  BYTES 0-0/1 ") == (0, 0, 1)
+        for v in (None, "", "bytes 4-9/*", "bytes */10", "bytes 9-4/10", "bytes 4-10/10", "items 0-1/2",
+                  "bytes 4-9", "bytes 4-/10", "bytes -9/10", "bytes 4-9/10, bytes 0-1/10", "bytes ²-9/10"):
+            assert r.content_range(v) is None, v
+        many = "9" * 5000  # more digits than int() takes: capped, never converted
+        assert r.content_range(f"bytes 0-1/{many}") == (0, 1, r.POSITION_MAX)
 
     def test_if_range(self):
         lm = r.format_http_date(NOW - 10)
