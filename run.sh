@@ -49,6 +49,8 @@ need_system_packages() {
   command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing+=(iptables)
   command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   command -v setpriv >/dev/null || missing+=(util-linux)
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       echo "run.sh: installing ${missing[*]}" >&2
@@ -58,6 +60,18 @@ need_system_packages() {
       echo "run.sh: missing system packages (install them as root): ${missing[*]}" >&2
     fi
   fi
+}
+
+# The public HTTP caching test suite (cache-tests.fyi) that tests/test_conformance.py runs against
+# Relais: from npm into .venv (git-ignored), never part of the project. Same version as the test.
+CACHE_TESTS=http-cache-tests@0.4.5
+need_cache_tests() {
+  local dir="$VENV/cache-tests"
+  command -v npm >/dev/null || return 0  # need_system_packages said so; the test skips
+  grep -qs "\"version\": \"${CACHE_TESTS#*@}\"" "$dir/node_modules/${CACHE_TESTS%@*}/package.json" && return 0
+  echo "run.sh: installing $CACHE_TESTS into .venv/cache-tests (log: .venv/npm.log)" >&2
+  npm install --no-save --no-audit --no-fund --prefix "$dir" "$CACHE_TESTS" > "$VENV/npm.log" 2>&1 ||
+    { tail -30 "$VENV/npm.log" >&2; exit 1; }
 }
 
 # Start mitmdump/mitmweb with the whole suite. As root, drop to RELAIS_USER, which owns var/.
@@ -84,6 +98,7 @@ case "${1:-}" in
     shift
     need_system_packages
     need_venv "[test]"
+    need_cache_tests
     set +e
     "$VENV/bin/python" -m pytest tests --ignore=tests/bench -p no:cacheprovider "$@"
     rc=$?
