@@ -25,6 +25,13 @@ PAGES = {
                            "This request could not be forwarded to the origin server or to any parent caches."),
     "ERR_DNS_FAIL": (503, "Unable to determine IP address from host name.",
                      "The DNS server returned an error for this host name."),
+    "ERR_ZERO_SIZE_OBJECT": (502, "Zero Sized Reply.",
+                             "The server closed the connection without sending any data for this request."),
+    "ERR_READ_ERROR": (502, "Read Error.",
+                       "The system returned an error while reading data from the network."),
+    "ERR_INVALID_RESP": (502, "Invalid Response.",
+                         "The HTTP Response message received from the contacted server could not be understood "
+                         "or was otherwise malformed."),
     "ERR_READ_TIMEOUT": (504, "Read Timeout.",
                          "The system timed out while waiting for the server."),
     "ERR_ONLY_IF_CACHED_MISS": (504, "Valid document was not found in the cache and only-if-cached directive was specified.",

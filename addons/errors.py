@@ -8,7 +8,10 @@ accepts connections (remembering a success for `connect_check_ttl` seconds,
 so a busy origin costs one extra handshake per interval), and answers with
 Squid's page when it does not; an origin that fails mitmproxy's own
 connection within that time gets the same page from the `error` hook
-(addons/recover.py sends it instead of mitmproxy's 502).
+(addons/recover.py sends it instead of mitmproxy's 502). An origin that
+accepts the request and then sends nothing usable gets Squid's 502 the same
+way: ERR_ZERO_SIZE_OBJECT when it closes or resets the connection (mitmproxy
+does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP.
 A request for the proxy's own address (a forwarding loop, which mitmproxy
 refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
 answers a loop. It also turns a failed CONNECT into Squid's 503, and runs
@@ -206,6 +209,10 @@ class Errors:
             if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
                 answer(flow, _connect_failure(flow.error.msg if flow.error else ""))
                 flow.metadata[meta.RECOVERED] = True
+        elif flow.response is None and flow.metadata.get(meta.RECOVERABLE):
+            # connected, then no usable response (closed, reset, garbage): Squid's page, not mitmproxy's
+            answer(flow, _read_failure(flow.error.msg if flow.error else "", flow.server_conn.peername))
+            flow.metadata[meta.RECOVERED] = True
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
@@ -233,6 +240,17 @@ def _connect_failure(message: str) -> Failure:
     dns = errno < 0 or any(w in message.lower() for w in ("name or service", "getaddrinfo", "resolve"))
     return Failure("ERR_DNS_FAIL" if dns else "ERR_CONNECT_FAIL", 0 if dns else errno, message or "connection failed",
                    None)
+
+
+def _read_failure(message: str, peer) -> Failure:
+    """Squid's page for an origin that accepted the request and sent no usable response."""
+    if "closed" in message:  # mitmproxy says "server closed connection" for a close and for a reset
+        page = "ERR_ZERO_SIZE_OBJECT"
+    elif "parse" in message:
+        page = "ERR_INVALID_RESP"
+    else:
+        page = "ERR_READ_ERROR"
+    return Failure(page, 0, message or "no response", str(peer[0]) if peer else None)
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -554,13 +555,40 @@ def test_stale_if_error_while_the_request_body_streams_keeps_the_connection_usab
         p.stop()
 
 
-def test_origin_ending_the_connection_without_stale_if_error_is_a_502(cproxy, origin):
+def test_origin_ending_the_connection_without_stale_if_error_is_squids_502(cproxy, origin):
     origin.route("/gone-nosie", good_then_gone("max-age=1", CLOSE))
     url = f"{origin.url}/gone-nosie"
     fetch(cproxy, url)
     time.sleep(1.3)
-    assert fetch(cproxy, url)[0] == 502
+    status, headers, _ = fetch(cproxy, url)
+    assert status == 502 and headers["x-squid-error"].startswith("ERR_ZERO_SIZE_OBJECT")
     assert codes(cproxy, url, 2)[1] == "TCP_MISS/502"
+
+
+def test_origin_answering_garbage_gets_squids_502_and_the_client_connection_stays(cproxy, origin):
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def garbage():  # (the errors addon's connection check comes first)
+        srv.settimeout(10)
+        for _ in range(3):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                if conn.recv(65536):
+                    conn.sendall(b"garbage, not HTTP\r\n\r\n")
+                    return
+    t = threading.Thread(target=garbage, daemon=True)
+    t.start()
+    try:  # one curl, one client connection: the page, then the next request on it
+        r = curl("-v", "-i", "-x", cproxy.url, f"http://127.0.0.1:{port}/g", f"{origin.url}/after-garbage")
+    finally:
+        t.join(5)
+        srv.close()
+    assert b"X-Squid-Error: ERR_INVALID_RESP" in r.stdout and b"hello /after-garbage" in r.stdout
+    assert b"Re-using existing connection" in r.stderr
 
 
 @pytest.mark.parametrize("how", ["503", "closed"])
@@ -756,7 +784,6 @@ def test_a_path_beyond_ascii_is_cached_on_disk_under_one_key(start_proxy, origin
     """Raw bytes that are not UTF-8 in a path (mitmproxy keeps them as lone surrogates, which the disk
     tier's SQLite refuses) are stored and served from disk; the percent-encoded path, as a browser
     sends it, is the same resource."""
-    import socket
     p = start_proxy(modes=(f"reverse:{origin.url}",), options={"cache_dir": str(tmp_path / "c"), "cache_mem": 0})
 
     def raw_get(target: bytes) -> bytes:
