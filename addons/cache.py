@@ -605,7 +605,8 @@ class Cache:
         loader.add_option("max_stale", int, 604800,
                           "Squid max_stale: seconds past its freshness a stored response may still be served, with "
                           "Warning 111, when the origin fails (unreachable, 5xx, connection closed), even without "
-                          "stale-if-error; must-revalidate, proxy-revalidate, s-maxage and no-cache still forbid it. "
+                          "stale-if-error; must-revalidate, proxy-revalidate, s-maxage and no-cache still forbid it, "
+                          "and an origin's own stale-if-error bounds it. "
                           "One week by default, as in Squid; 0 serves stale only where RFC 9111 and RFC 5861 let "
                           "the origin or the client allow it.")
         loader.add_option("reload_into_ims", bool, False,
@@ -908,7 +909,7 @@ class Cache:
         age = m.age(time.time())
         asks = req.headers if b"cache-control" in names or b"pragma" in names else ()
         d = rfc9111.decide(asks, m.headers, age, m.lifetime, resp_cc=self._derived(entry).cc)
-        if not d.serve:
+        if not d.serve or d.action == rfc9111.SWR:  # (a partial one is never refreshed in the background)
             return False
         self._serve(flow, entry, tier, age, stale=d.staleness >= 0, names=names)
         return True
@@ -1234,6 +1235,9 @@ class Cache:
                 return
             # Squid's names: a new response replaces the entry; an error that could not be answered stale
             code = "TCP_REFRESH_FAIL_ERR" if resp.status_code >= 500 else "TCP_REFRESH_MODIFIED"
+            if resp.status_code == 206 and rfc9111.validator_mismatch(pending.entry.meta.headers, resp.headers):
+                # 4.3.3: the stored response is not the current one; never serve it again (max_stale)
+                self.store.remove(key)
             flow.metadata[meta.CODE] = code
             flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
             flow.comment = f"cache: {code}"

@@ -947,7 +947,7 @@ class _Writer:
                 value = meta
             sets = list(vary_sets or [NO_VARY])
             idx = self._get(ikey(primary)) if stored_before else None
-            if idx is not None or sets != [NO_VARY]:
+            if idx is not None or sets != [NO_VARY] or meta.vhash != vary_hash(NO_VARY):  # (a partial one)
                 vhs = list(idx[1]) if idx else [vary_hash(NO_VARY)]  # a no-Vary entry may be there
                 if meta.vhash not in vhs:
                     vhs.append(meta.vhash)

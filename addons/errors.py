@@ -209,6 +209,10 @@ class Errors:
             if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
                 answer(flow, _connect_failure(flow.error.msg if flow.error else ""))
                 flow.metadata[meta.RECOVERED] = True
+        elif flow.response is None and flow.metadata.get(meta.RECOVERABLE) and _connect_error(flow):
+            # an intercepted HTTPS flow whose connection mitmproxy had to open again, and could not
+            answer(flow, _connect_failure(flow.error.msg))
+            flow.metadata[meta.RECOVERED] = True
         elif flow.response is None and flow.metadata.get(meta.RECOVERABLE):
             # connected, then no usable response (closed, reset, garbage): Squid's page, not mitmproxy's
             answer(flow, _read_failure(flow.error.msg if flow.error else "", flow.server_conn.peername))
@@ -242,11 +246,17 @@ def _connect_failure(message: str) -> Failure:
                    None)
 
 
+def _connect_error(flow: http.HTTPFlow) -> bool:
+    """True when the flow's error is mitmproxy's failure to open a connection (an OSError's [Errno n], as
+    _connect_failure reads it), not a failure of the connection it had."""
+    return bool(flow.error and re.search(r"\[Errno -?\d+\]", flow.error.msg))
+
+
 def _read_failure(message: str, peer) -> Failure:
     """Squid's page for an origin that accepted the request and sent no usable response."""
-    if "closed" in message:  # mitmproxy says "server closed connection" for a close and for a reset
+    if message == "server closed connection":  # mitmproxy's words for a close and for a reset
         page = "ERR_ZERO_SIZE_OBJECT"
-    elif "parse" in message:
+    elif message.startswith(("Cannot parse HTTP response", "unexpected server response")):
         page = "ERR_INVALID_RESP"
     else:
         page = "ERR_READ_ERROR"

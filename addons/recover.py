@@ -32,8 +32,8 @@ except ImportError:  # loaded by path without the project installed
 
 try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and install() says so
     from mitmproxy.proxy.layers.http import HttpErrorHook, HttpStream, ResponseProtocolError
-    PATCHABLE = callable(getattr(HttpStream, "handle_protocol_error", None)) and \
-        callable(getattr(HttpStream, "send_response", None))
+    PATCHABLE = all(callable(getattr(HttpStream, name, None))
+                    for name in ("handle_protocol_error", "send_response", "state_errored"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -103,6 +103,8 @@ def handle_protocol_error(self, event):
             logger.debug("%s: answered after the origin failed (%s)", self.flow.request.url, event.message)
             self.flow.error = None
             yield from self.send_response()
+            # events queued while the hook ran (the origin's close after its garbage) find a finished stream
+            self.client_state = self.server_state = self.state_errored
             return
 
 

@@ -633,6 +633,9 @@ def stale_if_error_ok(req_headers, resp_headers, staleness: float, shared: bool 
     resp_cc = cache_control(resp_headers)
     if must_revalidate_when_stale(resp_cc, shared):
         return False
+    limit = resp_cc.delta("stale-if-error")
+    if limit is not None and limit is not INVALID and staleness > limit:
+        max_stale = 0  # the origin's own bound wins over the operator's, as in Squid
     if max_stale > 0 and staleness <= max_stale:
         return True
     req_cc = cache_control(req_headers)

@@ -375,6 +375,52 @@ def test_stored_partial_response_answers_the_ranges_it_holds(cproxy, origin):
                                       "TCP_MEM_HIT/206", "TCP_MISS/200", "TCP_MEM_HIT/206"]
 
 
+def test_a_206_with_another_etag_to_a_revalidation_replaces_the_stored_response(cproxy, origin):
+    """The stale complete response was revalidated for a range and the origin sent a 206 of another
+    representation: the old one must never answer again (a resumed download would mix the two)."""
+    state = {"body": b"0123456789", "etag": '"v1"', "cc": "max-age=1"}
+
+    def route(seen):
+        asked = {k.lower(): v for k, v in seen.headers.items()}.get("range")
+        headers = {"Cache-Control": state["cc"], "ETag": state["etag"]}
+        if not asked:
+            return 200, headers, state["body"]
+        first, last = (int(x) for x in asked.split("=")[1].split("-"))
+        return 206, {**headers, "Content-Range": f"bytes {first}-{last}/10"}, state["body"][first:last + 1]
+    origin.route("/reval-206", route)
+    url = f"{origin.url}/reval-206"
+    assert fetch(cproxy, url)[2] == b"0123456789"
+    time.sleep(1.3)
+    state.update(body=b"abcdefghij", etag='"v2"', cc="max-age=60")
+    assert fetch(cproxy, url, "-H", "Range: bytes=0-2")[2] == b"abc"
+    assert fetch(cproxy, url, "-H", "Range: bytes=0-2")[2] == b"abc"  # the new partial one, stored
+    assert fetch(cproxy, url, "-H", "Range: bytes=5-7")[2] == b"fgh"  # not the old one's "567"
+    assert codes(cproxy, url, 4)[1:] == ["TCP_REFRESH_MODIFIED/206", "TCP_MEM_HIT/206", "TCP_MISS/206"]
+
+
+def test_purge_and_unsafe_methods_remove_a_partial_response_from_disk(tmp_path, origin):
+    """A partial response of a resource without Vary is found on disk under its own key: PURGE and a
+    POST remove it too, also after a restart."""
+    p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "c"), "cache_mem": 0})
+    origin.route("/partial-disk", ranged(b"0123456789"))
+    url = f"{origin.url}/partial-disk"
+    try:
+        for how in ("PURGE", "POST", "PURGE after a restart"):
+            fetch(p, url, "-H", "Range: bytes=2-4")
+            wait_stored(tmp_path / "c", "/partial-disk")
+            if how.endswith("restart"):
+                p.stop()
+                p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "c"), "cache_mem": 0})
+            before = origin.hits["/partial-disk"]
+            assert fetch(p, url, "-H", "Range: bytes=2-4")[2] == b"234"
+            assert origin.hits["/partial-disk"] == before  # stored
+            assert fetch(p, url, "-X", how.split()[0])[0] == 200
+            fetch(p, url, "-H", "Range: bytes=2-4")
+            assert origin.hits["/partial-disk"] == before + (2 if how == "POST" else 1), how  # gone
+    finally:
+        p.stop()
+
+
 def test_partial_response_of_unknown_length_is_not_stored(cproxy, origin):
     origin.route("/partial-star", ranged(b"0123456789", length_known=False))
     url = f"{origin.url}/partial-star"
@@ -589,6 +635,7 @@ def test_origin_answering_garbage_gets_squids_502_and_the_client_connection_stay
         srv.close()
     assert b"X-Squid-Error: ERR_INVALID_RESP" in r.stdout and b"hello /after-garbage" in r.stdout
     assert b"Re-using existing connection" in r.stderr
+    assert "has crashed" not in cproxy.text()  # the origin's close, after the hook answered, finds a done stream
 
 
 @pytest.mark.parametrize("how", ["503", "closed"])

@@ -359,6 +359,11 @@ class TestDecide:
         assert not r.stale_if_error_ok([], H(cache_control="max-age=1, must-revalidate"), 30, max_stale=60)
         assert not r.stale_if_error_ok([], H(cache_control="max-age=1, s-maxage=1"), 30, max_stale=60)
         assert not r.stale_if_error_ok([], H(cache_control="max-age=1"), 30, max_stale=0)
+        # the origin's own stale-if-error bounds it (as in Squid); a client's max-stale still may allow more
+        assert not r.stale_if_error_ok([], H(cache_control="max-age=1, stale-if-error=0"), 30, max_stale=60)
+        assert r.stale_if_error_ok([], H(cache_control="max-age=1, stale-if-error=40"), 30, max_stale=60)
+        assert r.stale_if_error_ok(H(cache_control="max-stale=50"), H(cache_control="max-age=1, stale-if-error=0"),
+                                   30, max_stale=60)
 
 
 # --- 4.1 Vary ------------------------------------------------------------------------------
