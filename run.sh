@@ -67,7 +67,7 @@ need_system_packages() {
 CACHE_TESTS=http-cache-tests@0.4.5
 need_cache_tests() {
   local dir="$VENV/cache-tests"
-  command -v npm >/dev/null || return 0  # need_system_packages said so; the test skips
+  command -v npm >/dev/null || return 0  # need_system_packages said so; the conformance test fails, saying why
   grep -qs "\"version\": \"${CACHE_TESTS#*@}\"" "$dir/node_modules/${CACHE_TESTS%@*}/package.json" && return 0
   echo "run.sh: installing $CACHE_TESTS into .venv/cache-tests (log: .venv/npm.log)" >&2
   npm install --no-save --no-audit --no-fund --prefix "$dir" "$CACHE_TESTS" > "$VENV/npm.log" 2>&1 ||

@@ -1014,7 +1014,7 @@ class Cache:
             r = rfc9111.parse_range(req.headers.get("range"), length)
             if r == rfc9111.UNSATISFIABLE:
                 status, reason = 416, "Range Not Satisfiable"
-                headers["Content-Range"] = f"bytes */{len(body)}"
+                headers["Content-Range"] = f"bytes */{length}"
                 body = b""
                 headers["Content-Length"] = "0"
             elif r is not None:
@@ -1359,7 +1359,7 @@ class Cache:
         partial = resp.status_code == 206
         if partial:  # RFC 9111 3.3: kept for the ranges it holds, if it says which (one range, known length)
             part = rfc9111.content_range(", ".join(fields.index.get("content-range", ())))
-            if part is None or part[1] - part[0] + 1 != len(body) or b"range" not in _names(req.headers):
+            if part is None or part[1] - part[0] + 1 != len(body) or "range" not in req.headers:
                 return
         ok, reason = rfc9111.storable("GET", resp.status_code, req.headers, self._view(flow, fields),
                                       negative_ttl=self.negative_ttl, partial=partial)

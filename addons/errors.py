@@ -209,13 +209,15 @@ class Errors:
             if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
                 answer(flow, _connect_failure(flow.error.msg if flow.error else ""))
                 flow.metadata[meta.RECOVERED] = True
-        elif flow.response is None and flow.metadata.get(meta.RECOVERABLE) and _connect_error(flow):
-            # an intercepted HTTPS flow whose connection mitmproxy had to open again, and could not
-            answer(flow, _connect_failure(flow.error.msg))
-            flow.metadata[meta.RECOVERED] = True
         elif flow.response is None and flow.metadata.get(meta.RECOVERABLE):
-            # connected, then no usable response (closed, reset, garbage): Squid's page, not mitmproxy's
-            answer(flow, _read_failure(flow.error.msg if flow.error else "", flow.server_conn.peername))
+            # connected once, then no usable response (closed, reset, garbage), or an intercepted HTTPS
+            # flow whose connection mitmproxy had to open again and could not: Squid's page, not mitmproxy's
+            message = flow.error.msg if flow.error else ""
+            if _ERRNO.search(message):  # an OSError of connecting, as _connect_failure reads it
+                self.reachable.pop((flow.request.host, flow.request.port), None)
+                answer(flow, _connect_failure(message))
+            else:
+                answer(flow, _read_failure(message, flow.server_conn.peername))
             flow.metadata[meta.RECOVERED] = True
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
@@ -236,20 +238,17 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
     return tuple(mode.address) if getattr(mode, "type_name", "") == "upstream" else None
 
 
+_ERRNO = re.compile(r"\[Errno (-?\d+)\]")  # how mitmproxy words an OSError of its own connection
+
+
 def _connect_failure(message: str) -> Failure:
     """Squid's page for mitmproxy's own failed connection, from its message ("[Errno 111] Connect call
     failed ...", "[Errno -2] Name or service not known"...)."""
-    m = re.search(r"\[Errno (-?\d+)\]", message)
+    m = _ERRNO.search(message)
     errno = int(m.group(1)) if m else 0
     dns = errno < 0 or any(w in message.lower() for w in ("name or service", "getaddrinfo", "resolve"))
     return Failure("ERR_DNS_FAIL" if dns else "ERR_CONNECT_FAIL", 0 if dns else errno, message or "connection failed",
                    None)
-
-
-def _connect_error(flow: http.HTTPFlow) -> bool:
-    """True when the flow's error is mitmproxy's failure to open a connection (an OSError's [Errno n], as
-    _connect_failure reads it), not a failure of the connection it had."""
-    return bool(flow.error and re.search(r"\[Errno -?\d+\]", flow.error.msg))
 
 
 def _read_failure(message: str, peer) -> Failure:

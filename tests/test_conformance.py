@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 
 from harness import ROOT, Proxy, free_port, stop_group, wait_port
 
@@ -75,10 +74,9 @@ def _installed() -> bool:
 
 
 def test_cache_tests_suite(tmp_path):
-    if not shutil.which("node"):
-        pytest.skip("node is not installed (./run.sh test installs it as root)")
-    if not _installed():
-        pytest.skip(f"http-cache-tests {VERSION} is not installed in {SUITE} (./run.sh test installs it)")
+    # a missing suite is a failure, not a skip: ./run.sh test installs node (as root) and the package
+    assert shutil.which("node"), "node is not installed: run ./run.sh test (as root it installs nodejs)"
+    assert _installed(), f"http-cache-tests {VERSION} is not installed in {SUITE}: run ./run.sh test"
     defs = json.loads(subprocess.run(["node", "--input-type=module", "-e", DEFINITIONS], cwd=SUITE,
                                      capture_output=True, text=True, check=True, timeout=60).stdout)
 

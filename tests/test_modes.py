@@ -196,6 +196,18 @@ def test_squids_page_for_mitmproxys_own_connection_failure(message, page, errno)
     assert (f.page, f.errno, str(f)) == (page, errno, message)
 
 
+@pytest.mark.parametrize("message, page", [
+    ("server closed connection", "ERR_ZERO_SIZE_OBJECT"),  # mitmproxy's words for a close and for a reset
+    ("Cannot parse HTTP response: Bad HTTP response line: b'x'", "ERR_INVALID_RESP"),
+    ("unexpected server response: b'hello'", "ERR_INVALID_RESP"),
+    ("unexpected server response: b'server closed connection'", "ERR_INVALID_RESP"),  # the origin's bytes
+    ("something else", "ERR_READ_ERROR")])
+def test_squids_page_for_an_origin_that_answered_nothing_usable(message, page):
+    from addons.errors import _read_failure
+    f = _read_failure(message, ("127.0.0.1", 80))
+    assert (f.page, str(f), f.address) == (page, message, "127.0.0.1")
+
+
 @pytest.mark.parametrize("check_ttl", [0, 30], ids=["checked", "trusted"])
 def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path, check_ttl, held_ports):
     """With connect_check_ttl 30 the backend was checked less than that ago when it died: mitmproxy's own
