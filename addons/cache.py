@@ -17,14 +17,15 @@ mitmproxy's hooks:
   temporary file chunk by chunk, by wrapping flow.response.stream.
 - response: 304 to a revalidation -> stored headers updated and the stored
   body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
-  (TCP_REFRESH_MODIFIED); origin failure -> stale-if-error, or the error
-  (TCP_REFRESH_FAIL_ERR); storable responses stored (a single-range 206 apart, for
+  (TCP_REFRESH_MODIFIED); origin failure (its 5xx, or the errors addon's page)
+  -> stale-if-error, or the error (TCP_REFRESH_FAIL_ERR); storable responses stored (a single-range 206 apart, for
   the ranges it holds), unless Squid's cache / store_miss rules keep them out; unsafe
   methods invalidate (RFC 9111 4.4).
 - error: an aborted transfer is never stored. A revalidation the origin failed
   before any response (refused mitmproxy's connection, closed or reset it) is
   answered with the stale entry stale-if-error or max_stale allows
-  (TCP_REFRESH_FAIL_OLD), which addons/recover.py sends instead of mitmproxy's 502.
+  (TCP_REFRESH_FAIL_OLD), which addons/recover.py sends instead of mitmproxy's 502;
+  else the error page that follows is logged TCP_REFRESH_FAIL_ERR, as Squid does.
 
 Commands: cache.purge URL, cache.clear, cache.stats, cache.reload (re-reads the cache policy,
 also done when its file changes; a broken file is refused and the last good policy stays).
@@ -1208,6 +1209,8 @@ class Cache:
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
                                         warning='111 - "Revalidation Failed"')
+            elif pending:  # as Squid logs its own error page for a revalidation that may not fall back
+                self._refreshed(flow, "TCP_REFRESH_FAIL_ERR")
             return
         if local:
             return
@@ -1233,15 +1236,11 @@ class Cache:
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),
                                         warning='111 - "Revalidation Failed"')
                 return
-            # Squid's names: a new response replaces the entry; an error that could not be answered stale
-            code = "TCP_REFRESH_FAIL_ERR" if resp.status_code >= 500 else "TCP_REFRESH_MODIFIED"
             if resp.status_code == 206 and rfc9111.validator_mismatch(pending.entry.meta.headers, resp.headers):
                 # 4.3.3: the stored response is not the current one; never serve it again (max_stale)
                 self.store.remove(key)
-            flow.metadata[meta.CODE] = code
-            flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
-            flow.comment = f"cache: {code}"
-            self.counts[code] += 1
+            # Squid's names: a new response replaces the entry; an error that could not be answered stale
+            self._refreshed(flow, "TCP_REFRESH_FAIL_ERR" if resp.status_code >= 500 else "TCP_REFRESH_MODIFIED")
         if method not in ("GET", "HEAD"):
             self._invalidate(flow, key)
             if method == "POST" and may_store and self._describes_target(flow, key):
@@ -1267,6 +1266,13 @@ class Cache:
                     flow.response.headers.pop(name, None)
         if not flow.metadata.get(meta.CODE) and resp.status_code < 400:
             flow.metadata[meta.CACHE] = {"status": "MISS", "tier": None}
+
+    def _refreshed(self, flow: http.HTTPFlow, code: str) -> None:
+        """Tag the answer to a revalidation that is not the stored response (a new one, or an error)."""
+        flow.metadata[meta.CODE] = code
+        flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
+        flow.comment = f"cache: {code}"
+        self.counts[code] += 1
 
     def _stale_if_error(self, flow: http.HTTPFlow, pending: Pending) -> bool:
         m = pending.entry.meta
@@ -1418,14 +1424,17 @@ class Cache:
         # The origin failed a revalidation before any response (refused mitmproxy's own connection, or
         # accepted it and closed or reset it): stale-if-error, as for an origin the errors addon found
         # unreachable (recover.py sends this answer instead of mitmproxy's 502).
-        if (pending is not None and flow.metadata.get(meta.RECOVERABLE) and not flow.metadata.get(meta.LOCAL)
-                and self._stale_if_error(flow, pending)):
-            failure = flow.error.msg if flow.error else "no response"
-            self._restore_conditionals(flow, pending)
-            self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),
-                                    warning='111 - "Revalidation Failed"')
-            flow.metadata[meta.RECOVERED] = True
-            flow.comment += f" (origin: {failure})"
+        if pending is None or not flow.metadata.get(meta.RECOVERABLE) or flow.metadata.get(meta.LOCAL):
+            return
+        if not self._stale_if_error(flow, pending):
+            self._refreshed(flow, "TCP_REFRESH_FAIL_ERR")  # the error page that follows is the answer
+            return
+        failure = flow.error.msg if flow.error else "no response"
+        self._restore_conditionals(flow, pending)
+        self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", meta.forwarded(flow),
+                                warning='111 - "Revalidation Failed"')
+        flow.metadata[meta.RECOVERED] = True
+        flow.comment += f" (origin: {failure})"
 
     # --- stale-while-revalidate -------------------------------------------------
     def _refresh_in_background(self, key: str, entry: cachestore.Entry, flow: http.HTTPFlow) -> None:

@@ -12,6 +12,8 @@ connection within that time gets the same page from the `error` hook
 accepts the request and then sends nothing usable gets Squid's 502 the same
 way: ERR_ZERO_SIZE_OBJECT when it closes or resets the connection (mitmproxy
 does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP.
+Through a parent proxy (upstream mode) the same failures get the same pages,
+except that a parent that cannot be reached gets 503 ERR_CANNOT_FORWARD.
 A request for the proxy's own address (a forwarding loop, which mitmproxy
 refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
 answers a loop. It also turns a failed CONNECT into Squid's 503, and runs
@@ -197,13 +199,18 @@ class Errors:
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
-        # parent proxy): the next request checks again. An origin's failure gets Squid's page now (sent
-        # by recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy.
+        # parent proxy): the next request checks again. The failure gets Squid's page now (sent by
+        # recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy.
         if flow.response is not None and not flow.metadata.get(meta.RECOVERED):
             return
         parent = _parent(flow)
         if parent is not None:
             self.suspect.add(parent)
+            if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
+                answer(flow, _parent_failure(flow, parent))
+                if meta.PEER in flow.metadata:  # the parent answered nothing usable: logged as forwarded to it
+                    flow.metadata[meta.HIER] = meta.forwarded(flow)
+                flow.metadata[meta.RECOVERED] = True
         elif flow.server_conn.timestamp_tcp_setup is None:
             self.reachable.pop((flow.request.host, flow.request.port), None)
             if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
@@ -239,6 +246,9 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
 
 
 _ERRNO = re.compile(r"\[Errno (-?\d+)\]")  # how mitmproxy words an OSError of its own connection
+_CLOSED = "server closed connection"  # mitmproxy's words for a close or a reset before any response
+_UNPARSABLE = ("Cannot parse HTTP response", "unexpected server response")  # and for one that is not HTTP
+_READ_FAILURES = (_CLOSED, *_UNPARSABLE)
 
 
 def _connect_failure(message: str) -> Failure:
@@ -251,11 +261,22 @@ def _connect_failure(message: str) -> Failure:
                    None)
 
 
+def _parent_failure(flow: http.HTTPFlow, parent: tuple[str, int]) -> Failure:
+    """Squid's page for a parent proxy that mitmproxy could not reach (503 ERR_CANNOT_FORWARD: no
+    parent takes the request), or that took the request and sent nothing usable (its 502 pages)."""
+    # (the flow's server_conn says nothing of the connection to the parent: the message tells)
+    message = flow.error.msg if flow.error else ""
+    if message.startswith(_READ_FAILURES):
+        return _read_failure(message, parent)
+    errno = _connect_failure(message).errno
+    return Failure("ERR_CANNOT_FORWARD", errno, f"upstream proxy {parent[0]}:{parent[1]}: {message}", None)
+
+
 def _read_failure(message: str, peer) -> Failure:
     """Squid's page for an origin that accepted the request and sent no usable response."""
-    if message == "server closed connection":  # mitmproxy's words for a close and for a reset
+    if message == _CLOSED:  # mitmproxy's words for a close and for a reset
         page = "ERR_ZERO_SIZE_OBJECT"
-    elif message.startswith(("Cannot parse HTTP response", "unexpected server response")):
+    elif message.startswith(_UNPARSABLE):
         page = "ERR_INVALID_RESP"
     else:
         page = "ERR_READ_ERROR"

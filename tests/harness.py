@@ -224,6 +224,33 @@ class Origin:
         self.server.server_close()
 
 
+@contextmanager
+def scripted_server(*answers: bytes):
+    """A loopback TCP server (yields its port) that answers the first bytes of each connection with
+    the next of `answers`, as raw bytes, and closes it; a connection that sends nothing (the errors
+    addon's connection check) takes none."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(10)
+    todo = list(answers)
+
+    def serve():
+        while todo:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                if conn.recv(65536):
+                    conn.sendall(todo.pop(0))
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+        t.join(5)
+
+
 class H2Origin:
     """A loopback HTTPS origin that speaks HTTP/2 only (ALPN h2, the h2 library mitmproxy uses): every
     GET gets 200 'h2 hello <path>' with Cache-Control max-age=60 (after a 103 Early Hints for

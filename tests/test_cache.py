@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, peak_rss_mb, wait_stored
+from harness import (CLOSE, RESET, ROOT, Origin, Proxy, cache_rows, closed_port, curl, curl_status, peak_rss_mb,
+                     scripted_server, wait_stored)
 
 ETAG = '"v1"'
 LM = "Mon, 02 Nov 2026 10:00:00 GMT"
@@ -608,31 +609,13 @@ def test_origin_ending_the_connection_without_stale_if_error_is_squids_502(cprox
     time.sleep(1.3)
     status, headers, _ = fetch(cproxy, url)
     assert status == 502 and headers["x-squid-error"].startswith("ERR_ZERO_SIZE_OBJECT")
-    assert codes(cproxy, url, 2)[1] == "TCP_MISS/502"
+    assert codes(cproxy, url, 2)[1] == "TCP_REFRESH_FAIL_ERR/502"  # a failed revalidation, as Squid logs it
 
 
 def test_origin_answering_garbage_gets_squids_502_and_the_client_connection_stays(cproxy, origin):
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-
-    def garbage():  # (the errors addon's connection check comes first)
-        srv.settimeout(10)
-        for _ in range(3):
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                if conn.recv(65536):
-                    conn.sendall(b"garbage, not HTTP\r\n\r\n")
-                    return
-    t = threading.Thread(target=garbage, daemon=True)
-    t.start()
-    try:  # one curl, one client connection: the page, then the next request on it
+    with scripted_server(b"garbage, not HTTP\r\n\r\n") as port:
+        # one curl, one client connection: the page, then the next request on it
         r = curl("-v", "-i", "-x", cproxy.url, f"http://127.0.0.1:{port}/g", f"{origin.url}/after-garbage")
-    finally:
-        t.join(5)
-        srv.close()
     assert b"X-Squid-Error: ERR_INVALID_RESP" in r.stdout and b"hello /after-garbage" in r.stdout
     assert b"Re-using existing connection" in r.stderr
     assert "has crashed" not in cproxy.text()  # the origin's close, after the hook answered, finds a done stream
@@ -660,7 +643,8 @@ def test_max_stale_serves_stale_when_the_origin_fails_without_stale_if_error(tmp
 @pytest.mark.parametrize("how", ["503", "closed", "down"])
 def test_stale_copies_are_served_when_the_origin_fails_by_default_as_in_squid(tmp_path, origin, how):
     """Squid's default max_stale is a week: without any option a stale copy answers for an origin
-    that fails, with Warning 111; must-revalidate still forbids it."""
+    that fails, with Warning 111; must-revalidate still forbids it, and the error is logged
+    TCP_REFRESH_FAIL_ERR whether the origin sent it, closed the connection, or was down."""
     p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache")})
     down = Origin() if how == "down" else None
     try:
@@ -675,10 +659,13 @@ def test_stale_copies_are_served_when_the_origin_fails_by_default_as_in_squid(tm
         if down:
             down.close()
         time.sleep(2.3)  # stale, and past the errors addon's connect_check_ttl (2 s)
-        status, headers, body = fetch(p, urls[0])
+        failed = 502 if how == "closed" else 503
+        assert fetch(p, urls[1])[0] == failed
+        # the error passed on for a revalidation that may not fall back, as Squid logs it
+        assert codes(p, urls[1].split("?")[0], 2)[1] == f"TCP_REFRESH_FAIL_ERR/{failed}"
+        status, headers, body = fetch(p, urls[0])  # (a down origin is remembered as down by now)
         assert status == 200 and body.startswith(b"hello" if down else b"good")
         assert "111" in headers.get("warning", "")
-        assert fetch(p, urls[1])[0] == (502 if how == "closed" else 503)
         assert codes(p, urls[0].split("?")[0], 2)[1] == "TCP_REFRESH_FAIL_OLD/200"
     finally:
         p.stop()

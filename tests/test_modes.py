@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from harness import curl
+from harness import curl, scripted_server
 
 LINE = re.compile(r"^\d{10}\.\d{3} +\d+ (\S+) (\S+)/(\d{3}) (\d+) (\S+) (\S+) (\S+) (\S+)/(\S+) (\S+)$")
 
@@ -242,9 +242,10 @@ def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
 
 
 def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(start_proxy, origin):
-    """FIRSTUP_PARENT as Squid logs it. A parent that went down costs one request mitmproxy's 502; then it is
-    checked on each request (Squid's 503 ERR_CANNOT_FORWARD) until it answers again. Nothing is remembered
-    against the origins meanwhile: they were never asked."""
+    """FIRSTUP_PARENT as Squid logs it. A parent that went down gets Squid's 503 ERR_CANNOT_FORWARD (the first
+    request from mitmproxy's failed connection, through addons/recover.py, not mitmproxy's 502); then it is
+    checked on each request until it answers again. Nothing is remembered against the origins meanwhile:
+    they were never asked."""
     parent = start_proxy(script=None)  # a plain mitmdump as the parent proxy
     port = parent.port
     p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
@@ -252,15 +253,30 @@ def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(st
     f = find(p, url=f"{origin.url}/via-parent")
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "200", "FIRSTUP_PARENT", "127.0.0.1")
     parent.stop()
-    assert curl("-i", "-x", p.url, f"{origin.url}/parent-down").stdout.startswith(b"HTTP/1.1 502")
-    r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
-    assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CANNOT_FORWARD" in r.stdout, r.stdout[:300]
-    assert b"upstream proxy 127.0.0.1" in r.stdout
+    for _ in range(2):  # mitmproxy's own connection fails, then the errors addon's check
+        r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
+        assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CANNOT_FORWARD" in r.stdout, \
+            r.stdout[:300]
+        assert f"upstream proxy 127.0.0.1:{port}".encode() in r.stdout
     lines = [fields(l) for l in p.wait_lines("/parent-down", 2)]
-    assert [(f["code"], f["status"], f["hier"]) for f in lines] == [("TCP_MISS", "502", "HIER_NONE"),
-                                                                      ("TCP_MISS", "503", "HIER_NONE")]
+    assert [(f["code"], f["status"], f["hier"]) for f in lines] == [("TCP_MISS", "503", "HIER_NONE")] * 2
     start_proxy(script=None, ports=[port])  # back
     assert curl("-x", p.url, f"{origin.url}/parent-down").stdout == b"hello /parent-down"
+
+
+@pytest.mark.parametrize("reply,page", [(b"", "ERR_ZERO_SIZE_OBJECT"), (b"garbage, not HTTP\r\n\r\n", "ERR_INVALID_RESP")],
+                         ids=["closed", "garbage"])
+def test_a_parent_that_answers_nothing_usable_gets_squids_502(start_proxy, origin, reply, page):
+    """A parent proxy that takes the request and then closes the connection, or answers what is not
+    HTTP: Squid's 502 page, logged as forwarded to that parent, and the client's connection stays."""
+    # the first request gets `reply`, the next one a real answer
+    with scripted_server(reply, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as port:
+        p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
+        r = curl("-v", "-i", "-x", p.url, f"{origin.url}/bad-parent", f"{origin.url}/bad-parent-2")
+    assert r.stdout.startswith(b"HTTP/1.1 502") and f"X-Squid-Error: {page}".encode() in r.stdout, r.stdout[:300]
+    assert r.stdout.endswith(b"ok") and b"Re-using existing connection" in r.stderr  # the next request, on it
+    f = find(p, url=f"{origin.url}/bad-parent")
+    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "502", "FIRSTUP_PARENT", "127.0.0.1")
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:{closed}", "nosuchhost.invalid:80"], ids=["refused", "dns"])
