@@ -1205,11 +1205,13 @@ class Cache:
         if local == "errors":
             if self._allowed(flow, "store_miss"):
                 self._remember_failure(flow, key)
-            if pending and self._stale_if_error(flow, pending):
+            # the origin failed (a 5xx page; a forwarding loop's 403 is no failure of the origin)
+            failed = pending is not None and flow.response is not None and flow.response.status_code >= 500
+            if failed and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",
                                         warning='111 - "Revalidation Failed"')
-            elif pending:  # as Squid logs its own error page for a revalidation that may not fall back
+            elif failed:  # as Squid logs its own error page for a revalidation that may not fall back
                 self._refreshed(flow, "TCP_REFRESH_FAIL_ERR")
             return
         if local:

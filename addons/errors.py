@@ -13,7 +13,9 @@ accepts the request and then sends nothing usable gets Squid's 502 the same
 way: ERR_ZERO_SIZE_OBJECT when it closes or resets the connection (mitmproxy
 does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP.
 Through a parent proxy (upstream mode) the same failures get the same pages,
-except that a parent that cannot be reached gets 503 ERR_CANNOT_FORWARD.
+the parent's answer to the CONNECT of intercepted HTTPS included, except that
+a parent that cannot be reached gets 503 ERR_CANNOT_FORWARD, and one that
+refuses the CONNECT gets mitmproxy's 502, which says with what status.
 A request for the proxy's own address (a forwarding loop, which mitmproxy
 refuses with a 502 of its own) gets Squid's 403 ERR_ACCESS_DENIED, as Squid
 answers a loop. It also turns a failed CONNECT into Squid's 503, and runs
@@ -206,8 +208,9 @@ class Errors:
         parent = _parent(flow)
         if parent is not None:
             self.suspect.add(parent)
-            if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
-                answer(flow, _parent_failure(flow, parent))
+            failure = _parent_failure(flow, parent)
+            if flow.response is None and flow.metadata.get(meta.RECOVERABLE) and failure:
+                answer(flow, failure)
                 if meta.PEER in flow.metadata:  # the parent answered nothing usable: logged as forwarded to it
                     flow.metadata[meta.HIER] = meta.forwarded(flow)
                 flow.metadata[meta.RECOVERED] = True
@@ -261,11 +264,20 @@ def _connect_failure(message: str) -> Failure:
                    None)
 
 
-def _parent_failure(flow: http.HTTPFlow, parent: tuple[str, int]) -> Failure:
+def _parent_failure(flow: http.HTTPFlow, parent: tuple[str, int]) -> Failure | None:
     """Squid's page for a parent proxy that mitmproxy could not reach (503 ERR_CANNOT_FORWARD: no
-    parent takes the request), or that took the request and sent nothing usable (its 502 pages)."""
-    # (the flow's server_conn says nothing of the connection to the parent: the message tells)
+    parent takes the request), or that took the request, or the CONNECT of an HTTPS one, and sent
+    nothing usable (the 502 pages). None for a parent that refused the CONNECT: mitmproxy's 502
+    says with what status."""
+    # (the flow's server_conn says nothing of the connection to the parent: the message tells;
+    # the CONNECT's words are mitmproxy's, in proxy/layers/http/_upstream_proxy.py and proxy/tunnel.py)
     message = flow.error.msg if flow.error else ""
+    if "refused HTTP CONNECT request" in message:
+        return None
+    if message == "connection closed":  # during the CONNECT
+        message = _CLOSED
+    elif message.startswith("Error connecting to"):  # the answer to the CONNECT is not HTTP
+        message = f"{_UNPARSABLE[0]} (CONNECT): {message}"
     if message.startswith(_READ_FAILURES):
         return _read_failure(message, parent)
     errno = _connect_failure(message).errno

@@ -230,25 +230,33 @@ def scripted_server(*answers: bytes):
     the next of `answers`, as raw bytes, and closes it; a connection that sends nothing (the errors
     addon's connection check) takes none."""
     srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(10)
+    srv.settimeout(0.2)  # so that the thread sees `stop` soon
     todo = list(answers)
+    stop = threading.Event()
 
     def serve():
-        while todo:
+        while todo and not stop.is_set():
             try:
                 conn, _ = srv.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
             with conn:
-                if conn.recv(65536):
-                    conn.sendall(todo.pop(0))
+                conn.settimeout(10)
+                try:
+                    if conn.recv(65536):
+                        conn.sendall(todo.pop(0))
+                except OSError:
+                    pass
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     try:
         yield srv.getsockname()[1]
     finally:
-        srv.close()
+        stop.set()
         t.join(5)
+        srv.close()
 
 
 class H2Origin:

@@ -279,6 +279,24 @@ def test_a_parent_that_answers_nothing_usable_gets_squids_502(start_proxy, origi
     assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "502", "FIRSTUP_PARENT", "127.0.0.1")
 
 
+@pytest.mark.parametrize("reply,page", [(b"", "ERR_ZERO_SIZE_OBJECT"), (b"garbage, not HTTP\r\n\r\n", "ERR_INVALID_RESP"),
+                                        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", None)],
+                         ids=["closed", "garbage", "refused"])
+def test_a_parent_that_fails_the_connect_of_intercepted_https(start_proxy, tls_origin, reply, page):
+    """Intercepted HTTPS goes through the parent in a CONNECT tunnel: a parent that closes the
+    connection, or answers the CONNECT with what is not HTTP, gets the same 502 pages; one that
+    refuses the CONNECT gets mitmproxy's 502, which names the parent's answer."""
+    with scripted_server(reply, reply) as port:  # (eagerly, mitmproxy opens a tunnel at the client's CONNECT too)
+        p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
+        r = curl("-k", "-i", "--http1.1", "-x", p.url, f"{tls_origin.url}/bad-tunnel")
+    head = r.stdout.split(b"\r\n\r\n", 1)[1]  # after the proxy's answer to curl's CONNECT
+    assert head.startswith(b"HTTP/1.1 502"), r.stdout[:300]
+    if page:
+        assert f"X-Squid-Error: {page}".encode() in head, head[:300]
+    else:
+        assert b"X-Squid-Error" not in head and b"refused HTTP CONNECT request: 403 Forbidden" in head
+
+
 @pytest.mark.parametrize("target", ["127.0.0.1:{closed}", "nosuchhost.invalid:80"], ids=["refused", "dns"])
 def test_a_socks5_connection_that_fails_before_any_flow_is_logged(start_proxy, refused_port, target):
     """Eagerly (the default), mitmproxy connects when the SOCKS handshake asks, before any flow: a failure
