@@ -243,21 +243,21 @@ def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
 
 def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(start_proxy, origin):
     """FIRSTUP_PARENT as Squid logs it. A parent that went down gets Squid's 503 ERR_CANNOT_FORWARD (the first
-    request from mitmproxy's failed connection, through addons/recover.py, not mitmproxy's 502); then it is
-    checked on each request until it answers again. Nothing is remembered against the origins meanwhile:
+    request from mitmproxy's failed connection, through addons/recover.py, not mitmproxy's 502), on a client
+    connection kept alive across its fall too; then it is checked on each request until it answers again. Nothing is remembered against the origins meanwhile:
     they were never asked."""
     parent = start_proxy(script=None)  # a plain mitmdump as the parent proxy
     port = parent.port
     p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
-    assert curl("-x", p.url, f"{origin.url}/via-parent").stdout == b"hello /via-parent"
-    f = find(p, url=f"{origin.url}/via-parent")
-    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "200", "FIRSTUP_PARENT", "127.0.0.1")
-    parent.stop()
-    for _ in range(2):  # mitmproxy's own connection fails, then the errors addon's check
-        r = curl("-i", "-x", p.url, f"{origin.url}/parent-down")
-        assert r.stdout.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_CANNOT_FORWARD" in r.stdout, \
-            r.stdout[:300]
-        assert f"upstream proxy 127.0.0.1:{port}".encode() in r.stdout
+    with httpx.Client(proxy=p.url, timeout=10) as client:  # one client connection, kept alive throughout
+        assert client.get(f"{origin.url}/via-parent").text == "hello /via-parent"
+        f = find(p, url=f"{origin.url}/via-parent")
+        assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "200", "FIRSTUP_PARENT", "127.0.0.1")
+        parent.stop()
+        for _ in range(2):  # mitmproxy's own connection fails, then the errors addon's check
+            r = client.get(f"{origin.url}/parent-down")
+            assert r.status_code == 503 and r.headers["X-Squid-Error"].startswith("ERR_CANNOT_FORWARD"), r.text[:300]
+            assert f"upstream proxy 127.0.0.1:{port}" in r.text
     lines = [fields(l) for l in p.wait_lines("/parent-down", 2)]
     assert [(f["code"], f["status"], f["hier"]) for f in lines] == [("TCP_MISS", "503", "HIER_NONE")] * 2
     start_proxy(script=None, ports=[port])  # back
