@@ -47,9 +47,20 @@ MITMDUMP = str(BIN / "mitmdump") if (BIN / "mitmdump").exists() else "mitmdump"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports: all held at once while chosen (one by one, the kernel may hand out
+    a port it just gave, and two listeners of one mitmdump then collide)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
@@ -385,7 +396,7 @@ class Proxy:
         # A free port may be taken by another process before mitmdump binds it: then mitmdump
         # exits, and another set of free ports is tried (ports given by the caller are not changed).
         for attempt in range(1 if ports else 3):
-            self.ports = list(ports) if ports else [free_port() for _ in modes]
+            self.ports = list(ports) if ports else free_ports(len(modes))
             self.port = self.ports[0]
             self._start(program, modes, script, opts, args, env, prefix, listen_host)
             if not wait:
