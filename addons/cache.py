@@ -1206,7 +1206,7 @@ class Cache:
             if self._allowed(flow, "store_miss"):
                 self._remember_failure(flow, key)
             # the origin failed (a 5xx page; a forwarding loop's 403 is no failure of the origin)
-            failed = pending is not None and flow.response is not None and flow.response.status_code >= 500
+            failed = pending is not None and flow.response.status_code >= 500
             if failed and self._stale_if_error(flow, pending):
                 self._restore_conditionals(flow, pending)
                 self._serve_revalidated(flow, pending, "TCP_REFRESH_FAIL_OLD", "HIER_NONE",

@@ -205,30 +205,23 @@ class Errors:
         # recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy.
         if flow.response is not None and not flow.metadata.get(meta.RECOVERED):
             return
+        message = flow.error.msg if flow.error else ""
         parent = _parent(flow)
         if parent is not None:
             self.suspect.add(parent)
-            failure = _parent_failure(flow, parent)
-            if flow.response is None and flow.metadata.get(meta.RECOVERABLE) and failure:
-                answer(flow, failure)
-                if meta.PEER in flow.metadata:  # the parent answered nothing usable: logged as forwarded to it
-                    flow.metadata[meta.HIER] = meta.forwarded(flow)
-                flow.metadata[meta.RECOVERED] = True
-        elif flow.server_conn.timestamp_tcp_setup is None:
+            failure = _parent_failure(message, parent)
+        elif flow.server_conn.timestamp_tcp_setup is None or _ERRNO.search(message):
+            # no connection, or an intercepted HTTPS flow whose connection mitmproxy opened again and could not
             self.reachable.pop((flow.request.host, flow.request.port), None)
-            if flow.response is None and flow.metadata.get(meta.RECOVERABLE):
-                answer(flow, _connect_failure(flow.error.msg if flow.error else ""))
-                flow.metadata[meta.RECOVERED] = True
-        elif flow.response is None and flow.metadata.get(meta.RECOVERABLE):
-            # connected once, then no usable response (closed, reset, garbage), or an intercepted HTTPS
-            # flow whose connection mitmproxy had to open again and could not: Squid's page, not mitmproxy's
-            message = flow.error.msg if flow.error else ""
-            if _ERRNO.search(message):  # an OSError of connecting, as _connect_failure reads it
-                self.reachable.pop((flow.request.host, flow.request.port), None)
-                answer(flow, _connect_failure(message))
-            else:
-                answer(flow, _read_failure(message, flow.server_conn.peername))
-            flow.metadata[meta.RECOVERED] = True
+            failure = _connect_failure(message)
+        else:  # connected, then no usable response (closed, reset, garbage)
+            failure = _read_failure(message, flow.server_conn.peername)
+        if failure is None or flow.response is not None or not flow.metadata.get(meta.RECOVERABLE):
+            return
+        answer(flow, failure)
+        if parent is not None and failure.address:  # the parent answered nothing usable: forwarded to it
+            flow.metadata[meta.HIER] = meta.forwarded(flow)
+        flow.metadata[meta.RECOVERED] = True
 
     def http_connect_error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy's 502 "Cannot connect" becomes Squid's 503, logged NONE_NONE/503;
@@ -249,9 +242,6 @@ def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:
 
 
 _ERRNO = re.compile(r"\[Errno (-?\d+)\]")  # how mitmproxy words an OSError of its own connection
-_CLOSED = "server closed connection"  # mitmproxy's words for a close or a reset before any response
-_UNPARSABLE = ("Cannot parse HTTP response", "unexpected server response")  # and for one that is not HTTP
-_READ_FAILURES = (_CLOSED, *_UNPARSABLE)
 
 
 def _connect_failure(message: str) -> Failure:
@@ -264,35 +254,36 @@ def _connect_failure(message: str) -> Failure:
                    None)
 
 
-def _parent_failure(flow: http.HTTPFlow, parent: tuple[str, int]) -> Failure | None:
-    """Squid's page for a parent proxy that mitmproxy could not reach (503 ERR_CANNOT_FORWARD: no
-    parent takes the request), or that took the request, or the CONNECT of an HTTPS one, and sent
-    nothing usable (the 502 pages). None for a parent that refused the CONNECT: mitmproxy's 502
-    says with what status."""
-    # (the flow's server_conn says nothing of the connection to the parent: the message tells;
-    # the CONNECT's words are mitmproxy's, in proxy/layers/http/_upstream_proxy.py and proxy/tunnel.py)
-    message = flow.error.msg if flow.error else ""
-    if "refused HTTP CONNECT request" in message:
-        return None
-    if message == "connection closed":  # during the CONNECT
-        message = _CLOSED
-    elif message.startswith("Error connecting to"):  # the answer to the CONNECT is not HTTP
-        message = f"{_UNPARSABLE[0]} (CONNECT): {message}"
-    if message.startswith(_READ_FAILURES):
-        return _read_failure(message, parent)
-    errno = _connect_failure(message).errno
-    return Failure("ERR_CANNOT_FORWARD", errno, f"upstream proxy {parent[0]}:{parent[1]}: {message}", None)
+def _read_page(message: str, connect: bool = False) -> str | None:
+    """Squid's 502 page for an answer that never came, or that is not HTTP, from mitmproxy's words for
+    them; with `connect`, also from its words for a parent's answer to a CONNECT (in
+    proxy/tunnel.py and proxy/layers/http/_upstream_proxy.py). None for another failure."""
+    if message == "server closed connection" or (connect and message == "connection closed"):
+        return "ERR_ZERO_SIZE_OBJECT"  # (a close and a reset: mitmproxy says the same of both)
+    if message.startswith(("Cannot parse HTTP response", "unexpected server response")) or \
+            (connect and message.startswith("Error connecting to")):
+        return "ERR_INVALID_RESP"
+    return None
 
 
 def _read_failure(message: str, peer) -> Failure:
     """Squid's page for an origin that accepted the request and sent no usable response."""
-    if message == _CLOSED:  # mitmproxy's words for a close and for a reset
-        page = "ERR_ZERO_SIZE_OBJECT"
-    elif message.startswith(_UNPARSABLE):
-        page = "ERR_INVALID_RESP"
-    else:
-        page = "ERR_READ_ERROR"
-    return Failure(page, 0, message or "no response", str(peer[0]) if peer else None)
+    return Failure(_read_page(message) or "ERR_READ_ERROR", 0, message or "no response",
+                   str(peer[0]) if peer else None)
+
+
+def _parent_failure(message: str, parent: tuple[str, int]) -> Failure | None:
+    """Squid's page for a parent proxy that took the request, or the CONNECT of an HTTPS one, and sent
+    nothing usable (a 502 page), or that could not be reached (503 ERR_CANNOT_FORWARD: no parent takes
+    the request). None for a parent that refused the CONNECT: mitmproxy's 502 says with what status.
+    (In upstream mode the flow's server_conn says nothing of the connection to the parent.)"""
+    if "refused HTTP CONNECT request" in message:
+        return None
+    page = _read_page(message, connect=True)
+    if page:
+        return Failure(page, 0, message, parent[0])
+    errno = _connect_failure(message).errno
+    return Failure("ERR_CANNOT_FORWARD", errno, f"upstream proxy {parent[0]}:{parent[1]}: {message}", None)
 
 
 def answer(flow: http.HTTPFlow, f: Failure) -> None:

@@ -208,6 +208,25 @@ def test_squids_page_for_an_origin_that_answered_nothing_usable(message, page):
     assert (f.page, str(f), f.address) == (page, message, "127.0.0.1")
 
 
+@pytest.mark.parametrize("message, page", [  # mitmproxy 11's words (proxy/tunnel.py, layers/http/_upstream_proxy.py)
+    ("server closed connection", "ERR_ZERO_SIZE_OBJECT"),
+    ("connection closed", "ERR_ZERO_SIZE_OBJECT"),  # during the CONNECT to the parent
+    ("Cannot parse HTTP response: Bad HTTP response line: b'x'", "ERR_INVALID_RESP"),
+    ("Error connecting to 10.0.0.1:3128: Bad HTTP response line: b'x'", "ERR_INVALID_RESP"),  # its CONNECT answer
+    ("[Errno 111] Connect call failed ('10.0.0.1', 3128)", "ERR_CANNOT_FORWARD"),
+    ("[Errno -2] Name or service not known", "ERR_CANNOT_FORWARD"),
+    ("Certificate verify failed: unable to get local issuer certificate", "ERR_CANNOT_FORWARD"),
+    ("Upstream proxy 10.0.0.1:3128 refused HTTP CONNECT request: 403 Forbidden", None)])
+def test_squids_page_for_a_parent_proxy_that_failed(message, page):
+    from addons.errors import _parent_failure
+    f = _parent_failure(message, ("10.0.0.1", 3128))
+    assert (f and f.page) == page
+    if page == "ERR_CANNOT_FORWARD":  # no answer from it: not logged as forwarded there
+        assert f.address is None and str(f) == f"upstream proxy 10.0.0.1:3128: {message}"
+    elif page:
+        assert f.address == "10.0.0.1" and str(f) == message
+
+
 @pytest.mark.parametrize("check_ttl", [0, 30], ids=["checked", "trusted"])
 def test_reverse_proxy_serves_stale_when_the_backend_dies(start_proxy, tmp_path, check_ttl, held_ports):
     """With connect_check_ttl 30 the backend was checked less than that ago when it died: mitmproxy's own
@@ -244,8 +263,8 @@ def test_socks5_requests_are_cached(start_proxy, origin, tmp_path):
 def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(start_proxy, origin):
     """FIRSTUP_PARENT as Squid logs it. A parent that went down gets Squid's 503 ERR_CANNOT_FORWARD (the first
     request from mitmproxy's failed connection, through addons/recover.py, not mitmproxy's 502), on a client
-    connection kept alive across its fall too; then it is checked on each request until it answers again. Nothing is remembered against the origins meanwhile:
-    they were never asked."""
+    connection kept alive across its fall too; then it is checked on each request until it answers again.
+    Nothing is remembered against the origins meanwhile: they were never asked."""
     parent = start_proxy(script=None)  # a plain mitmdump as the parent proxy
     port = parent.port
     p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
@@ -293,6 +312,8 @@ def test_a_parent_that_fails_the_connect_of_intercepted_https(start_proxy, tls_o
     assert head.startswith(b"HTTP/1.1 502"), r.stdout[:300]
     if page:
         assert f"X-Squid-Error: {page}".encode() in head, head[:300]
+        f = find(p, url=f"{tls_origin.url}/bad-tunnel")
+        assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "502", "FIRSTUP_PARENT", "127.0.0.1")
     else:
         assert b"X-Squid-Error" not in head and b"refused HTTP CONNECT request: 403 Forbidden" in head
 
