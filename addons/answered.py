@@ -34,10 +34,10 @@ except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
 try:
-    from addons.recover import Patch
+    from addons.recover import BAD_GATEWAY, Patch
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons.recover import Patch
+    from addons.recover import BAD_GATEWAY, Patch
 
 
 def install() -> bool:
@@ -81,7 +81,7 @@ def _drop_request_body(self, event):
         msg = "the request was answered, then not, once its body had been dropped"
         self.flow.error = mflow.Error(msg)
         yield HttpErrorHook(self.flow)
-        yield SendHttp(ResponseProtocolError(self.stream_id, msg, 502), self.context.client)
+        yield SendHttp(ResponseProtocolError(self.stream_id, msg, BAD_GATEWAY), self.context.client)
         self.client_state = self.state_errored
         self.flow.live = False
         return

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
+from pathlib import Path
 
 from mitmproxy import http
 from mitmproxy.net.http import http1, status_codes
@@ -41,6 +43,12 @@ except ImportError:  # pragma: no cover - another mitmproxy
 Http1Client = getattr(_http1, "Http1Client", None)
 Http2Client = getattr(_http2, "Http2Client", None)
 H1_READ, H2_EVENT = (Http1Client, "read_headers"), (Http2Client, "handle_h2_event")  # keys of Interim.originals
+
+try:
+    from addons.recover import BAD_GATEWAY
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons.recover import BAD_GATEWAY
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +139,7 @@ def _skip_interim(self, event):
             response = http1.read_response_head([bytes(x) for x in lines])
         except ValueError as e:
             yield CloseConnection(self.conn)
-            yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}"))
+            yield ReceiveHttp(ResponseProtocolError(self.stream_id, f"Cannot parse HTTP response: {e}", BAD_GATEWAY))
             return
         # (an HTTP/3 client would take a second HEADERS frame as an error: mitmproxy 11 never
         # pairs one with an HTTP/1 origin anyway; RFC 9110 15.2: none to an HTTP/1.0 client)

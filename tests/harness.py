@@ -356,6 +356,21 @@ def make_cert(folder: Path, name: str = "127.0.0.1") -> tuple[str, str]:
 
 # --- proxy ------------------------------------------------------------------
 
+def write_htpasswd(path: Path, users: dict[str, str]) -> None:
+    """An htpasswd file of bcrypt hashes: the one kind that mitmproxy 11 (passlib), mitmproxy 12 and
+    newer (bcrypt and SHA-1 only) and Squid's basic_ncsa_auth all read. Cost 4: tests check many logins."""
+    try:
+        import bcrypt  # a dependency of mitmproxy 12 and newer
+        hashed = lambda pw: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()
+    except ImportError:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import crypt  # Python 3.11 and 3.12, where mitmproxy 11 runs; libxcrypt knows bcrypt
+        hashed = lambda pw: crypt.crypt(pw, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))
+    path.write_text("".join(f"{user}:{hashed(pw)}\n" for user, pw in users.items()))
+
+
 def hermetic_dns(folder: Path) -> list[str]:
     """A command prefix that gives the proxy a resolver on 127.0.0.1, where none answers.
 

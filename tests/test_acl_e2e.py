@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, curl, peak_rss_mb
+from harness import Origin, Proxy, curl, peak_rss_mb, write_htpasswd
 
 PROBE = '''
 import json
@@ -386,12 +386,8 @@ def test_reverse_mode_uses_the_same_rules_and_myportname(env):
 
 @pytest.fixture(scope="module")
 def auth_env(tmp_path_factory):
-    from passlib.apache import HtpasswdFile
     tmp = tmp_path_factory.mktemp("acl_auth")
-    ht = HtpasswdFile(str(tmp / "users.htpasswd"), new=True)
-    ht.set_password("alice", "apw")
-    ht.set_password("bob", "bpw")
-    ht.save()
+    write_htpasswd(tmp / "users.htpasswd", {"alice": "apw", "bob": "bpw"})
     origin, echo = Origin(), Echo()
     policy = """
 acls:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Origin, Proxy, free_port, stop_group
+from harness import Origin, Proxy, free_port, stop_group, write_htpasswd
 from squid import SQUID, start_squid
 
 DAYS = "MTWHFAS"  # datetime.weekday() -> Squid's day letter
@@ -255,11 +255,7 @@ def proxies(tmp_path_factory):
     origin = Origin()
     tmp = Path(tempfile.mkdtemp(prefix="relais-squid-"))  # readable by the proxy user, unlike pytest's tmp
     os.chmod(tmp, 0o755)
-    users = []
-    for user, pw in (("alice", "apw"), ("bob", "bpw")):
-        h = subprocess.run(["openssl", "passwd", "-apr1", pw], capture_output=True, text=True, check=True).stdout.strip()
-        users.append(f"{user}:{h}")
-    (tmp / "users").write_text("\n".join(users) + "\n")
+    write_htpasswd(tmp / "users", {"alice": "apw", "bob": "bpw"})
     squid = relais = None
     try:
         # A free port may be taken by another process before Squid or Relais binds it: then the one that
