@@ -527,11 +527,13 @@ class DiskTier:
                 if len(ops) > end:
                     pipe.write(self._encode(ops[:-1] if end else ops))
                     pipe.flush()
-                if end:
-                    pipe.close()
             except (OSError, ValueError):  # the writer is gone: _receive says so
                 pass
             if end:
+                try:  # closed even when the writer is gone, or the unsent bytes fail again when collected
+                    pipe.close()
+                except (OSError, ValueError):
+                    pass
                 return
 
     def _gather(self) -> list:

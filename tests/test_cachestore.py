@@ -546,6 +546,7 @@ def test_a_value_on_disk_that_cannot_be_read_back_is_replaced_by_the_next_write(
         s.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # the pipe to the dead writer is closed
 def test_writes_in_flight_when_the_writer_dies_are_not_waited_for_and_are_removed_at_the_next_start(tmp_path):
     s = disk_store(tmp_path)
     s.put("http://a/inflight", meta("http://a/inflight", SMALL), SMALL)
