@@ -36,7 +36,7 @@ try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and ins
                     for name in ("handle_protocol_error", "send_response", "state_errored"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
-try:  # mitmproxy 12 and newer name the failure of a ResponseProtocolError; mitmproxy 11 takes a status
+try:  # newer mitmproxy (12.3.1) names the failure of a ResponseProtocolError; mitmproxy 11 takes a status
     from mitmproxy.proxy.layers.http import ErrorCode
     BAD_GATEWAY = ErrorCode.GENERIC_SERVER_ERROR
 except ImportError:

@@ -357,10 +357,10 @@ def make_cert(folder: Path, name: str = "127.0.0.1") -> tuple[str, str]:
 # --- proxy ------------------------------------------------------------------
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> None:
-    """An htpasswd file of bcrypt hashes: the one kind that mitmproxy 11 (passlib), mitmproxy 12 and
-    newer (bcrypt and SHA-1 only) and Squid's basic_ncsa_auth all read. Cost 4: tests check many logins."""
+    """An htpasswd file of bcrypt hashes: the one kind that mitmproxy 11 (passlib), recent mitmproxy
+    (12.3.1: bcrypt and SHA-1 only) and Squid's basic_ncsa_auth all read. Cost 4: tests check many logins."""
     try:
-        import bcrypt  # a dependency of mitmproxy 12 and newer
+        import bcrypt  # a dependency of recent mitmproxy (12.3.1)
         hashed = lambda pw: bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)).decode()
     except ImportError:
         import warnings

@@ -208,7 +208,7 @@ def test_squids_page_for_an_origin_that_answered_nothing_usable(message, page):
     assert (f.page, str(f), f.address) == (page, message, "127.0.0.1")
 
 
-@pytest.mark.parametrize("message, page", [  # mitmproxy 11's words (proxy/tunnel.py, layers/http/_upstream_proxy.py)
+@pytest.mark.parametrize("message, page", [  # mitmproxy's words, 11.0.2 and 12.3.1 (proxy/tunnel.py, layers/http/_upstream_proxy.py)
     ("server closed connection", "ERR_ZERO_SIZE_OBJECT"),
     ("connection closed", "ERR_ZERO_SIZE_OBJECT"),  # during the CONNECT to the parent
     ("Cannot parse HTTP response: Bad HTTP response line: b'x'", "ERR_INVALID_RESP"),
