@@ -5,7 +5,8 @@ after the `error` hook. Squid answers 503 ERR_CONNECT_FAIL (refused,
 unreachable, timeout) or 503 ERR_DNS_FAIL. So, before a request goes
 upstream on a new connection, this addon checks that the origin resolves and
 accepts connections (remembering a success for `connect_check_ttl` seconds,
-so a busy origin costs one extra handshake per interval), and answers with
+so a busy origin costs one extra handshake per interval: requests that find it
+unchecked while a check is in progress wait for that one), and answers with
 Squid's page when it does not; an origin that fails mitmproxy's own
 connection within that time gets the same page from the `error` hook
 (addons/recover.py sends it instead of mitmproxy's 502). An origin that
@@ -91,6 +92,9 @@ class Errors:
     def __init__(self) -> None:
         self.reachable: dict[tuple[str, int], float] = {}
         self.suspect: set[tuple[str, int]] = set()  # upstream proxies a flow failed through: checked until one passes
+        # checks in progress: the requests that find an origin unchecked meanwhile wait for the same one
+        # (under load, every client connection open when the trust ran out would make its own)
+        self.checking: dict[tuple[str, int], asyncio.Future] = {}
         self.listeners: frozenset[tuple[str, int]] | None = None  # this proxy's own (host, port), read once
         self.tracking = False  # mitmproxy tells us when its listeners change: `listeners` may be kept
         self.recovering = False  # recover.install() in effect: Squid's page can answer mitmproxy's own failures
@@ -184,8 +188,13 @@ class Errors:
         return self._check(flow, key)
 
     async def _check(self, flow: http.HTTPFlow, key: tuple[str, int], parent: bool = False) -> None:
+        check = self.checking.get(key)
+        if check is None:
+            check = self.checking[key] = asyncio.ensure_future(
+                check_origin(*key, timeout=ctx.options.connect_timeout))
+            check.add_done_callback(lambda done: self._checked(key, done))
         try:
-            await check_origin(*key, timeout=ctx.options.connect_timeout)
+            await asyncio.shield(check)  # a client that leaves does not cancel the others' check
         except Failure as f:
             self.reachable.pop(key, None)
             if parent:  # Squid's page when no parent takes the request; not remembered per origin by the cache
@@ -198,6 +207,12 @@ class Errors:
         if len(self.reachable) > 10000:  # a forward proxy sees many origins: stay bounded
             self.reachable.clear()
         self.reachable[key] = time.monotonic() + ctx.options.connect_check_ttl
+
+    def _checked(self, key: tuple[str, int], done: asyncio.Future) -> None:
+        if self.checking.get(key) is done:
+            del self.checking[key]
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every request waiting for it has gone
 
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
