@@ -11,9 +11,11 @@ sits where it does):
 2. anonymize  - strips the client's identity before the cache keys on the request
 3. cache      - RFC 9111 shared cache; answers hits before anything goes upstream
 4. errors     - Squid-like answers when the origin is unreachable
-5. interim    - no flow hook: makes mitmproxy relay an origin's 1xx interim responses
+5. dnscache   - no flow hook: resolves the names mitmproxy connects to, and keeps the answers
+                (Squid's ipcache); the errors addon's origin check and dst acls use them too
+6. interim    - no flow hook: makes mitmproxy relay an origin's 1xx interim responses
                 instead of taking them as the final response
-6. accesslog  - one Squid access.log line per transaction, last so it sees every verdict
+7. accesslog  - one Squid access.log line per transaction, last so it sees every verdict
 """
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from addons import accesslog, acl, anonymize, cache, errors, interim  # noqa: E402
+from addons import accesslog, acl, anonymize, cache, dnscache, errors, interim  # noqa: E402
 from addons.suite import Suite, no_missing_hooks  # noqa: E402
 
 pipeline = [
@@ -31,6 +33,7 @@ pipeline = [
     anonymize.Anonymize(),
     cache.Cache(),
     errors.Errors(),
+    dnscache.DnsCache(),
     interim.Interim(),
     accesslog.AccessLog(),
 ]
