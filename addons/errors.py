@@ -243,11 +243,11 @@ class Errors:
         # a refusal another addon made (a 403 from access control...) stays as it is.
         if flow.metadata.get(meta.LOCAL) or not flow.response or flow.response.status_code != 502:
             return
-        flow.response = errorpage.make(
-            "ERR_CONNECT_FAIL", f"{flow.request.host}:{flow.request.port}",
-            detail=flow.response.get_text(strict=False)[:200] if flow.response else "")
+        detail = flow.response.get_text(strict=False)[:200]
+        page = _connect_failure(detail).page  # ERR_DNS_FAIL for a name that does not resolve
+        flow.response = errorpage.make(page, f"{flow.request.host}:{flow.request.port}", detail=detail)
         flow.metadata[meta.CODE] = "NONE_NONE"
-        flow.metadata[meta.ERROR] = "ERR_CONNECT_FAIL"
+        flow.metadata[meta.ERROR] = page
 
 
 def _parent(flow: http.HTTPFlow) -> tuple[str, int] | None:

@@ -4,7 +4,8 @@
         ... dns.port ... dns.queries["origin.test", "A"]
 
 Names it does not know get NXDOMAIN; names in `silent` get no answer at all (a name server
-that times out). Built on dnspython's message parsing, no other server needed.
+that times out), and so do (name, type) pairs in it: ("origin.test", "AAAA") for a server that
+drops AAAA queries. Built on dnspython's message parsing, no other server needed.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import dns.rrset
 class DnsServer:
     def __init__(self, records: dict[str, tuple[list[str], int]], silent: set[str] = frozenset()):
         self.records = {name.lower().rstrip("."): value for name, value in records.items()}
-        self.silent = {name.lower().rstrip(".") for name in silent}
+        self.silent = {(s[0].lower().rstrip("."), s[1]) if isinstance(s, tuple) else s.lower().rstrip(".")
+                       for s in silent}
         self.queries: Counter = Counter()  # (name, "A" | "AAAA" | ...) -> queries received
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -58,7 +60,7 @@ class DnsServer:
         name = question.name.to_text().lower().rstrip(".")
         rdtype = dns.rdatatype.to_text(question.rdtype)
         self.queries[name, rdtype] += 1
-        if name in self.silent:
+        if name in self.silent or (name, rdtype) in self.silent:
             return None
         reply = dns.message.make_response(query)
         if name not in self.records:

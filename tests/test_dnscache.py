@@ -232,3 +232,48 @@ def test_a_socks5_client_that_sends_the_name_gets_it_resolved_by_the_cache(start
             r = curl("--socks5-hostname", f"127.0.0.1:{proxy.port}", f"http://{ORIGIN_NAME}:{origin.port}/socks-{i}")
             assert r.stdout == f"hello /socks-{i}".encode(), (r, proxy.text())
     assert server.queries[ORIGIN_NAME, "A"] == 1
+
+
+def test_a_server_that_drops_aaaa_queries_does_not_hold_up_the_answer():
+    with DnsServer({ORIGIN_NAME: (["127.0.0.7", "::7"], 300)}, silent={(ORIGIN_NAME, "AAAA")}) as server:
+        async def scenario(d, loop):
+            start = time.monotonic()
+            return await d.resolve(ORIGIN_NAME), time.monotonic() - start
+        answer, waited = _with_cache(server, scenario, dns_timeout=10)
+    assert answer == ("127.0.0.7",)
+    assert waited < 5  # the grace given to the other family, not dns_timeout
+
+
+def test_the_systems_resolv_conf_is_read_as_the_c_library_reads_it(tmp_path, monkeypatch):
+    conf = tmp_path / "resolv.conf"
+    monkeypatch.setattr(dnscache, "RESOLV_CONF", str(conf))
+    conf.write_text("nameserver 127.0.0.1\nnameserver 127.0.0.2\nsearch corp.test\noptions timeout:1 attempts:3\n")
+    r = dnscache.DnsCache._resolver([])
+    assert r.use_search_by_default and [n.to_text() for n in r.search] == ["corp.test."]  # short names as the system
+    assert (r.timeout, r.lifetime) == (1, 6)  # each server `attempts` times
+    conf.write_text("nameserver 127.0.0.1\n")
+    r = dnscache.DnsCache._resolver([])
+    assert (r.timeout, r.lifetime) == (5, 10)  # the C library's defaults: 5 s, 2 attempts
+
+
+def test_a_second_dns_cache_stays_off_and_either_can_go_first():
+    async def main():
+        loop = asyncio.get_running_loop()
+        own = loop.getaddrinfo
+        for first_done in (0, 1):
+            a, b = dnscache.DnsCache(), dnscache.DnsCache()
+            with taddons.context(a):  # (mitmproxy itself refuses a second addon of that name: b is run by hand)
+                a.running(), b.running()
+                assert vars(loop)["getaddrinfo"] == a.getaddrinfo and not b.on
+                (a, b)[first_done].done()
+                (a, b)[1 - first_done].done()
+                assert (await loop.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM))[0][4] == ("127.0.0.1", 80)
+                assert loop.getaddrinfo == own
+    asyncio.run(main())
+
+
+def test_an_intercepted_https_request_for_a_bad_name_gets_squids_dns_page(start_proxy):
+    with DnsServer({}) as server:
+        proxy = start_proxy(options={"dns_name_servers": server.address, "cache_dir": "none"})
+        r = curl("-k", "-v", "-x", proxy.url, "https://nosuch.relais.test/")
+    assert b"HTTP/1.1 503" in r.stderr and b"X-Squid-Error: ERR_DNS_FAIL" in r.stderr, r.stderr[-2000:]
