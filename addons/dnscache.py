@@ -233,11 +233,17 @@ class DnsCache:
         query = self.queries.get(name)
         if query is None:
             query = self.queries[name] = asyncio.ensure_future(self._query(name))
-            query.add_done_callback(lambda done: self.queries.pop(name) if self.queries.get(name) is done else None)
+            query.add_done_callback(lambda done: self._queried(name, done))
         answer = await asyncio.shield(query)  # a client that leaves does not cancel the others' lookup
         if answer.error:
             raise LookupFailed(name, answer.error, answer.code)
         return answer.addresses
+
+    def _queried(self, name: str, done: asyncio.Future) -> None:
+        if self.queries.get(name) is done:
+            del self.queries[name]
+        if not done.cancelled():
+            done.exception()  # retrieved, even when every lookup waiting for it has gone
 
     async def _query(self, name: str) -> Answer:
         self.counts["misses"] += 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import socket
 import time
@@ -277,3 +278,24 @@ def test_an_intercepted_https_request_for_a_bad_name_gets_squids_dns_page(start_
         proxy = start_proxy(options={"dns_name_servers": server.address, "cache_dir": "none"})
         r = curl("-k", "-v", "-x", proxy.url, "https://nosuch.relais.test/")
     assert b"HTTP/1.1 503" in r.stderr and b"X-Squid-Error: ERR_DNS_FAIL" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_lookup_that_fails_unexpectedly_after_its_callers_left_leaves_no_unretrieved_error():
+    with DnsServer({}) as server:
+        async def scenario(d, loop):
+            unhandled = []
+            loop.set_exception_handler(lambda _, context: unhandled.append(context.get("message")))
+
+            async def broken(*args, **kwargs):
+                await asyncio.sleep(0.05)
+                raise RuntimeError("not a DNS error")
+            d.resolver.resolve = broken
+            waiting = asyncio.ensure_future(d.resolve(ORIGIN_NAME))
+            await asyncio.sleep(0.01)
+            waiting.cancel()  # the only caller leaves; the lookup goes on, and fails
+            await asyncio.sleep(0.2)
+            gc.collect()
+            await asyncio.sleep(0)
+            return unhandled, dict(d.queries)
+        unhandled, queries = _with_cache(server, scenario)
+    assert unhandled == [] and queries == {}
