@@ -240,7 +240,7 @@ class Deadline:
 
                     def putrequest(self, method, url, skip_host=False, skip_accept_encoding=False):
                         # no "Accept-Encoding: identity" of http.client's own: the origin may vary on it,
-                        # and the refresh sends the fields of the stored variant, no others
+                        # and the refresh sends the client's fields (rfc9111.revalidation_headers), no others
                         super().putrequest(method, url, skip_host=skip_host, skip_accept_encoding=True)
                 return super().do_open(Connection, req, **args)
         return Tracked(**kw)
@@ -948,10 +948,6 @@ class Cache:
             await asyncio.wait_for(asyncio.shield(fut), 30)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
-        for _ in range(40):  # the leader's answer may be on its way to the disk
-            if self.store is None or not self.store.writing(key) or flow.response or flow.error:
-                break
-            await asyncio.sleep(0.05)
         if flow.response or flow.error:
             return
         self.counts["collapsed"] += 1
@@ -1120,11 +1116,15 @@ class Cache:
             return
         resp = flow.response
         h = resp.headers
-        if b"x-cache" in _names(h):
+        names = _names(h)
+        lower = resp.data.http_version in meta.LOWER_CASE_VERSIONS
+        if b"x-cache" in names:
             h["X-Cache"] = _X_CACHE_MISS
         else:  # what h["X-Cache"] = ... does for an absent field, minus its overhead
-            name = b"x-cache" if resp.data.http_version in meta.LOWER_CASE_VERSIONS else b"X-Cache"
-            h.fields = (*h.fields, (name, _X_CACHE_MISS))
+            h.fields = (*h.fields, (b"x-cache" if lower else b"X-Cache", _X_CACHE_MISS))
+        if b"date" not in names:  # RFC 9110 6.6.1: a cache with a clock adds the Date an origin left out
+            date = rfc9111.format_http_date(resp.timestamp_start or time.time()).encode()
+            h.fields = (*h.fields, (b"date" if lower else b"Date", date))
         if not streams.may_stream(resp, self.late_streams):
             return  # buffered whole: response() stores it
         if flow.request.method != "GET" or self.store.disk is None:
@@ -1448,16 +1448,13 @@ class Cache:
         started = time.time()
         m = entry.meta
         url = re.sub(r"^(http://[^/]+):80/|^(https://[^/]+):443/", lambda g: (g[1] or g[2]) + "/", m.url)
-        headers = dict(rfc9111.validators(m.headers))
+        headers = rfc9111.revalidation_headers(flow.request.headers, m.headers)
         vhost = re.match(r"[a-z]+://([^/@]*)@", url)
         if vhost:  # a virtual host of the reverse-mode target (primary_key): sent as its Host
             url = url.replace(vhost[1] + "@", "", 1)
             headers["Host"] = unquote(vhost[1])
-        for name, value in m.vary_key:
-            if value is not None:
-                headers[name] = value
-            elif name.lower() in ADDED_BY_URLLIB:  # the variant had none, and the refresh would send one
-                return
+        if any(value is None and name.lower() in ADDED_BY_URLLIB for name, value in m.vary_key):
+            return  # the variant had none of a field urllib sends, and the origin varies on it
         insecure = getattr(ctx.options, "ssl_insecure", False)
         # the way the flow went: through the upstream proxy of an upstream-mode listener, else direct
         mode = getattr(flow.client_conn, "proxy_mode", None)
@@ -1482,6 +1479,8 @@ class Cache:
                     return
                 response_time = time.time()
                 self.counts["background_refresh"] += 1
+                if not any(k.lower() == "date" for k, _ in headers_list):  # RFC 9110 6.6.1, as responseheaders
+                    headers_list.append(("Date", rfc9111.format_http_date(response_time)))
                 if status == 304:
                     if not rfc9111.validator_mismatch(m.headers, headers_list):  # else not the stored response's
                         self._freshened(key, entry, headers_list, request_time, response_time, url)

@@ -240,6 +240,9 @@ class DiskTier:
         self.journaled: set[str] = set()
         self.lock = threading.Lock()
         self.busy: dict[str, int] = {}   # primary -> queued puts and deletes (disk reads skip it meanwhile)
+        # primary -> {vary hash: (meta, body, temp file)} of puts not yet on disk whose object is in no
+        # RAM tier: read from here meanwhile (else a large object would be fetched again till it is written)
+        self.queued: dict[str, dict[str, tuple[Meta, bytes | None, str | None]]] = {}
         self.clearing = 0
         self.backlog = 0
         self.dropped = 0
@@ -321,6 +324,8 @@ class DiskTier:
     def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes | None] | None:
         """The stored metadata and its verified body; None if nothing is stored; (meta, None) if the
         body could not be read or did not match (Squid's swap failure; a damaged entry is dropped)."""
+        if primary in self.busy:
+            return self._queued(primary, vh)
         value = self._stored(primary, vh)
         if value is None:
             return None
@@ -328,6 +333,23 @@ class DiskTier:
             meta, body = value
             return (meta, body) if self._verified(meta, body) else (meta, None)
         return value, self.get_body(value)
+
+    def _queued(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
+        """An object on its way to the disk, as put (a streamed one read from its temp file, if the
+        writer has not taken it yet)."""
+        with self.lock:
+            meta, body, path = self.queued.get(primary, {}).get(vh, (None, None, None))
+        if meta is None or self.clearing or self.failed:
+            return None
+        if body is None and path:
+            try:
+                with open(path, "rb") as f:
+                    body = f.read(meta.length + 1)
+            except OSError:  # the writer took it meanwhile: the disk has it soon
+                return None
+        if body is None or len(body) != meta.length or digest(body) != meta.digest:
+            return None
+        return meta, body
 
     def body_id(self, primary: str, vh: str) -> str | None:
         """The body_id of the entry stored on disk under (primary, vh), or None."""
@@ -373,7 +395,9 @@ class DiskTier:
 
     # --- writes (queued) ---
     def put(self, primary: str, meta: Meta, body: bytes | None = None, path: str | None = None,
-            vary_sets: Sequence[tuple[str, ...]] | None = None) -> bool:
+            vary_sets: Sequence[tuple[str, ...]] | None = None, keep: bool = False) -> bool:
+        """Queue a write; `keep`: the object is in no RAM tier, so reads get it from the queue till it
+        is written (its bytes are held for the write anyway, and counted in the backlog)."""
         size = meta.length
         h = hash(primary)
         with self.lock:
@@ -386,6 +410,10 @@ class DiskTier:
             full = self.backlog >= self.FRAME_BYTES  # a frame's worth waits: no point gathering more
             # until it is written, what the disk holds for this key is older: reads skip it meanwhile
             self.busy[primary] = self.busy.get(primary, 0) + 1
+            if keep:
+                self.queued.setdefault(primary, {})[meta.vhash] = (meta, body, path)
+            else:  # a RAM copy answers; an older queued variant must not outlive this write
+                self.queued.get(primary, {}).pop(meta.vhash, None)
             known = self.known
             if known is None:
                 stored_before = True
@@ -402,10 +430,16 @@ class DiskTier:
         return True
 
     def update_meta(self, primary: str, meta: Meta) -> None:
+        with self.lock:
+            variants = self.queued.get(primary, {})
+            old = variants.get(meta.vhash)
+            if old is not None and old[0].body_id == meta.body_id:
+                variants[meta.vhash] = (meta, *old[1:])
         self.q.put(("meta", primary, meta))
 
     def remove(self, primary: str) -> None:
         with self.lock:
+            self.queued.pop(primary, None)
             if self.known is not None and hash(primary) not in self.known:
                 return  # neither on disk nor queued (most unsafe requests' URLs): nothing to send
             if self.failed:  # no writer: done when the cache opens next (nothing is read from the disk till then)
@@ -420,6 +454,7 @@ class DiskTier:
                 self._journal([CLEAR])
                 return
             self.clearing += 1
+            self.queued.clear()
             if self.known is not None:
                 self.known = set()
         self._urgent(("clear",))
@@ -597,6 +632,7 @@ class DiskTier:
             if lost:
                 self._journal(lost)
             self.busy.clear()
+            self.queued.clear()
             self.clearing = 0
             for done in self.flushes.values():
                 done.set()
@@ -617,6 +653,7 @@ class DiskTier:
                     n = self.busy.get(primary, 1) - 1
                     if n <= 0:
                         self.busy.pop(primary, None)
+                        self.queued.pop(primary, None)  # written: read from the disk now
                     else:
                         self.busy[primary] = n
                 elif kind == "clear":
@@ -1057,7 +1094,7 @@ class Store:
             return None
         sets = self.add_vary(primary, meta.vary)
         in_mem = self.mem.put((primary, meta.vhash), Entry(meta, body))
-        on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets) if self.disk else False
+        on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets, keep=not in_mem) if self.disk else False
         return "mem+disk" if in_mem and on_disk else "mem" if in_mem else "disk" if on_disk else None
 
     def put_file(self, primary: str, meta: Meta, path: str) -> bool:
@@ -1067,7 +1104,7 @@ class Store:
             return False
         sets = self.add_vary(primary, meta.vary)
         self.mem.remove((primary, meta.vhash))
-        return self.disk.put(primary, meta, path=path, vary_sets=sets)
+        return self.disk.put(primary, meta, path=path, vary_sets=sets, keep=True)
 
     def update_meta(self, primary: str, meta: Meta, body: bytes) -> None:
         """New metadata (a 304's, RFC 9111 4.3.4) for the stored response it validated; nothing for
@@ -1081,10 +1118,6 @@ class Store:
             self.mem.put(key, Entry(meta, body))  # out of RAM meanwhile, still on disk: back by use
         if self.disk:
             self.disk.update_meta(primary, meta)  # the writer updates only the same body's entry
-
-    def writing(self, primary: str) -> bool:
-        """True while a write for this key waits for the disk writer (batches every 0.2 s)."""
-        return self.disk is not None and primary in self.disk.busy
 
     def remove(self, primary: str) -> int:
         n = self.mem.remove_primary(primary)

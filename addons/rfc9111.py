@@ -697,6 +697,35 @@ def validators(resp_headers) -> list[tuple[str, str]]:
 
 
 CONDITIONAL_FIELDS = ("if-none-match", "if-modified-since", "if-match", "if-unmodified-since", "if-range")
+# a client's fields that a revalidation the cache sends on its own leaves out: the client's preconditions
+# and range are its own, the cache decides on its own caching, and the framing is of another message
+_NOT_REFRESHED = HOP_BY_HOP | frozenset(CONDITIONAL_FIELDS) | {
+    "host", "content-length", "expect", "range", "cache-control", "pragma"}
+
+
+def revalidation_headers(req_headers, stored_headers) -> dict[str, str]:
+    """4.3.1: the fields of a revalidation that the cache sends on its own, while it serves the stale
+    response (RFC 5861 stale-while-revalidate): those of the client request it serves, as the origin
+    would get them in a revalidation on the request's path (User-Agent, Accept..., Cookie; an origin
+    may answer on them without Vary), minus that client's own preconditions, range, cache directives
+    and hop-by-hop fields, plus the stored response's validators. One value per name (repeated lines
+    joined, Cookie's with "; ")."""
+    items = _items(req_headers)
+    drop = _NOT_REFRESHED | {n.lower() for n in split_list(v for k, v in items if k.lower() == "connection")}
+    out: dict[str, str] = {}
+    names: dict[str, str] = {}  # lower-case name -> the name as first sent
+    for k, v in items:
+        low = k.lower()
+        if low in drop:
+            continue
+        if low in names:
+            out[names[low]] += ("; " if low == "cookie" else ", ") + v
+        else:
+            names[low] = k
+            out[k] = v
+    for k, v in validators(stored_headers):
+        out[k] = v
+    return out
 
 
 def _etag_opaque(tag: str) -> tuple[bool, str]:

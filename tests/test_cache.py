@@ -5,6 +5,7 @@ keys never collide; tests that need other options start their own proxy.
 """
 from __future__ import annotations
 
+import email.utils
 import os
 import signal
 import socket
@@ -1151,6 +1152,65 @@ def test_stale_while_revalidate(cproxy, origin):
     assert origin.hits["/swr"] == 2
     found = codes(cproxy, url, 4)
     assert found[:2] == ["TCP_MISS/200", "TCP_MEM_HIT/200"] and set(found[2:]) == {"TCP_MEM_HIT/200"}
+
+
+def test_an_object_too_large_for_ram_is_a_hit_while_it_waits_for_the_disk_writer(cproxy, origin):
+    """Over maximum_object_size_in_memory (512 KB), an object lives on disk only, written by batches
+    every 0.2 s: the requests right after the miss are hits on it, not new fetches."""
+    path = "/size/1000001"  # a size of its own: the log shows URLs without their query
+    for _ in range(3):
+        status, _, body = fetch(cproxy, f"{origin.url}{path}?h.Cache-Control=max-age=60")
+        assert (status, len(body)) == (200, 1000001)
+    assert origin.hits[path] == 1
+    assert codes(cproxy, origin.url + path, 3) == ["TCP_MISS/200", "TCP_HIT/200", "TCP_HIT/200"]
+
+
+def test_a_background_refresh_asks_as_the_client_it_serves_would(cproxy, origin):
+    """The refresh of a stale-while-revalidate entry carries the fields of the client request that
+    found it stale (an origin may answer on User-Agent, Accept-Language or Cookie without a Vary),
+    with the stored response's validator in place of the client's own preconditions."""
+    seen = []
+
+    def fn(s):
+        seen.append(s.headers)
+        if "user-agent" not in {k.lower() for k in s.headers}:  # a WAF's answer to a bare request
+            return 403, {"Cache-Control": "max-age=600"}, b"no user agent, forbidden"
+        max_age = 2 if len(seen) == 1 else 600
+        return 200, {"Cache-Control": f"max-age={max_age}, stale-while-revalidate=60", "ETag": '"v1"'}, b"ok"
+    origin.route("/swr-fields", fn)
+    url = f"{origin.url}/swr-fields"
+    client = ("-H", "User-Agent: relais-test/1", "-H", "Accept-Language: fr", "-H", "Cookie: a=1",
+              "-H", "Cookie: b=2", "-H", 'If-None-Match: "client-own"', "-H", "X-Trace: t1")
+    assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")
+    time.sleep(2.3)  # stale
+    assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")  # served stale, refreshed in the background
+    end = time.monotonic() + 10
+    while len(seen) < 2 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert len(seen) == 2
+    refresh = {k.lower(): v for k, v in seen[1].items()}
+    assert refresh["user-agent"] == "relais-test/1" and refresh["accept-language"] == "fr"
+    assert refresh["x-trace"] == "t1" and refresh["cookie"] == "a=1; b=2"
+    assert refresh["if-none-match"] == '"v1"'  # the stored response's validator, not the client's
+    time.sleep(0.3)
+    assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")  # the refreshed copy, not a 403
+    assert len(seen) == 2
+
+
+def test_a_response_without_date_gets_one_from_the_cache(cproxy):
+    """RFC 9110 6.6.1: a cache with a clock adds the Date an origin left out, to the response it
+    forwards and to the copy it stores (so that hits carry it too)."""
+    answer = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    with scripted_server(answer) as port:
+        url = f"http://127.0.0.1:{port}/no-date"
+        before = time.time()
+        status, first, body = fetch(cproxy, url)
+        assert (status, body) == (200, b"ok")
+        date = email.utils.parsedate_to_datetime(first["date"]).timestamp()
+        assert before - 1 <= date <= time.time() + 1
+        status, hit, body = fetch(cproxy, url)
+        assert (status, body, hit["date"]) == (200, b"ok", first["date"])
+        assert codes(cproxy, url, 2) == ["TCP_MISS/200", "TCP_MEM_HIT/200"]
 
 
 def test_stale_while_revalidate_refreshes_through_the_upstream_proxy(start_proxy, origin, tmp_path):

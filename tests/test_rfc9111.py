@@ -555,3 +555,16 @@ def test_fields_index_answers_like_a_scan():
     fresh = r.Fields(items)
     r.get_all(fresh, "cache-control").append("no-store")  # a caller's list is its own
     assert r.get_all(fresh, "cache-control") == ["max-age=5", "public"] and "no-store" not in r.cache_control(fresh)
+
+
+def test_revalidation_headers_are_the_clients_but_its_own_preconditions_and_hop_by_hop_fields():
+    req = [("User-Agent", "ua/1"), ("Accept", "text/html"), ("Accept", "*/*"), ("Cookie", "a=1"), ("Cookie", "b=2"),
+           ("If-None-Match", '"client"'), ("If-Modified-Since", "Mon, 01 Jan 2024 00:00:00 GMT"), ("Range", "bytes=0-1"),
+           ("If-Range", '"client"'), ("Host", "example.org"), ("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"),
+           ("Proxy-Authorization", "Basic eDp5"), ("Cache-Control", "max-stale"), ("Pragma", "no-cache"),
+           ("Content-Length", "0"), ("TE", "trailers"), ("Authorization", "Bearer t")]
+    stored = [("ETag", '"v1"'), ("Last-Modified", "Tue, 02 Jan 2024 00:00:00 GMT")]
+    assert r.revalidation_headers(req, stored) == {
+        "User-Agent": "ua/1", "Accept": "text/html, */*", "Cookie": "a=1; b=2", "Authorization": "Bearer t",
+        "If-None-Match": '"v1"', "If-Modified-Since": "Tue, 02 Jan 2024 00:00:00 GMT"}
+    assert r.revalidation_headers([("if-none-match", '"c"')], []) == {}  # no validator stored: none sent
