@@ -41,6 +41,8 @@ from typing import Callable, Iterable, Mapping
 
 import yaml
 
+from addons import policyfile
+
 ALLOW, DENY = "allow", "deny"
 BUMP_ACTIONS = ("splice", "bump", "terminate", "peek", "stare", "client-first", "server-first", "none")
 
@@ -905,7 +907,7 @@ def _scalar(node, file, what) -> str:
 
 def load_yaml_text(text: str, file: str = "<policy>", base: Path | None = None) -> Policy:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=policyfile.CheckedLoader)  # refuses alias bombs
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise PolicyError(f"YAML: {e.problem or e.context}", file, mark.line + 1 if mark else None) from None

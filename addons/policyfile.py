@@ -3,6 +3,8 @@
 `load(text, source)` parses with PyYAML's safe loader, but mappings and sequences
 remember the line of each key and item, and a duplicate key is an error (PyYAML
 silently keeps the last). Every mistake is a PolicyError saying `source, line N: reason`.
+`CheckedLoader` (also the acl loader's) refuses aliases that would expand a small file into a huge
+policy (a "billion laughs"), while composing, before anything is expanded.
 `Watch` tells when a policy file changed, for the addons that re-read theirs.
 """
 from __future__ import annotations
@@ -32,8 +34,49 @@ class Seq(list):
     item_lines: list = []
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose mappings and sequences remember their line numbers."""
+ALIAS_LIMIT = 100_000  # values YAML aliases may add to what a file spells out; reuse is far below
+
+
+class AliasError(yaml.composer.ComposerError):
+    """An alias that makes the document too large, or that is inside what it names."""
+
+
+class CheckedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses an alias once the aliases so far add more than ALIAS_LIMIT values: aliases of
+    aliases double at each level, and a few hundred bytes would become millions of acl lines or list
+    entries to walk. Counted while composing, from each node's size once expanded (kept per node)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.sizes = {}  # node -> values it stands for, once composed
+        self.added = 0   # values the aliases used so far add
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # (an undefined alias is PyYAML's error)
+                if node not in self.sizes:  # its anchor is still open: the node would contain itself
+                    raise AliasError(None, None, f"alias *{event.anchor} is inside the value it names",
+                                     event.start_mark)
+                self.added += self.sizes[node]
+                if self.added > ALIAS_LIMIT:
+                    raise AliasError(None, None, f"alias *{event.anchor}: the aliases so far would add more than "
+                                     f"{ALIAS_LIMIT:,} values to the policy (aliases of aliases multiply); "
+                                     f"write long lists out, or put them in a file", event.start_mark)
+            return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        if isinstance(node, yaml.SequenceNode):
+            self.sizes[node] = 1 + sum(self.sizes[n] for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            self.sizes[node] = 1 + sum(self.sizes[k] + self.sizes[v] for k, v in node.value)
+        else:
+            self.sizes[node] = 1
+        return node
+
+
+class _Loader(CheckedLoader):
+    """CheckedLoader whose mappings and sequences remember their line numbers."""
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> Map:
@@ -71,6 +114,8 @@ def load(text: str, source: str = "<policy>"):
         return yaml.load(text, Loader=_Loader)
     except PolicyError as e:
         raise PolicyError(source, e.line, e.reason) from None
+    except AliasError as e:  # valid YAML, refused
+        raise PolicyError(source, e.problem_mark.line + 1, e.problem) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         reason = " ".join(str(p) for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) or str(e)
