@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import ipaddress
 import logging
+import os
 import queue
 import re
 import signal
@@ -59,18 +60,44 @@ class Record:
     agent: str = "-"
 
 
+# What a client or an origin can put in a field that would break the line: control characters (a
+# terminal's escape sequences, NUL, line breaks; Unicode's, and C1 ones also as the raw bytes mitmproxy
+# keeps as lone surrogates) and, where fields are separated by spaces, a space.
+_CONTROLS = "\x00-\x1f\x7f-\x9f\u2028\u2029\udc80-\udc9f"
+_SQUID_UNSAFE = re.compile(f"[ {_CONTROLS}]")
+_APACHE_UNSAFE = re.compile(f'[{_CONTROLS}"\\\\]')         # in a quoted field: " and \ too, as Apache
+_APACHE_WORD_UNSAFE = re.compile(f'[ {_CONTROLS}"\\\\]')   # user, method, URL: spaces too
+_APACHE_SHORT = {"\b": "\\b", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+
+
+def _percent(m: re.Match) -> str:
+    """%XX for each byte, as Squid's rfc1738 escaping writes the fields of its native format."""
+    return "".join(f"%{b:02X}" for b in m.group().encode("utf-8", "surrogateescape"))
+
+
+def _backslash(m: re.Match) -> str:
+    r"""\" \\ \n ... and \xhh for each other byte, as Apache's ap_escape_logitem writes them."""
+    c = m.group()
+    return _APACHE_SHORT.get(c) or "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+
+
 def format_squid(r: Record) -> str:
+    fields = r.method, r.url, r.user, r.peer, r.mime  # what the client or the origin chose
+    if _SQUID_UNSAFE.search("".join(fields)):  # one test for a clean line, the usual one
+        fields = [_SQUID_UNSAFE.sub(_percent, f) for f in fields]
+    method, url, user, peer, mime = fields
     ms = int(r.end * 1000)
     return (f"{ms // 1000}.{ms % 1000:03d} {r.elapsed_ms:6d} {r.client} {r.code}/{r.status:03d} "
-            f"{r.size} {r.method} {r.url} {r.user} {r.hier}/{r.peer} {r.mime}")
+            f"{r.size} {method} {url} {user} {r.hier}/{peer} {mime}")
 
 
 def format_common(r: Record, combined: bool = False) -> str:
     when = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(r.end))
-    line = (f'{r.client} - {r.user} [{when}] "{r.method} {r.url} HTTP/{r.version}" '
+    user, method, url = (_APACHE_WORD_UNSAFE.sub(_backslash, f) for f in (r.user, r.method, r.url))
+    line = (f'{r.client} - {user} [{when}] "{method} {url} HTTP/{r.version}" '
             f"{r.status} {r.size}")
     if combined:
-        line += f' "{r.referer}" "{r.agent}"'
+        line += f' "{_APACHE_UNSAFE.sub(_backslash, r.referer)}" "{_APACHE_UNSAFE.sub(_backslash, r.agent)}"'
     return f"{line} {r.code}:{r.hier}"
 
 
@@ -214,7 +241,8 @@ class Writer:
     """Appends lines to a file from its own thread, so the event loop never waits for the disk.
 
     It is the only writer of the file and writes whole lines, so lines are
-    never split or interleaved. Lines gather on the event loop for BATCH_DELAY
+    never split or interleaved; what a failed write (a full disk) left of a
+    batch is cut off before the next. Lines gather on the event loop for BATCH_DELAY
     and go to the thread as one batch, written with one write() call: a
     hand-over per line would wake the thread, and make it take the GIL from
     the event loop, once per request.
@@ -226,6 +254,7 @@ class Writer:
         self.pending: list[str] = []  # lines not yet handed to the thread (event loop side)
         self.file = self._open()
         self.lost = 0  # lines dropped since the last successful write
+        self.torn = False  # the file ends with part of a line (a failed write that could not be cut off)
         self.lock = threading.Lock()
         self.queued = 0   # lines handed to the thread and not yet written
         self.dropped = 0  # lines not handed over because QUEUED_MAX were waiting
@@ -281,34 +310,54 @@ class Writer:
         self.thread.join(10)
 
     def _open(self):
-        # mitmproxy keeps bytes that are not UTF-8 (in a URL, a header) as lone surrogates:
-        # they are written back as the bytes the client sent, as Squid logs them
-        return open(self.path, "a", encoding="utf-8", errors="surrogateescape")
+        # unbuffered: what a failed write() leaves is in the file, where it can be cut off, not in a buffer
+        return open(self.path, "ab", buffering=0)
 
     def _write(self, lines: list[str]) -> bool:
         """Write a batch; on failure (a full disk) drop it, say so once, and start clean."""
-        text = "\n".join(lines) + "\n"
         try:
-            try:
-                self.file.write(text)
-            except UnicodeEncodeError:  # a surrogate that stands for no byte: that line escapes it
-                self.file.write("".join(_writable(line) + "\n" for line in lines))
-            self.file.flush()
+            # mitmproxy keeps bytes that are not UTF-8 (in a URL, a header) as lone surrogates:
+            # they are written back as the bytes the client sent, as Squid logs them
+            data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte: that line escapes it
+            data = "".join(_writable(line) + "\n" for line in lines).encode("utf-8", "surrogateescape")
+        start = b"\n" if self.torn else b""  # ends the part of a line an earlier failure left
+        data = start + data
+        done = 0
+        try:
+            view = memoryview(data)
+            while done < len(data):  # a filling disk takes part of the data, then fails
+                done += self.file.write(view[done:])
         except (OSError, ValueError) as e:  # ValueError: the file is closed (a reopen failed)
+            kept = 0
+            if done and not self._cut(done):  # the next write ends the part of a line left
+                kept = data.count(b"\n", len(start), done)  # the batch's whole lines that stay
+                self.torn = data[done - 1] != ord("\n")
             if not self.lost:
                 logging.getLogger(__name__).error("access log %s: cannot write (%s); lines are lost "
                                                   "until it can", self.path, e)
-            self.lost += len(lines)
-            try:  # a failed write leaves the buffer stuck with the batch: reopen
+            self.lost += len(lines) - kept
+            try:  # a closed file, or one that went away, is opened again
                 self.file = self._open()
             except OSError:
                 pass
             return False
+        self.torn = False
         if self.lost:
             logging.getLogger(__name__).warning("access log %s: writing again; %d lines were lost",
                                                 self.path, self.lost)
             self.lost = 0
         return True
+
+    def _cut(self, done: int) -> bool:
+        """Remove the last `done` bytes written (those of a failed write), so that the file ends with a
+        whole line; False if it cannot be truncated (a pipe, an append-only file)."""
+        try:
+            fd = self.file.fileno()
+            os.ftruncate(fd, os.fstat(fd).st_size - done)
+            return True
+        except OSError:
+            return False
 
     def _run(self) -> None:
         while True:

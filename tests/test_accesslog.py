@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -94,6 +97,29 @@ def test_unwritable_access_log_is_refused(tmp_path):
     with taddons.context(addon) as tctx:
         with pytest.raises(exceptions.OptionsError, match="access_log"):
             tctx.configure(addon, access_log=str(tmp_path / "file" / "access.log"))
+
+
+def test_what_a_client_or_an_origin_chose_cannot_forge_fields_or_reach_a_terminal():
+    """Control characters and spaces in the native format are %-encoded as Squid writes them."""
+    line = format_squid(rec(method="G\x1b[31mET", url="http://h/a b\x00\x7f\n\u2028\x85", user="al ice",
+                            peer="p\tq", mime="text/\x1b[2J"))
+    assert line == ("1795745879.953      1 127.0.0.1 TCP_MISS/200 1391 G%1B[31mET "
+                    "http://h/a%20b%00%7F%0A%E2%80%A8%C2%85 al%20ice HIER_DIRECT/p%09q text/%1B[2J")
+    assert STRICT.match(line)
+    # a raw byte that is a C1 control (kept by mitmproxy as a lone surrogate) is encoded too
+    assert " http://h/%9B\udce9 " in format_squid(rec(url="http://h/\udc9b\udce9"))
+
+
+def test_apache_fields_are_escaped_as_apache_does_so_that_no_field_can_be_forged():
+    agent = 'evil" 200 999 "-" "fake\x1b[2J\\'
+    line = format_common(rec(method="G ET", url='http://h/"x\\', user="a b", referer="r\n", agent=agent),
+                         combined=True)
+    assert line.startswith(r'127.0.0.1 - a\x20b [')
+    assert r'"G\x20ET http://h/\"x\\ HTTP/1.1" 200 1391 "r\n" "evil\" 200 999 \"-\" \"fake\x1b[2J\\" ' in line
+    quoted = r'"((?:[^"\\]|\\.)*)"'
+    m = re.match(rf'^(\S+) - (\S+) \[[^]]+\] {quoted} (\d+) (\d+) {quoted} {quoted} (\S+)$', line)
+    assert m and m.group(4, 5, 8) == ("200", "1391", "TCP_MISS:HIER_DIRECT")
+    assert m.group(7) == r'evil\" 200 999 \"-\" \"fake\x1b[2J\\'  # the agent whole, one field
 
 
 # --- end to end -------------------------------------------------------------------
@@ -459,3 +485,86 @@ def test_a_websocket_session_is_logged_once_when_it_ends_with_its_duration_and_b
     assert fields[3] == "TCP_MISS/101" and int(fields[1]) >= 1200, line
     assert 100 <= int(fields[4]) - len(head) <= 110, (fields[4], len(head))
     assert len([l for l in proxy.log_lines(1) if "/chat" in l]) == 1
+
+
+@pytest.mark.parametrize("method", [b"G\x1b[31mET", b"G\x00ET", b"G\x7fET"], ids=["esc", "nul", "del"])
+def test_a_method_with_control_bytes_is_logged_encoded(proxy, origin, method):
+    """mitmproxy forwards such a method; the log line gets it %-encoded, not the raw bytes."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(method + f" {origin.url}/ctl HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                           "Connection: close\r\n\r\n".encode())
+        while s.recv(4096):
+            pass
+    line = proxy.wait_lines("/ctl", 1)[0]
+    encoded = "".join(c if " " < c < "\x7f" else f"%{ord(c):02X}" for c in method.decode().upper())
+    assert line.split()[5] == encoded, line  # mitmproxy gives methods in upper case
+    assert STRICT.match(line), line
+    assert not re.search(rb"[\x00-\x09\x0b-\x1f\x7f]", proxy.access_log.read_bytes())
+
+
+def test_a_user_agent_cannot_forge_combined_fields(start_proxy, origin):
+    proxy = start_proxy(options={"logformat": "combined"})
+    curl("-x", proxy.url, "-A", 'evil" 200 999 "-" "fake\x1b[2J', f"{origin.url}/ua")
+    line = proxy.log_line("/ua")
+    assert line.endswith(r' "-" "evil\" 200 999 \"-\" \"fake\x1b[2J" TCP_MISS:HIER_DIRECT'), line
+    assert not re.search(rb"[\x00-\x09\x0b-\x1f\x7f]", proxy.access_log.read_bytes())
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KB tmpfs, filled to the last byte in a moment (needs root, as CI has)."""
+    assert os.geteuid() == 0, "mounting a small tmpfs needs root"
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("append_only", [False, True], ids=["truncatable", "append-only"])
+def test_a_write_a_full_disk_cuts_short_leaves_no_part_of_a_line_glued_to_the_next(tiny_disk, caplog,
+                                                                                  append_only):
+    """The disk fills in the middle of a batch: what reached the file is cut off again. A file that
+    cannot be truncated (append-only, chattr +a) gets its part of a line ended before the next write;
+    the lines lost are counted either way."""
+    path = tiny_disk / "access.log"
+    path.touch()
+    if append_only:
+        assert shutil.which("chattr"), "chattr (e2fsprogs) makes the file append-only"
+        subprocess.run(["chattr", "+a", str(path)], check=True)
+    w = accesslog.Writer(path)
+    try:
+        w.put("GET /before")
+        w.flush()
+        with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
+            try:
+                while True:
+                    f.write(b"x" * 4096)
+            except OSError:
+                pass
+        batch = [f"GET /full-{n:03d} " + "x" * 40 for n in range(400)]  # 22 KB: more than the room left
+        w.pending = batch
+        w.hand_over()  # one batch
+        w.flush()
+        (tiny_disk / "filler").unlink()  # room again
+        w.put("GET /after")
+        w.flush()
+        assert w.thread.is_alive()
+    finally:
+        w.close()
+        if append_only:
+            subprocess.run(["chattr", "-a", str(path)], check=False)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "GET /before" and lines[-1] == "GET /after"
+    middle = lines[1:-1]
+    if append_only:
+        *kept, part = middle
+        assert kept == batch[:len(kept)] and 0 < len(part) < len(batch[len(kept)])
+        assert batch[len(kept)].startswith(part)
+        lost = len(batch) - len(kept)
+    else:
+        assert middle == []
+        lost = len(batch)
+    assert f"writing again; {lost} lines were lost" in caplog.text
