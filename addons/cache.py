@@ -307,6 +307,7 @@ def _settle(fut: asyncio.Future, result, error, cancel: bool = False) -> None:
 
 class StreamCopy:
     """Wraps flow.response.stream: copies each chunk to a temp file while it is relayed."""
+    warned = -60.0  # when a failed write was last logged (once a minute at most)
 
     def __init__(self, fileobj, limit: int, expected: int | None):
         self.f = fileobj
@@ -326,8 +327,12 @@ class StreamCopy:
                 try:
                     self.f.write(chunk)
                     self.h.update(chunk)
-                except OSError:
+                except OSError as e:  # a full disk: relayed all the same, not stored
                     self.abort()
+                    now = time.monotonic()
+                    if now - StreamCopy.warned >= 60:
+                        StreamCopy.warned = now
+                        log.warning("cache: cannot write a streamed body's copy to %s (%s); not stored", self.path, e)
         return chunk
 
     def abort(self) -> None:
@@ -354,6 +359,7 @@ def _names(headers: http.Headers) -> set[bytes]:
 
 
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
+_COOKIES = frozenset({"set-cookie", "set-cookie2"})  # not stored either with store_set_cookie false
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
 
 
@@ -557,6 +563,8 @@ class Cache:
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
+        self.not_stored = _RECOMPUTED               # fields left out of a stored response
+        self.not_freshened = _RECOMPUTED - {"content-length"}  # fields of a 304 left out of the stored ones
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
         self.refreshing: dict[str, str] = {}        # keys refreshed in the background (SWR) -> their origin
@@ -616,6 +624,12 @@ class Cache:
                           "(answered TCP_REFRESH_UNMODIFIED from the store when the origin says 304) instead of "
                           "fetched whole; RFC 9111 allows either. Off, as in Squid: the reload goes to the origin "
                           "unconditionally (TCP_MISS).")
+        loader.add_option("store_set_cookie", bool, True,
+                          "Keep a cacheable response's Set-Cookie and Set-Cookie2 fields with its stored copy, so "
+                          "that hits send them too: RFC 9111 (7.3) lets a shared cache reuse such a response, and an "
+                          "origin marks per-user ones private or no-cache=\"Set-Cookie\". false: stored without "
+                          "them, so only the client whose request reached the origin gets its cookies (Squid removes "
+                          "them from hits).")
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
@@ -652,6 +666,9 @@ class Cache:
         self.max_stale = float(o.max_stale)
         self.reload_into_ims = o.reload_into_ims
         self.collapse = o.collapsed_forwarding
+        cookies = frozenset() if o.store_set_cookie else _COOKIES
+        self.not_stored = _RECOMPUTED | cookies
+        self.not_freshened = (_RECOMPUTED - {"content-length"}) | cookies
         self.late_streams = bool(getattr(o, "stream_large_bodies", None))  # see addons/streams.py
         self.object_max = sizes["maximum_object_size"]
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
@@ -1148,7 +1165,10 @@ class Cache:
             return
 
         def copying(inner):  # now, or when mitmproxy streams a body of unknown length past stream_large_bodies
-            copy = StreamCopy(self.store.new_tempfile(), self.object_max, expected)
+            f = self.store.new_tempfile()
+            if f is None:  # no room for a copy (logged): relayed, not stored
+                return inner
+            copy = StreamCopy(f, self.object_max, expected)
             self.streams[flow.id] = (key, copy, m)
             return (lambda chunk: copy(inner(chunk))) if inner else copy
         streams.wrap(resp, copying)
@@ -1170,7 +1190,7 @@ class Cache:
         if lifetime <= 0 and not rfc9111.validators(rh):
             return None  # never fresh and cannot be revalidated: storing it is useless
         # Age and X-Cache are recomputed when served; Content-Length is the stored body's, added by the caller
-        headers = rfc9111.storable_headers(rh, also_drop=_RECOMPUTED)
+        headers = rfc9111.storable_headers(rh, also_drop=self.not_stored)
         vary_key = rfc9111.vary_values(fields, req.headers) if fields else ()
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
@@ -1307,7 +1327,7 @@ class Cache:
         stored in its place; dropped instead if it no longer varies on what it was stored under."""
         old = entry.meta
         new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, headers)
-                       if k.lower() not in ("x-cache", "age")]
+                       if k.lower() not in self.not_freshened]
         lifetime, source = rfc9111.freshness_lifetime(old.status, self._policy(old, new_headers), response_time,
                                                       url=url, rules=self.rules, negative_ttl=self.negative_ttl)
         new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
@@ -1494,8 +1514,8 @@ class Cache:
                         return
                     lifetime, source = rfc9111.freshness_lifetime(status, policy, response_time, url=url,
                                                                   rules=self.rules, negative_ttl=self.negative_ttl)
-                    hl = _add_length([(k, v) for k, v in rfc9111.storable_headers(headers_list)
-                                      if k.lower() not in ("age", "content-length", "x-cache")], status, len(body))
+                    hl = _add_length(rfc9111.storable_headers(headers_list, also_drop=self.not_stored), status,
+                                     len(body))
                     fields = rfc9111.vary_fields(headers_list)
                     if fields is None:
                         self._forget(key)

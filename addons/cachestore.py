@@ -235,6 +235,7 @@ class DiskTier:
             (self.directory / DAMAGED_MARK).touch()  # found damaged by the replay: moved aside, started empty
             self.dc = open_or_recover(self.directory, limit)
         self.tmpdir, self.tmplock = _incoming(self.directory)
+        self.tempfile_warned = -60.0  # when new_tempfile last logged that it could not make a file
         self.opened = time.time()
         self.off_reason: str | None = None  # why the tier went off while running (cache.stats)
         self.journaled: set[str] = set()
@@ -295,11 +296,15 @@ class DiskTier:
         if known is not None and hash(primary) not in known:
             return None  # never stored on disk: no SQLite read
         try:
-            idx = self.dc.get(self._ikey(primary))
-            return idx[0] if idx else [NO_VARY]  # no index: the entry, if any, has no Vary
+            value = self.dc.get(self._ikey(primary))
         except Exception as e:  # a damaged database must not break requests
             self._read_failed("index", primary, e)
             return None
+        idx = _index_of(value)
+        if value is not None and idx is None:
+            self._drop_damaged(primary, "index")
+            return None
+        return list(idx[0]) if idx else [NO_VARY]  # no index: the entry, if any, has no Vary
 
     def has(self, primary: str) -> bool:
         try:
@@ -309,7 +314,7 @@ class DiskTier:
             return False
 
     def _stored(self, primary: str, vh: str):
-        """What is stored on disk under (primary, vh): Meta, (Meta, small body), or None."""
+        """What is stored on disk under (primary, vh): Meta, (Meta, small body), None, or UNREADABLE."""
         if not self.readable(primary):
             return None
         known = self.known
@@ -319,7 +324,7 @@ class DiskTier:
             return self.dc.get(self._mkey(primary, vh))
         except Exception as e:
             self._read_failed("metadata", primary, e)
-            return None
+            return None if self.failed else UNREADABLE  # the database's fault, or this entry's
 
     def get_entry(self, primary: str, vh: str) -> tuple[Meta, bytes | None] | None:
         """The stored metadata and its verified body; None if nothing is stored; (meta, None) if the
@@ -329,10 +334,24 @@ class DiskTier:
         value = self._stored(primary, vh)
         if value is None:
             return None
+        if value is UNREADABLE:  # logged; the next write of the URL replaces it
+            self.corrupt += 1
+            return None, None
+        meta = _meta_of(value)
+        if meta is None:  # not what this code writes (damaged, or another program's)
+            self._drop_damaged(primary, "metadata")
+            return None, None
         if isinstance(value, tuple):  # small body stored with its metadata
-            meta, body = value
+            body = value[1]
             return (meta, body) if self._verified(meta, body) else (meta, None)
-        return value, self.get_body(value)
+        return meta, self.get_body(meta)
+
+    def _drop_damaged(self, primary: str, what: str) -> None:
+        """A value read back whole but not of the shape written (another version's, or damaged):
+        the URL's entries are removed and logged, as a body that does not match."""
+        self.corrupt += 1
+        log.warning("cache: dropped a damaged disk %s for %s", what, primary[:200])
+        self.remove(primary)
 
     def _queued(self, primary: str, vh: str) -> tuple[Meta, bytes] | None:
         """An object on its way to the disk, as put (a streamed one read from its temp file, if the
@@ -503,7 +522,29 @@ class DiskTier:
         log.warning("cache: made the removals recorded when the disk writer had exited (%d keys)", len(keys))
 
     def new_tempfile(self):
-        return tempfile.NamedTemporaryFile(dir=self.tmpdir, delete=False, prefix="body-")
+        """A file for a body being streamed, or None (logged once a minute) if none can be made: the
+        body is then relayed without being stored."""
+        for attempt in (1, 2):
+            try:
+                return tempfile.NamedTemporaryFile(dir=self.tmpdir, delete=False, prefix="body-")
+            except FileNotFoundError as e:  # incoming/ was removed under us: made anew once
+                error = e
+                if attempt == 1:
+                    try:
+                        self.tmplock.close()
+                        self.tmpdir, self.tmplock = _incoming(self.directory)
+                    except OSError as e2:
+                        error = e2
+                        break
+            except OSError as e:  # a full disk, no inodes left, no permission
+                error = e
+                break
+        now = time.monotonic()
+        if now - self.tempfile_warned >= 60:
+            self.tempfile_warned = now
+            log.warning("cache: cannot create a file for a streamed body in %s (%s); such bodies are relayed "
+                        "without being stored meanwhile", self.tmpdir, error)
+        return None
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until queued writes are on disk and the keys on disk are indexed (tests, shutdown)."""
@@ -767,6 +808,7 @@ LOCK = "in-use"  # in each folder of incoming/: locked while the proxy that stre
 JOURNAL = "pending-removals"  # keys (JSON lines) to remove when the cache opens next
 JOURNAL_MAX = 10_000  # keys journaled in one run; past that the journal says clear
 CLEAR = "\x00clear"  # in the journal: remove everything
+UNREADABLE = object()  # DiskTier._stored: the entry's value could not be read back
 SWAPFAIL = "swapfail"  # the tier Store.get names for an entry whose body could not be read or was wrong
 DAMAGED_MARK = "damaged"  # left by a run that found the database damaged: moved aside at the next open
 URGENT = frozenset({"flush", "remove", "clear"})  # sent to the writer at once, not after GATHER seconds
@@ -985,7 +1027,7 @@ class _Writer:
                 dc.set(f"b|{meta.body_id}", body)
                 value = meta
             sets = list(vary_sets or [NO_VARY])
-            idx = self._get(ikey(primary)) if stored_before else None
+            idx = _index_of(self._get(ikey(primary))) if stored_before else None
             if idx is not None or sets != [NO_VARY] or meta.vhash != vary_hash(NO_VARY):  # (a partial one)
                 vhs = list(idx[1]) if idx else [vary_hash(NO_VARY)]  # a no-Vary entry may be there
                 if meta.vhash not in vhs:
@@ -1010,7 +1052,7 @@ class _Writer:
             dc.delete(f"b|{meta.body_id}")
         elif kind == "remove":
             primary = op[1]
-            idx = self._get(ikey(primary))
+            idx = _index_of(self._get(ikey(primary)))
             dc.delete(ikey(primary))
             for vh in (idx[1] if idx else [vary_hash(NO_VARY)]):
                 old = _meta_of(self._get(mkey(primary, vh)))
@@ -1023,8 +1065,28 @@ class _Writer:
 
 
 def _meta_of(value) -> Meta | None:
-    """The metadata of a stored value: Meta, or (Meta, body) for a small body stored with it."""
-    return value[0] if isinstance(value, tuple) else value
+    """The metadata of a stored value: Meta, or (Meta, body) for a small body stored with it; None
+    for anything else (a damaged or foreign value that unpickled: it must not break a read or a write)."""
+    if isinstance(value, tuple):
+        if len(value) != 2 or not isinstance(value[1], bytes):
+            return None
+        value = value[0]
+    if not isinstance(value, Meta) or not all(hasattr(value, name) for name in _META_FIELDS):
+        return None
+    if not (isinstance(value.url, str) and isinstance(value.headers, list) and isinstance(value.length, int)
+            and isinstance(value.digest, str) and isinstance(value.vary_key, tuple)
+            and isinstance(value.body_id, str)):
+        return None
+    return value
+
+
+def _index_of(value) -> tuple | None:
+    """An index value, (Vary field sets, vary hashes), or None if it is not one."""
+    if (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], (list, tuple))
+            and isinstance(value[1], (list, tuple)) and all(isinstance(v, tuple) for v in value[0])
+            and all(isinstance(v, str) for v in value[1])):
+        return value
+    return None
 
 
 def _unlink(path: str) -> None:

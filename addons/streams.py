@@ -27,10 +27,11 @@ def may_stream(response: http.Response, late: bool) -> bool:
 
 def wrap(response: http.Response, wrapper) -> None:
     """Make `wrapper(inner)` the response's stream callable, `inner` being the callable it had (or
-    None): now if the response is streamed, else when it is (wrappers apply in the order given)."""
+    None): now if the response is streamed, else when it is (wrappers apply in the order given). A
+    wrapper may return None: it wraps nothing this time, and the stream stays as it was."""
     stream = response.stream
     if stream:
-        response.stream = wrapper(stream if callable(stream) else None)
+        response.stream = wrapper(stream if callable(stream) else None) or stream  # None: nothing to wrap in
         return
     if type(response) is http.Response:
         try:

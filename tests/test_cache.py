@@ -1010,6 +1010,32 @@ def test_streamed_large_body_stored_and_served(start_proxy, origin, tmp_path):
     assert codes(p, f"{origin.url}/size/{size}", 2) == ["TCP_MISS/200", "TCP_HIT/200"]
 
 
+def test_a_streamed_body_with_no_room_for_its_copy_is_relayed_and_logged_whole(start_proxy, origin, tmp_path):
+    """The folder for streamed bodies removed while the proxy runs is made anew; one that cannot be
+    made (a file in its place) leaves streamed bodies relayed without being stored, with a warning,
+    and the access log still counts their bytes."""
+    import shutil
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "10k"})
+    size = 200_000
+    shutil.rmtree(tmp_path / "c" / "incoming")
+    url = f"{origin.url}/size/{size}?h.Cache-Control=max-age=600"
+    assert len(fetch(p, url)[2]) == size
+    wait_stored(tmp_path / "c", f"/size/{size}")
+    assert fetch(p, url)[2] == b"x" * size
+    assert origin.hits[f"/size/{size}"] == 1
+    shutil.rmtree(tmp_path / "c" / "incoming")
+    (tmp_path / "c" / "incoming").write_text("in the way")
+    url2 = f"{origin.url}/size/{size + 1}?h.Cache-Control=max-age=600"
+    for _ in range(2):
+        assert len(fetch(p, url2)[2]) == size + 1
+    assert origin.hits[f"/size/{size + 1}"] == 2
+    assert codes(p, f"{origin.url}/size/{size + 1}", 2) == ["TCP_MISS/200"] * 2
+    lines = [l for l in p.log_lines(1) if f"/size/{size + 1} " in l]
+    assert all(int(l.split()[4]) > size for l in lines), lines  # the bytes sent, headers included
+    text = p.text()
+    assert "cannot create a file for a streamed body" in text and "Addon error" not in text
+
+
 def test_aborted_stream_is_not_stored(start_proxy, origin, tmp_path):
     p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "stream_large_bodies": "10k"})
     url = f"{origin.url}/slow/60000?rate=3000&h.Cache-Control=max-age=600"  # 2 s of body
@@ -1195,6 +1221,32 @@ def test_a_background_refresh_asks_as_the_client_it_serves_would(cproxy, origin)
     time.sleep(0.3)
     assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")  # the refreshed copy, not a 403
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_set_cookie_is_sent_with_hits_unless_store_set_cookie_is_off(start_proxy, origin, tmp_path, keep):
+    """RFC 9111 7.3: a Set-Cookie does not stop a shared cache from reusing a response (the default);
+    with store_set_cookie false, as Squid does, only the client whose request reached the origin gets
+    it, also after a revalidation whose 304 repeats it."""
+    p = start_proxy(options={"cache_dir": "none", "store_set_cookie": keep})
+    n = []
+
+    def fn(seen):
+        n.append(1)
+        if {k.lower(): v for k, v in seen.headers.items()}.get("if-none-match") == '"c1"':
+            return 304, {"ETag": '"c1"', "Set-Cookie": "session=again", "Cache-Control": "max-age=60"}, b""
+        return 200, {"Cache-Control": "max-age=1", "ETag": '"c1"', "Set-Cookie": "session=first-client"}, b"page"
+    origin.route("/cookie", fn)
+    url = f"{origin.url}/cookie"
+    assert fetch(p, url)[1]["set-cookie"] == "session=first-client"
+    hit = fetch(p, url)[1]
+    time.sleep(2.2)  # stale: revalidated, 304
+    refreshed = fetch(p, url)[1]
+    assert codes(p, url, 3) == ["TCP_MISS/200", "TCP_MEM_HIT/200", "TCP_REFRESH_UNMODIFIED/200"] and len(n) == 2
+    if keep:
+        assert hit["set-cookie"] == "session=first-client" and refreshed["set-cookie"] == "session=again"
+    else:
+        assert "set-cookie" not in hit and "set-cookie" not in refreshed
 
 
 def test_a_response_without_date_gets_one_from_the_cache(cproxy):

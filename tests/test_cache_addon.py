@@ -966,3 +966,20 @@ def test_the_cache_policy_watch_sees_new_included_files_and_the_fix_of_a_refused
         (tmp_path / "extra.conf").write_text("send_hit deny all\n")
         assert ask(c) == {"cache": ["deny all"], "send_hit": ["deny all"]}
     c.done()
+
+
+def test_a_streamed_copy_that_cannot_be_written_is_dropped_logged_and_the_chunks_still_go(tmp_path, caplog):
+    class FullDisk:
+        name = str(tmp_path / "body-x")
+
+        def write(self, chunk):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+    (tmp_path / "body-x").write_bytes(b"")
+    copy = cachemod.StreamCopy(FullDisk(), 1000, None)
+    cachemod.StreamCopy.warned = -60.0
+    assert copy(b"abc") == b"abc" and copy(b"def") == b"def"
+    assert not copy.finish() and not (tmp_path / "body-x").exists()
+    assert "No space left on device" in caplog.text

@@ -570,7 +570,7 @@ def test_a_value_on_disk_that_cannot_be_read_back_is_replaced_by_the_next_write(
     db.close()
     s = disk_store(tmp_path)
     try:
-        assert s.get("http://a/x", "-") == (None, None)
+        assert s.get("http://a/x", "-") == (None, cs.SWAPFAIL)  # logged TCP_SWAPFAIL_MISS
         new = b"n" * 100
         s.put("http://a/x", meta("http://a/x", new), new)
         s.disk.flush()
@@ -598,6 +598,77 @@ def test_writes_in_flight_when_the_writer_dies_are_not_waited_for_and_are_remove
     s = disk_store(tmp_path)  # the older copy is removed, not served as if it were the newer one
     try:
         assert s.get("http://a/inflight", "-") == (None, None) and not (tmp_path / cs.JOURNAL).exists()
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 1}, (1, 2, 3), ("not meta", b"body"), "a string",
+    "meta without its length", "meta with a list for a digest"])
+def test_a_value_on_disk_of_the_wrong_shape_is_a_swap_failure_dropped_and_logged(tmp_path, caplog, value):
+    """A value that unpickles but is not what this code writes (another version's, or damaged): the
+    read is a swap failure, the entry goes, and neither reads nor the writer's next put break."""
+    import pickle
+    import sqlite3
+    url = "http://a/x"
+    s = disk_store(tmp_path)
+    s.put(url, meta(url, LARGE), LARGE)
+    s.close()
+    if value == "meta without its length":  # pickled by a version whose Meta had no such field
+        fields = cs._META_FIELDS
+        try:
+            cs._META_FIELDS = tuple(f for f in fields if f != "length")
+            data = pickle.dumps(meta(url, LARGE))
+        finally:
+            cs._META_FIELDS = fields
+        assert not hasattr(pickle.loads(data), "length")
+    elif value == "meta with a list for a digest":
+        data = pickle.dumps(dataclasses.replace(meta(url, LARGE), digest=["x"]))
+    else:
+        data = pickle.dumps(value)
+    db = sqlite3.connect(tmp_path / "cache.db")
+    with db:
+        db.execute("UPDATE Cache SET value = ?, mode = 4 WHERE key = ?", (data, f"m|-|{url}"))
+    db.close()
+    s = disk_store(tmp_path)
+    try:
+        assert s.get(url, "-") == (None, cs.SWAPFAIL)
+        assert "dropped a damaged disk metadata" in caplog.text
+        s.disk.flush()
+        assert s.get(url, "-") == (None, None)  # removed
+        new = b"n" * 100
+        s.put(url, meta(url, new), new)
+        s.disk.flush()
+        s.mem.clear()
+        assert s.get(url, "-")[0].body == new
+        assert "disk write failed" not in caplog.text
+    finally:
+        s.close()
+
+
+def test_an_index_on_disk_of_the_wrong_shape_is_dropped_and_logged(tmp_path, caplog):
+    import pickle
+    import sqlite3
+    url = "http://a/v"
+    s = disk_store(tmp_path)
+    m = meta(url, SMALL, vary=("accept",), vary_key=(("accept", "a"),))
+    s.put(url, m, SMALL)
+    s.close()
+    db = sqlite3.connect(tmp_path / "cache.db")
+    with db:
+        n = db.execute("UPDATE Cache SET value = ?, mode = 4 WHERE key = ?", (pickle.dumps((1, 2, 3)), f"i|{url}")).rowcount
+    db.close()
+    assert n == 1
+    s = disk_store(tmp_path)
+    try:
+        assert s.vary_sets(url) == ()
+        assert "dropped a damaged disk index" in caplog.text
+        s.put(url, m, SMALL)
+        s.disk.flush()
+        s.mem.clear()
+        s.vary_index.clear()
+        assert s.vary_sets(url) == (("accept",),) and s.get(url, m.vhash)[0].body == SMALL
+        assert "disk write failed" not in caplog.text
     finally:
         s.close()
 
