@@ -302,7 +302,8 @@ class Writer:
 
     def reopen(self) -> None:
         self.file.close()
-        self.file = self._open()
+        self.file = self._open()  # an error is logged by _run; _write opens it again at the next batch
+        logging.getLogger(__name__).info("access log reopened: %s", self.path)
 
     def close(self) -> None:
         self.hand_over()
@@ -520,7 +521,6 @@ class AccessLog:
     def reopen(self) -> None:
         if self.writer:
             self.writer.call(self.writer.reopen)
-            logging.getLogger(__name__).info("access log reopened: %s", self.path)
 
     @command.command("accesslog.rotate")
     def rotate(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import re
 import shutil
@@ -568,3 +569,21 @@ def test_a_write_a_full_disk_cuts_short_leaves_no_part_of_a_line_glued_to_the_ne
         assert middle == []
         lost = len(batch)
     assert f"writing again; {lost} lines were lost" in caplog.text
+
+
+def test_a_reopen_that_fails_says_so_and_not_that_it_reopened(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "access.log"
+    w = accesslog.Writer(path)
+    try:
+        w.call(w.reopen)
+        w.flush()
+        assert f"access log reopened: {path}" in caplog.text
+        caplog.clear()
+        path.unlink()
+        path.mkdir()  # in the way of the log
+        w.call(w.reopen)
+        w.flush()
+        assert "Is a directory" in caplog.text and "reopened" not in caplog.text
+    finally:
+        w.close()
