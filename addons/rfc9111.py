@@ -794,12 +794,17 @@ def freshen_headers(stored: list[tuple[str, str]], new) -> list[tuple[str, str]]
 
 
 def validator_mismatch(stored_headers, new_headers) -> bool:
-    """4.3.4: a 304 whose strong ETag differs from the stored one does not select it."""
+    """4.3.4: a 304 whose validator differs from the stored response's does not select it: its ETag,
+    or, when it has none, its Last-Modified (a response modified at another time is another one)."""
     new_etag = get(new_headers, "etag")
     old_etag = get(stored_headers, "etag")
     if new_etag and old_etag:
         return not weak_match(new_etag, old_etag)
-    return False
+    if new_etag:
+        return False
+    new_lm = parse_http_date(get(new_headers, "last-modified"))
+    old_lm = parse_http_date(get(stored_headers, "last-modified"))
+    return new_lm is not None and old_lm is not None and new_lm != old_lm
 
 
 def head_mismatch(stored_headers, head_headers) -> bool:

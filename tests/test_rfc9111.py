@@ -435,6 +435,11 @@ class TestValidation:
         assert r.validator_mismatch(H(etag='"a"'), H(etag='"b"'))
         assert not r.validator_mismatch(H(etag='"a"'), H(etag='"a"'))
         assert not r.validator_mismatch(H(etag='"a"'), [])
+        jan1, jan2 = "Wed, 01 Jan 2025 00:00:00 GMT", "Thu, 02 Jan 2025 00:00:00 GMT"
+        assert r.validator_mismatch(H(last_modified=jan1), H(last_modified=jan2))  # modified at another time
+        assert not r.validator_mismatch(H(last_modified=jan1), H(last_modified=jan1))
+        assert not r.validator_mismatch(H(last_modified=jan1), H())  # no validator: the stored one is selected
+        assert not r.validator_mismatch(H(etag='"a"', last_modified=jan1), H(etag='"a"', last_modified=jan2))
 
 
 # --- 4.4 invalidation ----------------------------------------------------------------------------
