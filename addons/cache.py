@@ -1342,15 +1342,19 @@ class Cache:
     def _update_from_head(self, flow: http.HTTPFlow, key: str, pending: Pending | None) -> bool:
         """4.3.5: a 200 to a HEAD updates the stored GET response it describes (same validators and
         length), which then answers it; one it no longer describes is invalidated."""
-        if pending is None:
-            entry, tier = self.lookup(key, flow.request.headers)
-            if entry is None:
-                return False
-            pending = Pending(key, entry, tier, [])
-        if rfc9111.head_mismatch(pending.entry.meta.headers, flow.response.headers):
+        resp = flow.response
+        entry = pending.entry if pending else self.lookup(key, flow.request.headers)[0]
+        if entry is None:
+            return False
+        if rfc9111.head_mismatch(entry.meta.headers, resp.headers):
             if self._forget(key):
                 self.counts["invalidated"] += 1
             return False
+        if pending is None:  # a client's reload: the origin's answer goes to it (TCP_MISS), and freshens the GET
+            if not rfc9111.validator_mismatch(entry.meta.headers, resp.headers):
+                self._freshened(key, entry, resp.headers, flow.request.timestamp_start or time.time(),
+                                resp.timestamp_start or time.time(), flow.request.pretty_url)
+            return True
         self._freshen(flow, pending)
         return True
 

@@ -137,6 +137,22 @@ def test_head_response_updates_the_stored_get(cproxy, origin):
     assert [r.method for r in origin.requests if r.path == "/headupd"] == ["GET", "HEAD", "HEAD", "GET"]
 
 
+def test_a_reload_of_a_head_goes_to_the_origin_as_a_miss_and_freshens_the_stored_get(cproxy, origin):
+    state = {"cc": "max-age=1", "v": "1"}
+    origin.route("/headreload", lambda seen: (200, {"Cache-Control": state["cc"], "ETag": '"h"', "X-V": state["v"],
+                                                    "Content-Length": "4"}, b"body"))
+    url = f"{origin.url}/headreload"
+    fetch(cproxy, url)
+    state.update(cc="max-age=600", v="2")
+    status, headers, _ = fetch(cproxy, url, "-H", "Cache-Control: no-cache", head=True)
+    assert (status, headers["x-v"], headers["x-cache"].split()[0]) == (200, "2", "MISS")
+    time.sleep(1.5)  # the GET stored first would be stale by now; the HEAD's fields made it fresh for 600 s
+    s, h, body = fetch(cproxy, url)
+    assert (s, body, h["x-v"]) == (200, b"body", "2")
+    assert [r.method for r in origin.requests if r.path == "/headreload"] == ["GET", "HEAD"]
+    assert codes(cproxy, url, 3) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200"]
+
+
 def test_client_conditionals_answered_304(cproxy, origin):
     conditional_route(origin, "/cond")
     url = f"{origin.url}/cond"
