@@ -56,6 +56,7 @@ from typing import NamedTuple
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from mitmproxy import command, ctx, exceptions, http
+from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 try:
@@ -103,24 +104,38 @@ def resolve(path: str) -> Path:
     return ROOT / p
 
 
+_HTTP1 = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
+
+
 def primary_key(flow: http.HTTPFlow) -> str:
     """scheme://host:port/path?query of the resource, as the origin sees it.
 
-    In reverse mode the authority is the configured target, never the
-    client's Host header, so the key cannot be poisoned through it. With
-    keep_host_header the target sees the client's Host (name-based virtual
-    hosts): it is then part of the key, as the URL's user information
-    (http://www.example.org@backend:8080/path), which no request path has.
+    host:port is where the request goes: the URL's, the CONNECT or SOCKS target, the address a
+    transparent client connected to, or in reverse mode the configured target. The origin answers
+    for the site the request names (RFC 9112 3.2.2: an absolute-form target's authority, else
+    Host), and a client chooses that name: when it is not host:port itself, it is part of the key,
+    as the URL's user information (http://www.example.org@10.0.0.1:80/path, which no request path
+    has). So a Host that differs from the URL, an absolute URL sent to a reverse-mode target, or
+    sites sharing a transparent destination address never share entries, and no client can store
+    one site's answer under another's key (in reverse mode, mitmproxy rewrites Host to the
+    target unless keep_host_header passes the client's on: then each site has its own entries).
     """
     req = flow.request
+    data = req.data
     mode = getattr(flow.client_conn, "proxy_mode", None)
     if isinstance(mode, ReverseMode):
         scheme = "https" if mode.scheme in ("https", "tls", "http3", "quic") else "http"
         host, port = mode.address
-        if getattr(ctx.options, "keep_host_header", False) and req.host_header:
-            host = f"{quote(req.host_header.lower(), safe='.-')}@{host}"  # its ':' and '[]' quoted too
     else:
-        scheme, host, port = req.scheme, req.host, req.port
+        scheme, host, port = data.scheme.decode(), data.host, data.port
+    if data.authority and data.http_version in _HTTP1:  # absolute-form, as mitmproxy forwards it
+        named = data.authority.decode("utf-8", "surrogateescape")
+    else:
+        named = req.host_header
+    if named and named != host and named != f"{host}:{port}":
+        h, p = parse_authority(named, check=False)
+        if h.lower() != host.lower() or (p or (443 if scheme == "https" else 80)) != port:
+            host = f"{quote(named.lower(), safe='.-')}@{host}"  # its ':' and '[]' quoted too
     path = req.path
     return f"{scheme}://{host.lower()}:{port}{path if path.isascii() else ascii_path(path)}"
 
@@ -328,12 +343,15 @@ class StreamCopy:
                     self.f.write(chunk)
                     self.h.update(chunk)
                 except OSError as e:  # a full disk: relayed all the same, not stored
-                    self.abort()
-                    now = time.monotonic()
-                    if now - StreamCopy.warned >= 60:
-                        StreamCopy.warned = now
-                        log.warning("cache: cannot write a streamed body's copy to %s (%s); not stored", self.path, e)
+                    self._failed(e)
         return chunk
+
+    def _failed(self, e: OSError) -> None:
+        self.abort()
+        now = time.monotonic()
+        if now - StreamCopy.warned >= 60:
+            StreamCopy.warned = now
+            log.warning("cache: cannot write a streamed body's copy to %s (%s); not stored", self.path, e)
 
     def abort(self) -> None:
         self.ok = False
@@ -346,7 +364,11 @@ class StreamCopy:
     def finish(self) -> bool:
         if not self.ok:
             return False
-        self.f.close()
+        try:
+            self.f.close()  # writes what is buffered: a full disk may fail here
+        except OSError as e:
+            self._failed(e)
+            return False
         if self.expected is not None and self.n != self.expected:
             cachestore._unlink(self.path)
             return False
@@ -359,18 +381,19 @@ def _names(headers: http.Headers) -> set[bytes]:
 
 
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
-_COOKIES = frozenset({"set-cookie", "set-cookie2"})  # not stored either with store_set_cookie false
+_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})  # not sent from the store with hit_set_cookie false
+_NONE = frozenset()
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
 
 
 class _Derived:
     """What answering from a stored entry needs from its headers, computed once per headers list."""
-    __slots__ = ("headers", "fields", "plain", "cc")
+    __slots__ = ("headers", "fields", "plain", "cc", "drop")
 
-    def __init__(self, headers: list[tuple[str, str]], policy):
-        self.headers = headers
-        self.fields = tuple((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
-                            for k, v in headers)
+    def __init__(self, headers: list[tuple[str, str]], policy, drop: frozenset[bytes] = _NONE):
+        self.headers, self.drop = headers, drop
+        self.fields = tuple(f for f in ((k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                                        for k, v in headers) if not drop or f[0].lower() not in drop)
         self.plain = not any(k.lower() in (b"age", b"x-cache") for k, _ in self.fields)
         self.cc = rfc9111.cache_control(policy)
 
@@ -546,11 +569,6 @@ def headers_of(fields: tuple[tuple[bytes, bytes], ...]) -> http.Headers:
     return h
 
 
-def _enc(headers: list[tuple[str, str]]) -> http.Headers:
-    return http.Headers([(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
-                         for k, v in headers])
-
-
 class Cache:
     def __init__(self) -> None:
         self.store: cachestore.Store | None = None
@@ -563,8 +581,7 @@ class Cache:
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
-        self.not_stored = _RECOMPUTED               # fields left out of a stored response
-        self.not_freshened = _RECOMPUTED - {"content-length"}  # fields of a 304 left out of the stored ones
+        self.hit_drop = _NONE                      # fields left out of answers from the store
         self.streams: dict[str, tuple[str, StreamCopy, cachestore.Meta]] = {}
         self.failures: dict[str, Failure] = {}      # origin -> failure
         self.refreshing: dict[str, str] = {}        # keys refreshed in the background (SWR) -> their origin
@@ -624,12 +641,12 @@ class Cache:
                           "(answered TCP_REFRESH_UNMODIFIED from the store when the origin says 304) instead of "
                           "fetched whole; RFC 9111 allows either. Off, as in Squid: the reload goes to the origin "
                           "unconditionally (TCP_MISS).")
-        loader.add_option("store_set_cookie", bool, True,
-                          "Keep a cacheable response's Set-Cookie and Set-Cookie2 fields with its stored copy, so "
-                          "that hits send them too: RFC 9111 (7.3) lets a shared cache reuse such a response, and an "
-                          "origin marks per-user ones private or no-cache=\"Set-Cookie\". false: stored without "
-                          "them, so only the client whose request reached the origin gets its cookies (Squid removes "
-                          "them from hits).")
+        loader.add_option("hit_set_cookie", bool, True,
+                          "Send a stored response's Set-Cookie and Set-Cookie2 fields with the answers made from it "
+                          "(hits, revalidated hits, collapsed requests): RFC 9111 (7.3) lets a shared cache reuse such "
+                          "a response, and an origin marks per-user ones private or no-cache=\"Set-Cookie\". false: "
+                          "only the client whose request reached the origin gets its cookies, as Squid removes them "
+                          "from hits.")
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
@@ -666,9 +683,7 @@ class Cache:
         self.max_stale = float(o.max_stale)
         self.reload_into_ims = o.reload_into_ims
         self.collapse = o.collapsed_forwarding
-        cookies = frozenset() if o.store_set_cookie else _COOKIES
-        self.not_stored = _RECOMPUTED | cookies
-        self.not_freshened = (_RECOMPUTED - {"content-length"}) | cookies
+        self.hit_drop = _NONE if o.hit_set_cookie else _COOKIES
         self.late_streams = bool(getattr(o, "stream_large_bodies", None))  # see addons/streams.py
         self.object_max = sizes["maximum_object_size"]
         store_opts = {"cache_mem", "maximum_object_size_in_memory", "maximum_object_size", "cache_dir",
@@ -774,8 +789,8 @@ class Cache:
 
     def _derived(self, entry: cachestore.Entry) -> _Derived:
         d = entry.derived
-        if d is None or d.headers is not entry.meta.headers:  # new entry, or its headers were replaced
-            d = entry.derived = _Derived(entry.meta.headers, self._policy(entry.meta))
+        if d is None or d.headers is not entry.meta.headers or d.drop is not self.hit_drop:  # (or new options)
+            d = entry.derived = _Derived(entry.meta.headers, self._policy(entry.meta), self.hit_drop)
         return d
 
     # --- lookups ----------------------------------------------------------
@@ -1008,7 +1023,7 @@ class Cache:
             extra.append((b"X-Cache", f"{x_cache} from {HOSTNAME}".encode("utf-8", "surrogateescape")))
             headers = headers_of(derived.fields + tuple(extra))
         else:
-            headers = _enc(m.headers)
+            headers = headers_of(derived.fields)
             headers["Age"] = rfc9111.age_header(age)
             if warning:
                 headers.add("Warning", warning)
@@ -1190,7 +1205,7 @@ class Cache:
         if lifetime <= 0 and not rfc9111.validators(rh):
             return None  # never fresh and cannot be revalidated: storing it is useless
         # Age and X-Cache are recomputed when served; Content-Length is the stored body's, added by the caller
-        headers = rfc9111.storable_headers(rh, also_drop=self.not_stored)
+        headers = rfc9111.storable_headers(rh, also_drop=_RECOMPUTED)
         vary_key = rfc9111.vary_values(fields, req.headers) if fields else ()
         m = cachestore.Meta(
             url=key, status=resp.status_code, reason=resp.reason or "", http_version=resp.http_version,
@@ -1327,7 +1342,7 @@ class Cache:
         stored in its place; dropped instead if it no longer varies on what it was stored under."""
         old = entry.meta
         new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, headers)
-                       if k.lower() not in self.not_freshened]
+                       if k.lower() not in ("x-cache", "age")]
         lifetime, source = rfc9111.freshness_lifetime(old.status, self._policy(old, new_headers), response_time,
                                                       url=url, rules=self.rules, negative_ttl=self.negative_ttl)
         new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
@@ -1490,6 +1505,8 @@ class Cache:
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
         self.refreshing[key] = origin
+        # the client's bytes (mitmproxy decodes fields as UTF-8, http.client encodes them as Latin-1)
+        wire = {k: v.encode("utf-8", "surrogateescape").decode("latin-1") for k, v in headers.items()}
 
         async def run():
             try:
@@ -1498,7 +1515,7 @@ class Cache:
                 if self.refresher is None:
                     self.refresher = Refresher(REFRESH_THREADS)
                 request_time, status, headers_list, body = await self.refresher.run(
-                    lambda: fetch(url, headers, proxies, insecure, self.object_max + 1))
+                    lambda: fetch(url, wire, proxies, insecure, self.object_max + 1))
                 if self.store is None or self._stale_answer(key, started):  # done, or purged meanwhile
                     return
                 response_time = time.time()
@@ -1518,7 +1535,7 @@ class Cache:
                         return
                     lifetime, source = rfc9111.freshness_lifetime(status, policy, response_time, url=url,
                                                                   rules=self.rules, negative_ttl=self.negative_ttl)
-                    hl = _add_length(rfc9111.storable_headers(headers_list, also_drop=self.not_stored), status,
+                    hl = _add_length(rfc9111.storable_headers(headers_list, also_drop=_RECOMPUTED), status,
                                      len(body))
                     fields = rfc9111.vary_fields(headers_list)
                     if fields is None:

@@ -6,6 +6,7 @@ keys never collide; tests that need other options start their own proxy.
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import signal
 import socket
@@ -831,6 +832,37 @@ def test_reverse_mode_key_cannot_be_poisoned_across_listeners_by_the_host_header
         b.close()
 
 
+def test_a_host_header_that_differs_from_the_url_cannot_poison_the_urls_entry(cproxy, origin):
+    """mitmproxy passes a client's Host on as sent, and a name-based origin answers for that site
+    (here it echoes the Host it saw): such an answer is cached apart, never for the URL's own site."""
+    url = f"{origin.url}/headers?hostkey=1&h.Cache-Control=max-age=60"
+    seen = lambda body: json.loads(body)["headers"]["host"]  # noqa: E731
+    assert seen(fetch(cproxy, url, "-H", "Host: evil.example")[2]) == "evil.example"
+    assert seen(fetch(cproxy, url)[2]) == f"127.0.0.1:{origin.port}"
+    assert seen(fetch(cproxy, url)[2]) == f"127.0.0.1:{origin.port}"
+    assert seen(fetch(cproxy, url, "-H", "Host: evil.example")[2]) == "evil.example"
+    assert seen(fetch(cproxy, url, "-H", "Host: 127.0.0.1:%d" % origin.port)[2]) == f"127.0.0.1:{origin.port}"
+    assert codes(cproxy, f"{origin.url}/headers", 5) == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200",
+                                                        "TCP_MEM_HIT/200", "TCP_MEM_HIT/200"]
+
+
+def test_an_absolute_url_sent_to_a_reverse_proxy_cannot_poison_the_targets_entry(start_proxy, origin, tmp_path):
+    """mitmproxy forwards an absolute-form request target to a reverse-mode backend as it came, and the
+    backend answers for that URL's site (RFC 9112 3.2.2): that answer is cached apart."""
+    origin.route("/absr", lambda s: (200, {"Cache-Control": "max-age=60"}, s.path.encode()))
+    p = start_proxy(modes=(f"reverse:{origin.url}",), options={"cache_dir": str(tmp_path / "c")})
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+        c.sendall(b"GET http://admin.internal/absr HTTP/1.1\r\nHost: whatever\r\nConnection: close\r\n\r\n")
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+    assert got.endswith(b"http://admin.internal/absr")
+    for _ in range(2):
+        assert curl(f"http://127.0.0.1:{p.port}/absr").stdout == b"/absr"
+    assert origin.hits["/absr"] == 2
+    assert [l.split()[3] for l in p.wait_lines("/absr", 3)] == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200"]
+
+
 def test_a_path_beyond_ascii_is_cached_on_disk_under_one_key(start_proxy, origin, tmp_path):
     """Raw bytes that are not UTF-8 in a path (mitmproxy keeps them as lone surrogates, which the disk
     tier's SQLite refuses) are stored and served from disk; the percent-encoded path, as a browser
@@ -1222,7 +1254,8 @@ def test_a_background_refresh_asks_as_the_client_it_serves_would(cproxy, origin)
     origin.route("/swr-fields", fn)
     url = f"{origin.url}/swr-fields"
     client = ("-H", "User-Agent: relais-test/1", "-H", "Accept-Language: fr", "-H", "Cookie: a=1",
-              "-H", "Cookie: b=2", "-H", 'If-None-Match: "client-own"', "-H", "X-Trace: t1")
+              "-H", "Cookie: b=2", "-H", 'If-None-Match: "client-own"', "-H", "X-Trace: t1",
+              "-H", "X-Name: José 東京")
     assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")
     time.sleep(2.3)  # stale
     assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")  # served stale, refreshed in the background
@@ -1233,6 +1266,7 @@ def test_a_background_refresh_asks_as_the_client_it_serves_would(cproxy, origin)
     refresh = {k.lower(): v for k, v in seen[1].items()}
     assert refresh["user-agent"] == "relais-test/1" and refresh["accept-language"] == "fr"
     assert refresh["x-trace"] == "t1" and refresh["cookie"] == "a=1; b=2"
+    assert refresh["x-name"] == {k.lower(): v for k, v in seen[0].items()}["x-name"]  # the client's bytes
     assert refresh["if-none-match"] == '"v1"'  # the stored response's validator, not the client's
     time.sleep(0.3)
     assert fetch(cproxy, url, *client)[:3:2] == (200, b"ok")  # the refreshed copy, not a 403
@@ -1240,11 +1274,12 @@ def test_a_background_refresh_asks_as_the_client_it_serves_would(cproxy, origin)
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_set_cookie_is_sent_with_hits_unless_store_set_cookie_is_off(start_proxy, origin, tmp_path, keep):
+def test_set_cookie_is_sent_with_hits_unless_hit_set_cookie_is_off(start_proxy, origin, tmp_path, keep):
     """RFC 9111 7.3: a Set-Cookie does not stop a shared cache from reusing a response (the default);
-    with store_set_cookie false, as Squid does, only the client whose request reached the origin gets
-    it, also after a revalidation whose 304 repeats it."""
-    p = start_proxy(options={"cache_dir": "none", "store_set_cookie": keep})
+    with hit_set_cookie false, as Squid does, only the client whose request reached the origin gets
+    it, also after a revalidation whose 304 repeats it, and from what was stored before the option
+    changed (a restart on the same disk cache)."""
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "hit_set_cookie": keep})
     n = []
 
     def fn(seen):
@@ -1263,6 +1298,12 @@ def test_set_cookie_is_sent_with_hits_unless_store_set_cookie_is_off(start_proxy
         assert hit["set-cookie"] == "session=first-client" and refreshed["set-cookie"] == "session=again"
     else:
         assert "set-cookie" not in hit and "set-cookie" not in refreshed
+    wait_stored(tmp_path / "c", "/cookie")
+    p.stop()
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "hit_set_cookie": not keep})
+    after = fetch(p, url)[1]
+    assert codes(p, url, 1) == ["TCP_HIT/200"] and len(n) == 2
+    assert ("set-cookie" in after) is (not keep)
 
 
 def test_a_response_without_date_gets_one_from_the_cache(cproxy):

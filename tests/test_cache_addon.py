@@ -983,3 +983,16 @@ def test_a_streamed_copy_that_cannot_be_written_is_dropped_logged_and_the_chunks
     assert copy(b"abc") == b"abc" and copy(b"def") == b"def"
     assert not copy.finish() and not (tmp_path / "body-x").exists()
     assert "No space left on device" in caplog.text
+
+    class FullAtClose(FullDisk):  # the buffered bytes meet the full disk when the file is closed
+        def write(self, chunk):
+            return len(chunk)
+
+        def close(self):
+            raise OSError(27, "File too large")
+    (tmp_path / "body-x").write_bytes(b"")
+    cachemod.StreamCopy.warned = -60.0
+    copy = cachemod.StreamCopy(FullAtClose(), 1000, None)
+    assert copy(b"abc") == b"abc"
+    assert not copy.finish() and not (tmp_path / "body-x").exists()
+    assert "File too large" in caplog.text

@@ -5,6 +5,7 @@ Needs root (CI runs as root); it fails, never skips, without it.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,15 @@ def test_transparent_requests_are_cached(lan):
     lines = proxy.wait_lines("/cached", 2)
     assert " TCP_MISS/200 " in lines[-2] and " TCP_MEM_HIT/200 " in lines[-1]
     assert " GET http://cache.example.test/cached? - HIER_NONE/- text/plain" in lines[-1]
+
+
+def test_sites_that_share_an_address_get_their_own_entries(lan):
+    """A transparent client connects to an address, and the origin answers for the site its Host
+    names (here it echoes it): sites on one address never answer for each other from the cache."""
+    topo, proxy = lan
+    url = f"http://{SERVER_IP}/headers?shared=1&h.Cache-Control=max-age%3D60"
+    for site in ("a.example.test", "b.example.test", "a.example.test", "b.example.test"):
+        r = topo.curl("-H", f"Host: {site}", url)
+        assert json.loads(r.stdout)["headers"]["host"] == site
+    lines = proxy.wait_lines("/headers", 4)
+    assert [l.split()[3] for l in lines] == ["TCP_MISS/200", "TCP_MISS/200", "TCP_MEM_HIT/200", "TCP_MEM_HIT/200"]
