@@ -119,7 +119,7 @@ def mime_of(headers) -> str:
     if headers is None:
         value = ""
     elif isinstance(getattr(headers, "fields", None), tuple):  # mitmproxy Headers: the first field, no join
-        value = next((v for k, v in headers.fields if k.lower() == b"content-type"), b"").decode("latin-1")
+        value = next((v for k, v in headers.fields if k.lower() == b"content-type"), b"").decode("utf-8", "surrogateescape")
     else:
         value = headers.get("content-type", "")
     value = value.split(";", 1)[0].strip()
@@ -301,6 +301,12 @@ class Writer:
         done.wait(timeout)
 
     def reopen(self) -> None:
+        if self.torn:  # the file being left ends with part of a line: end it there, not in the next file
+            try:
+                self.file.write(b"\n")
+                self.torn = False
+            except (OSError, ValueError):
+                pass
         self.file.close()
         self.file = self._open()  # an error is logged by _run; _write opens it again at the next batch
         logging.getLogger(__name__).info("access log reopened: %s", self.path)
@@ -322,6 +328,11 @@ class Writer:
             data = ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:  # a surrogate that stands for no byte: that line escapes it
             data = "".join(_writable(line) + "\n" for line in lines).encode("utf-8", "surrogateescape")
+        if self.file.closed:  # a reopen failed: the file may be back by now
+            try:
+                self.file = self._open()
+            except OSError:
+                pass
         start = b"\n" if self.torn else b""  # ends the part of a line an earlier failure left
         data = start + data
         done = 0
