@@ -179,6 +179,7 @@ def origin_of(key: str) -> str:
 
 Pending, Failure = cachestore.Pending, cachestore.Failure
 _X_CACHE_MISS = f"MISS from {HOSTNAME}".encode("utf-8", "surrogateescape")
+_X_CACHE_HIT = f"HIT from {HOSTNAME}".encode("utf-8", "surrogateescape")  # any answer from the store, as Squid
 
 
 class Refresher:
@@ -1008,7 +1009,7 @@ class Cache:
         self.counts[code] += 1
 
     def _build(self, flow: http.HTTPFlow, entry: cachestore.Entry, age: float,
-               warning: str | None = None, x_cache: str = "HIT",
+               warning: str | None = None,
                names: set[bytes] | None = None) -> tuple[http.Response, str | None]:
         """A response from a stored entry for this request: 200, 206/416 for Range, 304 for conditionals."""
         req = flow.request
@@ -1020,14 +1021,14 @@ class Cache:
             extra = [(b"Age", rfc9111.age_header(age).encode())]
             if warning:
                 extra.append((b"Warning", warning.encode("utf-8", "surrogateescape")))
-            extra.append((b"X-Cache", f"{x_cache} from {HOSTNAME}".encode("utf-8", "surrogateescape")))
+            extra.append((b"X-Cache", _X_CACHE_HIT))
             headers = headers_of(derived.fields + tuple(extra))
         else:
             headers = headers_of(derived.fields)
             headers["Age"] = rfc9111.age_header(age)
             if warning:
                 headers.add("Warning", warning)
-            headers["X-Cache"] = f"{x_cache} from {HOSTNAME}"
+            headers["X-Cache"] = _X_CACHE_HIT
         status, reason, body = m.status, m.reason, entry.body
         cond = None
         if m.status == 200 and (b"if-none-match" in names or b"if-modified-since" in names):
@@ -1377,8 +1378,7 @@ class Cache:
                            warning: str | None = None) -> None:
         entry = pending.entry
         age = entry.meta.age(time.time())
-        flow.response, cond = self._build(flow, entry, age, warning,
-                                          x_cache="HIT" if code == "TCP_REFRESH_UNMODIFIED" else "STALE")
+        flow.response, cond = self._build(flow, entry, age, warning)  # X-Cache: HIT, as Squid for both codes
         status = code.replace("TCP_", "")
         self._tag(flow, code, status, pending.tier, hier=hier)
 

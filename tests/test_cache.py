@@ -523,8 +523,9 @@ def test_stale_if_error_when_origin_is_down(cproxy):
     status, headers, body = fetch(cproxy, url)
     assert (status, body) == (200, b"hello /sie")
     assert "111" in headers.get("warning", "")
-    status, _, body = fetch(cproxy, url)  # the origin is remembered as down: stale again, no new attempt
+    status, again, body = fetch(cproxy, url)  # the origin is remembered as down: stale again, no new attempt
     assert (status, body) == (200, b"hello /sie")
+    assert headers["x-cache"] == again["x-cache"] == f"HIT from {socket.gethostname()}"  # as Squid, for both
     assert codes(cproxy, f"{origin.url}/sie", 3)[1:] == ["TCP_REFRESH_FAIL_OLD/200"] * 2
 
 
