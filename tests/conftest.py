@@ -1,6 +1,9 @@
 """Fixtures: real origins and real mitmdump processes on loopback (see harness.py)."""
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 
 from harness import Origin, Proxy, closed_port, hold_port, make_cert
@@ -61,3 +64,23 @@ def start_proxy(tmp_path):
 def proxy(start_proxy):
     """The whole suite as a regular forward proxy."""
     return start_proxy()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> a folder on a tmpfs of that size ("64k", "1m"), so that a full disk is
+    reached in a moment; unmounted after the test (needs root, as CI has)."""
+    mounts = []
+
+    def mount(size: str):
+        assert os.geteuid() == 0, "mounting a small tmpfs needs root"
+        mnt = tmp_path / f"small-{len(mounts)}"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        mounts.append(mnt)
+        return mnt
+    try:
+        yield mount
+    finally:
+        for mnt in mounts:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
