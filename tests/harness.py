@@ -606,3 +606,16 @@ def peak_rss_mb(pid: int) -> float:
 def curl_status(*args: str, timeout: float = 20) -> int:
     r = curl("-o", "/dev/null", "-w", "%{http_code}", *args, timeout=timeout)
     return int(r.stdout or 0)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Fill the (small) file system of `folder` to the last byte with a file, returned: delete it to
+    make room again."""
+    filler = Path(folder) / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            for _ in range(1 << 20):  # 4 GB at most: a small tmpfs is full long before
+                f.write(b"x" * 4096)
+        except OSError:
+            pass
+    return filler

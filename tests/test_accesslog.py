@@ -19,7 +19,7 @@ from mitmproxy.test import taddons
 
 from addons import accesslog
 from addons.accesslog import Record, format_common, format_squid, mime_of, strip_query
-from harness import curl
+from harness import curl, fill_disk
 
 # Squid 5's native layout, strictly: integer elapsed, integer bytes, 3-digit status.
 STRICT = re.compile(
@@ -531,17 +531,12 @@ def test_a_write_a_full_disk_cuts_short_leaves_no_part_of_a_line_glued_to_the_ne
     try:
         w.put("GET /before")
         w.flush()
-        with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
-            try:
-                while True:
-                    f.write(b"x" * 4096)
-            except OSError:
-                pass
+        filler = fill_disk(tiny_disk)
         batch = [f"GET /full-{n:03d} " + "x" * 40 for n in range(400)]  # 22 KB: more than the room left
         w.pending = batch
         w.hand_over()  # one batch
         w.flush()
-        (tiny_disk / "filler").unlink()  # room again
+        filler.unlink()  # room again
         w.put("GET /after")
         w.flush()
         assert w.thread.is_alive()

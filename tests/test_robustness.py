@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from harness import curl, wait_stored
+from harness import curl, fill_disk, wait_stored
 
 
 @pytest.fixture
@@ -32,18 +32,13 @@ def test_full_cache_disk_keeps_serving(start_proxy, origin, tiny_disk):
 def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
     log = tiny_disk / "access.log"
     proxy = start_proxy(options={"access_log": str(log)})
-    with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last byte
-        try:
-            while True:
-                f.write(b"x" * 4096)
-        except OSError:
-            pass
+    filler = fill_disk(tiny_disk)
     for i in range(100):
         r = curl("-x", proxy.url, f"{origin.url}/logfull-{i}")
         assert r.stdout == f"hello /logfull-{i}".encode()
     assert proxy.proc.poll() is None
     assert proxy.text().count("cannot write") == 1  # the admin is told, once
-    (tiny_disk / "filler").unlink()                  # room again: logging resumes
+    filler.unlink()                                  # room again: logging resumes
     curl("-x", proxy.url, f"{origin.url}/after-room")
     proxy.wait_lines("/after-room", path=log)
     lines = proxy.log_lines(1, path=log)
