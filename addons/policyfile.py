@@ -9,6 +9,7 @@ policy (a "billion laughs"), while composing, before anything is expanded.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -153,6 +154,7 @@ class Watch:
         self.path, self.stamp = path, read_stamp  # the stamp taken before the file was last read
         self.also = {p: stamp(Path(p)) for p in also}  # included files and glob folders (once read)
         self.next = time.monotonic() + CHECK_EVERY
+        self.gone = 0  # checks in a row that found the policy file missing
 
     def changed(self) -> bool:
         """True, at most once a second, when a file differs from what was last read or refused
@@ -161,6 +163,10 @@ class Watch:
         if self.path is None or now < self.next:
             return False
         self.next = now + CHECK_EVERY
+        self.gone = self.gone + 1 if stamp(Path(self.path)) is None else 0
+        if self.gone == 2:  # not a file being replaced: gone for a second and more
+            logging.getLogger(__name__).warning("policy file %s is missing; the policy read last stays in force",
+                                                self.path)
         for path, old in ((self.path, self.stamp), *self.also.items()):
             new = stamp(Path(path))
             if new is not None and new != old:

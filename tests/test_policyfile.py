@@ -80,3 +80,17 @@ def test_check_command_refuses_a_500_byte_alias_bomb_quickly(tmp_path):
                          capture_output=True, text=True, timeout=20)
     assert out.returncode == 1, out.stdout
     assert out.stderr.startswith(f"{policy}:16: YAML: alias *a13: ") and "100,000 values" in out.stderr
+
+
+def test_a_watched_policy_file_that_goes_missing_is_reported_once(tmp_path, caplog):
+    path = tmp_path / "p.yaml"
+    path.write_text("a: 1\n")
+    watch = policyfile.Watch(path, policyfile.stamp(path))
+    path.unlink()
+    for _ in range(4):
+        watch.next = 0  # (checked at most once a second)
+        assert not watch.changed()  # nothing to read: the policy in force stays
+    assert caplog.text.count(f"policy file {path} is missing") == 1
+    path.write_text("a: 2\n")
+    watch.next = 0
+    assert watch.changed()
