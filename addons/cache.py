@@ -323,7 +323,6 @@ def _settle(fut: asyncio.Future, result, error, cancel: bool = False) -> None:
 
 class StreamCopy:
     """Wraps flow.response.stream: copies each chunk to a temp file while it is relayed."""
-    warned = -60.0  # when a failed write was last logged (once a minute at most)
 
     def __init__(self, fileobj, limit: int, expected: int | None):
         self.f = fileobj
@@ -349,10 +348,8 @@ class StreamCopy:
 
     def _failed(self, e: OSError) -> None:
         self.abort()
-        now = time.monotonic()
-        if now - StreamCopy.warned >= 60:
-            StreamCopy.warned = now
-            log.warning("cache: cannot write a streamed body's copy to %s (%s); not stored", self.path, e)
+        cachestore.warn_now_and_then("stream", "cache: cannot write a streamed body's copy to %s (%s); not stored",
+                                     self.path, e)
 
     def abort(self) -> None:
         self.ok = False

@@ -235,7 +235,6 @@ class DiskTier:
             (self.directory / DAMAGED_MARK).touch()  # found damaged by the replay: moved aside, started empty
             self.dc = open_or_recover(self.directory, limit)
         self.tmpdir, self.tmplock = _incoming(self.directory)
-        self.tempfile_warned = -60.0  # when new_tempfile last logged that it could not make a file
         self.opened = time.time()
         self.off_reason: str | None = None  # why the tier went off while running (cache.stats)
         self.journaled: set[str] = set()
@@ -539,11 +538,8 @@ class DiskTier:
             except OSError as e:  # a full disk, no inodes left, no permission
                 error = e
                 break
-        now = time.monotonic()
-        if now - self.tempfile_warned >= 60:
-            self.tempfile_warned = now
-            log.warning("cache: cannot create a file for a streamed body in %s (%s); such bodies are relayed "
-                        "without being stored meanwhile", self.tmpdir, error)
+        warn_now_and_then("tempfile", "cache: cannot create a file for a streamed body in %s (%s); such bodies "
+                          "are relayed without being stored meanwhile", self.tmpdir, error)
         return None
 
     def flush(self, timeout: float = 30.0) -> None:
@@ -1062,6 +1058,17 @@ class _Writer:
         elif kind == "clear":
             dc.clear()
 
+
+
+_WARNED: dict[str, float] = {}  # what warn_now_and_then said last, and when
+
+
+def warn_now_and_then(what: str, msg: str, *args) -> None:
+    """log.warning, at most once a minute for each `what`: a full disk fails every streamed body."""
+    now = time.monotonic()
+    if now - _WARNED.get(what, -60.0) >= 60:
+        _WARNED[what] = now
+        log.warning(msg, *args)
 
 
 def _meta_of(value) -> Meta | None:
