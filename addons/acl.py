@@ -272,9 +272,8 @@ class AccessControl:
             page = "ERR_CACHE_ACCESS_DENIED"
             reverse = meta.mode_name(flow) not in ("regular", "upstream")
             header = ("WWW-Authenticate" if reverse else "Proxy-Authenticate")
-            flow.response = errorpage.make(page, url, detail=d.rule, extra_headers={header: f'Basic realm="{REALM}"'})
-            if reverse:
-                flow.response.status_code = 401
+            flow.response = errorpage.make(page, url, detail=d.rule, extra_headers={header: f'Basic realm="{REALM}"'},
+                                           status=401 if reverse else None)
         else:
             page = "ERR_ACCESS_DENIED"
             flow.response = errorpage.make(page, url, detail=d.rule)

@@ -37,6 +37,8 @@ PAGES = {
     "ERR_ONLY_IF_CACHED_MISS": (504, "Valid document was not found in the cache and only-if-cached directive was specified.",
                                 "You have issued a request with an only-if-cached cache control directive. "
                                 "The document was not found in the cache."),
+    "ERR_INVALID_URL": (400, "Invalid URL.",
+                        "Some aspect of the requested URL is incorrect."),
     "ERR_INVALID_REQ": (400, "Invalid Request.",
                         "Some aspect of the HTTP request is invalid."),
     "ERR_APP_BLOCKED": (403, "Application Blocked.",
@@ -49,12 +51,14 @@ HOSTNAME = socket.gethostname()
 
 
 def make(name: str, url: str = "", detail: str = "", errno: int = 0,
-         extra_headers: dict[str, str] | None = None) -> http.Response:
+         extra_headers: dict[str, str] | None = None, status: int | None = None) -> http.Response:
     """An error response for Squid error page `name`, about `url`.
 
-    `detail` is shown on the page (for a denial: the rule that matched).
+    `detail` is shown on the page (for a denial: the rule that matched). `status` replaces the
+    page's usual status code (with its reason phrase).
     """
-    status, title, explanation = PAGES[name]
+    usual, title, explanation = PAGES[name]
+    status = status or usual
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ERROR: The requested URL could not be retrieved</title>
 <style>body{{font-family:sans-serif;margin:2em}} #error{{color:#a00}} pre{{background:#eee;padding:.5em}}</style>

@@ -446,7 +446,7 @@ def test_per_listener_authentication_through_the_policy(auth_env):
     rev = f"http://127.0.0.1:{proxy.ports[2]}"
     assert curl(f"{rev}/public").stdout == b"hello /public"
     r = curl("-i", f"{rev}/admin/r")
-    assert r.stdout.startswith(b"HTTP/1.1 401") and b'WWW-Authenticate: Basic realm="relais"' in r.stdout
+    assert r.stdout.startswith(b"HTTP/1.1 401 Unauthorized\r\n") and b'WWW-Authenticate: Basic realm="relais"' in r.stdout
     assert " TCP_DENIED/401 " in proxy.log_line("/admin/r")
     assert curl("-u", "alice:apw", f"{rev}/admin/r2").stdout == b"hello /admin/r2"
 
