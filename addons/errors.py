@@ -40,10 +40,10 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 try:
-    from addons import errorpage, meta, recover
+    from addons import errorpage, listeners, meta, recover
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import errorpage, meta, recover
+    from addons import errorpage, listeners, meta, recover
 
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,7 @@ class Errors:
         # checks in progress: the requests that find an origin unchecked meanwhile wait for the same one
         # (under load, every client connection open when the trust ran out would make its own)
         self.checking: dict[tuple[str, int], asyncio.Future] = {}
-        self.listeners: frozenset[tuple[str, int]] | None = None  # this proxy's own (host, port), read once
-        self.tracking = False  # mitmproxy tells us when its listeners change: `listeners` may be kept
+        self.listeners = listeners.Listeners()  # this proxy's own addresses: a request for them is a loop
         self.recovering = False  # recover.install() in effect: Squid's page can answer mitmproxy's own failures
 
     def load(self, loader):
@@ -133,37 +132,13 @@ class Errors:
             self.recovering = False
 
     def running(self):
-        try:
-            ctx.master.addons.get("proxyserver").servers.changed.connect(self._listeners_changed)
-            self.tracking = True
-        except Exception:  # another mitmproxy version: the listeners are read for each check instead
-            pass
-
-    def _listeners_changed(self) -> None:
-        self.listeners = None
-
-    def _own_listeners(self) -> frozenset[tuple[str, int]]:
-        """(host, port) of this proxy's TCP listeners, read from mitmproxy's servers once per change of
-        them (reading them costs a system call per socket)."""
-        if self.listeners is not None:
-            return self.listeners
-        try:
-            servers = ctx.master.addons.get("proxyserver").servers
-            found = frozenset((str(addr[0]), addr[1]) for server in servers
-                              if server.mode.transport_protocol == "tcp" for addr in server.listen_addrs)
-        except Exception:  # another mitmproxy version: its own check still refuses the connection
-            return frozenset()
-        if self.tracking and not servers.is_updating:
-            self.listeners = found
-        return found
+        self.listeners.running()
 
     def _to_self(self, flow: http.HTTPFlow) -> bool:
-        """True when the request would go to one of this proxy's own listeners, by the rule mitmproxy's
-        proxyserver refuses such connections with."""
+        """True when the request would go to one of this proxy's own listeners."""
         if flow.server_conn.timestamp_tcp_setup is not None or _parent(flow) is not None:
             return False
-        host, port = flow.request.host, flow.request.port
-        return any(port == p and host in ("localhost", "127.0.0.1", "::1", h) for h, p in self._own_listeners())
+        return self.listeners.is_self(flow.request.host, flow.request.port)
 
     def request(self, flow: http.HTTPFlow):
         # Not a coroutine function: most requests need no check, and mitmproxy awaits what a hook

@@ -1,0 +1,47 @@
+"""This proxy's own listening addresses, and whether a request is addressed to one of them.
+
+Not an addon: a helper for the addons that must recognise a request for the proxy itself
+(errors.py refuses it as a forwarding loop; manager.py answers Squid's cache manager pages
+there). Call `running()` from the addon's `running` hook.
+"""
+from __future__ import annotations
+
+from mitmproxy import ctx
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class Listeners:
+    def __init__(self) -> None:
+        self.known: frozenset[tuple[str, int]] | None = None  # (host, port) of the TCP listeners, read once
+        self.tracking = False  # mitmproxy tells us when its listeners change: `known` may be kept
+
+    def running(self) -> None:
+        try:
+            ctx.master.addons.get("proxyserver").servers.changed.connect(self._changed)
+            self.tracking = True
+        except Exception:  # another mitmproxy version: the listeners are read for each request instead
+            pass
+
+    def _changed(self) -> None:
+        self.known = None
+
+    def addresses(self) -> frozenset[tuple[str, int]]:
+        """(host, port) of this proxy's TCP listeners, read from mitmproxy's servers once per change of
+        them (reading them costs a system call per socket)."""
+        if self.known is not None:
+            return self.known
+        try:
+            servers = ctx.master.addons.get("proxyserver").servers
+            found = frozenset((str(addr[0]), addr[1]) for server in servers
+                              if server.mode.transport_protocol == "tcp" for addr in server.listen_addrs)
+        except Exception:  # another mitmproxy version, or no master: nothing is known to be ours
+            return frozenset()
+        if self.tracking and not servers.is_updating:
+            self.known = found
+        return found
+
+    def is_self(self, host: str, port: int) -> bool:
+        """True when host:port is one of this proxy's listeners, by the rule mitmproxy's proxyserver
+        refuses connections to itself with (a listener on every address also answers to loopback names)."""
+        return any(port == p and host in (*LOOPBACK_NAMES, h) for h, p in self.addresses())

@@ -1,0 +1,195 @@
+"""Squid's cache manager pages (addons/manager.py), through a real mitmdump and curl, and beside a real Squid."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from mitmproxy.test import taddons, tflow
+
+from addons import manager
+from harness import curl, free_port, stop_group
+from squid import start_squid
+
+MGR = "/squid-internal-mgr"
+
+
+def fetch(*args: str) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of a curl request."""
+    r = curl("-s", "-i", *args)
+    head, _, body = r.stdout.decode("utf-8", "replace").partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def field(page: str, label: str) -> str:
+    m = re.search(rf"^\s*{re.escape(label)}\s*:?\s*\t?(.*)$", page, re.M)
+    assert m, f"{label!r} not in:\n{page}"
+    return m.group(1).strip()
+
+
+def test_pages_at_the_proxys_own_address(start_proxy, origin, tmp_path):
+    proxy = start_proxy(options={"cache_dir": str(tmp_path / "cache")})
+    origin.route("/c", lambda seen: (200, {"Cache-Control": "max-age=600", "Content-Type": "text/plain"}, b"x" * 3000))
+    for _ in range(2):  # a miss, stored, then a hit
+        assert curl("-x", proxy.url, f"{origin.url}/c").stdout == b"x" * 3000
+    assert origin.hits["/c"] == 1
+
+    # origin-form, as squidclient sends it, straight to the proxy's port
+    status, headers, menu = fetch(f"{proxy.url}{MGR}/menu")
+    assert status == 200 and headers["content-type"] == "text/plain;charset=utf-8"
+    assert [line.split()[0] for line in menu.splitlines()] == ["menu", "info", "storedir"]
+    assert "no-store" in headers["cache-control"]
+
+    # absolute-form through the proxy, to one of its own addresses
+    status, _, info = fetch("-x", proxy.url, f"http://localhost:{proxy.port}{MGR}/info")
+    assert status == 200
+    assert info.startswith("Squid Object Cache: Version relais ")
+    assert field(info, "Hits as % of all requests") == "50.0%"
+    assert field(info, "Memory hits as % of hit requests") == "100.0%"
+    assert int(field(info, "Storage Mem size").split()[0]) >= 2  # the 3000-byte body and its headers
+    assert int(re.search(r"(\d+) Hot Object Cache Items", info).group(1)) == 1
+    assert int(field(info, "Number of file desc currently in use")) > 0
+    assert float(field(info, "UP Time").split()[0]) > 0
+
+    status, _, storedir = fetch(f"{proxy.url}{MGR}/storedir")
+    assert status == 200
+    assert field(storedir, "Store Directory #0 (diskcache)") == str(tmp_path / "cache")
+    assert field(storedir, "State") == "on"
+    assert field(storedir, "Maximum Swap Size") == f"{3200 * 1024} KB"
+
+    # each is logged as Squid logs a manager page: a miss answered by the proxy itself, no origin
+    for page in ("menu", "info", "storedir"):
+        line = proxy.log_line(f"{MGR}/{page} ").split()
+        assert line[3] == "TCP_MISS/200" and line[8:] == ["HIER_NONE/-", "text/plain"], line
+    # the cache neither served nor stored them
+    assert "/squid-internal-mgr/" not in "".join(proxy.wait_lines("/c ", 2))
+
+
+def test_an_unknown_page_is_squids_404(proxy):
+    status, headers, body = fetch(f"{proxy.url}{MGR}/nosuch")
+    assert status == 404 and headers["x-squid-error"] == "ERR_INVALID_URL 0"
+    assert "no such cache manager page: nosuch" in body
+    r = curl("-s", "-i", f"{proxy.url}{MGR}/")
+    assert r.stdout.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert " TCP_MISS/404 " in proxy.log_line(f"{MGR}/nosuch ")
+
+
+def test_the_access_policy_decides_who_reads_them(start_proxy, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("http_access:\n  - deny manager\n  - allow all\n")
+    proxy = start_proxy(options={"policy": str(policy)})
+    status, headers, _ = fetch(f"{proxy.url}{MGR}/info")
+    assert status == 403 and headers["x-squid-error"] == "ERR_ACCESS_DENIED 0"
+    assert " TCP_DENIED/403 " in proxy.log_line(f"{MGR}/info ")
+
+
+def test_pages_of_another_server_are_its_own(proxy, origin):
+    """Only the proxy's own address has the manager: the same path elsewhere goes to that server."""
+    assert curl("-x", proxy.url, f"{origin.url}{MGR}/info").stdout == f"hello {MGR}/info".encode()
+    assert origin.hits[f"{MGR}/info"] == 1
+
+
+def test_reverse_mode_passes_the_path_to_the_backend(start_proxy, origin):
+    proxy = start_proxy(modes=(f"reverse:{origin.url}",))
+    assert curl(f"{proxy.url}{MGR}/info").stdout == f"hello {MGR}/info".encode()
+
+
+def test_alone_it_answers_loopback_clients_without_a_cache(start_proxy):
+    proxy = start_proxy(script="addons/manager.py")
+    status, _, info = fetch(f"{proxy.url}{MGR}/info")
+    assert status == 200 and "Cache information" not in info and "UP Time" in info
+    status, _, storedir = fetch(f"{proxy.url}{MGR}/storedir")
+    assert status == 200 and "No cache is loaded." in storedir
+
+
+def test_alone_it_refuses_other_clients():
+    """Without an access policy (no acl addon judged the request), only loopback clients get the pages."""
+    addon = manager.Manager()
+    with taddons.context(addon):
+        addon.listeners.known = frozenset({("127.0.0.1", 3128)})  # as mitmproxy's proxyserver reports it
+        for client, status in ((("10.1.2.3", 50000), 403), (("::1", 50000), 200), (("127.0.0.1", 50000), 200)):
+            f = tflow.tflow()
+            f.request.host, f.request.port, f.request.path = "127.0.0.1", 3128, f"{MGR}/menu"
+            f.client_conn.peername = client
+            addon.requestheaders(f)
+            assert f.response.status_code == status, client
+            assert f.metadata["relais.local"] == "manager"
+        f = tflow.tflow()
+        f.request.host, f.request.port, f.request.path = "127.0.0.1", 8080, f"{MGR}/menu"  # not this proxy
+        addon.requestheaders(f)
+        assert f.response is None
+
+
+def squid_conf(tmp: Path, port: int) -> str:
+    return f"""
+http_port 127.0.0.1:{port}
+pid_filename {tmp}/squid.pid
+cache_log {tmp}/cache.log
+access_log stdio:{tmp}/access.log
+cache_effective_user proxy
+coredump_dir {tmp}
+dns_nameservers 127.0.0.1
+shutdown_lifetime 0 seconds
+visible_hostname relais-diff
+pinger_enable off
+netdb_filename none
+logfile_rotate 0
+http_access allow localhost manager
+http_access deny manager
+http_access allow localhost
+http_access deny all
+"""
+
+
+def test_answers_as_squid_answers(proxy):
+    """The same requests to a real Squid and to Relais: the same statuses, content types, log fields,
+    and the page layouts Squid's tools read (menu lines; info's and storedir's labels)."""
+    assert os.geteuid() == 0, "the Squid differential test runs Squid as root (cache_effective_user proxy)"
+    tmp = Path(tempfile.mkdtemp(prefix="relais-squid-mgr-"))
+    os.chmod(tmp, 0o755)
+    squid = None
+    try:
+        for attempt in range(3):  # a free port may be taken before Squid binds it
+            port = free_port()
+            try:
+                squid = start_squid(tmp, squid_conf(tmp, port), port)
+                break
+            except Exception as e:
+                if attempt == 2 or "address already in use" not in str(e).lower():
+                    raise
+        pages = {}
+        for who, base in (("squid", f"http://127.0.0.1:{port}"), ("relais", proxy.url)):
+            for page in ("menu", "info", "storedir", "nosuch"):
+                status, headers, body = fetch(f"{base}{MGR}/{page}")
+                pages[who, page] = (status, headers["content-type"].split(";")[0], body)
+        for page in ("menu", "info", "storedir", "nosuch"):
+            assert pages["squid", page][:2] == pages["relais", page][:2], page
+        squid_menu = {line.split()[0]: line for line in pages["squid", "menu"][2].splitlines()}
+        for line in pages["relais", "menu"][2].splitlines():
+            name = line.split()[0]
+            assert line.split("\t")[1:] == squid_menu[name].split("\t")[1:], (line, squid_menu[name])
+        for label in ("Start Time", "Current Time", "Hits as % of all requests", "Storage Swap size",
+                      "Storage Mem size", "Mean Object Size", "UP Time", "CPU Time",
+                      "Maximum number of file descriptors", "StoreEntries"):
+            assert label in pages["squid", "info"][2] and label in pages["relais", "info"][2], label
+        for label in ("Store Entries", "Maximum Swap Size", "Current Store Swap Size", "Current Capacity"):
+            assert field(pages["squid", "storedir"][2], label) and field(pages["relais", "storedir"][2], label)
+
+        def logged(lines: list[str]) -> list[tuple]:
+            out = []
+            for line in lines:
+                f = line.split()
+                if MGR in f[6]:
+                    out.append((f[3], f[5], urlsplit(f[6]).path, f[8].split("/")[0], f[9]))
+            return out
+        squid_lines = proxy.wait_lines(MGR, 4, path=tmp / "access.log")
+        assert logged(proxy.wait_lines(MGR, 4)) == logged(squid_lines)
+    finally:
+        if squid:
+            stop_group(squid)
+        shutil.rmtree(tmp, ignore_errors=True)
