@@ -65,7 +65,7 @@ run_suite() {
   return $rc
 }
 
-# System packages the tests use: real peers (squid), log readers (goaccess, calamaris),
+# System packages the tests use: real peers (squid, squidclient), log readers (goaccess, calamaris),
 # network namespaces and iptables for transparent mode.
 need_system_packages() {
   local missing=()
@@ -76,6 +76,7 @@ need_system_packages() {
     *--with-openssl*) ;;
     *) missing+=(squid-openssl) ;;
   esac
+  command -v squidclient >/dev/null || missing+=(squidclient)
   command -v goaccess >/dev/null || missing+=(goaccess)
   command -v calamaris >/dev/null || missing+=(calamaris)
   command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing+=(iptables)

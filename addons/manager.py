@@ -1,7 +1,11 @@
-"""Squid's cache manager pages, at the proxy's own address (what `squidclient mgr:info` asks).
+"""Squid's cache manager pages, at the proxy's own address (/squid-internal-mgr/, Squid's well-known path).
 
     curl http://127.0.0.1:3128/squid-internal-mgr/info
     curl -x http://127.0.0.1:3128 http://127.0.0.1:3128/squid-internal-mgr/menu
+    squidclient -p 3128 http://127.0.0.1:3128/squid-internal-mgr/info
+
+(squidclient's `mgr:info` shorthand asks for cache_object://127.0.0.1/info, a scheme Squid
+deprecates and mitmproxy's HTTP parser refuses with a 400 before any addon sees the request.)
 
 A request for /squid-internal-mgr/<page> addressed to one of this proxy's listeners is
 answered here, in `requestheaders`, as Squid answers it, instead of being refused as a

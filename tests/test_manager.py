@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,6 +69,19 @@ def test_pages_at_the_proxys_own_address(start_proxy, origin, tmp_path):
         assert line[3] == "TCP_MISS/200" and line[8:] == ["HIER_NONE/-", "text/plain"], line
     # the cache neither served nor stored them
     assert "/squid-internal-mgr/" not in "".join(proxy.wait_lines("/c ", 2))
+
+
+def test_squidclient_reads_them(proxy):
+    """Squid's own client, given the page's URL (its mgr: shorthand sends a cache_object:// URL, which
+    mitmproxy's HTTP parser refuses with a 400 before any addon sees it)."""
+    r = subprocess.run(["squidclient", "-h", "127.0.0.1", "-p", str(proxy.port),
+                        f"http://127.0.0.1:{proxy.port}{MGR}/info"], capture_output=True, timeout=20)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and out.startswith("HTTP/1.1 200 OK\r\n"), out
+    assert "\r\n\r\nSquid Object Cache: Version relais " in out and "UP Time:" in out
+    r = subprocess.run(["squidclient", "-h", "127.0.0.1", "-p", str(proxy.port), "mgr:info"],
+                       capture_output=True, timeout=20)
+    assert r.stdout.startswith(b"HTTP/1.1 400 ")  # the documented limit: if it changes, so must the README
 
 
 def test_an_unknown_page_is_squids_404(proxy):
