@@ -271,8 +271,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) -> tuple:
     """GET url for a background refresh: (request time, status, header list, at most `limit` body
-    bytes); an error past REFRESH_DEADLINE seconds in all."""
+    bytes); an error past REFRESH_DEADLINE seconds in all. `headers` as mitmproxy holds them: their
+    values are sent as the bytes the client sent."""
     request_time = time.time()
+    # mitmproxy decodes field values as UTF-8 (surrogateescape), http.client encodes them as Latin-1
+    headers = {k: v.encode("utf-8", "surrogateescape").decode("latin-1") for k, v in headers.items()}
     with Deadline(REFRESH_DEADLINE) as deadline:
         context = ssl._create_unverified_context() if insecure else None
         opener = urllib.request.build_opener(
@@ -1502,8 +1505,6 @@ class Cache:
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
         self.refreshing[key] = origin
-        # the client's bytes (mitmproxy decodes fields as UTF-8, http.client encodes them as Latin-1)
-        wire = {k: v.encode("utf-8", "surrogateescape").decode("latin-1") for k, v in headers.items()}
 
         async def run():
             try:
@@ -1512,7 +1513,7 @@ class Cache:
                 if self.refresher is None:
                     self.refresher = Refresher(REFRESH_THREADS)
                 request_time, status, headers_list, body = await self.refresher.run(
-                    lambda: fetch(url, wire, proxies, insecure, self.object_max + 1))
+                    lambda: fetch(url, headers, proxies, insecure, self.object_max + 1))
                 if self.store is None or self._stale_answer(key, started):  # done, or purged meanwhile
                     return
                 response_time = time.time()
