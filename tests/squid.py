@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import stop_group, wait_port
+from harness import free_port, stop_group, wait_port
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 
@@ -50,3 +50,34 @@ def start_squid(tmp: Path, conf_text: str, port: int) -> subprocess.Popen:
         stop_group(squid)
         raise
     return squid
+
+
+def common_conf(tmp: Path) -> str:
+    """The squid.conf lines every differential test shares: Squid's files in tmp, run as the proxy
+    user, quick to stop, no pinger or netdb, one log file, and the name it shows (relais-diff)."""
+    return f"""
+pid_filename {tmp}/squid.pid
+cache_log {tmp}/cache.log
+access_log stdio:{tmp}/access.log
+cache_effective_user proxy
+coredump_dir {tmp}
+dns_nameservers 127.0.0.1
+shutdown_lifetime 0 seconds
+visible_hostname relais-diff
+pinger_enable off
+netdb_filename none
+logfile_rotate 0
+"""
+
+
+def start_squid_on_free_port(tmp: Path, conf_for) -> tuple[subprocess.Popen, int]:
+    """(Squid, its port): start_squid with conf_for(port) on a free port, and on another one when a
+    process takes the port before Squid binds it (three tries)."""
+    for attempt in range(3):
+        port = free_port()
+        try:
+            return start_squid(tmp, conf_for(port), port), port
+        except Exception as e:
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")

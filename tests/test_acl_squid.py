@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness import Origin, Proxy, free_port, stop_group, write_htpasswd
-from squid import SQUID, start_squid
+from squid import SQUID, common_conf, start_squid
 
 DAYS = "MTWHFAS"  # datetime.weekday() -> Squid's day letter
 
@@ -30,20 +30,10 @@ def conf(tmp: Path, sport: int, rport: int, oport: int) -> str:
     return f"""
 # --- squid-only settings (Relais ignores everything but acl/http_access/ssl_bump) ---
 http_port 127.0.0.1:{sport} name=regular
-pid_filename {tmp}/squid.pid
-cache_log {tmp}/cache.log
-access_log stdio:{tmp}/access.log
-cache_effective_user proxy
+{common_conf(tmp)}
 cache deny all
-coredump_dir {tmp}
-dns_nameservers 127.0.0.1
 dns_timeout 1 seconds
 dns_retransmit_interval 1 seconds
-shutdown_lifetime 0 seconds
-visible_hostname relais-diff
-pinger_enable off
-netdb_filename none
-logfile_rotate 0
 auth_param basic program /usr/lib/squid/basic_ncsa_auth {tmp}/users
 auth_param basic realm relais-diff
 

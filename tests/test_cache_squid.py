@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 
-from harness import Origin, Proxy, curl, free_port, stop_group
-from squid import start_squid
+from harness import Origin, Proxy, curl, stop_group
+from squid import common_conf, start_squid_on_free_port
 
 RULES = ["cache deny private_area", "send_hit deny nohit", "store_miss deny nostore"]
 
@@ -38,18 +38,7 @@ STEPS = [
 def conf(tmp: Path, port: int) -> str:
     return f"""
 http_port 127.0.0.1:{port}
-pid_filename {tmp}/squid.pid
-cache_log {tmp}/cache.log
-access_log stdio:{tmp}/access.log
-cache_effective_user proxy
-coredump_dir {tmp}
-dns_nameservers 127.0.0.1
-shutdown_lifetime 0 seconds
-visible_hostname relais-diff
-pinger_enable off
-netdb_filename none
-logfile_rotate 0
-
+{common_conf(tmp)}
 acl private_area urlpath_regex /private/
 acl nohit req_header X-No-Hit .
 acl nostore req_header X-No-Store .
@@ -85,14 +74,7 @@ def test_cache_rules_as_squid_applies_them(tmp_path_factory):
     squid_origin, relais_origin = Origin(), Origin()
     squid = relais = None
     try:
-        for attempt in range(3):  # a free port may be taken before Squid binds it: then try another
-            port = free_port()
-            try:
-                squid = start_squid(tmp, conf(tmp, port), port)
-                break
-            except Exception as e:
-                if attempt == 2 or "address already in use" not in str(e).lower():
-                    raise
+        squid, port = start_squid_on_free_port(tmp, lambda port: conf(tmp, port))
         relais = Proxy(tmp_path_factory.mktemp("relais"),
                        options={"policy": str(tmp / "squid.conf"), "cache_policy": str(tmp / "squid.conf"),
                                 "cache_dir": "none"})

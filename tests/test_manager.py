@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from mitmproxy.test import taddons, tflow
 
 from addons import manager
-from harness import curl, free_port, stop_group
-from squid import start_squid
+from harness import curl, stop_group
+from squid import common_conf, start_squid_on_free_port
 
 MGR = "/squid-internal-mgr"
 
@@ -142,17 +142,7 @@ def test_alone_it_refuses_other_clients():
 def squid_conf(tmp: Path, port: int) -> str:
     return f"""
 http_port 127.0.0.1:{port}
-pid_filename {tmp}/squid.pid
-cache_log {tmp}/cache.log
-access_log stdio:{tmp}/access.log
-cache_effective_user proxy
-coredump_dir {tmp}
-dns_nameservers 127.0.0.1
-shutdown_lifetime 0 seconds
-visible_hostname relais-diff
-pinger_enable off
-netdb_filename none
-logfile_rotate 0
+{common_conf(tmp)}
 http_access allow localhost manager
 http_access deny manager
 http_access allow localhost
@@ -168,14 +158,7 @@ def test_answers_as_squid_answers(proxy):
     os.chmod(tmp, 0o755)
     squid = None
     try:
-        for attempt in range(3):  # a free port may be taken before Squid binds it
-            port = free_port()
-            try:
-                squid = start_squid(tmp, squid_conf(tmp, port), port)
-                break
-            except Exception as e:
-                if attempt == 2 or "address already in use" not in str(e).lower():
-                    raise
+        squid, port = start_squid_on_free_port(tmp, lambda port: squid_conf(tmp, port))
         pages = {}
         for who, base in (("squid", f"http://127.0.0.1:{port}"), ("relais", proxy.url)):
             for page in ("menu", "info", "storedir", "nosuch"):
