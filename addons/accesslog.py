@@ -157,9 +157,9 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
     method = req.method
     is_connect = method == "CONNECT"
     if is_connect:
-        url = f"{req.host}:{req.port}"
+        url = meta.hostport(req.host, req.port)
     else:
-        url = req.pretty_url if meta.mode_name(flow) in ("transparent", "reverse") else meta.request_url(req)
+        url = meta.pretty_url(req) if meta.mode_name(flow) in ("transparent", "reverse") else meta.request_url(req)
         if strip:
             url = strip_query(url)
     code = md.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")
@@ -226,7 +226,7 @@ def tcp_record(flow: tcp.TCPFlow, code: str | None = None, status: int = 200) ->
         status=status,
         size=size,
         method="CONNECT",
-        url=f"{sni or host}:{port}",
+        url=meta.hostport(sni or host, port),
         hier=meta.forwarded(flow) if peer else "HIER_NONE",
         peer=peer or "-",
     )
@@ -716,7 +716,7 @@ class AccessLog:
         host, port = data.server.address[:2]
         self.write(Record(
             end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername),
-            code="NONE_NONE", status=503, size=0, method="CONNECT", url=f"{host}:{port}"))
+            code="NONE_NONE", status=503, size=0, method="CONNECT", url=meta.hostport(str(host), port)))
 
     @staticmethod
     def _is_http_listener(client) -> bool:

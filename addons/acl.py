@@ -32,6 +32,7 @@ import weakref
 from pathlib import Path
 
 from mitmproxy import command, connection, ctx, exceptions, http, tcp, tls
+from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy import layers
 from mitmproxy.proxy.layers.tcp import TcpEndHook, TcpStartHook
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -225,6 +226,8 @@ class AccessControl:
             if not self._cached(req):
                 return self._decide_later(flow, req, connect)
             self._verdict(flow, req, connect)  # the common case stays synchronous: no coroutine
+        except InvalidHost as e:
+            self._refuse_invalid(flow, e)
         except Exception as e:
             self._deny_on_error(flow, e)
         return None
@@ -239,6 +242,19 @@ class AccessControl:
     def _verdict(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool) -> None:
         if self._apply(flow, req) and connect:  # the tunnel's TCP flow gets the CONNECT's verdict
             self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
+
+    def _refuse_invalid(self, flow: http.HTTPFlow, e: InvalidHost) -> None:
+        """Squid's 400 for a request whose Host names no host[:port] where the Host is what the rules
+        judge (mitmproxy's regular mode refuses those itself): the acls would see a URL the request
+        does not go to (Host: x/y makes url_regex ^http://[^/]+/path/ miss)."""
+        log.info("access control: %s; refused", e)
+        flow.response = errorpage.make("ERR_INVALID_REQ", detail=str(e))
+        answered.refuse_body(flow)
+        flow.metadata[meta.CODE] = "NONE_NONE"
+        flow.metadata[meta.LOCAL] = "acl"
+        flow.metadata[meta.ERROR] = "ERR_INVALID_REQ"
+        meta.add_comment(flow, f"refused: {e}")
+        flow.marked = flow.marked or MARK
 
     def _deny_on_error(self, flow: http.HTTPFlow, e: Exception) -> None:
         d = _failed(e)
@@ -265,7 +281,7 @@ class AccessControl:
         if req.user:
             flow.metadata.setdefault(meta.USER, req.user)
         if d.allowed:
-            flow.comment = _comment(flow.comment, f"allowed by: {d.rule}")
+            meta.add_comment(flow, f"allowed by: {d.rule}")
             return True
         url = req.url
         if d.auth:
@@ -281,7 +297,7 @@ class AccessControl:
         flow.metadata[meta.CODE] = "TCP_DENIED"
         flow.metadata[meta.LOCAL] = "acl"
         flow.metadata[meta.ERROR] = page
-        flow.comment = _comment(flow.comment, f"denied by: {d.rule}")
+        meta.add_comment(flow, f"denied by: {d.rule}")
         flow.marked = flow.marked or MARK
         return False
 
@@ -289,13 +305,17 @@ class AccessControl:
         r = flow.request
         mode = meta.mode_name(flow)
         by_host_header = mode in ("transparent", "socks5", "wireguard", "local", "reverse")
+        if by_host_header:
+            authority = r.host_header
+            if authority and not _valid_authority(authority):
+                raise InvalidHost(f"invalid Host header: {authority!r}")
         host = r.pretty_host if by_host_header else r.host
         dst = (r.host,) if mode in ("transparent", "wireguard", "local") and _is_ip(r.host) else None
         method = r.method  # a property that decodes on every read
         if method == "CONNECT":
-            url, path, proto = f"{r.host}:{r.port}", "", "NONE"
+            url, path, proto = meta.hostport(r.host, r.port), "", "NONE"
         else:
-            url = r.pretty_url if by_host_header else meta.request_url(r)
+            url = meta.pretty_url(r) if by_host_header else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
         headers = r.headers
         if r.data.authority and r.data.http_version in meta.LOWER_CASE_VERSIONS:
@@ -319,7 +339,7 @@ class AccessControl:
         address, shown by `name` (the SNI) when there is one."""
         host, port = str(address[0]), address[1]
         shown = name or host
-        return self._request(client, method="CONNECT", proto="NONE", host=shown, port=port, url=f"{shown}:{port}",
+        return self._request(client, method="CONNECT", proto="NONE", host=shown, port=port, url=meta.hostport(shown, port),
                              user=user, dst_ips=(host,) if _is_ip(host) else None)
 
     def _cached(self, req: aclrules.Request) -> bool:
@@ -482,7 +502,7 @@ class AccessControl:
         flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
         flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched) if req is not None else []
         word = "allowed" if d.allowed else "denied"
-        flow.comment = _comment(flow.comment, f"{word} by: {d.rule}")
+        meta.add_comment(flow, f"{word} by: {d.rule}")
         if not d.allowed:
             flow.metadata[meta.CODE] = "TCP_DENIED"
             flow.metadata[meta.LOCAL] = "acl"
@@ -562,15 +582,23 @@ def _close(client, server=None, reply: bytes = b"") -> None:
             handler.close_connection(conn)
 
 
+class InvalidHost(ValueError):
+    """A Host header that names no host[:port], in a mode whose rules judge requests by it."""
+
+
+def _valid_authority(authority: str) -> bool:
+    try:
+        parse_authority(authority, check=True)
+        return True
+    except ValueError:
+        return False
+
+
 def _failed(e: Exception) -> aclrules.Decision:
     """An error while deciding denies, as a firewall fails closed: left to mitmproxy, the error
     would be logged and the request or connection let through."""
     log.error("access control failed (%s: %s); denied", type(e).__name__, e, exc_info=(type(e), e, e.__traceback__))
     return aclrules.Decision(aclrules.DENY, "an error in access control")
-
-
-def _comment(old: str, new: str) -> str:
-    return f"{old}\n{new}" if old else new
 
 
 def _ip(peer) -> str:

@@ -168,8 +168,7 @@ class Anonymize:
             req.headers.fields = fields
         flow.metadata[meta.ANONYMIZE] = level
         if override is not None:
-            flow.comment = (flow.comment + "\n" if flow.comment else "") + \
-                f"anonymize: {level} (override for acl {override.acl})"
+            meta.add_comment(flow, f"anonymize: {level} (override for acl {override.acl})")
 
     def _plan(self, req: http.Request, rules: anonrules.LevelRules, client: str, keep: tuple[str, ...]) -> None:
         fields = list(req.headers.items(multi=True))

@@ -857,7 +857,7 @@ class Cache:
                 why = f"{name} {rule.text}" if rule else f"{name}: no rule matched, so the opposite of the last"
                 note = f"cache: {_NOT[name]} ({why})"
                 if note not in flow.comment:  # `cache` rules are asked at the request and at the response
-                    flow.comment = f"{flow.comment}\n{note}" if flow.comment else note
+                    meta.add_comment(flow, note)
                 return False
         return True
 

@@ -220,7 +220,7 @@ class Errors:
             return
         detail = flow.response.get_text(strict=False)[:200]
         page = _connect_failure(detail).page  # ERR_DNS_FAIL for a name that does not resolve
-        flow.response = errorpage.make(page, f"{flow.request.host}:{flow.request.port}", detail=detail)
+        flow.response = errorpage.make(page, meta.hostport(flow.request.host, flow.request.port), detail=detail)
         flow.metadata[meta.CODE] = "NONE_NONE"
         flow.metadata[meta.ERROR] = page
 

@@ -6,9 +6,14 @@ there). Call `running()` from the addon's `running` hook.
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
+
 from mitmproxy import ctx
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("", "0.0.0.0", "::")  # a listener on every address
+HOSTNAME = socket.gethostname().lower()
 
 
 class Listeners:
@@ -42,6 +47,34 @@ class Listeners:
         return found
 
     def is_self(self, host: str, port: int) -> bool:
-        """True when host:port is one of this proxy's listeners, by the rule mitmproxy's proxyserver
-        refuses connections to itself with (a listener on every address also answers to loopback names)."""
-        return any(port == p and host in (*LOOPBACK_NAMES, h) for h, p in self.addresses())
+        """True when host:port is one of this proxy's listeners: mitmproxy's rule (the listener's
+        address, or localhost, 127.0.0.1, ::1 on its port), with the spellings of those that reach
+        it too (LOCALHOST, a trailing dot, ::ffff:127.0.0.1), and, for a listener on every address,
+        any loopback address and this machine's name."""
+        listeners = [h for h, p in self.addresses() if p == port]
+        if not listeners:
+            return False
+        host = _plain(host)
+        return any(host == _plain(h) or host in LOOPBACK_NAMES or (h in WILDCARDS and _local(host))
+                   for h in listeners)
+
+
+def _plain(host: str) -> str:
+    """A host as one spelling: lower case, no trailing dot, an IPv4-mapped IPv6 address as IPv4."""
+    host = host.lower().rstrip(".")
+    if host.startswith("::ffff:"):
+        try:
+            return str(ipaddress.IPv6Address(host).ipv4_mapped or host)
+        except ValueError:
+            pass
+    return host
+
+
+def _local(host: str) -> bool:
+    """An address or name of this machine that a listener on every address answers."""
+    if host == HOSTNAME or host.endswith(".localhost"):  # RFC 6761: *.localhost is loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

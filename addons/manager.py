@@ -53,6 +53,17 @@ MENU = {  # page -> Squid's description of it
 }
 
 
+def process_start() -> float:
+    """When this process started (the script may be loaded again later: the figures are the process's)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):  # not Linux
+        return time.time()
+
+
 def relais_version() -> str:
     try:
         return metadata.version("relais")
@@ -93,11 +104,11 @@ def info_page(started: float, now: float, stats: dict | None) -> str:
     ]
     if stats is not None:
         mem, disk = stats["mem"], stats["disk"]
-        hits, lookups = stats["hits"], stats["hits"] + stats["misses"]
+        hits = stats["hits"]
         entries, volume = stored(stats)
         lines += [
             "Cache information for relais (since start):",
-            f"\tHits as % of all requests:\t{percent(hits, lookups)}",
+            f"\tHits as % of all requests:\t{100 * stats['hit_ratio']:.1f}%",
             f"\tMemory hits as % of hit requests:\t{percent(stats['mem_hits'], hits)}",
             f"\tDisk hits as % of hit requests:\t{percent(stats['disk_hits'], hits)}",
             f"\tStorage Swap size:\t{disk['bytes'] // 1024} KB",
@@ -178,7 +189,7 @@ def _open_files() -> int:
 class Manager:
     def __init__(self) -> None:
         self.listeners = listeners.Listeners()
-        self.started = time.time()
+        self.started = process_start()
         self.answering = False  # answered.install() in effect
 
     def load(self, loader) -> None:
@@ -198,6 +209,8 @@ class Manager:
             return
         if not self.listeners.is_self(req.host, req.port):
             return  # a page of some other server: not ours to answer
+        if meta.ACL in flow.metadata and "manager" not in flow.metadata.get(meta.ACLS, ()):
+            return  # access control judged another URL (a Host header naming some other place)
         page = page_name(req.path)
         flow.metadata[meta.LOCAL] = "manager"
         answered.refuse_body(flow)
@@ -224,7 +237,7 @@ class Manager:
         flow.response = http.Response.make(200, text.encode(), {
             "Server": "relais", "Mime-Version": "1.0", "Content-Type": "text/plain;charset=utf-8",
             "Date": now, "Expires": now, "Last-Modified": now, "Cache-Control": "no-store"})
-        flow.comment = f"cache manager page: {page}"
+        meta.add_comment(flow, f"cache manager page: {page}")
 
     @staticmethod
     def _cache_stats() -> dict | None:

@@ -141,6 +141,14 @@ def test_apache_formats_end_to_end(start_proxy, origin, fmt, pattern):
     assert re.match(pattern, proxy.log_line("/c?"))
 
 
+def test_ipv6_hosts_are_written_in_brackets_as_squid_writes_them(proxy):
+    """mitmproxy's URLs leave the brackets out (http://::1:1/), which no log reader parses right."""
+    curl("-x", proxy.url, "http://[::1]:1/v6")  # port 1: denied by the policy, nothing goes out
+    curl("-x", proxy.url, "https://[::1]:2/")
+    assert " TCP_DENIED/403 " in proxy.log_line(" GET http://[::1]:1/v6 ")
+    assert " TCP_DENIED/403 " in proxy.log_line(" CONNECT [::1]:2 ")
+
+
 def test_query_kept_when_strip_query_terms_is_off(start_proxy, origin):
     proxy = start_proxy(options={"strip_query_terms": False})
     curl("-x", proxy.url, f"{origin.url}/q?a=1")

@@ -328,6 +328,19 @@ def test_socks5_http_allow_and_deny(env):
     assert " TCP_DENIED/403 " in proxy.log_line("/secret/socks")
 
 
+def test_a_host_header_that_names_no_host_is_refused_where_the_rules_read_it(env):
+    """In socks5 (and transparent, reverse) mode the acls judge the URL the Host header makes: one that
+    names no host[:port] (Host: x/y) would show them another URL than the request's. Squid's 400."""
+    proxy, origin, *_ = env
+    r = curl("-i", "--socks5", f"127.0.0.1:{proxy.ports[1]}", "-H", "Host: x/y", f"{origin.url}/badhost")
+    assert r.stdout.startswith(b"HTTP/1.1 400 ") and b"X-Squid-Error: ERR_INVALID_REQ" in r.stdout
+    assert b"invalid Host header: &#x27;x/y&#x27;" in r.stdout
+    assert " NONE_NONE/400 " in proxy.log_line("/badhost")
+    assert origin.hits.get("/badhost") is None
+    r = curl("--socks5", f"127.0.0.1:{proxy.ports[1]}", "-H", "Host: Example.ORG:8080", f"{origin.url}/goodhost")
+    assert r.stdout == b"hello /goodhost"  # a valid one is judged as before
+
+
 def test_socks5_raw_tcp_denied_is_really_closed(env):
     proxy, _, _, echo = env
     s = socks5(proxy.ports[1], "127.0.0.1", echo.port)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from mitmproxy.test import taddons, tflow
 
 from addons import manager
-from harness import curl, stop_group
+from harness import ROOT, curl, stop_group
 from squid import common_conf, start_squid_on_free_port
 
 MGR = "/squid-internal-mgr"
@@ -67,8 +67,10 @@ def test_pages_at_the_proxys_own_address(start_proxy, origin, tmp_path):
     for page in ("menu", "info", "storedir"):
         line = proxy.log_line(f"{MGR}/{page} ").split()
         assert line[3] == "TCP_MISS/200" and line[8:] == ["HIER_NONE/-", "text/plain"], line
-    # the cache neither served nor stored them
-    assert "/squid-internal-mgr/" not in "".join(proxy.wait_lines("/c ", 2))
+    # the cache neither stored them (still one object) nor answered them (each made anew)
+    _, _, again = fetch(f"{proxy.url}{MGR}/info")
+    assert int(re.search(r"(\d+) Hot Object Cache Items", again).group(1)) == 1
+    assert field(again, "UP Time") != field(info, "UP Time")
 
 
 def test_squidclient_reads_them(proxy):
@@ -100,6 +102,30 @@ def test_the_access_policy_decides_who_reads_them(start_proxy, tmp_path):
     status, headers, _ = fetch(f"{proxy.url}{MGR}/info")
     assert status == 403 and headers["x-squid-error"] == "ERR_ACCESS_DENIED 0"
     assert " TCP_DENIED/403 " in proxy.log_line(f"{MGR}/info ")
+
+
+def test_the_default_policy_keeps_them_to_localhost(start_proxy):
+    """Squid's default rules: `allow localhost manager`, `deny manager`. 127.0.0.2 is loopback, not localhost."""
+    proxy = start_proxy(options={"policy": str(ROOT / "policies" / "default.yaml")})
+    assert fetch(f"{proxy.url}{MGR}/menu")[0] == 200
+    status, headers, body = fetch("--interface", "127.0.0.2", f"{proxy.url}{MGR}/menu")
+    assert status == 403 and "http_access deny manager" in body
+    assert " TCP_DENIED/403 " in proxy.log_line("127.0.0.2 ")
+
+
+def test_a_host_header_cannot_hide_them_from_the_policy(start_proxy):
+    """Through SOCKS5 the acls read the URL the Host header makes; with Host: x/y the `manager` acl would
+    not see the manager's URL, and a client it denies would get the pages. (The test policy denies the
+    manager to 127.0.0.2 and allows it everything else; lazily, the request reaches the hooks.)"""
+    proxy = start_proxy(modes=("regular", "socks5"), options={"connection_strategy": "lazy"})
+    url = f"http://127.0.0.1:{proxy.port}{MGR}/info"
+    socks = ("--socks5", f"127.0.0.1:{proxy.ports[1]}")
+    assert fetch(*socks, url)[0] == 200  # localhost: allowed
+    status, _, body = fetch("--interface", "127.0.0.2", *socks, url)
+    assert status == 403 and "http_access deny manager" in body
+    for host in ("x/y", f"127.0.0.1:{proxy.port}/z"):
+        status, _, body = fetch("--interface", "127.0.0.2", *socks, "-H", f"Host: {host}", url)
+        assert status == 400 and "Squid Object Cache" not in body, (host, status)
 
 
 def test_pages_of_another_server_are_its_own(proxy, origin):

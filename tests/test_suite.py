@@ -88,7 +88,7 @@ def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_pa
     assert "never applied its options" in proxy.text()
 
 
-def test_request_url_is_mitmproxys_url():
+def test_request_url_is_mitmproxys_url_with_ipv6_in_brackets():
     import itertools
 
     from mitmproxy import http
@@ -98,4 +98,25 @@ def test_request_url_is_mitmproxys_url():
             [80, 443, 8080, 0, 65535], ["/", "/a?b=c&d", "*", "", "/\udcff%20é", "//x"]):
         req = http.Request(host, port, b"GET", scheme.encode(), b"", path.encode("utf-8", "surrogateescape"),
                            b"HTTP/1.1", http.Headers(), b"", None, 0, None)
-        assert meta.request_url(req) == req.url, (scheme, host, port, path)
+        expected = req.url
+        if host == "::1":  # mitmproxy writes http://::1:8080/; Squid and RFC 3986 3.2.2 write http://[::1]:8080/
+            expected = req.url.replace("://::1", "://[::1]", 1)
+        assert meta.request_url(req) == expected, (scheme, host, port, path)
+
+
+def test_pretty_url_is_mitmproxys_with_ipv6_in_brackets():
+    from mitmproxy import http
+    from addons import meta
+    for scheme, port, host_header, want in (
+            ("http", 8080, "example.com", "http://example.com/p"),
+            ("http", 8080, "example.com:8080", "http://example.com:8080/p"),
+            ("https", 443, "Example.com:443", "https://Example.com/p"),
+            ("http", 80, "[::1]:8080", "http://[::1]:8080/p"),
+            ("https", 443, "[2001:db8::1]", "https://[2001:db8::1]/p"),
+            ("http", 80, None, "http://10.0.0.1/p")):
+        headers = http.Headers(**({"host": host_header} if host_header else {}))
+        req = http.Request("10.0.0.1", port, b"GET", scheme.encode(), b"", b"/p", b"HTTP/1.1", headers, b"", None, 0,
+                           None)
+        assert meta.pretty_url(req) == want, (host_header, meta.pretty_url(req))
+        if "[" not in want:
+            assert want == req.pretty_url
