@@ -4,7 +4,8 @@
 
 Where decisions are made:
   * HTTP requests in `requestheaders` (before the body is read), in every mode;
-    in transparent/socks5 mode domain acls see the Host header;
+    in transparent/socks5/reverse mode the acls see the Host header's site (one that
+    names no host[:port] is refused: 400 ERR_INVALID_REQ);
   * CONNECT in `http_connect` (403 page, no tunnel);
   * TLS without a CONNECT (transparent, socks5) at `tls_clienthello` by SNI;
     `ssl_bump` rules pick splice (pass through) / bump (intercept) / terminate;
