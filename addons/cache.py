@@ -83,6 +83,7 @@ ADDED_BY_URLLIB = frozenset({"connection", "host"})
 INVALIDATED_MAX = 10_000  # invalidation times remembered (see Cache.invalidated)
 REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origin
 REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
+COLLAPSE_WAIT = 900  # seconds a collapsed request waits for the one it joined (Squid's read_timeout)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -376,6 +377,17 @@ class StreamCopy:
         return True
 
 
+def _say(flow: http.HTTPFlow, line: str) -> None:
+    """The cache's outcome in the flow's mitmweb comment: after what other addons wrote there, in place
+    of an earlier outcome of its own (a revalidation's, then its answer's)."""
+    if _SAID in flow.comment:
+        flow.comment = "\n".join(x for x in flow.comment.split("\n") if not x.startswith(_SAID))
+    meta.add_comment(flow, line)
+
+
+_SAID = "cache: TCP_"
+
+
 def _names(headers: http.Headers) -> set[bytes]:
     """The lower-cased names of the fields present (one pass, for many presence checks)."""
     return {k.lower() for k, _ in headers.fields}
@@ -385,6 +397,7 @@ _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers 
 _COOKIES = frozenset({b"set-cookie", b"set-cookie2"})  # not sent from the store with hit_set_cookie false
 _NONE = frozenset()
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
+_SAFE_OR_CONNECT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"CONNECT"})  # methods that invalidate nothing
 
 
 class _Derived:
@@ -887,7 +900,7 @@ class Cache:
             if tier == cachestore.SWAPFAIL:  # Squid's name for a stored copy that could not be read
                 flow.metadata[meta.CODE] = "TCP_SWAPFAIL_MISS"
                 flow.metadata[meta.CACHE] = {"status": "SWAPFAIL_MISS", "tier": "disk"}
-                flow.comment = "cache: TCP_SWAPFAIL_MISS (the stored copy could not be read, or was damaged)"
+                _say(flow, "cache: TCP_SWAPFAIL_MISS (the stored copy could not be read, or was damaged)")
                 self.counts["TCP_SWAPFAIL_MISS"] += 1
             self.counts["miss"] += 1
             return None
@@ -929,7 +942,7 @@ class Cache:
         """RFC 9111 3.3: a range that a fresh stored partial response (a 206) holds is answered from
         it. Anything else (a conditional, a range it lacks, a stale one) goes to the origin, whose
         206 then replaces it: partial responses are neither revalidated nor combined."""
-        if names & _CONDITIONALS:
+        if names & _CONDITIONALS or flow.request.method != "GET":
             return False
         entry, tier = self.lookup(key, flow.request.headers, partial=True)
         if entry is None:
@@ -974,29 +987,36 @@ class Cache:
             names = _names(req.headers)
         return (self.collapse and req.method == "GET"
                 and b"range" not in names and b"authorization" not in names
-                and not (b"if-none-match" in names or b"if-modified-since" in names))
+                and not (b"if-none-match" in names or b"if-modified-since" in names)
+                # one that would go to the origin anyway need not wait for another's answer
+                and not ((b"cache-control" in names or b"pragma" in names) and rfc9111.reuses_nothing(req.headers)))
 
     async def _wait_collapsed(self, flow: http.HTTPFlow, key: str, fut: asyncio.Future) -> None:
+        """Until the request this one collapsed onto has its answer; then from the store. If that request
+        failed (its client left, the origin broke off), one of the waiters asks the origin in its place
+        and the others wait again; an answer that was not stored sends each to the origin."""
+        failed = False
         try:
-            await asyncio.wait_for(asyncio.shield(fut), 30)
+            failed = await asyncio.wait_for(asyncio.shield(fut), COLLAPSE_WAIT)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             pass
         if flow.response or flow.error:
             return
         self.counts["collapsed"] += 1
         before = flow.metadata.get(meta.CODE)
-        res = self._lookup_and_answer(flow, key, self._failure(key), collapse=False)
-        if res is not None:  # pragma: no cover - collapse=False never waits
+        res = self._lookup_and_answer(flow, key, self._failure(key), collapse=failed)
+        if res is not None:  # waits again, for the new leader
             await res
         if flow.metadata.get(meta.LOCAL) == "cache" and before is None:
             flow.metadata[meta.CACHE]["collapsed"] = True
 
-    def _release(self, flow: http.HTTPFlow) -> None:
+    def _release(self, flow: http.HTTPFlow, failed: bool = False) -> None:
+        """The leader of collapsed requests has its answer (or `failed` to get one)."""
         key = self.leader.pop(flow.id, None)
         if key is not None:
             fut = self.inflight.pop(key, None)
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(failed)
 
     # --- answers -------------------------------------------------------------
     def _tag(self, flow: http.HTTPFlow, code: str, status: str, tier: str | None,
@@ -1005,7 +1025,7 @@ class Cache:
         flow.metadata[meta.CODE] = code
         flow.metadata[meta.HIER] = hier
         flow.metadata[meta.CACHE] = {"status": status, "tier": tier}
-        flow.comment = f"cache: {code}" + (f" ({tier})" if tier else "")
+        _say(flow, f"cache: {code} ({tier})" if tier else f"cache: {code}")
         self.counts[code] += 1
 
     def _build(self, flow: http.HTTPFlow, entry: cachestore.Entry, age: float,
@@ -1036,8 +1056,8 @@ class Cache:
             if cond:
                 status, reason, body = 304, "Not Modified", b""
                 headers.pop("Content-Length", None)
-        if cond is None and m.status in (200, 206) and b"range" in names and \
-                rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):
+        if cond is None and m.status in (200, 206) and b"range" in names and req.method == "GET" and \
+                rfc9111.if_range_ok(req.headers.get("if-range"), m.headers):  # RFC 9110 14.2: GET only
             start, length = 0, len(body)
             if m.status == 206:  # a stored partial response, which holds the range (_answer_partial)
                 start, _, length = rfc9111.content_range(rfc9111.get(m.headers, "content-range"))
@@ -1148,6 +1168,11 @@ class Cache:
         if local or self.store is None:
             return
         resp = flow.response
+        if flow.request.data.method not in _SAFE_OR_CONNECT:
+            # RFC 9111 4.4: once the status is known, whether the body then arrives whole or not
+            key = primary_key(flow)
+            if key is not None:
+                self._invalidate(flow, key)
         h = resp.headers
         names = _names(h)
         lower = resp.data.http_version in meta.LOWER_CASE_VERSIONS
@@ -1279,16 +1304,14 @@ class Cache:
                 self.store.remove(key)
             # Squid's names: a new response replaces the entry; an error that could not be answered stale
             self._refreshed(flow, "TCP_REFRESH_FAIL_ERR" if resp.status_code >= 500 else "TCP_REFRESH_MODIFIED")
-        if method not in ("GET", "HEAD"):
-            self._invalidate(flow, key)
+        if method not in ("GET", "HEAD"):  # (invalidated at responseheaders)
             if method == "POST" and may_store and self._describes_target(flow, key):
                 self._store(flow, key, since=time.time())  # as a response to GET; after its own invalidation
             return
         if method == "GET" and may_store:
-            if stream is not None:
-                self._store_stream(flow, *stream)
-            else:
-                self._store(flow, key)
+            stored = self._store_stream(flow, *stream) if stream is not None else self._store(flow, key)
+            if stored is False and rfc9111.supersedes(resp.status_code, req.headers) and self._forget(key):
+                self.counts["invalidated"] += 1  # a newer response that is not stored: the old one is gone too
         elif method == "GET" and (pending is not None or self.lookup(key, req.headers)[0] is not None):
             # a newer response the rules keep out (a reload, a refresh): the stored copy is superseded, as in Squid
             if self._forget(key):
@@ -1309,7 +1332,7 @@ class Cache:
         """Tag the answer to a revalidation that is not the stored response (a new one, or an error)."""
         flow.metadata[meta.CODE] = code
         flow.metadata[meta.CACHE] = {"status": code[4:], "tier": None}
-        flow.comment = f"cache: {code}"
+        _say(flow, f"cache: {code}")
         self.counts[code] += 1
 
     def _stale_if_error(self, flow: http.HTTPFlow, pending: Pending) -> bool:
@@ -1389,40 +1412,48 @@ class Cache:
         return (location is not None and url_key(location, base=key) == key
                 and rfc9111.has_explicit_freshness(self._view(flow, flow.response.headers)))
 
-    def _store(self, flow: http.HTTPFlow, key: str, since: float | None = None) -> None:
-        """Store the response to a GET (or a POST response that describes the GET target, RFC 9110 9.3.3)."""
+    def _store(self, flow: http.HTTPFlow, key: str, since: float | None = None) -> bool | None:
+        """Store the response to a GET (or a POST response that describes the GET target, RFC 9110 9.3.3).
+        True: stored; False: a whole response that is not (not storable, too large, no room); None: no
+        whole response to judge (cut off, failed, or older than an invalidation of its URL)."""
         req, resp = flow.request, flow.response
         body = resp.raw_content
-        if body is None or flow.error or self._stale_answer(key, since or req.timestamp_start):
-            return
+        if flow.error or self._stale_answer(key, since or req.timestamp_start):
+            return None
+        if body is None:  # streamed, and responseheaders did not copy it: not storable, or too large
+            return False
         fields = rfc9111.Fields.of(resp.headers)  # indexed once for the many look-ups below
         cl = fields.index.get("content-length")
         if cl is not None and "transfer-encoding" not in fields.index:
             try:
                 if int(", ".join(cl)) != len(body):
-                    return  # truncated
+                    return None  # truncated
             except ValueError:
-                return
+                return None
         partial = resp.status_code == 206
         if partial:  # RFC 9111 3.3: kept for the ranges it holds, if it says which (one range, known length)
             part = rfc9111.content_range(", ".join(fields.index.get("content-range", ())))
             if part is None or part[1] - part[0] + 1 != len(body) or "range" not in req.headers:
-                return
+                return False
         ok, reason = rfc9111.storable("GET", resp.status_code, req.headers, self._view(flow, fields),
                                       negative_ttl=self.negative_ttl, partial=partial)
         if not ok or len(body) > self.object_max:
-            return
+            return False
         m = self._meta(flow, key, len(body), cachestore.digest(body), fields, partial=partial)
         if m is None:
-            return
+            return False
         _add_length(m.headers, m.status, len(body))
         tier = self.store.put(key, m, body)
         if tier:
             self.counts["stored"] += 1
+        return bool(tier)
 
-    def _store_stream(self, flow: http.HTTPFlow, key: str, copy: StreamCopy, m: cachestore.Meta) -> None:
-        if flow.error or self._stale_answer(key, flow.request.timestamp_start) or not copy.finish():
-            return  # not handed: response() removes the temp file
+    def _store_stream(self, flow: http.HTTPFlow, key: str, copy: StreamCopy, m: cachestore.Meta) -> bool | None:
+        """As _store, for a body copied while it streamed."""
+        if flow.error or self._stale_answer(key, flow.request.timestamp_start):
+            return None  # not handed: response() removes the temp file
+        if not copy.finish():  # larger than maximum_object_size: refused; else cut off, or no room for the copy
+            return False if copy.n > copy.limit else None
         copy.handed = True
         m.length = copy.n
         m.digest = copy.h.hexdigest()
@@ -1430,6 +1461,8 @@ class Cache:
         if self.store.put_file(key, m, copy.path):
             self.counts["stored"] += 1
             self.counts["stored_streamed"] += 1
+            return True
+        return False
 
     def _forget(self, key: str) -> int:
         """Remove a key's stored responses (invalidation, PURGE), and remember when."""
@@ -1461,7 +1494,7 @@ class Cache:
         stream = self.streams.pop(flow.id, None)
         if stream:
             stream[1].abort()  # an aborted transfer is never stored
-        self._release(flow)
+        self._release(flow, failed=True)
         # The origin failed a revalidation before any response (refused mitmproxy's own connection, or
         # accepted it and closed or reset it): stale-if-error, as for an origin the errors addon found
         # unreachable (recover.py sends this answer instead of mitmproxy's 502).

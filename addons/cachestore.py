@@ -1111,6 +1111,8 @@ class Store:
         self.mem = MemTier(mem_limit, mem_object_max)
         self.object_max = object_max
         self.disk = DiskTier(Path(disk_dir), disk_limit) if disk_dir else None
+        # as Squid's cache_dir: an object larger than the whole tier would only evict everything else
+        self.disk_object_max = min(object_max, disk_limit)
         # primary -> the Vary field sets stored for it, most recent first. Values are tuples, and
         # the common one (no Vary) is one shared object: 200,000 keys cost their strings and
         # nothing the garbage collector has to walk (a list each made every full collection slower
@@ -1163,12 +1165,13 @@ class Store:
             return None
         sets = self.add_vary(primary, meta.vary)
         in_mem = self.mem.put((primary, meta.vhash), Entry(meta, body))
-        on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets, keep=not in_mem) if self.disk else False
+        on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets, keep=not in_mem) \
+            if self.disk and meta.length <= self.disk_object_max else False
         return "mem+disk" if in_mem and on_disk else "mem" if in_mem else "disk" if on_disk else None
 
     def put_file(self, primary: str, meta: Meta, path: str) -> bool:
         """Store a streamed body already written to `path` (disk tier only); the file is consumed."""
-        if self.disk is None or meta.length > self.object_max:
+        if self.disk is None or meta.length > self.disk_object_max:
             _unlink(path)
             return False
         sets = self.add_vary(primary, meta.vary)

@@ -31,6 +31,9 @@ POSITION_MAX = 10 ** 18  # a byte position past any body
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
 # The error statuses among them: Squid's negative_ttl applies to these.
 NEGATIVE_STATUSES = frozenset({404, 405, 410, 414, 501})
+# Answers about the request rather than the resource (a failed precondition, an unsatisfiable range,
+# an expectation refused): never stored, as in Squid, even with explicit freshness.
+REQUEST_SPECIFIC_STATUSES = frozenset({412, 416, 417})
 # Final statuses whose semantics this cache understands (RFC 9111 3, must-understand).
 UNDERSTOOD_STATUSES = frozenset(
     {200, 201, 202, 203, 204, 205, 300, 301, 302, 303, 307, 308,
@@ -423,6 +426,8 @@ def storable(method: str, status: int, req_headers, resp_headers, *, shared: boo
     resp_cc = cache_control(resp_headers)
     if status < 200 or status == 304 or (status == 206 and not partial):
         return False, f"status {status}"
+    if status in REQUEST_SPECIFIC_STATUSES:  # as Squid: reused, they would answer requests that asked otherwise
+        return False, f"status {status} answers this request's preconditions, range or expectation"
     if "must-understand" in resp_cc:
         if status not in UNDERSTOOD_STATUSES:
             return False, "must-understand with unknown status"
@@ -446,6 +451,24 @@ def storable(method: str, status: int, req_headers, resp_headers, *, shared: boo
     if status in HEURISTIC_STATUSES:
         return True, "heuristic"
     return False, f"status {status} without explicit freshness"
+
+
+def supersedes(status: int, req_headers) -> bool:
+    """RFC 9111 4 (the most recent response is the one to use): True when this final response to a GET
+    replaces what is stored for its URL, whether it is stored itself or not (no-store, private, too
+    large...). Not an error (5xx: stale-if-error may still want the stored copy), nor a partial,
+    conditional or request-specific answer, nor one to a request with Authorization (a user's own
+    view, 3.5)."""
+    return ((200 <= status < 400 and status not in (206, 304)) or status in (404, 410)) \
+        and not get_all(req_headers, "authorization")
+
+
+def reuses_nothing(req_headers) -> bool:
+    """The request will not take a stored response without asking the origin (5.2.1: no-cache,
+    Pragma: no-cache, max-age=0) or lets nothing be stored (no-store): another client's response,
+    just stored, would not answer it."""
+    cc = cache_control(req_headers)
+    return "no-cache" in cc or "no-store" in cc or cc.delta("max-age") == 0 or pragma_no_cache(req_headers)
 
 
 # --- RFC 9111 4.2: freshness ------------------------------------------------

@@ -1598,3 +1598,139 @@ def test_a_streamed_200_that_matches_the_clients_conditional_is_logged_as_the_20
         assert codes(p, url, 2) == ["TCP_MISS/200", "TCP_REFRESH_MODIFIED/200"]
     finally:
         o.close()
+
+
+# --- a review of edge cases (session 19) ------------------------------------------------------------
+
+def test_a_precondition_failure_or_an_unsatisfiable_range_is_never_stored(cproxy, origin):
+    """412 and 416 answer one request's If-Match or Range, not the resource: stored (the origin sent
+    max-age, as `add_header ... always` does), they would answer every later client. Squid never stores them."""
+    def route(seen):
+        headers = {"Cache-Control": "max-age=600", "Content-Type": "text/plain"}
+        if "if-match" in seen.headers:
+            return 412, headers, b""
+        if seen.headers.get("range") == "bytes=500-600":
+            return 416, {**headers, "Content-Range": "bytes */4"}, b""
+        return 200, headers, b"body"
+    origin.route("/precond", route)
+    url = f"{origin.url}/precond"
+    assert fetch(cproxy, url, "-H", 'If-Match: "nope"')[0] == 412
+    assert fetch(cproxy, url)[:3:2] == (200, b"body")
+    assert fetch(cproxy, url + "?r", "-r", "500-600")[0] == 416
+    assert fetch(cproxy, url + "?r")[:3:2] == (200, b"body")
+    assert origin.hits["/precond"] == 4
+
+
+def test_a_newer_response_that_may_not_be_stored_replaces_the_stored_one(cproxy, origin):
+    """RFC 9111 4: the most recent response is the one to use. A reload that gets `no-store` (or a body
+    over maximum_object_size) leaves no older copy to be served afterwards, as Squid drops it."""
+    state = {"cc": "max-age=600", "body": b"old"}
+    origin.route("/newer", lambda seen: (200, {"Cache-Control": state["cc"]}, state["body"]))
+    url = f"{origin.url}/newer"
+    fetch(cproxy, url)
+    assert fetch(cproxy, url)[2] == b"old" and origin.hits["/newer"] == 1  # stored
+    state.update(cc="no-store", body=b"new")
+    assert fetch(cproxy, url, "-H", "Cache-Control: no-cache")[2] == b"new"
+    assert fetch(cproxy, url)[2] == b"new" and origin.hits["/newer"] == 3
+    assert codes(cproxy, url, 4)[-1] == "TCP_MISS/200"
+
+
+def test_invalidation_needs_only_the_status_of_the_unsafe_requests_answer(cproxy):
+    """RFC 9111 4.4: a POST answered 200 changed the resource even if its answer's body is then cut off."""
+    full = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n0123456789"
+    with scripted_server(full + b"old", cut, full + b"new") as port:
+        url = f"http://127.0.0.1:{port}/cut-post"
+        assert fetch(cproxy, url)[2] == b"old"
+        assert fetch(cproxy, url)[2] == b"old"  # a hit: the server has no second answer for a GET
+        curl("-x", cproxy.url, "-X", "POST", "-d", "x=1", url)  # the client gets an error
+        assert fetch(cproxy, url)[2] == b"new"
+        assert codes(cproxy, url, 4)[-1] == "TCP_MISS/200"
+
+
+def test_waiting_clients_get_a_new_leader_when_the_first_client_leaves(cproxy, origin):
+    """Collapsed forwarding: the first client's request is in flight, three more wait for its answer;
+    it leaves before the answer. One of the three asks the origin in its place, the other two get
+    that answer from the store (they used to go to the origin each)."""
+    gate = threading.Event()
+
+    def route(seen):
+        if origin.hits["/leader-left"] == 1:
+            gate.wait(20)  # the first request is answered only once its client has gone
+        return 200, {"Cache-Control": "max-age=600"}, b"answer"
+    origin.route("/leader-left", route)
+    url = f"{origin.url}/leader-left"
+    first = socket.create_connection(("127.0.0.1", cproxy.port))
+    first.sendall(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+    end = time.monotonic() + 10
+    while origin.hits.get("/leader-left", 0) < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(cproxy, url))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # they have joined the first one's request
+    first.close()
+    for t in threads:
+        t.join(20)
+    gate.set()
+    assert [r[2] for r in results] == [b"answer"] * 3
+    assert origin.hits["/leader-left"] == 2
+
+
+def test_a_reload_does_not_wait_for_another_clients_answer(cproxy, origin):
+    """A request that would go to the origin anyway (Cache-Control: no-cache) is not collapsed onto a
+    request in flight for the same URL: it reaches the origin while the other still waits."""
+    gate = threading.Event()
+
+    def route(seen):
+        gate.wait(20)
+        return 200, {"Cache-Control": "max-age=600"}, b"answer"
+    origin.route("/reload-in-flight", route)
+    url = f"{origin.url}/reload-in-flight"
+    threads = [threading.Thread(target=fetch, args=(cproxy, url))]
+    threads[0].start()
+    end = time.monotonic() + 10
+    while origin.hits.get("/reload-in-flight", 0) < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    threads.append(threading.Thread(target=fetch, args=(cproxy, url, "-H", "Cache-Control: no-cache")))
+    threads[1].start()
+    end = time.monotonic() + 10
+    while origin.hits.get("/reload-in-flight", 0) < 2 and time.monotonic() < end:
+        time.sleep(0.02)
+    reached = origin.hits["/reload-in-flight"]
+    gate.set()
+    for t in threads:
+        t.join(20)
+    assert reached == 2
+
+
+def test_a_range_on_a_head_is_ignored(cproxy, origin):
+    """RFC 9110 14.2: Range is defined for GET only; a HEAD with one gets the whole response's header."""
+    url = f"{origin.url}/head-range?h.Cache-Control=max-age=600"
+    fetch(cproxy, url)
+    status, headers, _ = fetch(cproxy, url, "-H", "Range: bytes=0-3", head=True)
+    assert status == 200 and "content-range" not in headers and headers["content-length"] == "17"
+    assert fetch(cproxy, url, "-r", "0-3")[:3:2] == (206, b"hell")
+
+
+def test_an_object_larger_than_the_disk_tier_evicts_nothing(start_proxy, origin, tmp_path):
+    """As Squid's cache_dir, the disk tier takes no object larger than itself: storing one would only
+    evict everything else (cache_dir_size 1 MB here, maximum_object_size 4 MB)."""
+    p = start_proxy(options={"cache_dir": str(tmp_path / "c"), "cache_dir_size": 1, "maximum_object_size": "4 MB",
+                             "maximum_object_size_in_memory": "10 KB"})
+    for i in range(10):
+        fetch(p, f"{origin.url}/size/50000?n={i}&h.Cache-Control=max-age=600")
+    fetch(p, f"{origin.url}/size/2000000?h.Cache-Control=max-age=600")
+
+    def disk_entries() -> int:
+        page = curl(f"{p.url}/squid-internal-mgr/storedir").stdout.decode()
+        return int(page.split("Current entries: ")[1].split()[0])
+    end = time.monotonic() + 10
+    while disk_entries() < 10 and time.monotonic() < end:  # the disk writer puts them in the background
+        time.sleep(0.1)
+    time.sleep(0.5)  # and would have culled them for the big one
+    assert disk_entries() == 10
+    for i in range(10):
+        fetch(p, f"{origin.url}/size/50000?n={i}&h.Cache-Control=max-age=600")
+    assert origin.hits["/size/50000"] == 10  # all hits

@@ -55,6 +55,16 @@ def test_store_and_hit(cache):
     assert "TCP_MEM_HIT" in f.comment
 
 
+def test_the_flow_comment_keeps_what_earlier_addons_wrote(cache):
+    """mitmweb shows the access rule and the cache's outcome (which used to replace the rule)."""
+    c, _ = cache
+    c.response(stored_flow())
+    f = request_flow()
+    f.comment = "allowed by: http_access allow localhost"
+    c.requestheaders(f)
+    assert f.comment == "allowed by: http_access allow localhost\ncache: TCP_MEM_HIT (mem)"
+
+
 @pytest.mark.parametrize("version,status,reason,body", [
     (b"HTTP/1.1", 200, b"OK", b"hello"), (b"HTTP/2.0", 304, b"Not Modified", b""),
     (b"HTTP/1.1", 206, b"Partial Content", b"ell"), (b"HTTP/1.1", 404, b"", b"gone")])
@@ -475,6 +485,7 @@ def test_an_answer_to_a_request_made_before_an_invalidation_is_not_stored(cache,
     else:
         post = stored_flow(url, body=b"")
         post.request.method = "POST"
+        c.responseheaders(post)  # (invalidated there, as soon as the status is known)
         c.response(post)
     c.response(before)
     f = request_flow(url)

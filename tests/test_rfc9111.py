@@ -148,6 +148,29 @@ class TestStorable:
         assert not self.ok(304, resp=H(cache_control="max-age=10"))
         assert not self.ok(100)
 
+    def test_answers_about_the_request_are_never_stored(self):  # as Squid: they describe one request
+        for status in (412, 416, 417):
+            assert not self.ok(status, resp=H(cache_control="max-age=600, public"))
+        assert self.ok(400, resp=H(cache_control="max-age=600"))  # explicit freshness on an error is honoured
+
+
+def test_which_newer_responses_replace_what_is_stored():  # 4: the most recent response is the one to use
+    for status in (200, 203, 204, 300, 301, 302, 307, 308, 404, 410):
+        assert r.supersedes(status, [])
+    for status in (206, 304, 400, 403, 412, 416, 500, 503):
+        assert not r.supersedes(status, [])
+    assert not r.supersedes(200, H(authorization="Basic x"))  # a user's own view (3.5)
+
+
+def test_requests_that_no_stored_response_answers():  # 5.2.1: what a collapsed request could not use
+    assert r.reuses_nothing(H(cache_control="no-cache"))
+    assert r.reuses_nothing(H(cache_control="no-store"))
+    assert r.reuses_nothing(H(cache_control="max-age=0"))
+    assert r.reuses_nothing(H(pragma="no-cache"))
+    assert not r.reuses_nothing(H(cache_control="max-age=60"))
+    assert not r.reuses_nothing(H(cache_control="max-stale"))
+    assert not r.reuses_nothing([])
+
     def test_no_store(self):  # 5.2.2.5, 5.2.1.5
         assert not self.ok(resp=H(cache_control="max-age=10, no-store"))
         assert not self.ok(req=H(cache_control="no-store"), resp=H(cache_control="max-age=10"))
