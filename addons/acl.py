@@ -33,7 +33,6 @@ import weakref
 from pathlib import Path
 
 from mitmproxy import command, connection, ctx, exceptions, http, tcp, tls
-from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy import layers
 from mitmproxy.proxy.layers.tcp import TcpEndHook, TcpStartHook
 from mitmproxy.proxy.layers.tls import parse_client_hello
@@ -306,17 +305,19 @@ class AccessControl:
         r = flow.request
         mode = meta.mode_name(flow)
         by_host_header = mode in ("transparent", "socks5", "wireguard", "local", "reverse")
+        site = None
         if by_host_header:
-            authority = r.host_header
-            if authority and not _valid_authority(authority):
-                raise InvalidHost(f"invalid Host header: {authority!r}")
-        host = r.pretty_host if by_host_header else r.host
+            try:
+                site = meta.named_site(r)
+            except ValueError:
+                raise InvalidHost(f"invalid Host header: {r.host_header!r}") from None
+        host = site[0] if site else r.host
         dst = (r.host,) if mode in ("transparent", "wireguard", "local") and _is_ip(r.host) else None
         method = r.method  # a property that decodes on every read
         if method == "CONNECT":
             url, path, proto = meta.hostport(r.host, r.port), "", "NONE"
         else:
-            url = meta.pretty_url(r) if by_host_header else meta.request_url(r)
+            url = meta.pretty_url(r, site) if site else meta.request_url(r)
             path, proto = r.path, r.scheme.upper()
         headers = r.headers
         if r.data.authority and r.data.http_version in meta.LOWER_CASE_VERSIONS:
@@ -585,14 +586,6 @@ def _close(client, server=None, reply: bytes = b"") -> None:
 
 class InvalidHost(ValueError):
     """A Host header that names no host[:port], in a mode whose rules judge requests by it."""
-
-
-def _valid_authority(authority: str) -> bool:
-    try:
-        parse_authority(authority, check=True)
-        return True
-    except ValueError:
-        return False
 
 
 def _failed(e: Exception) -> aclrules.Decision:

@@ -13,14 +13,15 @@ mitmproxy's hooks:
   revalidated (If-None-Match / If-Modified-Since added). Concurrent misses for
   one URL wait for the first (collapsed forwarding). Origins that could not
   be reached are remembered for negative_ttl (TCP_NEGATIVE_HIT).
-- responseheaders: streamed responses (stream_large_bodies) are copied to a
+- responseheaders: unsafe methods invalidate (RFC 9111 4.4), once the status
+  is known; streamed responses (stream_large_bodies) are copied to a
   temporary file chunk by chunk, by wrapping flow.response.stream.
 - response: 304 to a revalidation -> stored headers updated and the stored
   body served (TCP_REFRESH_UNMODIFIED); 200 -> replaced
   (TCP_REFRESH_MODIFIED); origin failure (its 5xx, or the errors addon's page)
   -> stale-if-error, or the error (TCP_REFRESH_FAIL_ERR); storable responses stored (a single-range 206 apart, for
-  the ranges it holds), unless Squid's cache / store_miss rules keep them out; unsafe
-  methods invalidate (RFC 9111 4.4).
+  the ranges it holds), unless Squid's cache / store_miss rules keep them out; a newer
+  response that is not stored drops the stored one (RFC 9111 4).
 - error: an aborted transfer is never stored. A revalidation the origin failed
   before any response (refused mitmproxy's connection, closed or reset it) is
   answered with the stale entry stale-if-error or max_stale allows
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.net.http.url import parse_authority
 from mitmproxy.proxy.mode_specs import ReverseMode
 
@@ -397,7 +398,7 @@ _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers 
 _COOKIES = frozenset({b"set-cookie", b"set-cookie2"})  # not sent from the store with hit_set_cookie false
 _NONE = frozenset()
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
-_SAFE_OR_CONNECT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"CONNECT"})  # methods that invalidate nothing
+_SAFE_OR_CONNECT = frozenset({m.encode() for m in rfc9111.SAFE_METHODS} | {b"CONNECT"})  # they invalidate nothing
 
 
 class _Derived:
@@ -992,31 +993,38 @@ class Cache:
                 and not ((b"cache-control" in names or b"pragma" in names) and rfc9111.reuses_nothing(req.headers)))
 
     async def _wait_collapsed(self, flow: http.HTTPFlow, key: str, fut: asyncio.Future) -> None:
-        """Until the request this one collapsed onto has its answer; then from the store. If that request
-        failed (its client left, the origin broke off), one of the waiters asks the origin in its place
-        and the others wait again; an answer that was not stored sends each to the origin."""
-        failed = False
-        try:
-            failed = await asyncio.wait_for(asyncio.shield(fut), COLLAPSE_WAIT)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            pass
-        if flow.response or flow.error:
-            return
+        """Until the request this one collapsed onto has its answer (COLLAPSE_WAIT at most), then from the
+        store; an answer that was not stored sends each waiting request to the origin. If the first
+        request's client left before its answer came, one waiting request asks the origin in its place
+        and the others wait for it; if the origin failed it, each goes on its own."""
+        deadline = time.monotonic() + COLLAPSE_WAIT
+        client_left = False
+        while True:
+            try:
+                client_left = await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                client_left = False
+            if flow.response or flow.error:
+                return
+            fut = self.inflight.get(key)
+            if not (client_left and fut is not None and not fut.done()):
+                break  # (else another waiting request has taken the first one's place: wait for it)
         self.counts["collapsed"] += 1
         before = flow.metadata.get(meta.CODE)
-        res = self._lookup_and_answer(flow, key, self._failure(key), collapse=failed)
-        if res is not None:  # waits again, for the new leader
+        # with client_left, nothing is in flight: this request takes the first one's place
+        res = self._lookup_and_answer(flow, key, self._failure(key), collapse=client_left)
+        if res is not None:
             await res
         if flow.metadata.get(meta.LOCAL) == "cache" and before is None:
             flow.metadata[meta.CACHE]["collapsed"] = True
 
-    def _release(self, flow: http.HTTPFlow, failed: bool = False) -> None:
-        """The leader of collapsed requests has its answer (or `failed` to get one)."""
+    def _release(self, flow: http.HTTPFlow, client_left: bool = False) -> None:
+        """The leader of collapsed requests has its answer, or has none because its client left."""
         key = self.leader.pop(flow.id, None)
         if key is not None:
             fut = self.inflight.pop(key, None)
             if fut is not None and not fut.done():
-                fut.set_result(failed)
+                fut.set_result(client_left)
 
     # --- answers -------------------------------------------------------------
     def _tag(self, flow: http.HTTPFlow, code: str, status: str, tier: str | None,
@@ -1199,7 +1207,7 @@ class Cache:
         except ValueError:
             ok = False
             expected = None
-        if not ok or (expected is not None and expected > self.object_max):
+        if not ok or (expected is not None and expected > self.store.disk_object_max):
             return
         m = self._meta(flow, key, length=0, digest="")
         if m is None:
@@ -1209,7 +1217,7 @@ class Cache:
             f = self.store.new_tempfile()
             if f is None:  # no room for a copy (logged): relayed, not stored
                 return inner
-            copy = StreamCopy(f, self.object_max, expected)
+            copy = StreamCopy(f, self.store.disk_object_max, expected)
             self.streams[flow.id] = (key, copy, m)
             return (lambda chunk: copy(inner(chunk))) if inner else copy
         streams.wrap(resp, copying)
@@ -1308,13 +1316,14 @@ class Cache:
             if method == "POST" and may_store and self._describes_target(flow, key):
                 self._store(flow, key, since=time.time())  # as a response to GET; after its own invalidation
             return
-        if method == "GET" and may_store:
-            stored = self._store_stream(flow, *stream) if stream is not None else self._store(flow, key)
-            if stored is False and rfc9111.supersedes(resp.status_code, req.headers) and self._forget(key):
-                self.counts["invalidated"] += 1  # a newer response that is not stored: the old one is gone too
-        elif method == "GET" and (pending is not None or self.lookup(key, req.headers)[0] is not None):
-            # a newer response the rules keep out (a reload, a refresh): the stored copy is superseded, as in Squid
-            if self._forget(key):
+        if method == "GET":
+            stored = None
+            if may_store:
+                stored = self._store_stream(flow, *stream) if stream is not None else self._store(flow, key)
+            # a newer response that is not stored (the rules keep it out, or it is not storable) supersedes
+            # the copy this request would have been answered from, as in Squid (RFC 9111 4)
+            if (not may_store or (stored is False and rfc9111.supersedes(resp.status_code, req.headers))) \
+                    and (pending is not None or self.lookup(key, req.headers)[0] is not None) and self._forget(key):
                 self.counts["invalidated"] += 1
         if pending is not None and pending.client_conditionals:
             # the client's own conditionals, stripped for our revalidation, answered from the new response
@@ -1420,8 +1429,8 @@ class Cache:
         body = resp.raw_content
         if flow.error or self._stale_answer(key, since or req.timestamp_start):
             return None
-        if body is None:  # streamed, and responseheaders did not copy it: not storable, or too large
-            return False
+        if body is None:  # streamed, and not copied by responseheaders: not storable, too large, no disk tier
+            return False  # (or no room for a temporary file)
         fields = rfc9111.Fields.of(resp.headers)  # indexed once for the many look-ups below
         cl = fields.index.get("content-length")
         if cl is not None and "transfer-encoding" not in fields.index:
@@ -1494,7 +1503,9 @@ class Cache:
         stream = self.streams.pop(flow.id, None)
         if stream:
             stream[1].abort()  # an aborted transfer is never stored
-        self._release(flow, failed=True)
+        # a client that left (mitmproxy closed its connection): the origin may be fine, another waiting
+        # request asks it; an origin that failed is not asked again by each waiting request in turn
+        self._release(flow, client_left=not flow.client_conn.state & connection.ConnectionState.CAN_WRITE)
         # The origin failed a revalidation before any response (refused mitmproxy's own connection, or
         # accepted it and closed or reset it): stale-if-error, as for an origin the errors addon found
         # unreachable (recover.py sends this answer instead of mitmproxy's 502).

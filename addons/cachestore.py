@@ -62,9 +62,12 @@ _RUN_ID = os.urandom(8).hex()
 _BODY_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
+PLAIN = "-"  # the vary hash of a response without Vary
+
+
 def vary_hash(vary_key: tuple) -> str:
     if not vary_key:
-        return "-"
+        return PLAIN
     return hashlib.blake2b(repr(vary_key).encode(), digest_size=12).hexdigest()
 
 
@@ -162,6 +165,10 @@ class MemTier:
         self.limit, self.object_max = limit, object_max
         self.items: OrderedDict[tuple[str, str], Entry] = OrderedDict()
         self.bytes = 0
+        # primary -> the variants held other than the plain one (vary hash "-"), so that removing a URL
+        # (an unsafe request's invalidation, a purge) finds them without walking every entry; most
+        # responses have no Vary, and cost nothing here
+        self.variants: dict[str, set[str]] = {}
 
     def get(self, key) -> Entry | None:
         e = self.items.get(key)
@@ -179,27 +186,38 @@ class MemTier:
             return False
         entry.size = size
         self.items[key] = entry
+        if key[1] != PLAIN:
+            self.variants.setdefault(key[0], set()).add(key[1])
         self.bytes += size
         while self.bytes > self.limit and self.items:
-            _, old = self.items.popitem(last=False)
+            old_key, old = self.items.popitem(last=False)
             self.bytes -= old.size
+            self._forget_variant(old_key)
         return True
 
     def remove(self, key) -> bool:
         e = self.items.pop(key, None)
         if e is not None:
             self.bytes -= e.size
+            self._forget_variant(key)
             return True
         return False
 
+    def _forget_variant(self, key) -> None:
+        if key[1] != PLAIN:
+            held = self.variants.get(key[0])
+            if held is not None:
+                held.discard(key[1])
+                if not held:
+                    del self.variants[key[0]]
+
     def remove_primary(self, primary: str) -> int:
-        keys = [k for k in self.items if k[0] == primary]
-        for k in keys:
-            self.remove(k)
-        return len(keys)
+        keys = [(primary, PLAIN), *((primary, vh) for vh in self.variants.get(primary, ()))]
+        return sum(self.remove(k) for k in keys)
 
     def clear(self) -> None:
         self.items.clear()
+        self.variants.clear()
         self.bytes = 0
 
 

@@ -107,15 +107,27 @@ def request_url(request) -> str:
                 d.path.decode("utf-8", "surrogateescape"))
 
 
-def pretty_url(request) -> str:
-    """request.pretty_url (the site the Host header names) of a request that is not CONNECT, with an
-    IPv6 host in brackets."""
+def named_site(request) -> tuple[str, int] | None:
+    """(host, port) of the site the Host header (HTTP/2: :authority) names, None without one; ValueError
+    when it names no host[:port]. An empty port is the scheme's (RFC 3986 3.2.3)."""
     authority = request.host_header
     if not authority:
-        return request_url(request)
-    host, port = parse_authority(authority, check=False)
-    scheme = request.scheme
-    return _url(scheme, host, port or {"http": 80, "https": 443}.get(scheme, 443), request.path)
+        return None
+    host, port = parse_authority(authority[:-1] if authority.endswith(":") else authority, check=True)
+    return host, port or {"http": 80, "https": 443}.get(request.scheme, 443)
+
+
+def pretty_url(request, site: tuple[str, int] | None = None) -> str:
+    """request.pretty_url (the URL of the site the Host header names) of a request that is not CONNECT,
+    with an IPv6 host in brackets. `site`: named_site(request), when the caller has it already."""
+    if site is None:
+        try:
+            site = named_site(request)
+        except ValueError:  # as mitmproxy: the field as it is
+            site = (request.host_header, {"http": 80, "https": 443}.get(request.scheme, 443))
+        if site is None:
+            return request_url(request)
+    return _url(request.scheme, site[0], site[1], request.path)
 
 
 def _url(scheme: str, host: str, port: int, path: str) -> str:

@@ -337,8 +337,9 @@ def test_a_host_header_that_names_no_host_is_refused_where_the_rules_read_it(env
     assert b"invalid Host header: &#x27;x/y&#x27;" in r.stdout
     assert " NONE_NONE/400 " in proxy.log_line("/badhost")
     assert origin.hits.get("/badhost") is None
-    r = curl("--socks5", f"127.0.0.1:{proxy.ports[1]}", "-H", "Host: Example.ORG:8080", f"{origin.url}/goodhost")
-    assert r.stdout == b"hello /goodhost"  # a valid one is judged as before
+    for host in ("Example.ORG:8080", "example.org:", "[::1]:80"):  # (an empty port is the scheme's)
+        r = curl("--socks5", f"127.0.0.1:{proxy.ports[1]}", "-H", f"Host: {host}", f"{origin.url}/goodhost")
+        assert r.stdout == b"hello /goodhost", host  # a valid one is judged as before
 
 
 def test_socks5_raw_tcp_denied_is_really_closed(env):

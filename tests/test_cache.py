@@ -1734,3 +1734,18 @@ def test_an_object_larger_than_the_disk_tier_evicts_nothing(start_proxy, origin,
     for i in range(10):
         fetch(p, f"{origin.url}/size/50000?n={i}&h.Cache-Control=max-age=600")
     assert origin.hits["/size/50000"] == 10  # all hits
+
+
+def test_a_private_answer_for_one_variant_leaves_the_others(cproxy, origin):
+    """Only the copy a newer response supersedes goes: a logged-in user's private answer (Vary: Cookie)
+    does not remove the public one that anonymous users get."""
+    def route(seen):
+        if "cookie" in seen.headers:
+            return 200, {"Cache-Control": "private", "Vary": "Cookie"}, b"yours"
+        return 200, {"Cache-Control": "max-age=600", "Vary": "Cookie"}, b"public"
+    origin.route("/variants", route)
+    url = f"{origin.url}/variants"
+    assert fetch(cproxy, url)[2] == b"public"
+    assert fetch(cproxy, url, "-H", "Cookie: session=1")[2] == b"yours"
+    assert fetch(cproxy, url)[2] == b"public"
+    assert origin.hits["/variants"] == 2 and codes(cproxy, url, 3)[-1] == "TCP_MEM_HIT/200"

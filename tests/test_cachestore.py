@@ -817,3 +817,24 @@ def test_new_fields_from_a_304_are_counted_against_cache_mem():
     assert s.get("http://a/3", cs.vary_hash(()))[0].meta is new
     assert s.mem.bytes == sum(e.meta.size() for e in s.mem.items.values()) <= 20_000
     assert len(s.mem.items) < 4  # the grown entry pushed older ones out
+
+
+def test_removing_a_url_from_ram_finds_its_variants_without_walking_every_entry():
+    """An unsafe request's invalidation or a purge removes the URL's plain copy and each variant it has
+    in RAM, and no other URL's; the index of variants follows removals and evictions."""
+    mem = cs.MemTier(limit=1 << 20, object_max=10_000)
+    for url in ("http://a/", "http://b/"):
+        mem.put((url, cs.PLAIN), cs.Entry(meta(url, b"x"), b"x"))
+        for lang in ("en", "fr"):
+            vk = (("accept-language", lang),)
+            m = meta(url, b"y", vary=("accept-language",), vary_key=vk)
+            mem.put((url, m.vhash), cs.Entry(m, b"y"))
+    assert len(mem.items) == 6 and len(mem.variants["http://a/"]) == 2
+    assert mem.remove_primary("http://a/") == 3
+    assert {k[0] for k in mem.items} == {"http://b/"} and "http://a/" not in mem.variants
+    small = cs.MemTier(limit=1, object_max=10_000)  # every put evicts the one before
+    m = meta("http://c/", b"z", vary=("accept-language",), vary_key=(("accept-language", "en"),))
+    small.limit = m.size()
+    small.put(("http://c/", m.vhash), cs.Entry(m, b"z"))
+    small.put(("http://d/", cs.PLAIN), cs.Entry(meta("http://d/", b"z"), b"z"))
+    assert list(small.items) == [("http://d/", cs.PLAIN)] and small.variants == {}

@@ -154,23 +154,6 @@ class TestStorable:
         assert self.ok(400, resp=H(cache_control="max-age=600"))  # explicit freshness on an error is honoured
 
 
-def test_which_newer_responses_replace_what_is_stored():  # 4: the most recent response is the one to use
-    for status in (200, 203, 204, 300, 301, 302, 307, 308, 404, 410):
-        assert r.supersedes(status, [])
-    for status in (206, 304, 400, 403, 412, 416, 500, 503):
-        assert not r.supersedes(status, [])
-    assert not r.supersedes(200, H(authorization="Basic x"))  # a user's own view (3.5)
-
-
-def test_requests_that_no_stored_response_answers():  # 5.2.1: what a collapsed request could not use
-    assert r.reuses_nothing(H(cache_control="no-cache"))
-    assert r.reuses_nothing(H(cache_control="no-store"))
-    assert r.reuses_nothing(H(cache_control="max-age=0"))
-    assert r.reuses_nothing(H(pragma="no-cache"))
-    assert not r.reuses_nothing(H(cache_control="max-age=60"))
-    assert not r.reuses_nothing(H(cache_control="max-stale"))
-    assert not r.reuses_nothing([])
-
     def test_no_store(self):  # 5.2.2.5, 5.2.1.5
         assert not self.ok(resp=H(cache_control="max-age=10, no-store"))
         assert not self.ok(req=H(cache_control="no-store"), resp=H(cache_control="max-age=10"))
@@ -209,6 +192,24 @@ def test_requests_that_no_stored_response_answers():  # 5.2.1: what a collapsed 
         assert [k for k, _ in kept] == ["x-c", "cache-control"]
         kept = r.storable_headers(H(cache_control='private="x-p"', x_p="1", x_c="3"))
         assert [k for k, _ in kept] == ["cache-control", "x-c"]
+
+
+def test_which_newer_responses_replace_what_is_stored():  # 4: the most recent response is the one to use
+    for status in (200, 203, 204, 300, 301, 302, 307, 308, 404, 410):
+        assert r.supersedes(status, [])
+    for status in (206, 304, 400, 403, 412, 416, 500, 503):
+        assert not r.supersedes(status, [])
+    assert not r.supersedes(200, H(authorization="Basic x"))  # a user's own view (3.5)
+
+
+def test_requests_that_no_stored_response_answers():  # 5.2.1: what a collapsed request could not use
+    assert r.reuses_nothing(H(cache_control="no-cache"))
+    assert r.reuses_nothing(H(cache_control="no-store"))
+    assert r.reuses_nothing(H(cache_control="max-age=0"))
+    assert r.reuses_nothing(H(pragma="no-cache"))
+    assert not r.reuses_nothing(H(cache_control="max-age=60"))
+    assert not r.reuses_nothing(H(cache_control="max-stale"))
+    assert not r.reuses_nothing([])
 
 
 # --- 4.2.1 freshness lifetime -----------------------------------------------------

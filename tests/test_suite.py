@@ -113,10 +113,11 @@ def test_pretty_url_is_mitmproxys_with_ipv6_in_brackets():
             ("https", 443, "Example.com:443", "https://Example.com/p"),
             ("http", 80, "[::1]:8080", "http://[::1]:8080/p"),
             ("https", 443, "[2001:db8::1]", "https://[2001:db8::1]/p"),
+            ("http", 80, "example.com:", "http://example.com/p"),
             ("http", 80, None, "http://10.0.0.1/p")):
         headers = http.Headers(**({"host": host_header} if host_header else {}))
         req = http.Request("10.0.0.1", port, b"GET", scheme.encode(), b"", b"/p", b"HTTP/1.1", headers, b"", None, 0,
                            None)
         assert meta.pretty_url(req) == want, (host_header, meta.pretty_url(req))
-        if "[" not in want:
+        if "[" not in want and not (host_header or "").endswith(":"):  # (mitmproxy keeps an empty port's colon)
             assert want == req.pretty_url
