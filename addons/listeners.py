@@ -72,9 +72,12 @@ def _plain(host: str) -> str:
 
 def _local(host: str) -> bool:
     """An address or name of this machine that a listener on every address answers."""
-    if host == HOSTNAME or host.endswith(".localhost"):  # RFC 6761: *.localhost is loopback
-        return True
+    return host == HOSTNAME or host.endswith(".localhost") or is_loopback(host)  # RFC 6761: *.localhost
+
+
+def is_loopback(ip: str) -> bool:
+    """A loopback IP address (127.0.0.0/8, ::1)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False

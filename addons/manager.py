@@ -24,7 +24,6 @@ Logged as Squid logs them: TCP_MISS/200 with HIER_NONE/- and text/plain.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -76,13 +75,6 @@ def page_name(path: str) -> str:
     return path[len(PREFIX):].split("?", 1)[0]
 
 
-def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
-
-
 def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "0.0%"
 
@@ -131,7 +123,7 @@ def info_page(started: float, now: float, stats: dict | None) -> str:
     if stats is not None:
         lines += [
             "Internal Data Structures:",
-            f"\t{stored(stats)[0]:6d} StoreEntries",
+            f"\t{entries:6d} StoreEntries",
             f"\t{stats['mem']['entries']:6d} Hot Object Cache Items",
             f"\t{stats['disk']['entries']:6d} on-disk objects",
         ]
@@ -214,7 +206,7 @@ class Manager:
         page = page_name(req.path)
         flow.metadata[meta.LOCAL] = "manager"
         answered.refuse_body(flow)
-        if meta.ACL not in flow.metadata and not is_loopback(meta.client_ip(flow)):
+        if meta.ACL not in flow.metadata and not listeners.is_loopback(meta.client_ip(flow)):
             # no access policy judged it (loaded without the acl addon): loopback clients only
             flow.response = errorpage.make("ERR_ACCESS_DENIED", req.pretty_url,
                                            detail="cache manager: loopback clients only without an access policy")

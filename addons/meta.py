@@ -7,7 +7,7 @@ is shared between addons.
 from __future__ import annotations
 
 from mitmproxy import ctx
-from mitmproxy.net.http.url import parse_authority
+from mitmproxy.net.http.url import default_port, parse_authority
 
 CODE = "relais.code"          # Squid result code for the log, e.g. "TCP_DENIED", "TCP_MEM_HIT"
 HIER = "relais.hier"          # Squid hierarchy code, e.g. "HIER_NONE" when the origin was not contacted
@@ -114,7 +114,7 @@ def named_site(request) -> tuple[str, int] | None:
     if not authority:
         return None
     host, port = parse_authority(authority[:-1] if authority.endswith(":") else authority, check=True)
-    return host, port or {"http": 80, "https": 443}.get(request.scheme, 443)
+    return host, port or default_port(request.scheme) or 443
 
 
 def pretty_url(request, site: tuple[str, int] | None = None) -> str:
@@ -124,7 +124,7 @@ def pretty_url(request, site: tuple[str, int] | None = None) -> str:
         try:
             site = named_site(request)
         except ValueError:  # as mitmproxy: the field as it is
-            site = (request.host_header, {"http": 80, "https": 443}.get(request.scheme, 443))
+            site = (request.host_header, default_port(request.scheme) or 443)
         if site is None:
             return request_url(request)
     return _url(request.scheme, site[0], site[1], request.path)
