@@ -189,16 +189,14 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
 
 
 def rotate_files(path: Path, keep: int, writer: "Writer") -> None:
-    """access.log -> access.log.0 -> access.log.1 ... keeping `keep` old files, then reopen."""
-    if keep > 0:
-        for i in range(keep - 1, 0, -1):
-            old = path.with_name(f"{path.name}.{i - 1}")
-            if old.exists():
-                old.replace(path.with_name(f"{path.name}.{i}"))
-        if path.exists():
-            path.replace(path.with_name(f"{path.name}.0"))
-    else:
-        path.unlink(missing_ok=True)
+    """access.log -> access.log.0 -> access.log.1 ... keeping `keep` old files, then reopen.
+    keep 0 only reopens, as Squid's logfile_rotate 0 does for an external rotator (logrotate)."""
+    for i in range(keep - 1, 0, -1):
+        old = path.with_name(f"{path.name}.{i - 1}")
+        if old.exists():
+            old.replace(path.with_name(f"{path.name}.{i}"))
+    if keep > 0 and path.exists():
+        path.replace(path.with_name(f"{path.name}.0"))
     writer.reopen()
 
 
@@ -317,6 +315,7 @@ class Writer:
         self.thread.join(10)
 
     def _open(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # its folder may have gone since (reopen)
         # unbuffered: what a failed write() leaves is in the file, where it can be cut off, not in a buffer
         return open(self.path, "ab", buffering=0)
 
@@ -481,7 +480,8 @@ class AccessLog:
         )
         loader.add_option(
             "logfile_rotate", int, 10,
-            "Squid logfile_rotate: how many old access logs accesslog.rotate keeps (access.log.0 ...); 0 keeps none.",
+            "Squid logfile_rotate: how many old access logs accesslog.rotate keeps (access.log.0 ...); "
+            "0 renames nothing and only reopens the file, as Squid does for an external rotator (logrotate).",
         )
 
     def configure(self, updated):
