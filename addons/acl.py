@@ -166,19 +166,25 @@ class AccessControl:
             await asyncio.sleep(self.interval)
             # the files stamped last time too: after a refused reload, those the refused version named
             if self.path and self._stamps(self.path, self.policy, self.stamp) != self.stamp:
-                self.reload()
+                self._reload()
 
     @command.command("policy.reload")
     def reload(self) -> None:
         """Reload the policy file; a broken file is rejected and the last good policy stays."""
+        if (error := self._reload()) is not None:
+            raise exceptions.CommandError(f"policy.reload: kept the previous policy: {error}")
+
+    def _reload(self) -> aclrules.PolicyError | None:
         if not self.path:
-            return
+            return None
         try:
             self._install(self.path)
         except aclrules.PolicyError as e:
             # not retried until a file changes again, a file the refused version included among them
             self.stamp = self._stamps(self.path, self.policy, getattr(e, "includes", ()))
             log.error("policy rejected, the last good policy stays in force: %s", e)
+            return e
+        return None
 
     # --- connections ---------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:

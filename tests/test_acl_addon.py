@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -98,8 +99,9 @@ def test_reload_command_keeps_the_last_good_policy(tmp_path, caplog):
         ac.requestheaders(f)
         assert f.response.status_code == 403
         p.write_text("acls:\n  a: src 10.0.0.1\nhttp_access:\n  - allow b\n")
-        with caplog.at_level(logging.ERROR):
-            tctx.command(ac.reload)
+        with caplog.at_level(logging.ERROR), pytest.raises(exceptions.CommandError, match=(
+                rf"policy.reload: kept the previous policy: {re.escape(str(p))}:4: http_access: unknown acl 'b'")):
+            tctx.command(ac.reload)  # the caller (mitmweb, a script) learns it was refused
         assert f"{p}:4: http_access: unknown acl 'b'" in caplog.text and "last good policy" in caplog.text
         f = flow("/two")
         ac.requestheaders(f)
