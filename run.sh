@@ -117,6 +117,12 @@ start() {
     *" --mode "*|*" -m "*|*" --mode="*) ;;
     *) args+=(--mode "regular@${RELAIS_HOST:-127.0.0.1}:3128") ;;
   esac
+  # Bodies over maximum_object_size_in_memory's default stream through, as in Squid (mitmproxy
+  # alone holds each whole body in memory first; the cache copies streamed ones to disk).
+  case " $* " in
+    *stream_large_bodies*) ;;
+    *) args+=(--set stream_large_bodies=512k) ;;
+  esac
   if [ "$(id -u)" = 0 ] && [ "$RELAIS_USER" != root ]; then
     chown -R "$RELAIS_USER" var
     exec setpriv --reuid="$RELAIS_USER" --regid="$(id -g "$RELAIS_USER")" --init-groups \

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from harness import ROOT, curl, free_port, stop_group, wait_port
@@ -70,6 +71,12 @@ def test_run_sh_starts_a_logging_proxy_as_the_unprivileged_user(fresh_copy, orig
         assert (fresh_copy / "var").stat().st_uid == nobody
         # mitmproxy's CA lives under var/ too, so a user can find it to trust it
         assert (fresh_copy / "var" / "mitmproxy" / "mitmproxy-ca-cert.pem").exists()
+        # a large body streams through (stream_large_bodies): its first bytes come long before the
+        # origin's last (600 KB at 3 KB per 0.1 s take 20 s), as from Squid
+        with httpx.Client(proxy=f"http://127.0.0.1:{port}", timeout=10) as client:
+            with client.stream("GET", f"{origin.url}/slow/600000?rate=3000") as r:
+                assert r.status_code == 200
+                assert next(r.iter_raw(), b"")  # mitmproxy alone would hold the whole body first
     finally:
         stop_group(proc)
         print((fresh_copy / "run.out").read_text()[-3000:])
