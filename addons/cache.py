@@ -845,6 +845,8 @@ class Cache:
                 self.counts["miss"] += 1
             return None
         failure = self._failure(key)
+        if failure and rfc9111.reuses_nothing(flow.request.headers):
+            failure = None  # a reload asks the origin, as for anything stored (RFC 9111 5.2.1.4)
         if method not in ("GET", "HEAD"):
             if failure:
                 self._answer_failure(flow, failure)

@@ -481,6 +481,24 @@ def test_negative_caching_of_refused_origin(cproxy):
     assert codes(cproxy, url, 2)[1] == "TCP_NEGATIVE_HIT/503"
 
 
+def test_a_client_reload_is_not_answered_from_a_remembered_failure(start_proxy):
+    """A reload (Cache-Control: no-cache) takes nothing stored without asking the origin, a remembered
+    failure included (a user retrying an origin that came back); its success ends the failure."""
+    p = start_proxy(options={"cache_dir": "none"})
+    with closed_port() as (port, _):
+        url = f"http://127.0.0.1:{port}/back"
+        assert fetch(p, url)[0] == 503
+    origin = Origin(port=port)
+    try:
+        assert fetch(p, url)[0] == 503
+        assert fetch(p, url, "-H", "Cache-Control: no-cache")[0] == 200
+        assert fetch(p, f"http://127.0.0.1:{port}/other")[0] == 200
+    finally:
+        origin.close()
+    assert codes(p, url, 3) == ["TCP_MISS/503", "TCP_NEGATIVE_HIT/503", "TCP_MISS/200"]
+    assert origin.hits["/back"] == 1
+
+
 def test_an_upload_to_an_origin_remembered_down_is_answered_without_holding_its_body(start_proxy, tmp_path,
                                                                                      refused_port):
     """The remembered failure answers the upload at once: its body is read and dropped as it comes
