@@ -25,6 +25,10 @@ PAGES = {
                            "This request could not be forwarded to the origin server or to any parent caches."),
     "ERR_DNS_FAIL": (503, "Unable to determine IP address from host name.",
                      "The DNS server returned an error for this host name."),
+    "ERR_SECURE_CONNECT_FAIL": (503, "Failed to establish a secure connection to the server.",
+                                "This proxy and the remote host failed to negotiate mutually acceptable security "
+                                "settings for handling your request: the remote host may not support secure "
+                                "connections, or the proxy is not satisfied with its security credentials."),
     "ERR_ZERO_SIZE_OBJECT": (502, "Zero Sized Reply.",
                              "The server closed the connection without sending any data for this request."),
     "ERR_READ_ERROR": (502, "Read Error.",
@@ -59,6 +63,7 @@ def make(name: str, url: str = "", detail: str = "", errno: int = 0,
     """
     usual, title, explanation = PAGES[name]
     status = status or usual
+    now = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>ERROR: The requested URL could not be retrieved</title>
 <style>body{{font-family:sans-serif;margin:2em}} #error{{color:#a00}} pre{{background:#eee;padding:.5em}}</style>
@@ -72,11 +77,12 @@ def make(name: str, url: str = "", detail: str = "", errno: int = 0,
 {f"<pre>{html.escape(detail)}</pre>" if detail else ""}
 <p>Your cache administrator can tell you more.</p>
 <hr>
-<div id="footer"><p>Generated {time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())} by {html.escape(HOSTNAME)} (relais)</p></div>
+<div id="footer"><p>Generated {now} by {html.escape(HOSTNAME)} (relais)</p></div>
 </body></html>
 """
     headers = {
         "Server": "relais",
+        "Date": now,  # RFC 9110 6.6.1, as Squid sends it
         "Mime-Version": "1.0",
         "Content-Type": "text/html;charset=utf-8",
         "X-Squid-Error": f"{name} {errno}",

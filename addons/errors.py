@@ -12,7 +12,8 @@ connection within that time gets the same page from the `error` hook
 (addons/recover.py sends it instead of mitmproxy's 502). An origin that
 accepts the request and then sends nothing usable gets Squid's 502 the same
 way: ERR_ZERO_SIZE_OBJECT when it closes or resets the connection (mitmproxy
-does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP.
+does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP; a
+failed TLS handshake with it (its certificate refused) gets 503 ERR_SECURE_CONNECT_FAIL.
 Through a parent proxy (upstream mode) the same failures get the same pages,
 the parent's answer to the CONNECT of intercepted HTTPS included, except that
 a parent that cannot be reached gets 503 ERR_CANNOT_FORWARD, and one that
@@ -198,12 +199,18 @@ class Errors:
         message = flow.error.msg if flow.error else ""
         parent = _parent(flow)
         if parent is not None:
-            self.suspect.add(parent)
             failure = _parent_failure(message, parent)
+            if failure is not None and failure.page == "ERR_CANNOT_FORWARD" and _origin_tls_failed(flow, message):
+                failure = Failure("ERR_SECURE_CONNECT_FAIL", 0, message, parent[0])  # the origin's, through it
+            else:
+                self.suspect.add(parent)
         elif flow.server_conn.timestamp_tcp_setup is None or _ERRNO.search(message):
             # no connection, or an intercepted HTTPS flow whose connection mitmproxy opened again and could not
             self.reachable.pop((flow.request.host, flow.request.port), None)
             failure = _connect_failure(message)
+        elif _origin_tls_failed(flow, message):
+            peer = flow.server_conn.peername
+            failure = Failure("ERR_SECURE_CONNECT_FAIL", 0, message, str(peer[0]) if peer else None)
         else:  # connected, then no usable response (closed, reset, garbage)
             failure = _read_failure(message, flow.server_conn.peername)
         if failure is None or flow.response is not None or not flow.metadata.get(meta.RECOVERABLE):
@@ -242,6 +249,24 @@ def _connect_failure(message: str) -> Failure:
     dns = errno < 0 or any(w in message.lower() for w in ("name or service", "getaddrinfo", "resolve"))
     return Failure("ERR_DNS_FAIL" if dns else "ERR_CONNECT_FAIL", 0 if dns else errno, message or "connection failed",
                    None)
+
+
+def _origin_tls_failed(flow: http.HTTPFlow, message: str) -> bool:
+    """The TLS handshake with the origin failed (its certificate refused, no TLS, no common version):
+    Squid's 503 ERR_SECURE_CONNECT_FAIL. Through a parent proxy, only when the parent is reached in
+    plain HTTP: the TLS that failed was then the origin's, inside the parent's tunnel."""
+    s = flow.server_conn
+    if not s.tls or s.timestamp_tls_setup is not None or not _TLS_WORDS.search(message) or _ERRNO.search(message):
+        return False
+    mode = getattr(flow.client_conn, "proxy_mode", None)
+    if getattr(mode, "type_name", "") == "upstream":  # (its server_conn, inside the tunnel, has no TCP of its own)
+        return getattr(mode, "scheme", "http") == "http"
+    return s.timestamp_tcp_setup is not None
+
+
+# how mitmproxy's TLS layer words a failed handshake ("Certificate verify failed: ...", "OpenSSL Error(...)",
+# "The remote server does not speak TLS.", "tlsv1 alert unknown ca", "sslv3 alert bad certificate"...)
+_TLS_WORDS = re.compile(r"certificate|TLS|SSL|alert", re.IGNORECASE)
 
 
 def _read_page(message: str, connect: bool = False) -> str | None:

@@ -285,6 +285,28 @@ def test_upstream_mode_logs_the_parent_and_answers_squids_503_when_it_is_down(st
     assert curl("-x", p.url, f"{origin.url}/parent-down").stdout == b"hello /parent-down"
 
 
+@pytest.mark.parametrize("through", ["direct", "parent"])
+def test_an_origin_whose_certificate_is_refused_gets_squids_secure_connect_fail(start_proxy, tls_origin, origin,
+                                                                                 through):
+    """Squid's 503 ERR_SECURE_CONNECT_FAIL, not a read error; through a parent reached in plain HTTP the
+    TLS that failed is the origin's, inside the parent's tunnel: the parent is not blamed (ERR_CANNOT_FORWARD)."""
+    options = {"ssl_insecure": "false", "cache_dir": "none"}  # the test origin's certificate is self-signed
+    if through == "parent":
+        parent = start_proxy(script=None, options={"ignore_hosts": f"127\\.0\\.0\\.1:{tls_origin.port}"})
+        p = start_proxy(modes=(f"upstream:http://127.0.0.1:{parent.port}",), options=options)
+    else:
+        p = start_proxy(options=options)
+    r = curl("-k", "-i", "--http1.1", "-x", p.url, f"{tls_origin.url}/untrusted")
+    head = r.stdout.split(b"\r\n\r\n", 1)[1]  # after the proxy's answer to curl's CONNECT
+    assert head.startswith(b"HTTP/1.1 503") and b"X-Squid-Error: ERR_SECURE_CONNECT_FAIL" in head, r.stdout[:400]
+    assert b"self-signed certificate" in head and b"upstream proxy" not in head and b"\r\nDate: " in head
+    f = find(p, url=f"{tls_origin.url}/untrusted")
+    hier = "FIRSTUP_PARENT" if through == "parent" else "HIER_DIRECT"
+    assert (f["code"], f["status"], f["hier"], f["peer"]) == ("TCP_MISS", "503", hier, "127.0.0.1")
+    # the connection works otherwise: plain HTTP goes through at once (the parent was not marked down)
+    assert curl("-x", p.url, f"{origin.url}/after").stdout == b"hello /after"
+
+
 @pytest.mark.parametrize("reply,page", [(b"", "ERR_ZERO_SIZE_OBJECT"), (b"garbage, not HTTP\r\n\r\n", "ERR_INVALID_RESP")],
                          ids=["closed", "garbage"])
 def test_a_parent_that_answers_nothing_usable_gets_squids_502(start_proxy, origin, reply, page):
