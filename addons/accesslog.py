@@ -409,6 +409,12 @@ def _writable(line: str) -> str:
         return line.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# mitmproxy's words (11 and 12) for a request it answers 400 for its framing (validate_inbound_headers)
+REFUSED_FRAMING = " from client, refusing to prevent request smuggling"
+# and for a request head it cannot parse (net/http/http1/read.py), which makes no flow
+UNPARSABLE = ("Bad HTTP request", "Invalid HTTP request", "Invalid header", "Unknown HTTP version")
+
+
 class BadRequestWatch(logging.Handler):
     """Notes the clients whose request mitmproxy rejected as unparsable.
 
@@ -423,7 +429,7 @@ class BadRequestWatch(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         client = getattr(record, "client", None)
         msg = record.getMessage()
-        if client and "Bad HTTP request" in msg or (client and "Invalid HTTP request" in msg):
+        if client and any(words in msg for words in UNPARSABLE):
             self.bad[tuple(client)] = msg
             if len(self.bad) > 1000:
                 self.bad.pop(next(iter(self.bad)))
@@ -431,7 +437,7 @@ class BadRequestWatch(logging.Handler):
 
 def bad_request_record(client, message: str) -> Record:
     """Squid's NONE_NONE/400 error:invalid-request line for an unparsable request."""
-    m = re.search(r"b['\"](.*?)['\"]\s*$", message)
+    m = re.search(r"Bad HTTP request line: b['\"](.*?)['\"]\s*$", message)  # (other messages quote a header)
     method = ((m.group(1).split() if m else []) or ["-"])[0][:40]
     try:
         from mitmproxy.proxy.layers.http._http1 import make_error_response
@@ -584,6 +590,15 @@ class AccessLog:
     def error(self, flow: http.HTTPFlow) -> None:
         if flow.metadata.get(meta.RECOVERED):  # answered after all (recover.py): logged in `response`
             return
+        message = flow.error.msg if flow.error else ""
+        if REFUSED_FRAMING in message:
+            # mitmproxy refused the request's framing (validate_inbound_headers: Content-Length with
+            # Transfer-Encoding, two lengths...: request smuggling) and answered 400 itself, whatever
+            # an addon decided: logged as the invalid request it is, not as an origin's failure
+            flow.metadata[meta.CODE] = "NONE_NONE"
+            flow.metadata[meta.HIER] = "HIER_NONE"
+            self._log_http(flow, sent=mitmproxy_error_page(_framing_error(flow.request) or message, 400))
+            return
         resp = flow.response
         unsent = resp is None or not (resp.stream or flow.metadata.get(meta.LOCAL))
         if unsent and not _client_gone(flow):
@@ -592,7 +607,7 @@ class AccessLog:
             # framing) stays in the flow for mitmweb; the log says what the client got.
             # decided before the page is put in the flow, which would look like an upstream answer
             flow.metadata.setdefault(meta.HIER, meta.forwarded(flow) if meta.peer(flow) else "HIER_NONE")
-            sent = mitmproxy_error_page(flow.error.msg if flow.error else "")
+            sent = mitmproxy_error_page(message)
             if flow.response is None:
                 flow.response = sent
             self._log_http(flow, sent=sent)
@@ -732,16 +747,29 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def mitmproxy_error_page(message: str) -> http.Response:
-    """The 502 page mitmproxy sends an HTTP/1 client in place of an origin's failed response (as its
-    _http1.make_error_response builds it), so that the log has its size."""
+def mitmproxy_error_page(message: str, status: int = 502) -> http.Response:
+    """The page mitmproxy sends an HTTP/1 client in place of an origin's failed response (502), or for a
+    request it refuses (400), as its _http1.make_error_response builds it, so that the log has its size."""
     try:
         from mitmproxy.proxy.layers.http._base import format_error
         from mitmproxy import version
-        return http.Response.make(502, format_error(502, message), http.Headers(
+        return http.Response.make(status, format_error(status, message), http.Headers(
             Server=version.MITMPROXY, Connection="close", Content_Type="text/html"))
     except ImportError:  # another mitmproxy layout: the head alone
-        return http.Response.make(502, b"", {"Content-Type": "text/html"})
+        return http.Response.make(status, b"", {"Content-Type": "text/html"})
+
+
+def _framing_error(request: http.Request) -> str | None:
+    """What mitmproxy's HTTP/1 reader said of a request head whose length it could not tell (two
+    Content-Length fields), in the 400 it sent before its own validation said more (the flow's error)."""
+    try:
+        from mitmproxy.net.http.http1 import expected_http_body_size
+        expected_http_body_size(request)
+    except ValueError as e:
+        return str(e)
+    except Exception:  # another mitmproxy layout
+        pass
+    return None
 
 
 def _client_gone(flow) -> bool:

@@ -440,6 +440,32 @@ def test_an_origin_response_mitmproxy_refuses_is_logged_as_the_502_the_client_go
     assert code == "TCP_MISS/502" and int(size) == len(r.stdout)
 
 
+@pytest.mark.parametrize("head,port,logged", [
+    ("POST {name} HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "origin", "POST {url}"),
+    ("POST {name} HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "origin", "POST {url}"),
+    ("POST {name} HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd", "origin", "POST {url}"),
+    ("POST {name} HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "1", "POST {url}"),
+    ("GET {name} HTTP/1.1\r\nBad Header\r\n\r\n", "origin", "- error:invalid-request")],
+    ids=["length-and-chunked", "gzip-coded-request", "two-lengths", "denied-too", "header-line"])
+def test_a_request_mitmproxy_refuses_is_logged_as_the_400_the_client_got(proxy, origin, head, port, logged):
+    """Framing that smuggling uses, or a header line that is no header: mitmproxy answers 400 itself, after
+    the hooks saw the request (an access rule may have denied it). Logged NONE_NONE/400 with the size sent,
+    not as an origin's failure (TCP_MISS/502), an aborted transfer, or a denial the client never got."""
+    name = f"refused-{time.monotonic_ns()}"
+    host = f"127.0.0.1:{origin.port if port == 'origin' else port}"
+    url = f"http://{host}/{name}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(head.format(name=url).replace("HTTP/1.1\r\n", f"HTTP/1.1\r\nHost: {host}\r\n", 1).encode())
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    line = proxy.wait_lines(name if "{url}" in logged else "error:invalid-request", 1)[-1]
+    assert line.split()[3:5] == ["NONE_NONE/400", str(len(got))]
+    assert f" {logged.format(url=url)} - HIER_NONE/- text/html" in line
+    assert origin.hits.get(f"/{name}", 0) == 0
+
+
 def test_an_http2_stream_the_client_cancels_is_logged_aborted_not_as_a_failed_origin(start_proxy, tls_origin):
     """A browser cancels HTTP/2 streams and keeps its connection: that is no 502 from the origin."""
     import ssl
