@@ -1,0 +1,122 @@
+"""Hop-by-hop fields and Max-Forwards, as a proxy must handle them (RFC 9110 7.6), as Squid does.
+
+mitmproxy passes on what a client or an origin names in its Connection field as meant for
+the next hop only (`Connection: keep-alive, X-Hop` sends X-Hop on), and Keep-Alive. This
+addon removes those fields from requests and responses, and their names from Connection,
+which keeps only the options mitmproxy itself reads there (close, keep-alive, upgrade).
+Framing and routing fields (Host, Content-Length, Transfer-Encoding, Upgrade) are never
+removed, whoever names them: mitmproxy has already framed the message by them.
+
+TRACE and OPTIONS with `Max-Forwards: 0` are answered here (RFC 9110 7.6.2): TRACE with
+the request as received (message/http, without its credentials and cookies), OPTIONS
+with 200 and the methods the proxy relays; with a larger value, the request goes on with
+the value decreased by one. Other methods' Max-Forwards is left alone, as RFC 9110 allows.
+Answers are logged TCP_MISS/200 with HIER_NONE, as Squid logs them.
+
+    mitmdump -s addons/hops.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mitmproxy import http
+
+try:
+    from addons import answered, meta
+except ImportError:  # loaded by path without the project installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import answered, meta
+
+OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
+NEVER_REMOVED = frozenset({"host", "content-length", "transfer-encoding", "upgrade"})
+ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1); Proxy-Connection: anonymize
+NOT_TRACED = frozenset({"authorization", "proxy-authorization", "cookie"})  # RFC 9110 9.3.8: sensitive
+ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
+
+
+def strip_hop_fields(headers: http.Headers) -> list[str]:
+    """Remove the fields `headers` name in Connection and Keep-Alive; Connection keeps the options
+    mitmproxy reads. Returns the names of the fields removed."""
+    removed = [name for name in ALWAYS_HOP if name in headers]
+    for name in removed:
+        del headers[name]
+    if "connection" not in headers:
+        return removed
+    options = [o.strip() for value in headers.get_all("connection") for o in value.split(",") if o.strip()]
+    kept = [o for o in options if o.lower() in OPTIONS_READ]
+    for name in {o.lower() for o in options} - OPTIONS_READ:
+        if name not in NEVER_REMOVED and name in headers:
+            del headers[name]
+            removed.append(name)
+    if kept != options:
+        if kept:
+            headers["connection"] = ", ".join(kept)
+        else:
+            del headers["connection"]
+    return removed
+
+
+def max_forwards(headers: http.Headers) -> int | None:
+    """The Max-Forwards value, or None when absent or not a number (then left as it is)."""
+    value = headers.get("max-forwards", "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def trace_body(request: http.Request, absolute: bool) -> bytes:
+    """A TRACE request as received, for its answer (message/http), minus credentials and cookies;
+    `absolute`: its target in absolute form, as a client sends it to a forward proxy."""
+    lines = [f"{request.method} {request.url if absolute else request.path} {request.http_version}"]
+    lines += [f"{k}: {v}" for k, v in request.headers.items(multi=True) if k.lower() not in NOT_TRACED]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+class Hops:
+    def __init__(self) -> None:
+        self.answering = False  # answered.install() in effect
+
+    def load(self, loader) -> None:
+        self.answering = answered.install()  # a TRACE's body, if any, is dropped once it is answered
+
+    def done(self) -> None:
+        if self.answering:
+            answered.uninstall()
+            self.answering = False
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        req = flow.request
+        removed = strip_hop_fields(req.headers) if "connection" in req.headers or "keep-alive" in req.headers else ()
+        if removed:
+            meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
+        if "max-forwards" in req.headers and req.method in ("TRACE", "OPTIONS"):
+            self._max_forwards(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if meta.LOCAL in flow.metadata or resp is None:
+            return
+        if "connection" in resp.headers or "keep-alive" in resp.headers:
+            strip_hop_fields(resp.headers)
+
+    @staticmethod
+    def _max_forwards(flow: http.HTTPFlow) -> None:
+        req = flow.request
+        hops = max_forwards(req.headers)
+        if hops is None:
+            return
+        if hops > 0:
+            req.headers["max-forwards"] = str(hops - 1)
+            return
+        if req.method == "TRACE":
+            absolute = meta.mode_name(flow) in ("regular", "upstream")
+            flow.response = http.Response.make(200, trace_body(req, absolute), {"Content-Type": "message/http"})
+        else:
+            flow.response = http.Response.make(200, b"", {"Allow": ALLOW})
+        answered.refuse_body(flow)
+        flow.metadata[meta.LOCAL] = "hops"
+        meta.add_comment(flow, f"{req.method} with Max-Forwards: 0: answered by the proxy")
+
+
+addons = [Hops()]

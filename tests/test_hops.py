@@ -1,0 +1,138 @@
+"""Hop-by-hop fields and Max-Forwards (addons/hops.py): the rules alone, then through addons/all.py
+with a real origin and real clients."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tflow
+
+from addons import hops, meta
+from harness import curl
+
+
+def headers(*fields: tuple[str, str]) -> http.Headers:
+    return http.Headers([(k.encode(), v.encode()) for k, v in fields])
+
+
+# --- the rules ----------------------------------------------------------------------------------------
+
+def test_named_fields_and_keep_alive_go_and_connection_keeps_what_mitmproxy_reads():
+    h = headers(("Connection", "keep-alive, X-Hop"), ("connection", "X-Other , close"), ("X-Hop", "secret"),
+                ("X-Other", "1"), ("Keep-Alive", "timeout=5"), ("X-End", "kept"))
+    assert sorted(hops.strip_hop_fields(h)) == ["keep-alive", "x-hop", "x-other"]
+    assert h.fields == ((b"Connection", b"keep-alive, close"), (b"X-End", b"kept"))
+
+
+def test_framing_and_routing_fields_stay_whoever_names_them():
+    h = headers(("Connection", "Content-Length, Transfer-Encoding, Host, Upgrade"), ("Host", "a"),
+                ("Content-Length", "3"), ("Upgrade", "websocket"))
+    assert hops.strip_hop_fields(h) == []
+    assert h.get("content-length") == "3" and h.get("host") == "a" and h.get("upgrade") == "websocket"
+    assert h["connection"] == "Upgrade"  # the only option mitmproxy acts on; the others named no hop field
+
+
+def test_a_connection_left_naming_nothing_mitmproxy_reads_goes():
+    h = headers(("Connection", "X-Hop"), ("X-Hop", "1"), ("X-End", "kept"))
+    assert hops.strip_hop_fields(h) == ["x-hop"] and h.fields == ((b"X-End", b"kept"),)
+
+
+def test_connection_naming_only_options_is_left_as_it_is():
+    h = headers(("Connection", "Upgrade"), ("Upgrade", "websocket"))
+    assert hops.strip_hop_fields(h) == [] and h.fields == ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
+
+
+@pytest.mark.parametrize("value,parsed", [("0", 0), (" 3 ", 3), ("-1", None), ("x", None), ("", None)])
+def test_max_forwards_is_read_only_when_it_is_a_number(value, parsed):
+    assert hops.max_forwards(headers(("Max-Forwards", value))) == parsed
+
+
+def test_a_trace_echo_leaves_out_credentials_and_cookies():
+    f = tflow.tflow()
+    f.request.method = "TRACE"
+    f.request.headers["Authorization"] = "Basic c2VjcmV0"
+    f.request.headers["Cookie"] = "id=1"
+    f.request.headers["X-Seen"] = "yes"
+    body = hops.trace_body(f.request, absolute=False).decode()
+    assert body.startswith("TRACE ") and "X-Seen: yes\r\n" in body and body.endswith("\r\n\r\n")
+    assert "c2VjcmV0" not in body and "id=1" not in body
+
+
+# --- through the suite ------------------------------------------------------------------------------
+
+def raw(port: int, data: bytes) -> bytes:
+    """Send one request on its own connection (Connection: close) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_fields_a_client_names_in_connection_never_reach_the_origin(proxy, origin):
+    host = f"127.0.0.1:{origin.port}"
+    out = raw(proxy.port, f"GET {origin.url}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close, X-Hop\r\n"
+                          f"X-Hop: secret\r\nKeep-Alive: 300\r\nX-End: kept\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    seen = {k.lower(): v for k, v in json.loads(out.split(b"\r\n\r\n", 1)[1])["headers"].items()}
+    assert seen["x-end"] == "kept" and "x-hop" not in seen and "keep-alive" not in seen
+    assert "x-hop" not in seen.get("connection", "").lower()
+
+
+def test_fields_an_origin_names_in_connection_never_reach_the_client(proxy, origin):
+    origin.route("/hop-response", lambda s: (200, {"Content-Type": "text/plain", "Connection": "X-Secret",
+                                                   "X-Secret": "backend-1", "Keep-Alive": "timeout=5",
+                                                   "X-Public": "yes"}, b"body"))
+    r = curl("-i", "-x", proxy.url, f"{origin.url}/hop-response")
+    head = r.stdout.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"x-public: yes" in head and b"x-secret" not in head and b"keep-alive: timeout" not in head, head
+
+
+def test_trace_with_max_forwards_0_is_answered_by_the_proxy(proxy, origin):
+    url = f"{origin.url}/traced"
+    r = curl("-i", "-x", proxy.url, "-X", "TRACE", "-H", "Max-Forwards: 0", "-H", "Cookie: id=1",
+             "-H", "X-Seen: yes", url)
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"message/http" in head.lower(), head
+    assert body.startswith(f"TRACE {url} HTTP/1.1\r\n".encode()) and b"X-Seen: yes" in body and b"id=1" not in body
+    assert origin.hits.get("/traced", 0) == 0
+    line = proxy.wait_lines("/traced", 1)[0].split()
+    assert (line[3], line[5], line[8]) == ("TCP_MISS/200", "TRACE", "HIER_NONE/-")
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "TRACE"])
+def test_max_forwards_above_0_is_decreased_on_the_way(proxy, origin, method):
+    seen = {}
+
+    def record(s):
+        seen.update({k.lower(): v for k, v in s.headers.items()})
+        return 200, {"Content-Type": "text/plain"}, b"origin"
+    origin.route(f"/mf-{method}", record)
+    r = curl("-i", "-x", proxy.url, "-X", method, "-H", "Max-Forwards: 2", f"{origin.url}/mf-{method}")
+    assert r.stdout.endswith(b"origin") and seen["max-forwards"] == "1"
+
+
+def test_options_with_max_forwards_0_says_what_the_proxy_relays(proxy, origin):
+    r = curl("-i", "-x", proxy.url, "-X", "OPTIONS", "-H", "Max-Forwards: 0", f"{origin.url}/opt")
+    head = r.stdout.split(b"\r\n\r\n", 1)[0]
+    assert head.startswith(b"HTTP/1.1 200") and b"Allow: GET, HEAD, POST" in head, head
+    assert origin.hits.get("/opt", 0) == 0
+
+
+def test_a_denied_trace_is_denied_not_answered(start_proxy, refused_port):
+    """Access control comes first: a TRACE to a port the policy refuses gets its 403."""
+    p = start_proxy()
+    r = curl("-i", "-x", p.url, "-X", "TRACE", "-H", "Max-Forwards: 0", f"http://127.0.0.1:1/denied")
+    assert r.stdout.startswith(b"HTTP/1.1 403"), r.stdout[:200]
+    assert p.wait_lines("/denied", 1)[0].split()[3] == "TCP_DENIED/403"
+
+
+def test_a_local_answer_says_who_made_it():
+    f = tflow.tflow()
+    f.request.method = "TRACE"
+    f.request.headers["Max-Forwards"] = "0"
+    hops.Hops().requestheaders(f)
+    assert f.response.status_code == 200 and f.metadata[meta.LOCAL] == "hops"
