@@ -125,7 +125,7 @@ def test_options_with_max_forwards_0_says_what_the_proxy_relays(proxy, origin):
 def test_a_denied_trace_is_denied_not_answered(start_proxy, refused_port):
     """Access control comes first: a TRACE to a port the policy refuses gets its 403."""
     p = start_proxy()
-    r = curl("-i", "-x", p.url, "-X", "TRACE", "-H", "Max-Forwards: 0", f"http://127.0.0.1:1/denied")
+    r = curl("-i", "-x", p.url, "-X", "TRACE", "-H", "Max-Forwards: 0", "http://127.0.0.1:1/denied")
     assert r.stdout.startswith(b"HTTP/1.1 403"), r.stdout[:200]
     assert p.wait_lines("/denied", 1)[0].split()[3] == "TCP_DENIED/403"
 
