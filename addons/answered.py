@@ -13,12 +13,19 @@ for an answered request whose body it buffered; the flow keeps no request body (
 it missing, and it cannot be replayed). `refuse_body(flow)` asks for that also without
 stream_large_bodies, where mitmproxy would hold the whole body in memory first. Nothing else
 changes. Not an addon: a helper the addons that answer use.
+
+A client that sent `Expect: 100-continue` waits for a "100 Continue" before it sends the
+body; an answer made at `requestheaders` invites no body, so it is sent at once (RFC 9110
+10.1.1: a final status instead of the 100), as Squid does, instead of after the client's
+wait and upload (curl waits a second, then sends it all). Over HTTP/1 it closes the
+connection (`Connection: close`): whatever body still comes is dropped until its end.
 """
 from __future__ import annotations
 
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 
 from mitmproxy import flow as mflow
@@ -29,7 +36,7 @@ try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and ins
                                              SendHttp)
     PATCHABLE = all(callable(getattr(HttpStream, name, None))
                     for name in ("start_request_stream", "send_response", "check_killed", "state_done",
-                                 "state_errored"))
+                                 "state_errored", "flow_done"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -49,19 +56,31 @@ def refuse_body(flow) -> None:
     """For an addon answering a request at `requestheaders`: its body is not invited (no "100
     Continue"), and what the client sends anyway is read and dropped as it comes, never held in
     memory (while install() is in effect)."""
-    flow.request.headers.pop("expect", None)
+    expects = flow.request.headers.pop("expect", "")
     if _PATCH.users and flow.request.method != "CONNECT":  # (a CONNECT has no body)
         flow.request.stream = True
+        if expects.strip().lower() == "100-continue":
+            _WAITING.add(flow)  # the client waits for a 100 that will not come: answered at once
 
 
 def uninstall() -> None:
     _PATCH.uninstall()
 
 
+_WAITING: weakref.WeakSet = weakref.WeakSet()  # answered flows whose client waits for a 100 Continue
+
+
 def start_request_stream(self):
     """HttpStream.start_request_stream, except for a request already answered: its body is dropped."""
     if self.flow.response is None:
         return (yield from _PATCH.original(self))
+    if self.flow in _WAITING:
+        _WAITING.discard(self.flow)
+        if not (self.flow.request.is_http2 or self.flow.request.is_http3):
+            self.flow.response.headers["connection"] = "close"  # the body that may still come is not read on
+        self.client_state = types.MethodType(_drain_request_body, self)
+        yield from _answer(self)
+        return
     self.client_state = types.MethodType(_drop_request_body, self)
 
 
@@ -74,6 +93,22 @@ def _drop_request_body(self, event):
         return
     self.flow.request.timestamp_end = time.time()
     self.client_state = self.state_done
+    yield from _answer(self)
+
+
+def _drain_request_body(self, event):
+    """The client state of a request answered before its body: what comes of it is dropped, and
+    at its end the flow is done (send_response left that to the end of the request)."""
+    # the answer went out; mitmproxy set the server side waiting for a response after it
+    self.server_state = self.state_done
+    if isinstance(event, RequestEndOfMessage):
+        self.flow.request.timestamp_end = time.time()
+        self.client_state = self.state_done
+        yield from self.flow_done()
+
+
+def _answer(self):
+    """The hooks and the answer of a request whose body is not kept, as state_consume_request_body has them."""
     yield HttpRequestHook(self.flow)
     if (yield from self.check_killed(True)):
         return

@@ -247,14 +247,35 @@ def test_a_url_that_is_not_utf8_is_denied_like_any_other(env):
 
 
 def test_denied_before_the_body_is_read(env):
+    """curl sends Expect: 100-continue and waits for the verdict (here up to 60 s, longer than --max-time):
+    the 403 comes at once, as from Squid (RFC 9110 10.1.1), and not one byte of the body is sent."""
     proxy, origin, *_ = env
-    body = b"x" * 2_000_000  # curl sends Expect: 100-continue and waits for the verdict
-    r = subprocess.run(["curl", "-v", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "20",
+    body = b"x" * 2_000_000
+    r = subprocess.run(["curl", "-v", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}",
+                        "--expect100-timeout", "60", "--max-time", "20",
                         "-x", proxy.url, "--data-binary", "@-", f"{origin.url}/secret/upload"],
                        input=body, capture_output=True, timeout=30)
-    assert r.stdout == b"403"
+    assert r.stdout == b"403 0", r.stderr[-500:]
     assert b"Expect: 100-continue" in r.stderr and b"< HTTP/1.1 100" not in r.stderr  # the body was not invited
+    assert b"< Connection: close" in r.stderr  # what the client might still send is not read on
     assert "/secret/upload" not in origin.hits
+    assert proxy.log_line("/secret/upload").split()[3] == "TCP_DENIED/403"
+
+
+def test_a_denied_client_that_sends_its_body_anyway_gets_one_answer(env):
+    """A client may send its body without waiting for the 100 (RFC 9110 10.1.1): the 403 already sent
+    is the only answer, the body is dropped, and the connection then ends."""
+    proxy, origin, *_ = env
+    host = f"127.0.0.1:{origin.port}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(f"POST {origin.url}/secret/eager HTTP/1.1\r\nHost: {host}\r\nExpect: 100-continue\r\n"
+                  f"Content-Length: 300000\r\n\r\n".encode() + b"y" * 300000)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 403") and got.count(b"HTTP/1.1 ") == 1, got[:300]
+    assert "/secret/eager" not in origin.hits
+    assert [line.split()[3] for line in proxy.wait_lines("/secret/eager", 1)] == ["TCP_DENIED/403"]
 
 
 def test_dstdomain_and_browser_deny_without_dns(env):
