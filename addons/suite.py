@@ -87,7 +87,11 @@ class Suite:
     def configure(self, updated):
         self.configured = True
         if self._configure_members:
-            self._configure_members(updated)
+            try:
+                self._configure_members(updated)
+            except exceptions.OptionsError as e:
+                # mitmproxy prints a script's error with its traceback: the message is what the user needs
+                raise exceptions.OptionsError(str(e)) from None
 
     def done(self):
         if self._done_members:

@@ -88,6 +88,19 @@ def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_pa
     assert "never applied its options" in proxy.text()
 
 
+def test_a_bad_option_at_start_stops_the_proxy_with_its_message_not_a_member_traceback(tmp_path):
+    from harness import Proxy
+    proxy = Proxy(tmp_path, options={"cache_mem": "-5"}, wait=False)
+    try:
+        rc = proxy.proc.wait(30)
+    finally:
+        proxy.stop()
+    assert rc != 0
+    out = proxy.text()
+    assert "OptionsError: cache_mem: cannot read size '-5'" in out
+    assert "cache.py" not in out and "parse_size" not in out  # the frames inside the addons say nothing more
+
+
 def test_request_url_is_mitmproxys_url_with_ipv6_in_brackets():
     import itertools
 
