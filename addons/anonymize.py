@@ -70,6 +70,7 @@ class Anonymize:
         self.level = anonrules.AUTO         # the anonymize option
         self.strip_backend = False          # the anonymize_backend option
         self.memo: dict[tuple, tuple] = {}  # request facts -> the anonymized header fields
+        self.poller = None                  # looks at the policy file while the proxy is idle
 
     def load(self, loader):
         loader.add_option(
@@ -140,6 +141,18 @@ class Anonymize:
         logger.info("anonymize: policy reloaded from %s", self.path)
         return True
 
+    def _check_policy(self) -> None:
+        if self.watch.changed():
+            self._reload()
+
+    def running(self) -> None:
+        self.poller = policyfile.poll(self._check_policy)
+
+    def done(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            self.poller = None
+
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
         return anonrules.choose_level(self.level, meta.mode_name(flow),
@@ -148,8 +161,7 @@ class Anonymize:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or flow.is_replay == "request" or self.policy is None:
             return
-        if self.watch.changed():
-            self._reload()
+        self._check_policy()  # (also polled while idle; a request may come first)
         level, override = self.level_for(flow)
         req = flow.request
         keep = ()

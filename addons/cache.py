@@ -593,6 +593,7 @@ class Cache:
         self.checks: dict[str, list] = {}
         self.warned_no_acls = False
         self.watch = policyfile.Watch()            # the cache policy file, re-read when it changes
+        self.poller: asyncio.Task | None = None    # looks at it while the proxy is idle
         self.inflight: dict[str, asyncio.Future] = {}
         self.leader: dict[str, str] = {}            # flow id -> key it leads
         self.pending: dict[str, Pending] = {}       # flow id -> revalidation
@@ -770,11 +771,24 @@ class Cache:
             raise exceptions.CommandError(f"cache.reload: kept the previous policy: {e}") from None
         log.info("cache: policy reloaded from %s", self.policy_file)
 
+    def _check_policy(self) -> None:
+        if self.watch.changed():
+            try:
+                self.reload()
+            except exceptions.CommandError:
+                pass  # logged; the last good policy stays
+
+    def running(self) -> None:
+        self.poller = policyfile.poll(self._check_policy)
+
     @property
     def policy_file(self) -> str | None:
         return str(self.watch.path) if self.watch.path else None
 
     def done(self):
+        if self.poller is not None:
+            self.poller.cancel()
+            self.poller = None
         if self.recovering:
             recover.uninstall()
             self.recovering = False
@@ -826,11 +840,7 @@ class Cache:
     def requestheaders(self, flow: http.HTTPFlow):
         if flow.response or flow.error or self.store is None:
             return None
-        if self.watch.changed():
-            try:
-                self.reload()
-            except exceptions.CommandError:
-                pass  # logged; the last good policy stays
+        self._check_policy()  # (also polled while idle; a request may come first)
         method = flow.request.method
         if method == "CONNECT":
             return None

@@ -5,10 +5,12 @@ remember the line of each key and item, and a duplicate key is an error (PyYAML
 silently keeps the last). Every mistake is a PolicyError saying `source, line N: reason`.
 `CheckedLoader` (also the acl loader's) refuses aliases that would expand a small file into a huge
 policy (a "billion laughs"), while composing, before anything is expanded.
-`Watch` tells when a policy file changed, for the addons that re-read theirs.
+`Watch` tells when a policy file changed, for the addons that re-read theirs; `poll` looks
+on an idle proxy too.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -178,3 +180,19 @@ class Watch:
         one of `also` (what the refused version included)."""
         self.stamp = stamp(self.path)
         self.also = {p: stamp(Path(p)) for p in [*self.also, *also]}
+
+
+def poll(check) -> asyncio.Task | None:
+    """Call check() every CHECK_EVERY seconds on the running event loop (None without one), so that an
+    edit is applied, or refused with its error in the log, when it is saved, not at the next request."""
+    async def loop():
+        while True:
+            await asyncio.sleep(CHECK_EVERY)
+            try:
+                check()
+            except Exception:  # the next look tries again; the error is the check's to report
+                logging.getLogger(__name__).exception("policy check failed")
+    try:
+        return asyncio.get_running_loop().create_task(loop())
+    except RuntimeError:
+        return None

@@ -310,6 +310,15 @@ def test_policy_change_is_picked_up_and_broken_one_ignored(start_proxy, hb, tmp_
     assert via() == "1.1 second.test (relais)"
 
 
+def test_a_broken_edit_of_the_policy_is_reported_on_an_idle_proxy(start_proxy, tmp_path):
+    """The comment in anonymize.yaml promises it within a second: without any request coming."""
+    pol = tmp_path / "idle.yaml"
+    pol.write_text(SHIPPED)
+    p = start_proxy(script=STACK, options={"anonymize_policy": str(pol)})
+    pol.write_text(SHIPPED.replace("visible_hostname: null", "visible_hostname: x\n  oops: ["))
+    p.wait_output(f"keeping the last good one: {pol}, line ")
+
+
 def test_whole_suite_anonymizes_by_default(start_proxy, origin):
     """addons/all.py as run.sh loads it: a forward proxy is elite out of the box."""
     p = start_proxy()  # addons/all.py, default options

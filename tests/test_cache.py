@@ -1003,6 +1003,18 @@ def test_an_edited_cache_policy_applies_without_a_restart_and_a_broken_edit_keep
     p.wait_output("policy not reloaded, keeping the last good one")
 
 
+def test_a_broken_edit_of_the_cache_policy_is_reported_on_an_idle_proxy(start_proxy, tmp_path):
+    """The file is looked at while no request comes: the operator sees the error when saving, not at the
+    next request; then the fix is taken the same way."""
+    p = rules_proxy(start_proxy, tmp_path)
+    rules = tmp_path / "cache.yaml"
+    good = rules.read_text()
+    rules.write_text(good + "  - perhaps all\n")
+    p.wait_output(f"policy not reloaded, keeping the last good one: cache_policy: {rules}, line ")
+    rules.write_text(good.replace("  - deny private_area", "  - deny all"))
+    p.wait_output("cache: policy reloaded")
+
+
 def test_a_streamed_body_the_rules_keep_out_is_not_stored_and_leaves_no_file(start_proxy, origin, tmp_path):
     p = rules_proxy(start_proxy, tmp_path, stream_large_bodies="10k")
     url = f"{origin.url}/size/50000?h.Cache-Control=max-age=600"
