@@ -2,7 +2,8 @@
 
 mitmproxy passes on what a client or an origin names in its Connection field as meant for
 the next hop only (`Connection: keep-alive, X-Hop` sends X-Hop on), and Keep-Alive. This
-addon removes those fields from requests and responses, and their names from Connection,
+addon removes those fields from requests and responses (and an HTTP/1 request's TE, which
+invites trailers), and their names from Connection,
 which keeps only the options mitmproxy itself reads there (close, keep-alive, upgrade).
 Framing and routing fields (Host, Content-Length, Transfer-Encoding, Upgrade) are never
 removed, whoever names them: mitmproxy has already framed the message by them.
@@ -31,14 +32,17 @@ except ImportError:  # loaded by path without the project installed
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
 NEVER_REMOVED = frozenset({"host", "content-length", "transfer-encoding", "upgrade"})
 ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1); Proxy-Connection: anonymize
+# and TE of an HTTP/1 request, as Squid removes it: it invites trailers, which mitmproxy 11 cannot relay
+# over HTTP/1 (it drops the connection); HTTP/2 allows only "TE: trailers", which gRPC needs end to end
+HTTP1_REQUEST_HOP = ("keep-alive", "te")
 NOT_TRACED = frozenset({"authorization", "proxy-authorization", "cookie"})  # RFC 9110 9.3.8: sensitive
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 
 
-def strip_hop_fields(headers: http.Headers) -> list[str]:
-    """Remove the fields `headers` name in Connection and Keep-Alive; Connection keeps the options
-    mitmproxy reads. Returns the names of the fields removed."""
-    removed = [name for name in ALWAYS_HOP if name in headers]
+def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
+    """Remove the fields `headers` name in Connection and those in `always`; Connection keeps the
+    options mitmproxy reads. Returns the names of the fields removed."""
+    removed = [name for name in always if name in headers]
     for name in removed:
         del headers[name]
     if "connection" not in headers:
@@ -87,8 +91,8 @@ class Hops:
         if flow.response is not None:
             return
         req = flow.request
-        removed = strip_hop_fields(req.headers) if "connection" in req.headers or "keep-alive" in req.headers else ()
-        if removed:
+        always = ALWAYS_HOP if req.is_http2 or req.is_http3 else HTTP1_REQUEST_HOP
+        if removed := strip_hop_fields(req.headers, always):
             meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
         if "max-forwards" in req.headers and req.method in ("TRACE", "OPTIONS"):
             self._max_forwards(flow)
@@ -97,8 +101,7 @@ class Hops:
         resp = flow.response
         if meta.LOCAL in flow.metadata or resp is None:
             return
-        if "connection" in resp.headers or "keep-alive" in resp.headers:
-            strip_hop_fields(resp.headers)
+        strip_hop_fields(resp.headers)
 
     @staticmethod
     def _max_forwards(flow: http.HTTPFlow) -> None:

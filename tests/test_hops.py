@@ -75,10 +75,10 @@ def raw(port: int, data: bytes) -> bytes:
 def test_fields_a_client_names_in_connection_never_reach_the_origin(proxy, origin):
     host = f"127.0.0.1:{origin.port}"
     out = raw(proxy.port, f"GET {origin.url}/headers HTTP/1.1\r\nHost: {host}\r\nConnection: close, X-Hop\r\n"
-                          f"X-Hop: secret\r\nKeep-Alive: 300\r\nX-End: kept\r\n\r\n".encode())
+                          f"X-Hop: secret\r\nKeep-Alive: 300\r\nTE: trailers\r\nX-End: kept\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
     seen = {k.lower(): v for k, v in json.loads(out.split(b"\r\n\r\n", 1)[1])["headers"].items()}
-    assert seen["x-end"] == "kept" and "x-hop" not in seen and "keep-alive" not in seen
+    assert seen["x-end"] == "kept" and "x-hop" not in seen and "keep-alive" not in seen and "te" not in seen
     assert "x-hop" not in seen.get("connection", "").lower()
 
 
