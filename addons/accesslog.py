@@ -315,7 +315,6 @@ class Writer:
         self.thread.join(10)
 
     def _open(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # its folder may have gone since (reopen)
         # unbuffered: what a failed write() leaves is in the file, where it can be cut off, not in a buffer
         return open(self.path, "ab", buffering=0)
 
@@ -473,7 +472,8 @@ class AccessLog:
     def load(self, loader):
         loader.add_option(
             "access_log", str, "var/log/access.log",
-            "Squid access_log: file the access log is written to (its folder is created); 'none' disables it.",
+            "Squid access_log: file the access log is written to (its folder is created when the option is "
+            "set, not again if it goes: lines are then lost, and counted, until it is back); 'none' disables it.",
         )
         loader.add_option(
             "logformat", str, "squid",

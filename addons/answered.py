@@ -17,8 +17,10 @@ changes. Not an addon: a helper the addons that answer use.
 A client that sent `Expect: 100-continue` waits for a "100 Continue" before it sends the
 body; an answer made at `requestheaders` invites no body, so it is sent at once (RFC 9110
 10.1.1: a final status instead of the 100), as Squid does, instead of after the client's
-wait and upload (curl waits a second, then sends it all). Over HTTP/1 it closes the
-connection (`Connection: close`): whatever body still comes is dropped until its end.
+wait and upload (curl waits a second, then sends it all). The `request` hook then runs
+before any body came (none is kept), and the flow ends with the answer. Over HTTP/1 the
+answer asks the client to close the connection (`Connection: close`); what body it sends
+anyway is read and dropped, and the connection closes at its end.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and ins
                                              SendHttp)
     PATCHABLE = all(callable(getattr(HttpStream, name, None))
                     for name in ("start_request_stream", "send_response", "check_killed", "state_done",
-                                 "state_errored", "flow_done"))
+                                 "state_errored"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
@@ -78,7 +80,9 @@ def start_request_stream(self):
         _WAITING.discard(self.flow)
         if not (self.flow.request.is_http2 or self.flow.request.is_http3):
             self.flow.response.headers["connection"] = "close"  # the body that may still come is not read on
-        self.client_state = types.MethodType(_drain_request_body, self)
+        # done with the client's side: send_response ends the flow and drops the stream, whose body, if the
+        # client sends it anyway, mitmproxy's HTTP layer then discards; a client that leaves fires no error hook
+        self.client_state = self.state_done
         yield from _answer(self)
         return
     self.client_state = types.MethodType(_drop_request_body, self)
@@ -96,24 +100,13 @@ def _drop_request_body(self, event):
     yield from _answer(self)
 
 
-def _drain_request_body(self, event):
-    """The client state of a request answered before its body: what comes of it is dropped, and
-    at its end the flow is done (send_response left that to the end of the request)."""
-    # the answer went out; mitmproxy set the server side waiting for a response after it
-    self.server_state = self.state_done
-    if isinstance(event, RequestEndOfMessage):
-        self.flow.request.timestamp_end = time.time()
-        self.client_state = self.state_done
-        yield from self.flow_done()
-
-
 def _answer(self):
     """The hooks and the answer of a request whose body is not kept, as state_consume_request_body has them."""
     yield HttpRequestHook(self.flow)
     if (yield from self.check_killed(True)):
         return
     if self.flow.response is None:  # a script took the answer back: the body it would need is gone
-        msg = "the request was answered, then not, once its body had been dropped"
+        msg = "the request was answered, then not, and its body was not kept"
         self.flow.error = mflow.Error(msg)
         yield HttpErrorHook(self.flow)
         yield SendHttp(ResponseProtocolError(self.stream_id, msg, BAD_GATEWAY), self.context.client)

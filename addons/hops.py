@@ -6,10 +6,12 @@ addon removes those fields from requests and responses (and an HTTP/1 request's 
 invites trailers), and their names from Connection,
 which keeps only the options mitmproxy itself reads there (close, keep-alive, upgrade).
 Framing and routing fields (Host, Content-Length, Transfer-Encoding, Upgrade) are never
-removed, whoever names them: mitmproxy has already framed the message by them.
+removed, whoever names them: mitmproxy has already framed the message by them; nor are
+Expect and Max-Forwards, which the proxy acts on itself.
 
 TRACE and OPTIONS with `Max-Forwards: 0` are answered here (RFC 9110 7.6.2): TRACE with
-the request as received (message/http, without its credentials and cookies), OPTIONS
+the request as received (message/http; without its hop-by-hop fields, credentials and
+cookies), OPTIONS
 with 200 and the methods the proxy relays; with a larger value, the request goes on with
 the value decreased by one. Other methods' Max-Forwards is left alone, as RFC 9110 allows.
 Answers are logged TCP_MISS/200 with HIER_NONE, as Squid logs them.
@@ -30,7 +32,8 @@ except ImportError:  # loaded by path without the project installed
     from addons import answered, meta
 
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
-NEVER_REMOVED = frozenset({"host", "content-length", "transfer-encoding", "upgrade"})
+# fields the proxy itself acts on before forwarding (framing, routing, 100-continue, Max-Forwards)
+NEVER_REMOVED = frozenset({"host", "content-length", "transfer-encoding", "upgrade", "expect", "max-forwards"})
 ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1); Proxy-Connection: anonymize
 # and TE of an HTTP/1 request, as Squid removes it: it invites trailers, which mitmproxy 11 cannot relay
 # over HTTP/1 (it drops the connection); HTTP/2 allows only "TE: trailers", which gRPC needs end to end
@@ -64,7 +67,7 @@ def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
 def max_forwards(headers: http.Headers) -> int | None:
     """The Max-Forwards value, or None when absent or not a number (then left as it is)."""
     value = headers.get("max-forwards", "").strip()
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 10 else None  # 1*DIGIT ("²" is no digit)
 
 
 def trace_body(request: http.Request, absolute: bool) -> bytes:
@@ -113,7 +116,8 @@ class Hops:
             req.headers["max-forwards"] = str(hops - 1)
             return
         if req.method == "TRACE":
-            absolute = meta.mode_name(flow) in ("regular", "upstream")
+            # a forward proxy's plain-HTTP request came in absolute form; one inside a CONNECT tunnel did not
+            absolute = meta.mode_name(flow) in ("regular", "upstream") and req.scheme == "http"
             flow.response = http.Response.make(200, trace_body(req, absolute), {"Content-Type": "message/http"})
         else:
             flow.response = http.Response.make(200, b"", {"Allow": ALLOW})

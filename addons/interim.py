@@ -46,16 +46,16 @@ H1_READ, H2_EVENT = (Http1Client, "read_headers"), (Http2Client, "handle_h2_even
 
 try:
     from addons.recover import BAD_GATEWAY
+    from addons.rfc9111 import HOP_BY_HOP
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from addons.recover import BAD_GATEWAY
+    from addons.rfc9111 import HOP_BY_HOP
 
 logger = logging.getLogger(__name__)
 
 # "HTTP/1.x 1nn " where nn is not 01 (101 Switching Protocols ends HTTP/1 on the connection)
 INTERIM = re.compile(rb"HTTP/1\.[01] 1(?!01)\d\d[ \r\n]")
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding",
-                        "upgrade", "proxy-authenticate", "proxy-authorization", "trailer"})
 
 
 def interim_next(buf) -> bool:

@@ -262,6 +262,18 @@ def test_denied_before_the_body_is_read(env):
     assert proxy.log_line("/secret/upload").split()[3] == "TCP_DENIED/403"
 
 
+def test_an_early_answer_ends_its_flow_so_a_client_leaving_is_no_error(start_proxy, origin):
+    """The 403 sent before the body is the flow's end: the client then closing without the body it announced
+    is not reported as the flow's error (mitmweb would show a denied request as failed)."""
+    p = start_proxy()
+    r = curl("-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "--expect100-timeout", "60", "-x", p.url,
+             "--data-binary", "@-", "http://127.0.0.1:1/early", input_bytes=b"x" * 2_000_000)
+    assert r.stdout == b"403 0"
+    assert p.wait_lines("/early", 1)[0].split()[3] == "TCP_DENIED/403"
+    time.sleep(0.5)  # what mitmproxy prints of a flow's error comes after its line
+    assert "protocol error" not in p.text() and "Addon error" not in p.text(), p.text()[-2000:]
+
+
 def test_a_denied_client_that_sends_its_body_anyway_gets_one_answer(env):
     """A client may send its body without waiting for the 100 (RFC 9110 10.1.1): the 403 already sent
     is the only answer, the body is dropped, and the connection then ends."""
