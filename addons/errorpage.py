@@ -29,6 +29,9 @@ PAGES = {
                                 "This proxy and the remote host failed to negotiate mutually acceptable security "
                                 "settings for handling your request: the remote host may not support secure "
                                 "connections, or the proxy is not satisfied with its security credentials."),
+    "ERR_GATEWAY_FAILURE": (500, "Gateway Proxy Failure.",
+                            "A non-recoverable internal failure or configuration problem prevents this request "
+                            "from being completed."),
     "ERR_ZERO_SIZE_OBJECT": (502, "Zero Sized Reply.",
                              "The server closed the connection without sending any data for this request."),
     "ERR_READ_ERROR": (502, "Read Error.",

@@ -8,8 +8,13 @@ the rules mitmproxy applies to the addons of one script:
 
 - a hook that returns an awaitable is awaited before the next member's hook runs;
 - an exception in one member's hook is logged as mitmproxy logs it ("Addon error: ...")
-  and the later members' hooks for that event are skipped; AddonHalt and OptionsError
-  go up, as in mitmproxy;
+  and the later members' hooks still run, as if each member were loaded by itself (within
+  one script mitmproxy would skip them: a request would then go upstream without being
+  anonymized, and would not be logged). A request whose judging failed is not forwarded
+  though: in `requestheaders`, `request` or `http_connect` it is answered with Squid's
+  500 ERR_GATEWAY_FAILURE page (fail closed; the later members see an answered request),
+  and a raw stream whose hook failed is killed. AddonHalt and OptionsError go up, as in
+  mitmproxy;
 - lifecycle hooks (load, configure, running, done) must not be coroutines, since
   mitmproxy may call them synchronously.
 
@@ -38,17 +43,27 @@ import asyncio
 import inspect
 import logging
 
-from mitmproxy import ctx, exceptions, hooks
+from mitmproxy import ctx, exceptions, hooks, http
 # Importing these registers every hook mitmproxy can call in hooks.all_hooks.
 import mitmproxy.addonmanager  # noqa: F401  (load)
 import mitmproxy.proxy.layers  # noqa: F401  (http, tcp, udp, tls, dns, websocket, quic)
 import mitmproxy.proxy.server_hooks  # noqa: F401  (client/server connection events)
+
+try:
+    from addons import errorpage, meta
+except ImportError:  # loaded by path without the project installed
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import errorpage, meta
 
 logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs addon errors
 PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
 LIFECYCLE = ("load", "configure", "running", "done")
 OWN = ("load", "configure", "done")  # Suite's own methods, which call the members' hooks
 WARNED = frozenset({"add_log"})  # mitmproxy warns of a deprecated hook when a script has the name at all
+REQUEST_EVENTS = frozenset({"requestheaders", "request", "http_connect"})  # an error there: answered 500
+STREAM_EVENTS = frozenset({"tcp_start", "tcp_message", "udp_start", "udp_message"})  # an error there: killed
 
 
 class Suite:
@@ -69,7 +84,7 @@ class Suite:
             first = [getattr(m, name) for m in self.members if (name := getattr(m, "first_hooks", {}).get(event))]
             calls = [f for m in self.members if callable(f := getattr(m, event, None)) and f not in first]
             if first or calls:
-                setattr(self, f"_{event}_members" if event in OWN else event, _dispatcher(calls, first))
+                setattr(self, f"_{event}_members" if event in OWN else event, _dispatcher(event, calls, first))
         for m in self.members:  # mitmproxy finds commands among an addon's attributes
             for attr in dir(type(m)):
                 if isinstance(getattr(getattr(type(m), attr), "command_name", None), str):
@@ -141,13 +156,28 @@ def no_missing_hooks(namespace: dict) -> None:
             namespace.setdefault(event, None)
 
 
-def _failed(exc: Exception) -> None:
+def _failed(exc: Exception, event: str = "", args: tuple = ()) -> None:
     logger.error(f"Addon error: {exc}", exc_info=(type(exc), exc, exc.__traceback__.tb_next))
+    if args:
+        _fail_closed(event, args[0], exc)
 
 
-def _dispatcher(calls: list, first: list):
+def _fail_closed(event: str, flow, exc: Exception) -> None:
+    """A request or stream some member failed to handle does not go on as if it had been judged."""
+    if event in REQUEST_EVENTS and isinstance(flow, http.HTTPFlow) and flow.response is None:
+        flow.response = errorpage.make("ERR_GATEWAY_FAILURE", flow.request.pretty_url,
+                                       detail="an internal error of the proxy; its log says which")
+        flow.metadata[meta.LOCAL] = "suite"
+        flow.metadata[meta.CODE] = "NONE_NONE"
+        flow.metadata[meta.ERROR] = "ERR_GATEWAY_FAILURE"
+        meta.add_comment(flow, f"refused: {type(exc).__name__} in a Relais addon ({exc})")
+    elif event in STREAM_EVENTS and getattr(flow, "killable", False):
+        flow.kill()
+
+
+def _dispatcher(event: str, calls: list, first: list):
     if first:
-        rest = _dispatcher(calls, [])
+        rest = _dispatcher(event, calls, [])
 
         def dispatch_first(*args):
             for fn in first:
@@ -168,24 +198,23 @@ def _dispatcher(calls: list, first: list):
                 res = fn(*args)
             except PASS_UP:
                 raise
-            except Exception as e:  # the later members' hooks are skipped, as within one script
-                _failed(e)
-                return None
+            except Exception as e:  # the later members still run, as addons loaded one by one
+                _failed(e, event, args)
+                continue
             if res is not None and inspect.isawaitable(res):
                 # the rest waits for this one, as mitmproxy awaits each addon in turn
-                return _finish(res, calls[i + 1:], args)
+                return _finish(res, calls[i + 1:], args, event)
         return None
     return dispatch
 
 
-async def _finish(pending, rest: list, args) -> None:
-    try:
-        await pending
-        for fn in rest:
-            res = fn(*args)
+async def _finish(pending, rest: list, args, event: str) -> None:
+    for fn in (None, *rest):
+        try:
+            res = pending if fn is None else fn(*args)
             if res is not None and inspect.isawaitable(res):
                 await res
-    except PASS_UP:
-        raise
-    except Exception as e:
-        _failed(e)
+        except PASS_UP:
+            raise
+        except Exception as e:
+            _failed(e, event, args)

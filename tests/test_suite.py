@@ -101,6 +101,18 @@ def test_a_bad_option_at_start_stops_the_proxy_with_its_message_not_a_member_tra
     assert "cache.py" not in out and "parse_size" not in out  # the frames inside the addons say nothing more
 
 
+def test_a_request_an_addon_fails_on_is_refused_and_logged_not_forwarded_unjudged(start_proxy, origin):
+    """Fail closed: mitmproxy would skip the later addons of the script (anonymization, the cache, the
+    log) and send the request on; the suite answers Squid's 500 and logs it, and the proxy goes on."""
+    p = start_proxy(script="tests/addons_for_tests/broken_member.py")
+    r = curl("-i", "-x", p.url, "-H", "X-Forwarded-For: 10.1.2.3", f"{origin.url}/break-here")
+    assert r.stdout.startswith(b"HTTP/1.1 500") and b"ERR_GATEWAY_FAILURE" in r.stdout, r.stdout[:300]
+    assert "/break-here" not in origin.hits
+    assert p.wait_lines("/break-here", 1)[0].split()[3] == "NONE_NONE/500"
+    assert "Addon error: a bug in some addon" in p.text()
+    assert curl("-x", p.url, f"{origin.url}/fine").stdout == b"hello /fine"
+
+
 def test_request_url_is_mitmproxys_url_with_ipv6_in_brackets():
     import itertools
 

@@ -5,9 +5,11 @@ import asyncio
 import logging
 
 import pytest
-from mitmproxy import command, exceptions
+from mitmproxy import command, exceptions, http
+from mitmproxy.flow import Error
 from mitmproxy.test import taddons, tflow
 
+from addons import meta
 from addons.suite import Suite
 
 
@@ -81,14 +83,19 @@ def test_an_awaitable_hook_holds_back_the_next_member():
     assert calls == [("slow", "started"), ("slow", "done"), ("after", "slow")]
 
 
-def test_an_error_is_logged_and_skips_the_later_members_for_that_event(caplog):
-    """As within one script: an access check that crashed must not be followed by a cache answer."""
+def test_an_error_is_logged_the_later_members_run_and_the_request_is_refused(caplog):
+    """As if each member were loaded by itself: the later members (anonymization, the access log) still
+    run; and a request some member failed to handle is not forwarded as if judged (fail closed)."""
     calls = []
     s = Suite(Recorder("before", calls), Broken(), Recorder("after", calls))
+    f = tflow.tflow()
     with caplog.at_level(logging.ERROR):
-        assert s.requestheaders(tflow.tflow()) is None
-    assert calls == [("before", None)]
+        assert s.requestheaders(f) is None
+    assert calls == [("before", None), ("after", "before")]
     assert "Addon error: boom" in caplog.text and "ValueError" in caplog.text
+    assert f.response.status_code == 500 and f.response.headers["X-Squid-Error"] == "ERR_GATEWAY_FAILURE 0"
+    assert f.metadata[meta.LOCAL] == "suite" and f.metadata[meta.CODE] == "NONE_NONE"
+    assert "boom" not in f.response.get_text()  # the client learns nothing of the proxy's insides
 
 
 class BrokenLater(Slow):
@@ -98,12 +105,47 @@ class BrokenLater(Slow):
         return later()
 
 
-def test_an_error_in_an_awaited_hook_skips_the_later_members_too(caplog):
+def test_an_error_in_an_awaited_hook_lets_the_later_members_run_too(caplog):
     calls = []
     s = Suite(BrokenLater("x", calls), Recorder("after", calls))
+    f = tflow.tflow()
     with caplog.at_level(logging.ERROR):
-        asyncio.run(s.requestheaders(tflow.tflow()))
-    assert calls == [] and "Addon error: late boom" in caplog.text
+        asyncio.run(s.requestheaders(f))
+    assert calls == [("after", None)] and "Addon error: late boom" in caplog.text
+    assert f.response.status_code == 500
+
+
+def test_an_answer_already_given_is_kept_when_a_later_member_fails():
+    class Answers:
+        def requestheaders(self, flow):
+            flow.response = http.Response.make(403)
+    f = tflow.tflow()
+    Suite(Answers(), Broken()).requestheaders(f)
+    assert f.response.status_code == 403
+
+
+def test_a_raw_stream_whose_hook_failed_is_killed():
+    class BrokenStream:
+        def tcp_message(self, flow):
+            raise ValueError("boom")
+    f = tflow.ttcpflow()
+    Suite(BrokenStream()).tcp_message(f)
+    assert f.error and f.error.msg == Error.KILLED_MESSAGE
+
+
+def test_an_error_in_a_response_hook_refuses_nothing_and_the_log_still_runs():
+    calls = []
+
+    class BrokenResponse:
+        def response(self, flow):
+            raise ValueError("boom")
+
+    class Logger:
+        def response(self, flow):
+            calls.append(flow.response.status_code)
+    f = tflow.tflow(resp=True)
+    Suite(BrokenResponse(), Logger()).response(f)
+    assert calls == [200] and f.response.status_code == 200
 
 
 class AsyncRunning:
