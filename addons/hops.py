@@ -40,6 +40,13 @@ ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1);
 HTTP1_REQUEST_HOP = ("keep-alive", "te")
 NOT_TRACED = frozenset({"authorization", "proxy-authorization", "cookie"})  # RFC 9110 9.3.8: sensitive
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
+# the field names that call for a look at all (most messages have none: one pass over raw names)
+REQUEST_SIGNS = frozenset({b"connection", b"keep-alive", b"te", b"max-forwards"})
+RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
+
+
+def _has_any(headers: http.Headers, names: frozenset) -> bool:
+    return any(k.lower() in names for k, _ in headers.fields)  # (Headers' own `in` costs a few us a name)
 
 
 def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
@@ -91,9 +98,9 @@ class Hops:
             self.answering = False
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
-            return
         req = flow.request
+        if flow.response is not None or not _has_any(req.headers, REQUEST_SIGNS):
+            return
         always = ALWAYS_HOP if req.is_http2 or req.is_http3 else HTTP1_REQUEST_HOP
         if removed := strip_hop_fields(req.headers, always):
             meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
@@ -102,7 +109,7 @@ class Hops:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if meta.LOCAL in flow.metadata or resp is None:
+        if meta.LOCAL in flow.metadata or resp is None or not _has_any(resp.headers, RESPONSE_SIGNS):
             return
         strip_hop_fields(resp.headers)
 
