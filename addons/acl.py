@@ -74,7 +74,7 @@ class AccessControl:
         self.denied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> (decision, request)
         self.prechecked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> True
         self.dns: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self.answering = False  # answered.install() in effect
+        self.answering = answered.hold()
 
     # --- options, loading, watching ---------------------------------------------
     def load(self, loader):
@@ -91,7 +91,7 @@ class AccessControl:
             "0 disables the watch (use the policy.reload command).",
         )
         # a request denied while mitmproxy streams its body (stream_large_bodies) still gets its answer
-        self.answering = answered.install()
+        self.answering.take()
 
     def configure(self, updated):
         if "policy_watch" in updated:
@@ -121,9 +121,7 @@ class AccessControl:
         if self.watcher:
             self.watcher.cancel()
             self.watcher = None
-        if self.answering:
-            answered.uninstall()
-            self.answering = False
+        self.answering.release()
 
     def _install(self, path: Path) -> None:
         before = self._stamps(path)  # taken before reading: an edit made meanwhile is seen next poll

@@ -43,15 +43,20 @@ except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
 try:
-    from addons.recover import BAD_GATEWAY, Patch
+    from addons.recover import BAD_GATEWAY, Hold, Patch
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons.recover import BAD_GATEWAY, Patch
+    from addons.recover import BAD_GATEWAY, Hold, Patch
 
 
 def install() -> bool:
     """Drop the streamed body of an answered request (see the module's text)."""
     return _PATCH.install()
+
+
+def hold() -> Hold:
+    """An addon's use of install()/uninstall(): `hold().take()` at load, `.release()` at done."""
+    return Hold(install, uninstall)
 
 
 def refuse_body(flow) -> None:

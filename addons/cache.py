@@ -615,8 +615,8 @@ class Cache:
         self.sizes: dict[str, int] = {}
         self.late_streams = False
         self.disk_error: str | None = None  # why the disk tier is off, when cache_dir could not be opened
-        self.recovering = False  # recover.install() in effect: answers made in the error hook are sent
-        self.answering = False   # answered.install() in effect
+        self.recovering = recover.hold()  # answers made in the error hook are sent
+        self.answering = answered.hold()
 
     # --- options -------------------------------------------------------
     def load(self, loader):
@@ -666,9 +666,9 @@ class Cache:
         loader.add_option("collapsed_forwarding", bool, True,
                           "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
-        self.recovering = recover.install()
+        self.recovering.take()
         # a request answered at requestheaders (a remembered failure) while its body is streamed
-        self.answering = answered.install()
+        self.answering.take()
 
     def configure(self, updated):
         o = ctx.options
@@ -789,12 +789,8 @@ class Cache:
         if self.poller is not None:
             self.poller.cancel()
             self.poller = None
-        if self.recovering:
-            recover.uninstall()
-            self.recovering = False
-        if self.answering:
-            answered.uninstall()
-            self.answering = False
+        self.recovering.release()
+        self.answering.release()
         if self.refresher is not None:
             self.refresher.close()
             self.refresher = None

@@ -97,7 +97,7 @@ class Errors:
         # (under load, every client connection open when the trust ran out would make its own)
         self.checking: dict[tuple[str, int], asyncio.Future] = {}
         self.listeners = listeners.Listeners()  # this proxy's own addresses: a request for them is a loop
-        self.recovering = False  # recover.install() in effect: Squid's page can answer mitmproxy's own failures
+        self.recovering = recover.hold()  # Squid's page can answer mitmproxy's own failures
 
     def load(self, loader):
         loader.add_option(
@@ -111,7 +111,7 @@ class Errors:
             "0 checks before every new upstream connection.",
         )
         # an origin that fails mitmproxy's own connection gets Squid's page too (error hook)
-        self.recovering = recover.install()
+        self.recovering.take()
 
     def configure(self, updated):
         for name in ("connect_timeout", "connect_check_ttl"):
@@ -128,9 +128,7 @@ class Errors:
             ctx.options.update(connection_strategy="lazy")
 
     def done(self):
-        if self.recovering:
-            recover.uninstall()
-            self.recovering = False
+        self.recovering.release()
 
     def running(self):
         self.listeners.running()

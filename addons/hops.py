@@ -87,15 +87,13 @@ def trace_body(request: http.Request, absolute: bool) -> bytes:
 
 class Hops:
     def __init__(self) -> None:
-        self.answering = False  # answered.install() in effect
+        self.answering = answered.hold()
 
     def load(self, loader) -> None:
-        self.answering = answered.install()  # a TRACE's body, if any, is dropped once it is answered
+        self.answering.take()  # a TRACE's body, if any, is dropped once it is answered
 
     def done(self) -> None:
-        if self.answering:
-            answered.uninstall()
-            self.answering = False
+        self.answering.release()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request

@@ -182,18 +182,16 @@ class Manager:
     def __init__(self) -> None:
         self.listeners = listeners.Listeners()
         self.started = process_start()
-        self.answering = False  # answered.install() in effect
+        self.answering = answered.hold()
 
     def load(self, loader) -> None:
-        self.answering = answered.install()  # a request body is dropped once its page is sent
+        self.answering.take()  # a request body is dropped once its page is sent
 
     def running(self) -> None:
         self.listeners.running()
 
     def done(self) -> None:
-        if self.answering:
-            answered.uninstall()
-            self.answering = False
+        self.answering.release()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request

@@ -74,9 +74,31 @@ class Patch:
             self.original = None
 
 
+class Hold:
+    """One addon's hold on a patch (its install and uninstall): taken at load, given back at done,
+    each once, however often they are called."""
+
+    def __init__(self, install, uninstall):
+        self._install, self._uninstall, self.held = install, uninstall, False
+
+    def take(self) -> None:
+        if not self.held:
+            self.held = self._install()
+
+    def release(self) -> None:
+        if self.held:
+            self._uninstall()
+            self.held = False
+
+
 def install() -> bool:
     """Let addons answer from the `error` hook (see the module's text)."""
     return _PATCH.install()
+
+
+def hold() -> Hold:
+    """An addon's use of install()/uninstall(): `hold().take()` at load, `.release()` at done."""
+    return Hold(install, uninstall)
 
 
 def uninstall() -> None:
