@@ -282,6 +282,7 @@ class AccessControl:
         d, acls = self.policy.verdict(req)
         flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
         flow.metadata[meta.ACLS] = list(acls)
+        flow.metadata[meta.ACL_NAMES] = self.policy.names
         if req.user:
             flow.metadata.setdefault(meta.USER, req.user)
         if d.allowed:
@@ -486,6 +487,7 @@ class AccessControl:
             flow.metadata[meta.USER] = user
         if client in self.tunnels:   # the CONNECT (or the TLS ClientHello) already decided
             _, flow.metadata[meta.ACL], flow.metadata[meta.ACLS] = self.tunnels[client]
+            flow.metadata[meta.ACL_NAMES] = self.policy.names
             return
         try:
             req = self._tunnel_request(client, flow.server_conn.address or ("", 0), user)
@@ -507,6 +509,7 @@ class AccessControl:
         """The verdict in the flow's metadata, comment and mark (req None: deciding failed)."""
         flow.metadata[meta.ACL] = {"action": d.action, "rule": d.rule, "policy": self.path_name}
         flow.metadata[meta.ACLS] = self.policy.matching(req, d.matched) if req is not None else []
+        flow.metadata[meta.ACL_NAMES] = self.policy.names
         word = "allowed" if d.allowed else "denied"
         meta.add_comment(flow, f"{word} by: {d.rule}")
         if not d.allowed:

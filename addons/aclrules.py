@@ -618,6 +618,7 @@ class Policy:
                  source: str = "<policy>"):
         self.acls, self.http_access, self.ssl_bump, self.source = acls, http_access, ssl_bump, source
         self.includes: tuple[str, ...] = ()  # what a squid.conf included (files, glob folders): reloads watch it
+        self.names = frozenset(acls)  # (relais.acl_names: other policies' rules name these acls)
         used = {a.name for rule in http_access + ssl_bump for _, a in rule.terms}
         self.uses_dst = any(self.acls[n].type == "dst" for n in used)
         self.uses_rdns = any(self.acls[n].type in ("dstdomain", "dstdom_regex") and not self.acls[n].noresolve

@@ -71,6 +71,7 @@ class Anonymize:
         self.strip_backend = False          # the anonymize_backend option
         self.memo: dict[tuple, tuple] = {}  # request facts -> the anonymized header fields
         self.poller = None                  # looks at the policy file while the proxy is idle
+        self.acl_names_checked: tuple | None = None  # (policy, the access policy's acl names) checked
 
     def load(self, loader):
         loader.add_option(
@@ -155,8 +156,18 @@ class Anonymize:
 
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
+        defined = flow.metadata.get(meta.ACL_NAMES)
+        if defined is not None and self.policy.overrides and self.acl_names_checked != (self.policy, defined):
+            self._check_acl_names(flow, defined)
         return anonrules.choose_level(self.level, meta.mode_name(flow),
                                       flow.metadata.get(ACLS), self.policy)
+
+    def _check_acl_names(self, flow: http.HTTPFlow, defined) -> None:
+        """Warn once per policy, of either kind, about overrides naming an acl the access policy lacks."""
+        self.acl_names_checked = (self.policy, defined)
+        uses = [(f"{self.path}:{o.line}: overrides: acl {o.acl}", o.acl) for o in self.policy.overrides]
+        for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):
+            logger.warning("anonymize_policy: %s", msg)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or flow.is_replay == "request" or self.policy is None:

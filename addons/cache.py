@@ -447,6 +447,7 @@ class AccessRule(NamedTuple):
     terms: tuple[tuple[bool, str], ...]  # (negated, acl name)
     text: str
     line: int | None = None
+    source: str | None = None  # the file it was read from
 
 
 class CachePolicy(NamedTuple):  # (not dataclasses: mitmproxy loads this file as a script, outside sys.modules)
@@ -457,7 +458,7 @@ class CachePolicy(NamedTuple):  # (not dataclasses: mitmproxy loads this file as
     includes: tuple[str, ...] = ()  # the files a squid.conf included (watched for changes with it)
 
 
-def parse_access_rule(text: str, line: int | None = None) -> AccessRule:
+def parse_access_rule(text: str, line: int | None = None, source: str | None = None) -> AccessRule:
     """'deny QUERY', 'allow localnet !CONNECT': Squid's syntax, on the acl names of the access policy."""
     words = text.split()
     if len(words) < 2 or words[0] not in ("allow", "deny"):
@@ -466,7 +467,7 @@ def parse_access_rule(text: str, line: int | None = None) -> AccessRule:
         if not _ACL_NAME.fullmatch(w):
             raise ValueError(f"bad acl name {w!r} in {text!r}")
     return AccessRule(words[0] == "allow", tuple((w.startswith("!"), w.lstrip("!")) for w in words[1:]),
-                      " ".join(words), line)
+                      " ".join(words), line, source)
 
 
 def access_allows(rules: Sequence[AccessRule], acls) -> tuple[bool, AccessRule | None]:
@@ -524,7 +525,7 @@ def load_policy(text: str, source: str = "<policy>") -> CachePolicy:
             try:
                 if not isinstance(item, str):
                     raise ValueError(f'a rule is a string such as "deny QUERY", not {item!r}')
-                parsed.append(parse_access_rule(item, line))
+                parsed.append(parse_access_rule(item, line, source))
             except ValueError as e:
                 raise policyfile.PolicyError(source, line, f"{key}: {e}") from None
         if parsed:
@@ -554,7 +555,7 @@ def load_squid_policy(text: str, source: str = "<squid.conf>", base: Path | None
                         notes.append(f"{src}, line {no}: refresh_pattern options not supported, ignored (the "
                                      f"cache follows RFC 9111): {' '.join(words[head:])}")
                 else:
-                    access.setdefault(directive, []).append(parse_access_rule(rest, no))
+                    access.setdefault(directive, []).append(parse_access_rule(rest, no, src))
             except ValueError as e:  # (refresh_pattern's own messages name it)
                 msg = str(e) if directive == "refresh_pattern" else f"{directive}: {e}"
                 raise policyfile.PolicyError(src, no, msg) from None
@@ -591,6 +592,7 @@ class Cache:
         self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
         self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
         self.checks: dict[str, list] = {}
+        self.acl_names_checked: frozenset | None = None
         self.warned_no_acls = False
         self.watch = policyfile.Watch()            # the cache policy file, re-read when it changes
         self.poller: asyncio.Task | None = None    # looks at it while the proxy is idle
@@ -756,6 +758,7 @@ class Cache:
         # what each question asks, in order: Squid's `cache` list first, then send_hit or store_miss
         self.checks = {d: [(n, policy.access[n]) for n in ("cache", d) if n in policy.access]
                        for d in ("send_hit", "store_miss")}
+        self.acl_names_checked = None  # the access policy's acl names these rules were checked against
 
     @command.command("cache.reload")
     def reload(self) -> None:
@@ -873,6 +876,8 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
+        if flow.metadata.get(meta.ACL_NAMES, self.acl_names_checked) is not self.acl_names_checked:
+            self._check_acl_names(flow)
         for name, rules in self.checks[directive]:
             ok, rule = access_allows(rules, acls)
             if not ok:
@@ -882,6 +887,14 @@ class Cache:
                     meta.add_comment(flow, note)
                 return False
         return True
+
+    def _check_acl_names(self, flow: http.HTTPFlow) -> None:
+        """Warn once per policy, of either kind, about rules naming an acl the access policy lacks (a typo)."""
+        self.acl_names_checked = defined = flow.metadata[meta.ACL_NAMES]
+        uses = [(f"{r.source}:{r.line}: {key} {r.text}", name)
+                for key, rules in self.access.items() for r in rules for _, name in r.terms]
+        for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):
+            log.warning("cache_policy: %s", msg)
 
     def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
         req = flow.request

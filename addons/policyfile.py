@@ -196,3 +196,12 @@ def poll(check) -> asyncio.Task | None:
         return asyncio.get_running_loop().create_task(loop())
     except RuntimeError:
         return None
+
+
+def undefined_acls(uses, defined, access: str) -> list[str]:
+    """Squid refuses a rule that names an acl it does not know. Rules of other Relais policies name the
+    access policy's acls, known only when a request brings their names (relais.acl_names): `uses` are
+    (where, acl name) pairs, `defined` those names, `access` the access policy's file. One sentence per
+    unknown name, for a warning (such a rule never matches)."""
+    return [f"{where} names acl {name!r}, which {access} does not define: it never matches"
+            for where, name in uses if name not in defined]

@@ -344,6 +344,19 @@ def test_cache_varies_on_what_is_sent_upstream(start_proxy, origin, level, origi
         assert bodies == [b"Browser/1", b"Browser/2"]
 
 
+def test_an_override_naming_an_acl_the_access_policy_lacks_is_reported(start_proxy, origin, tmp_path):
+    pol = tmp_path / "anon.yaml"
+    pol.write_text(SHIPPED.replace("overrides: []", "overrides:\n  - {acl: localhots, level: transparent}\n"
+                                   "  - {acl: localhost, level: transparent}"))
+    p = start_proxy(options={"anonymize": "elite", "anonymize_policy": str(pol)})
+    for _ in range(2):
+        assert curl("-x", p.url, f"{origin.url}/who").stdout == b"hello /who"
+    line = pol.read_text().split("\n").index("  - {acl: localhots, level: transparent}") + 1
+    p.wait_output(f"anonymize_policy: {pol}:{line}: overrides: acl localhots names acl 'localhots', which ")
+    assert p.text().count("names acl") == 1, p.text()[-2000:]
+    assert "via" in origin.requests[-1].headers  # the next override, on a defined acl, applies
+
+
 def test_override_by_a_real_acl_of_the_whole_suite(start_proxy, origin, tmp_path):
     """addons/all.py: the access-control addon's predefined acl `localhost` (127.0.0.1, ::1) picks the level."""
     pol = tmp_path / "anon.yaml"

@@ -1015,6 +1015,34 @@ def test_a_broken_edit_of_the_cache_policy_is_reported_on_an_idle_proxy(start_pr
     p.wait_output("cache: policy reloaded")
 
 
+def test_a_cache_rule_naming_an_acl_the_access_policy_lacks_is_reported_once_per_policy(
+        start_proxy, origin, tmp_path):
+    """Squid refuses `cache deny QEURY` when no acl QEURY exists; Relais can only check once a request brings
+    the access policy's acl names: it warns then, naming the file and line, and again after a reload."""
+    origin.route("/typo", lambda s: (200, {"Cache-Control": "max-age=600"}, b"body"))
+    p = rules_proxy(start_proxy, tmp_path)
+    rules = tmp_path / "cache.yaml"
+    rules.write_text(rules.read_text().replace("  - deny nostore", "  - deny nostore\n  - deny !all QEURY"))
+    time.sleep(1.2)  # the file is looked at once a second
+    p.wait_output("cache: policy reloaded")
+    for _ in range(3):
+        fetch(p, f"{origin.url}/typo")
+    assert origin.hits["/typo"] == 1  # the rule never matches: stored and served as before
+    line = rules.read_text().split("\n").index("  - deny !all QEURY") + 1
+    warning = (f"cache_policy: {rules}:{line}: store_miss deny !all QEURY names acl 'QEURY', which "
+               f"{tmp_path / 'access.yaml'} does not define: it never matches")
+    p.wait_output(warning)
+    assert p.text().count("names acl") == 1, p.text()[-3000:]
+    rules.write_text(rules.read_text() + "\n")  # reloaded: checked again at the next request
+    time.sleep(1.2)
+    fetch(p, f"{origin.url}/typo")
+    deadline = time.monotonic() + 5
+    while p.text().count(warning) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert p.text().count(warning) == 2, p.text()[-3000:]
+    assert "names acl 'nostore'" not in p.text() and "names acl 'all'" not in p.text()
+
+
 def test_a_streamed_body_the_rules_keep_out_is_not_stored_and_leaves_no_file(start_proxy, origin, tmp_path):
     p = rules_proxy(start_proxy, tmp_path, stream_large_bodies="10k")
     url = f"{origin.url}/size/50000?h.Cache-Control=max-age=600"
