@@ -50,12 +50,12 @@ import mitmproxy.proxy.layers  # noqa: F401  (http, tcp, udp, tls, dns, websocke
 import mitmproxy.proxy.server_hooks  # noqa: F401  (client/server connection events)
 
 try:
-    from addons import errorpage, meta
+    from addons import answered, errorpage, meta
 except ImportError:  # loaded by path without the project installed
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import errorpage, meta
+    from addons import answered, errorpage, meta
 
 logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs addon errors
 PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
@@ -171,6 +171,8 @@ def _fail_closed(event: str, flow, exc: Exception) -> None:
         flow.metadata[meta.CODE] = "NONE_NONE"
         flow.metadata[meta.ERROR] = "ERR_GATEWAY_FAILURE"
         meta.add_comment(flow, f"refused: {type(exc).__name__} in a Relais addon ({exc})")
+        if event == "requestheaders":  # as any answer made there: the body is neither invited nor kept
+            answered.refuse_body(flow)
     elif event in STREAM_EVENTS and getattr(flow, "killable", False):
         flow.kill()
 

@@ -111,6 +111,11 @@ def test_a_request_an_addon_fails_on_is_refused_and_logged_not_forwarded_unjudge
     assert p.wait_lines("/break-here", 1)[0].split()[3] == "NONE_NONE/500"
     assert "Addon error: a bug in some addon" in p.text()
     assert curl("-x", p.url, f"{origin.url}/fine").stdout == b"hello /fine"
+    # an upload waiting on Expect: 100-continue gets the 500 at once, and sends none of its body
+    r = curl("-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "--expect100-timeout", "60", "-x", p.url, "--data-binary", "@-",
+             f"{origin.url}/break-upload", input_bytes=b"x" * 2_000_000)
+    assert r.stdout == b"500 0"
+    assert "/break-upload" not in origin.hits
 
 
 def test_request_url_is_mitmproxys_url_with_ipv6_in_brackets():
