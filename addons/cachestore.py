@@ -169,6 +169,7 @@ class MemTier:
         # (an unsafe request's invalidation, a purge) finds them without walking every entry; most
         # responses have no Vary, and cost nothing here
         self.variants: dict[str, set[str]] = {}
+        self.on_evict = None  # called with (key, entry) for what the size limit pushes out
 
     def get(self, key) -> Entry | None:
         e = self.items.get(key)
@@ -193,6 +194,8 @@ class MemTier:
             old_key, old = self.items.popitem(last=False)
             self.bytes -= old.size
             self._forget_variant(old_key)
+            if self.on_evict is not None:
+                self.on_evict(old_key, old)
         return True
 
     def remove(self, key) -> bool:
@@ -464,6 +467,15 @@ class DiskTier:
         if full:
             self.hurry.set()
         return True
+
+    def keep_until_written(self, key: tuple[str, str], entry: Entry) -> None:
+        """An object RAM lets go while its write is still queued: reads get it from the queue till it
+        is written (reads skip the disk meanwhile), as a put with `keep` would (its bytes are held
+        for the write anyway)."""
+        primary, vh = key
+        with self.lock:
+            if primary in self.busy and vh not in self.queued.get(primary, {}):
+                self.queued.setdefault(primary, {})[vh] = (entry.meta, entry.body, None)
 
     def update_meta(self, primary: str, meta: Meta) -> None:
         with self.lock:
@@ -1003,6 +1015,11 @@ class _Writer:
             self._apply(op)
         except Exception as e:
             self._warn(f"cache: disk write failed ({op[0]}): {e}")
+            if op[0] == "put":  # the copy it replaces must not answer in its place (a full disk)
+                try:
+                    self.dc.delete(DiskTier._mkey(op[1], op[2].vhash))
+                except Exception:
+                    pass  # still answers: as if this write had come after it
         finally:
             self._done(op)
 
@@ -1129,6 +1146,8 @@ class Store:
         self.mem = MemTier(mem_limit, mem_object_max)
         self.object_max = object_max
         self.disk = DiskTier(Path(disk_dir), disk_limit) if disk_dir else None
+        if self.disk is not None:
+            self.mem.on_evict = self.disk.keep_until_written
         # as Squid's cache_dir: an object larger than the whole tier would only evict everything else
         self.disk_object_max = min(object_max, disk_limit)
         # primary -> the Vary field sets stored for it, most recent first. Values are tuples, and
@@ -1185,6 +1204,8 @@ class Store:
         in_mem = self.mem.put((primary, meta.vhash), Entry(meta, body))
         on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets, keep=not in_mem) \
             if self.disk and meta.length <= self.disk_object_max else False
+        if self.disk and not on_disk:  # (too big for it, or refused): an older copy there must not come back
+            self.disk.remove(primary)
         return "mem+disk" if in_mem and on_disk else "mem" if in_mem else "disk" if on_disk else None
 
     def put_file(self, primary: str, meta: Meta, path: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import threading
 import time
 
@@ -838,3 +839,45 @@ def test_removing_a_url_from_ram_finds_its_variants_without_walking_every_entry(
     small.put(("http://c/", m.vhash), cs.Entry(m, b"z"))
     small.put(("http://d/", cs.PLAIN), cs.Entry(meta("http://d/", b"z"), b"z"))
     assert list(small.items) == [("http://d/", cs.PLAIN)] and small.variants == {}
+
+
+@pytest.mark.parametrize("refused_by", ["backlog", "size"])
+def test_a_newer_response_the_disk_does_not_take_never_lets_the_older_copy_there_answer(tmp_path, refused_by):
+    """RFC 9111 4: the newest response is the one used. A write the disk tier refuses (its writer is 64 MB
+    behind, or the object is over its size limit) drops the copy it holds, which would come back as a
+    fresh hit once RAM lets the newer one go."""
+    s = disk_store(tmp_path, mem=1 << 20)
+    url, old, new = "http://a/x", b"OLD version", b"NEW version, longer"
+    s.put(url, meta(url, old), old)
+    s.disk.flush()
+    if refused_by == "backlog":
+        s.disk.backlog = s.disk.MAX_BACKLOG
+    else:
+        s.disk_object_max = len(old)
+    m = meta(url, new)
+    assert s.put(url, m, new) == "mem"
+    s.disk.backlog = 0
+    assert s.get(url, m.vhash)[0].body == new
+    s.mem.remove((url, m.vhash))  # evicted from RAM by other traffic
+    s.disk.flush()
+    assert s.get(url, m.vhash) == (None, None)
+    s.close()
+
+
+def test_an_object_ram_lets_go_before_its_disk_write_is_done_is_still_a_hit(tmp_path):
+    """A burst of stores can push an object out of RAM before the writer has put it on disk (reads skip
+    the disk for it meanwhile): it is read from the write queue, not missed (and fetched again)."""
+    s = disk_store(tmp_path, mem=3 * len(LARGE) + 2000)
+    urls = [f"http://a/{i}" for i in range(4)]
+    os.kill(s.disk.proc.pid, signal.SIGSTOP)  # the writer falls behind
+    try:
+        for u in urls:
+            s.put(u, meta(u, LARGE), LARGE)
+        assert (urls[0], cs.PLAIN) not in s.mem.items  # pushed out of RAM by the last one
+        assert s.get(urls[0], cs.PLAIN)[0].body == LARGE
+    finally:
+        os.kill(s.disk.proc.pid, signal.SIGCONT)
+    s.disk.flush()
+    assert all(s.get(u, cs.PLAIN)[0].body == LARGE for u in urls)
+    assert s.disk.queued == {}
+    s.close()
