@@ -137,7 +137,8 @@ def primary_key(flow: http.HTTPFlow) -> str:
     if named and named != host and named != f"{host}:{port}":
         h, p = parse_authority(named, check=False)
         if h.lower() != host.lower() or (p or (443 if scheme == "https" else 80)) != port:
-            host = f"{quote(named.lower(), safe='.-')}@{host}"  # its ':' and '[]' quoted too
+            # its ':' and '[]' quoted too, and bytes that are no UTF-8
+            host = f"{quote(named.lower().encode('utf-8', 'surrogateescape'), safe='.-')}@{host}"
     path = req.path
     return f"{scheme}://{host.lower()}:{port}{path if path.isascii() else ascii_path(path)}"
 
@@ -168,6 +169,32 @@ def url_key(url: str, base: str | None = None) -> str | None:
         path += "?" + u.query
     vhost = f"{u.username.lower()}@" if u.username else ""  # a virtual host of a reverse-mode key (primary_key)
     return f"{u.scheme}://{vhost}{u.hostname.lower()}:{port}{ascii_path(path)}"
+
+
+_VHOST = re.compile(r"https?://([^/@]*)@")
+
+
+def site_relative(key: str, headers):
+    """A virtual host's key (reverse mode with keep_host_header: scheme://site@target/...) names the
+    site the client asked for; the backend's absolute Location or Content-Location naming that site
+    (by its public name, over http or https) is the same origin (RFC 9111 4.4): made relative, it
+    resolves to that site's key. Other keys and fields are left as they are."""
+    m = _VHOST.match(key)
+    if m is None:
+        return headers
+    site = unquote(m[1])
+    out = []
+    for k, v in headers.items(multi=True) if hasattr(headers, "items") else headers:
+        if k.lower() in ("location", "content-location"):
+            try:
+                u = urlsplit(v.strip())
+                named = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
+                if u.scheme in ("http", "https") and named in (site, site.strip("[]")):
+                    v = u._replace(scheme="", netloc="").geturl() or "/"
+            except ValueError:  # a bad port: it names no site
+                pass
+        out.append((k, v))
+    return out
 
 
 _ORIGIN = re.compile(r"[^/]*//[^/*?]*")
@@ -291,7 +318,9 @@ def fetch(url: str, headers: dict, proxies: dict, insecure: bool, limit: int) ->
             except urllib.error.HTTPError as e:  # a status urllib calls an error is an answer too
                 resp = e
             with resp:
-                result = request_time, resp.code, list(resp.headers.items()), resp.read(limit)
+                fields = [(k.encode("latin-1").decode("utf-8", "surrogateescape"),  # (http.client: Latin-1)
+                           v.encode("latin-1").decode("utf-8", "surrogateescape")) for k, v in resp.headers.items()]
+                result = request_time, resp.code, fields, resp.read(limit)
                 _check_length(resp, result[3], limit)
         except Exception as e:
             if deadline.expired:
@@ -395,6 +424,7 @@ def _names(headers: http.Headers) -> set[bytes]:
 
 
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
+_NOT_OWN = frozenset({"content-length", "age", "x-cache"})  # a 304's fields its client's answer does not take
 _COOKIES = frozenset({b"set-cookie", b"set-cookie2"})  # not sent from the store with hit_set_cookie false
 _NONE = frozenset()
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since"})
@@ -666,7 +696,8 @@ class Cache:
                           "only the client whose request reached the origin gets its cookies, as Squid removes them "
                           "from hits.")
         loader.add_option("collapsed_forwarding", bool, True,
-                          "Squid collapsed_forwarding: concurrent misses for one URL make one upstream request.")
+                          "Squid collapsed_forwarding: concurrent misses, or revalidations of a stale object, for one "
+                          "URL make one upstream request; the others wait for its answer.")
         # an origin that closes or resets the connection before responding: answered stale (error hook)
         self.recovering.take()
         # a request answered at requestheaders (a remembered failure) while its body is streamed
@@ -910,15 +941,8 @@ class Cache:
                 return self._only_if_cached(flow)
             if failure:
                 return self._answer_failure(flow, failure)
-            if collapse and self._collapsible(flow, names) and self._allowed(flow, "store_miss"):
-                fut = self.inflight.get(key)
-                if fut is not None and not fut.done():
-                    return self._wait_collapsed(flow, key, fut)
-                try:
-                    self.inflight[key] = asyncio.get_running_loop().create_future()
-                    self.leader[flow.id] = key
-                except RuntimeError:  # no event loop (in-process tests): nothing to collapse with
-                    pass
+            if collapse and (waiting := self._collapse(flow, key, names)) is not None:
+                return waiting
             if tier == cachestore.SWAPFAIL:  # Squid's name for a stored copy that could not be read
                 flow.metadata[meta.CODE] = "TCP_SWAPFAIL_MISS"
                 flow.metadata[meta.CACHE] = {"status": "SWAPFAIL_MISS", "tier": "disk"}
@@ -958,6 +982,9 @@ class Cache:
             return self._only_if_cached(flow)
         if failure:
             return self._answer_failure(flow, failure)
+        # as Squid's collapsed_forwarding: one revalidation of a popular object that went stale
+        if collapse and (waiting := self._collapse(flow, key, names)) is not None:
+            return waiting
         return self._revalidate(flow, key, entry, tier)
 
     def _answer_partial(self, flow: http.HTTPFlow, key: str, names: set[bytes]) -> bool:
@@ -1001,6 +1028,22 @@ class Cache:
         for name, v in rfc9111.validators(m.headers):
             req.headers[name] = v
         self.pending[flow.id] = Pending(key, entry, tier, saved, reload)
+        return None
+
+    def _collapse(self, flow: http.HTTPFlow, key: str, names: set[bytes]):
+        """Collapsed forwarding: while another request asks the origin for `key` (a miss or a
+        revalidation), one that may wait for its answer gets an awaitable that waits and answers it;
+        else None, and this request, if it may, is the one the next ones wait for."""
+        if not (self._collapsible(flow, names) and self._allowed(flow, "store_miss")):
+            return None
+        fut = self.inflight.get(key)
+        if fut is not None and not fut.done():
+            return self._wait_collapsed(flow, key, fut)
+        try:
+            self.inflight[key] = asyncio.get_running_loop().create_future()
+            self.leader[flow.id] = key
+        except RuntimeError:  # no event loop (in-process tests): nothing to collapse with
+            pass
         return None
 
     def _collapsible(self, flow: http.HTTPFlow, names: set[bytes] | None = None) -> bool:
@@ -1382,30 +1425,43 @@ class Cache:
         """4.3.4: a 304 answers our revalidation: update the stored headers, serve the stored body."""
         entry = pending.entry
         resp = flow.response
+        own = None
         if not rfc9111.validator_mismatch(entry.meta.headers, resp.headers):
             new = self._freshened(pending.key, entry, resp.headers, flow.request.timestamp_start or time.time(),
-                                  resp.timestamp_start or time.time(), flow.request.pretty_url)
+                                  resp.timestamp_start or time.time(), flow.request.pretty_url, flow.request.headers)
             entry = cachestore.Entry(new, entry.body)
+            own = resp.headers
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals, pending.reload)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", meta.forwarded(flow))
+        if own is not None:
+            # this client's request reached the origin: it gets the whole updated response, with the
+            # fields kept out of the store (what no-cache="..." names) (4.3.4); its cookies only if
+            # hits may carry them (hit_set_cookie: Squid strips them from revalidated hits too)
+            for name in {k.lower() for k, _ in rfc9111.storable_headers(own.items(multi=True), named=False)} - _NOT_OWN:
+                if name.encode() not in self.hit_drop:
+                    flow.response.headers.set_all(name, own.get_all(name))
 
     def _freshened(self, key: str, entry: cachestore.Entry, headers, request_time: float, response_time: float,
-                   url: str) -> cachestore.Meta:
+                   url: str, req_headers) -> cachestore.Meta:
         """4.3.4: the stored response's metadata updated by the fields of a 304 (or of a HEAD 200),
-        stored in its place; dropped instead if it no longer varies on what it was stored under."""
+        stored in its place; dropped instead if it no longer varies on what it was stored under, or
+        may no longer be stored (the origin now says private or no-store...: 3.2, 3.5)."""
         old = entry.meta
         new_headers = [(k, v) for k, v in rfc9111.freshen_headers(old.headers, headers)
                        if k.lower() not in ("x-cache", "age")]
-        lifetime, source = rfc9111.freshness_lifetime(old.status, self._policy(old, new_headers), response_time,
+        policy = self._policy(old, new_headers)
+        lifetime, source = rfc9111.freshness_lifetime(old.status, policy, response_time,
                                                       url=url, rules=self.rules, negative_ttl=self.negative_ttl)
         new = dataclasses.replace(old, headers=new_headers, request_time=request_time,
                                   response_time=response_time, lifetime=lifetime, lifetime_source=source)
         new.initial_age = rfc9111.initial_age(headers, request_time, response_time)
-        if rfc9111.vary_fields(new_headers) != old.vary:  # stored under a key it no longer has
-            self._forget(key)
-        elif not self._stale_answer(key, request_time):
-            self.store.update_meta(key, new, entry.body)
+        ok, why = rfc9111.storable("GET", old.status, req_headers, policy, negative_ttl=self.negative_ttl,
+                                   partial=old.status == 206)
+        if rfc9111.vary_fields(new_headers) != old.vary or not (ok or why == "request no-store"):
+            self._forget(key)  # stored under a key it no longer has, or not to be kept any more
+        elif ok and not self._stale_answer(key, request_time):
+            self.store.update_meta(key, new, entry.body)  # (a request's no-store: the stored one stays as is)
         return new
 
     def _update_from_head(self, flow: http.HTTPFlow, key: str, pending: Pending | None) -> bool:
@@ -1422,7 +1478,7 @@ class Cache:
         if pending is None:  # a client's reload: the origin's answer goes to it (TCP_MISS), and freshens the GET
             if not rfc9111.validator_mismatch(entry.meta.headers, resp.headers):
                 self._freshened(key, entry, resp.headers, flow.request.timestamp_start or time.time(),
-                                resp.timestamp_start or time.time(), flow.request.pretty_url)
+                                resp.timestamp_start or time.time(), flow.request.pretty_url, flow.request.headers)
             return True
         self._freshen(flow, pending)
         return True
@@ -1513,7 +1569,8 @@ class Cache:
 
     def _invalidate(self, flow: http.HTTPFlow, key: str) -> None:
         resp = flow.response
-        targets = rfc9111.invalidation_targets(flow.request.method, resp.status_code, key, resp.headers)
+        targets = rfc9111.invalidation_targets(flow.request.method, resp.status_code, key,
+                                               site_relative(key, resp.headers))
         for url in targets:
             k = url_key(url)
             if k and self._forget(k):
@@ -1587,7 +1644,7 @@ class Cache:
                     headers_list.append(("Date", rfc9111.format_http_date(response_time)))
                 if status == 304:
                     if not rfc9111.validator_mismatch(m.headers, headers_list):  # else not the stored response's
-                        self._freshened(key, entry, headers_list, request_time, response_time, url)
+                        self._freshened(key, entry, headers_list, request_time, response_time, url, headers)
                 else:
                     if status >= 500:  # a failure: the stale entry stays for stale-if-error
                         return

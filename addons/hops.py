@@ -16,6 +16,11 @@ with 200 and the methods the proxy relays; with a larger value, the request goes
 the value decreased by one. Other methods' Max-Forwards is left alone, as RFC 9110 allows.
 Answers are logged TCP_MISS/200 with HIER_NONE, as Squid logs them.
 
+A forward proxy's request in absolute form (`GET http://site/ HTTP/1.1`) names its target in
+the URL: a Host field that names another is replaced by the URL's (RFC 9112 3.2.2), as Squid
+does; mitmproxy would send it on, and the origin would answer for a site the client did not
+ask for (and the log, the access rules and the cache would name another).
+
     mitmdump -s addons/hops.py
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 from pathlib import Path
 
 from mitmproxy import http
+from mitmproxy.net.http.url import hostport
 
 try:
     from addons import answered, meta
@@ -47,6 +53,33 @@ RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
 
 def _has_any(headers: http.Headers, names: frozenset) -> bool:
     return any(k.lower() in names for k, _ in headers.fields)  # (Headers' own `in` costs a few us a name)
+
+
+def _scan(headers: http.Headers, names: frozenset) -> tuple[bool, bytes | None]:
+    """One pass over the raw fields: is any of `names` there, and the Host field's value."""
+    sign, host = False, None
+    for k, v in headers.fields:
+        low = k.lower()
+        if low in names:
+            sign = True
+        elif low == b"host":
+            host = v
+    return sign, host
+
+
+def foreign_host(flow: http.HTTPFlow, host: bytes | None) -> str | None:
+    """The URL's authority when the request came in absolute form to a forward proxy (plain HTTP/1,
+    not inside a tunnel) with a Host field naming another; else None."""
+    req = flow.request
+    if host is None or req.is_http2 or req.is_http3 or flow.client_conn.tls \
+            or meta.mode_name(flow) not in ("regular", "upstream"):
+        return None
+    data = req.data
+    named = host.decode("utf-8", "surrogateescape")
+    if named == data.host or named == f"{data.host}:{data.port}":
+        return None
+    want = hostport(req.scheme, data.host, data.port)
+    return None if named.lower() == want.lower() else want
 
 
 def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
@@ -97,7 +130,13 @@ class Hops:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if flow.response is not None or not _has_any(req.headers, REQUEST_SIGNS):
+        if flow.response is not None:
+            return
+        sign, host = _scan(req.headers, REQUEST_SIGNS)
+        if (want := foreign_host(flow, host)) is not None:
+            req.host_header = want
+            meta.add_comment(flow, f"Host {host.decode('utf-8', 'backslashreplace')!r} replaced by the URL's {want}")
+        if not sign:
             return
         always = ALWAYS_HOP if req.is_http2 or req.is_http3 else HTTP1_REQUEST_HOP
         if removed := strip_hop_fields(req.headers, always):

@@ -246,8 +246,9 @@ _SF_MEMBER = re.compile(rf"({_SF_KEY})(?:=({_SF_ITEM}))?((?:;[ ]*{_SF_KEY}(?:={_
 def targeted_directives(values: Iterable[str]) -> str | None:
     """RFC 9213 2.1: a targeted field (CDN-Cache-Control...) is a Structured Fields Dictionary
     (RFC 8941). Returns its directives as Cache-Control text, or None when the field is not a
-    valid Dictionary (then it is ignored). Members whose value has the wrong type for a cache
-    directive (a string, a decimal...) are ignored, as are false booleans."""
+    valid, non-empty Dictionary (then it is ignored, 2.1). Members whose value has the wrong type
+    for a cache directive (a string, a decimal...) are ignored, as are false booleans; a field
+    left with none counts as empty."""
     out = []
     for member in split_list(values):
         m = _SF_MEMBER.fullmatch(member)
@@ -258,7 +259,7 @@ def targeted_directives(values: Iterable[str]) -> str | None:
             out.append(key)
         elif item.lstrip("-").isdigit():
             out.append(f"{key}={item}")
-    return ", ".join(out)
+    return ", ".join(out) or None
 
 
 def targeted_view(headers, targets: Iterable[str]):
@@ -273,7 +274,7 @@ def targeted_view(headers, targets: Iterable[str]):
         if directives is None:
             continue
         kept = [(k, v) for k, v in _items(headers) if k.lower() not in ("cache-control", "expires")]
-        return kept + [("Cache-Control", directives)] if directives else kept
+        return kept + [("Cache-Control", directives)]
     return headers
 
 
@@ -805,15 +806,15 @@ def has_client_conditionals(req_headers) -> bool:
 def freshen_headers(stored: list[tuple[str, str]], new) -> list[tuple[str, str]]:
     """3.2 / 4.3.4: the stored header list updated with the fields of a 304 (or HEAD) response.
 
-    Each field present in `new` replaces the stored field of that name,
-    except hop-by-hop fields and Content-Length.
+    Each field present in `new` replaces the stored field of that name, except Content-Length
+    and those 3.1 keeps out of storage (hop-by-hop, Connection-listed, named by private="..." or
+    no-cache="..."), in `new` and in the result: a 304's per-user fields are never stored.
     """
-    new_items = _items(new)
-    skip = HOP_BY_HOP | {"content-length"}
-    replace = {k.lower() for k, _ in new_items} - skip
+    new_items = storable_headers(new)
+    replace = {k.lower() for k, _ in new_items} - {"content-length"}
     out = [(k, v) for k, v in stored if k.lower() not in replace]
     out += [(k, v) for k, v in new_items if k.lower() in replace]
-    return out
+    return storable_headers(out)
 
 
 def validator_mismatch(stored_headers, new_headers) -> bool:
@@ -823,8 +824,8 @@ def validator_mismatch(stored_headers, new_headers) -> bool:
     old_etag = get(stored_headers, "etag")
     if new_etag and old_etag:
         return not weak_match(new_etag, old_etag)
-    if new_etag:
-        return False
+    if new_etag:  # "no stored response has it": a strong one selects none (4.3.4)
+        return not new_etag.lstrip().startswith("W/")
     new_lm = parse_http_date(get(new_headers, "last-modified"))
     old_lm = parse_http_date(get(stored_headers, "last-modified"))
     return new_lm is not None and old_lm is not None and new_lm != old_lm
@@ -840,15 +841,16 @@ def head_mismatch(stored_headers, head_headers) -> bool:
     return False
 
 
-def storable_headers(headers, also_drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+def storable_headers(headers, also_drop: frozenset[str] = frozenset(), named: bool = True) -> list[tuple[str, str]]:
     """3.1: the header fields kept with a stored response (hop-by-hop and Connection-listed removed,
-    and the lower-case names in `also_drop`)."""
+    the lower-case names in `also_drop`, and, unless `named` is false, those its private="..." and
+    no-cache="..." name: with named=False, the end-to-end fields of RFC 9110 7.6.1)."""
     items = headers if isinstance(headers, Fields) else Fields(_items(headers))
     lows = items.lows
     drop = HOP_BY_HOP | also_drop if also_drop else HOP_BY_HOP
     if "connection" in lows:
         drop = drop | {n.lower() for n in split_list(v for (k, v), low in zip(items, lows) if low == "connection")}
-    if "cache-control" in lows:
+    if named and "cache-control" in lows:
         cc = cache_control(items)
         # 5.2.2.7: a shared cache does not store the fields named by private="..."; 5.2.2.4: nor those
         # named by no-cache="...", which must not be sent without revalidation

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -135,6 +135,13 @@ def test_reverse_key_uses_the_target_not_the_host_header():
         f = request_flow("http://evil.example/x")
         f.client_conn.proxy_mode = ProxyMode.parse("reverse:http://10.0.0.1:8080")
         assert cachemod.primary_key(f) == "http://10.0.0.1:8080/x"
+
+
+def test_a_host_field_that_is_no_utf8_gets_a_key_of_its_own():
+    f = request_flow("http://example.com/")
+    f.request.data.authority = b""  # origin-form: the Host field names the site
+    f.request.headers.fields = ((b"Host", b"ex\xffample.com"),)
+    assert cachemod.primary_key(f) == "http://ex%ffample.com@example.com:80/"
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -435,6 +442,81 @@ def test_a_refresh_answered_304_with_another_etag_does_not_freshen_the_stored_re
         b'HTTP/1.1 304 Not Modified\r\nETag: "v2"\r\nCache-Control: max-age=600\r\n\r\n'))
     assert after.body == b"old body" and dict(after.meta.headers)["ETag"] == '"v1"'
     assert after.meta.lifetime == 60
+
+
+def test_a_refresh_keeps_the_bytes_of_the_fields_it_gets(cache):
+    """http.client reads field values as Latin-1; the store holds them as mitmproxy does (UTF-8 with
+    surrogateescape): a hit sends the origin's bytes, and an ETag with obs-text matches its own 304."""
+    etag = '"\u00e9"'  # as mitmproxy holds the bytes "\xc3\xa9"
+    c, _ = cache
+    _, after = refresh_against(cache, lambda conn: conn.sendall(
+        b'HTTP/1.1 304 Not Modified\r\nETag: "\xc3\xa9"\r\nCache-Control: max-age=600\r\n'
+        b'Content-Disposition: attachment; filename="caf\xc3\xa9.txt"\r\n\r\n'), etag=etag)
+    assert after.meta.lifetime == 600  # the 304 selected the stored response
+    g = request_flow(after.meta.url.replace(":80/", "/", 1))
+    c.requestheaders(g)
+    assert g.response.headers.fields[[k for k, _ in g.response.headers.fields].index(b"Content-Disposition")][1] \
+        == b'attachment; filename="caf\xc3\xa9.txt"'
+
+
+def per_user_answer(c, method, req_headers, status, resp_headers, cc="max-age=1"):
+    """A stored, stale-or-reloaded response; a user's request reaches the origin, which answers with
+    resp_headers. Returns what the user gets, and what another user then gets from the cache (None:
+    nothing stored)."""
+    f = stored_flow(cc=cc, body=b"page")
+    f.response.headers["ETag"] = '"v1"'
+    if cc == "max-age=1":
+        f.request.timestamp_start = f.response.timestamp_start = time.time() - 100  # stale
+    c.response(f)
+    user = request_flow(method=method, **req_headers)
+    c.requestheaders(user)
+    assert user.response is None  # forwarded
+    user.response = http.Response.make(status, b"", resp_headers)
+    user.request.timestamp_start = user.response.timestamp_start = time.time()
+    c.responseheaders(user)
+    c.response(user)
+    other = request_flow()
+    c.requestheaders(other)
+    return user.response, other.response
+
+
+def test_a_304_never_puts_fields_it_names_no_cache_into_the_shared_entry(cache):
+    """RFC 9111 3.2: the fields 3.1 keeps out of storage stay out when a 304 updates the stored ones."""
+    c, _ = cache
+    own, got = per_user_answer(c, "GET", {"Cookie": "sid=ALICE"}, 304, {
+        "ETag": '"v1"', "Cache-Control": 'max-age=600, no-cache="Set-Cookie, X-User"',
+        "Set-Cookie": "sid=ALICE-SESSION", "X-User": "alice", "X-Build": "2", "Connection": "X-Hop", "X-Hop": "1"})
+    assert got is not None and got.content == b"page" and got.headers["X-Build"] == "2"  # freshened
+    assert "Set-Cookie" not in got.headers and "X-User" not in got.headers
+    # the user whose request reached the origin gets the whole updated response
+    assert own.content == b"page" and own.headers["Set-Cookie"] == "sid=ALICE-SESSION"
+    assert own.headers["X-User"] == "alice" and own.headers["X-Build"] == "2" and "X-Hop" not in own.headers
+
+
+def test_with_hit_set_cookie_false_a_revalidated_answer_carries_no_cookie_as_from_squid(tmp_path):
+    c = cachemod.Cache()
+    with taddons.context(c) as tctx:
+        tctx.configure(c, cache_dir="none", hit_set_cookie=False)
+        own, got = per_user_answer(c, "GET", {}, 304, {"ETag": '"v1"', "Cache-Control": "max-age=600",
+                                                      "Set-Cookie": "sid=NEW", "X-Build": "2"})
+        assert "Set-Cookie" not in own.headers and own.headers["X-Build"] == "2"
+        assert "Set-Cookie" not in got.headers
+    c.done()
+
+
+@pytest.mark.parametrize("method, status", [("GET", 304), ("HEAD", 200)])
+@pytest.mark.parametrize("cc", ["private, max-age=600", "no-store"])
+def test_a_304_or_head_saying_private_or_no_store_drops_the_shared_entry(cache, method, status, cc):
+    """RFC 9111 3.5, 5.2.2.7: a response a shared cache may not store does not update (and so keep
+    serving) a stored one: Alice's personal answer never reaches Bob."""
+    c, _ = cache
+    resp = {"ETag": '"v1"', "Cache-Control": cc, "Set-Cookie": "sid=ALICE-SESSION", "X-User": "alice"}
+    req = {"Authorization": "Basic YWxpY2U6eA=="} if method == "HEAD" else {}
+    if method == "HEAD":  # a reload (the stored GET is fresh): the origin's 200 to the HEAD freshens it
+        req["Cache-Control"] = "no-cache"
+        resp["Content-Length"] = "4"
+    _, got = per_user_answer(c, method, req, status, resp, cc="max-age=600" if method == "HEAD" else "max-age=1")
+    assert got is None
 
 
 def test_a_refresh_answered_with_a_5xx_keeps_the_stale_entry_for_stale_if_error(cache):

@@ -83,6 +83,26 @@ def test_fields_a_client_names_in_connection_never_reach_the_origin(proxy, origi
     assert "x-hop" not in seen.get("connection", "").lower()
 
 
+@pytest.mark.parametrize("named", ["evil.example", "evil.example:8080", "[::1]"])
+def test_a_host_naming_another_site_than_the_url_is_replaced_by_the_urls(proxy, origin, named):
+    """RFC 9112 3.2.2: a proxy ignores the Host of an absolute-form request and sends the URL's."""
+    out = raw(proxy.port, f"GET {origin.url}/headers HTTP/1.1\r\nHost: {named}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    seen = {k.lower(): v for k, v in json.loads(out.split(b"\r\n\r\n", 1)[1])["headers"].items()}
+    assert seen["host"] == f"127.0.0.1:{origin.port}"
+    assert proxy.log_line("/headers").split()[6] == f"{origin.url}/headers"
+
+
+@pytest.mark.parametrize("named", ["{host}", "{host}:80", "EXAMPLE.com"])
+def test_a_host_naming_the_urls_site_is_left_as_sent(named):
+    f = tflow.tflow()
+    f.request.url = "http://example.com/x"
+    f.request.headers["Host"] = named.format(host="example.com")
+    assert hops.foreign_host(f, f.request.headers["Host"].encode()) is None
+    f.request.headers["Host"] = "other.example"
+    assert hops.foreign_host(f, b"other.example") == "example.com"
+
+
 def test_fields_an_origin_names_in_connection_never_reach_the_client(proxy, origin):
     origin.route("/hop-response", lambda s: (200, {"Content-Type": "text/plain", "Connection": "X-Secret",
                                                    "X-Secret": "backend-1", "Keep-Alive": "timeout=5",

@@ -455,6 +455,13 @@ class TestValidation:
         assert out["content-length"] == "5"
         assert "connection" not in out and out["x-old"] == "1"
 
+    def test_freshen_keeps_out_what_storage_keeps_out(self):  # 3.2 -> 3.1
+        stored = H(cache_control="max-age=1", etag='"a"', set_cookie="sid=FIRST", x_build="1")
+        new = H(cache_control='max-age=100, no-cache="Set-Cookie"', set_cookie="sid=ALICE", connection="X-Hop",
+                x_hop="alice", x_build="2", etag='"a"')
+        out = dict((k.lower(), v) for k, v in r.freshen_headers(stored, new))
+        assert out == {"cache-control": 'max-age=100, no-cache="Set-Cookie"', "etag": '"a"', "x-build": "2"}
+
     def test_validator_mismatch(self):
         assert r.validator_mismatch(H(etag='"a"'), H(etag='"b"'))
         assert not r.validator_mismatch(H(etag='"a"'), H(etag='"a"'))
@@ -464,6 +471,9 @@ class TestValidation:
         assert not r.validator_mismatch(H(last_modified=jan1), H(last_modified=jan1))
         assert not r.validator_mismatch(H(last_modified=jan1), H())  # no validator: the stored one is selected
         assert not r.validator_mismatch(H(etag='"a"', last_modified=jan1), H(etag='"a"', last_modified=jan2))
+        # a strong ETag the stored response lacks selects no stored response; a weak one may
+        assert r.validator_mismatch(H(last_modified=jan1), H(etag='"new"'))
+        assert not r.validator_mismatch(H(last_modified=jan1), H(etag='W/"new"'))
 
 
 # --- 4.4 invalidation ----------------------------------------------------------------------------
@@ -539,7 +549,7 @@ class TestTargeted:
     @pytest.mark.parametrize("value, expected", [
         ("max-age=3600", "max-age=3600"), ("foobar, max-age=3600", "foobar, max-age=3600"),
         ("no-store", "no-store"), ("private;x=1", "private"), ("max-age=99999999999", "max-age=99999999999"),
-        ('max-age="10000"', ""),            # a string: the directive is ignored
+        ('max-age="10000"', None),          # a string: ignored, and no directive is left: the field is ignored
         ("no-cache=?0, no-store=?1", "no-store"),
         ("MaX-aGe=3600", None), ("max-age=10000, &&&&&", None), ("max-age =100", None), ("max-age= 100", None)])
     def test_structured_dictionary(self, value, expected):
@@ -556,6 +566,12 @@ class TestTargeted:
         h = [("Cache-Control", "max-age=5"), ("CDN-Cache-Control", "max-age=&")]
         assert r.targeted_view(h, ["cdn-cache-control"]) is h
         assert r.targeted_view(h, []) is h
+
+    @pytest.mark.parametrize("value", ["", " ", 'max-age="600"'])
+    def test_an_empty_field_leaves_headers_alone(self, value):  # RFC 9213 2.1: "valid, non-empty"
+        h = [("Cache-Control", "private, max-age=600"), ("CDN-Cache-Control", value)]
+        assert r.targeted_view(h, ["cdn-cache-control"]) is h
+        assert r.storable("GET", 200, {}, r.targeted_view(h, ["cdn-cache-control"])) == (False, "private")
 
     def test_first_valid_target_wins(self):
         h = [("A-Cache-Control", "max-age=1"), ("CDN-Cache-Control", "max-age=2")]
