@@ -21,6 +21,9 @@ the URL: a Host field that names another is replaced by the URL's (RFC 9112 3.2.
 does; mitmproxy would send it on, and the origin would answer for a site the client did not
 ask for (and the log, the access rules and the cache would name another).
 
+An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
+whose length it knows (mitmproxy keeps the connection but does not say so).
+
     mitmdump -s addons/hops.py
 """
 from __future__ import annotations
@@ -118,6 +121,20 @@ def trace_body(request: http.Request, absolute: bool) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
+def keep_alive_for_1_0(req: http.Request, resp: http.Response) -> None:
+    """An HTTP/1.0 client that asked to keep its connection (`Connection: keep-alive`) keeps it only
+    if the answer says so (RFC 9112 9.3, 1.0's keep-alive), as Squid's does; mitmproxy keeps such a
+    connection open but does not say it, and the client (ab -k...) closes it. Only for an answer
+    whose end the client can tell without the connection closing."""
+    if not any(o.strip().lower() == "keep-alive" for v in req.headers.get_all("connection") for o in v.split(",")):
+        return
+    if "connection" in resp.headers:  # close (an early answer), or keep-alive already
+        return
+    if "content-length" in resp.headers or req.method == "HEAD" or resp.status_code in (204, 304) \
+            or resp.status_code < 200:
+        resp.headers["Connection"] = "keep-alive"
+
+
 class Hops:
     def __init__(self) -> None:
         self.answering = answered.hold()
@@ -146,7 +163,11 @@ class Hops:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
-        if meta.LOCAL in flow.metadata or resp is None or not _has_any(resp.headers, RESPONSE_SIGNS):
+        if resp is None:
+            return
+        if flow.request.data.http_version == b"HTTP/1.0":
+            keep_alive_for_1_0(flow.request, resp)
+        if meta.LOCAL in flow.metadata or not _has_any(resp.headers, RESPONSE_SIGNS):
             return
         strip_hop_fields(resp.headers)
 

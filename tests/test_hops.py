@@ -166,3 +166,23 @@ def test_a_local_answer_says_who_made_it():
     f.request.headers["Max-Forwards"] = "0"
     hops.Hops().requestheaders(f)
     assert f.response.status_code == 200 and f.metadata[meta.LOCAL] == "hops"
+
+
+def test_an_http_1_0_client_asking_for_keep_alive_is_told_it_and_keeps_its_connection(proxy, origin):
+    """ab -k and other HTTP/1.0 clients close a connection the answer does not say is kept (as Squid says)."""
+    origin.route("/ka", lambda s: (200, {"Cache-Control": "max-age=600", "Content-Type": "text/plain"}, b"hello"))
+    heads = []
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        for _ in range(3):  # a miss, then hits: all on one connection
+            s.sendall(f"GET {origin.url}/ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            data = b""
+            while not (b"\r\n\r\n" in data and data.endswith(b"hello")):
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+            heads.append(data.split(b"\r\n\r\n", 1)[0].lower())
+    assert all(b"\r\nconnection: keep-alive" in h for h in heads), heads
+    assert [h.split(b"x-cache: ")[1].split(b" ")[0] for h in heads] == [b"miss", b"hit", b"hit"]
+    # without asking, nothing is promised
+    out = raw(proxy.port, f"GET {origin.url}/ka HTTP/1.0\r\n\r\n".encode())
+    assert b"\r\nConnection: keep-alive" not in out.split(b"\r\n\r\n", 1)[0]
