@@ -1431,6 +1431,8 @@ class Cache:
                                   resp.timestamp_start or time.time(), flow.request.pretty_url, flow.request.headers)
             entry = cachestore.Entry(new, entry.body)
             own = resp.headers
+        else:  # a 304 naming another validator selects no stored response (4.3.4): the stored one answers
+            self._forget(pending.key)  # this time, and the next request fetches the whole response
         self._restore_conditionals(flow, pending)
         pending = Pending(pending.key, entry, pending.tier, pending.client_conditionals, pending.reload)
         self._serve_revalidated(flow, pending, "TCP_REFRESH_UNMODIFIED", meta.forwarded(flow))

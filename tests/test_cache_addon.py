@@ -480,6 +480,15 @@ def per_user_answer(c, method, req_headers, status, resp_headers, cc="max-age=1"
     return user.response, other.response
 
 
+def test_a_304_naming_another_etag_answers_this_once_and_the_next_request_fetches_whole(cache):
+    """RFC 9111 4.3.4: such a 304 selects no stored response; revalidating that one again would get the
+    same answer for ever."""
+    c, _ = cache
+    own, got = per_user_answer(c, "GET", {}, 304, {"ETag": '"v2"', "Cache-Control": "max-age=600"})
+    assert own.content == b"page" and own.headers["ETag"] == '"v1"'
+    assert got is None  # not stored any more: the next request goes to the origin, unconditional
+
+
 def test_a_304_never_puts_fields_it_names_no_cache_into_the_shared_entry(cache):
     """RFC 9111 3.2: the fields 3.1 keeps out of storage stay out when a 304 updates the stored ones."""
     c, _ = cache
