@@ -486,7 +486,10 @@ def test_a_304_naming_another_etag_answers_this_once_and_the_next_request_fetche
     c, _ = cache
     own, got = per_user_answer(c, "GET", {}, 304, {"ETag": '"v2"', "Cache-Control": "max-age=600"})
     assert own.content == b"page" and own.headers["ETag"] == '"v1"'
-    assert got is None  # not stored any more: the next request goes to the origin, unconditional
+    assert got is None
+    again = request_flow()
+    c.requestheaders(again)
+    assert again.response is None and "If-None-Match" not in again.request.headers  # a miss, not a revalidation
 
 
 def test_a_304_never_puts_fields_it_names_no_cache_into_the_shared_entry(cache):
