@@ -618,7 +618,8 @@ class Policy:
                  source: str = "<policy>"):
         self.acls, self.http_access, self.ssl_bump, self.source = acls, http_access, ssl_bump, source
         self.includes: tuple[str, ...] = ()  # what a squid.conf included (files, glob folders): reloads watch it
-        self.names = frozenset(acls)  # (relais.acl_names: other policies' rules name these acls)
+        # relais.acl_names: other policies' rules name these acls (a tuple: flows are saved as plain data)
+        self.names = tuple(sorted(acls))
         used = {a.name for rule in http_access + ssl_bump for _, a in rule.terms}
         self.uses_dst = any(self.acls[n].type == "dst" for n in used)
         self.uses_rdns = any(self.acls[n].type in ("dstdomain", "dstdom_regex") and not self.acls[n].noresolve

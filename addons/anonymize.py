@@ -71,7 +71,8 @@ class Anonymize:
         self.strip_backend = False          # the anonymize_backend option
         self.memo: dict[tuple, tuple] = {}  # request facts -> the anonymized header fields
         self.poller = None                  # looks at the policy file while the proxy is idle
-        self.acl_names_checked: tuple | None = None  # (policy, the access policy's acl names) checked
+        self.acl_names_seen: tuple | None = None  # the access policy's acl names of the last request
+        self.acl_names_checked: set[tuple] = set()  # all those this policy's overrides were checked against
 
     def load(self, loader):
         loader.add_option(
@@ -114,10 +115,14 @@ class Anonymize:
             path = resolve_policy(value)
             try:
                 self.policy, stamp = read_policy(path)
-                self.memo.clear()
+                self._new_policy()
             except anonrules.PolicyError as e:
                 raise exceptions.OptionsError(f"anonymize_policy: {e}") from None
             self.watch = policyfile.Watch(path, stamp)
+
+    def _new_policy(self) -> None:
+        self.memo.clear()
+        self.acl_names_seen, self.acl_names_checked = None, set()  # its overrides are checked anew
 
     @property
     def path(self) -> Path | None:
@@ -138,7 +143,7 @@ class Anonymize:
             logger.error("anonymize: policy not reloaded, keeping the last good one: %s", e)
             return False
         self.policy, self.watch.stamp, self.last_error = policy, stamp, None
-        self.memo.clear()
+        self._new_policy()
         logger.info("anonymize: policy reloaded from %s", self.path)
         return True
 
@@ -157,14 +162,17 @@ class Anonymize:
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
         defined = flow.metadata.get(meta.ACL_NAMES)
-        if defined is not None and self.policy.overrides and self.acl_names_checked != (self.policy, defined):
+        if defined is not None and defined is not self.acl_names_seen and self.policy.overrides:
             self._check_acl_names(flow, defined)
         return anonrules.choose_level(self.level, meta.mode_name(flow),
                                       flow.metadata.get(ACLS), self.policy)
 
     def _check_acl_names(self, flow: http.HTTPFlow, defined) -> None:
         """Warn once per policy, of either kind, about overrides naming an acl the access policy lacks."""
-        self.acl_names_checked = (self.policy, defined)
+        self.acl_names_seen = defined
+        if defined in self.acl_names_checked:  # (requests judged before and after a reload)
+            return
+        self.acl_names_checked.add(defined)
         uses = [(f"{self.path}:{o.line}: overrides: acl {o.acl}", o.acl) for o in self.policy.overrides]
         for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):
             logger.warning("anonymize_policy: %s", msg)

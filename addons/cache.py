@@ -622,7 +622,8 @@ class Cache:
         self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
         self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
         self.checks: dict[str, list] = {}
-        self.acl_names_checked: frozenset | None = None
+        self.acl_names_seen: tuple | None = None
+        self.acl_names_checked: set[tuple] = set()
         self.warned_no_acls = False
         self.watch = policyfile.Watch()            # the cache policy file, re-read when it changes
         self.poller: asyncio.Task | None = None    # looks at it while the proxy is idle
@@ -789,7 +790,8 @@ class Cache:
         # what each question asks, in order: Squid's `cache` list first, then send_hit or store_miss
         self.checks = {d: [(n, policy.access[n]) for n in ("cache", d) if n in policy.access]
                        for d in ("send_hit", "store_miss")}
-        self.acl_names_checked = None  # the access policy's acl names these rules were checked against
+        self.acl_names_seen = None  # the access policy's acl names of the last request judged by these rules
+        self.acl_names_checked: set[tuple] = set()  # all those these rules were checked against
 
     @command.command("cache.reload")
     def reload(self) -> None:
@@ -907,7 +909,7 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
-        if flow.metadata.get(meta.ACL_NAMES, self.acl_names_checked) is not self.acl_names_checked:
+        if flow.metadata.get(meta.ACL_NAMES, self.acl_names_seen) is not self.acl_names_seen:
             self._check_acl_names(flow)
         for name, rules in self.checks[directive]:
             ok, rule = access_allows(rules, acls)
@@ -921,7 +923,10 @@ class Cache:
 
     def _check_acl_names(self, flow: http.HTTPFlow) -> None:
         """Warn once per policy, of either kind, about rules naming an acl the access policy lacks (a typo)."""
-        self.acl_names_checked = defined = flow.metadata[meta.ACL_NAMES]
+        self.acl_names_seen = defined = flow.metadata[meta.ACL_NAMES]
+        if defined in self.acl_names_checked:  # (requests judged before and after its reload)
+            return
+        self.acl_names_checked.add(defined)
         uses = [(f"{r.source}:{r.line}: {key} {r.text}", name)
                 for key, rules in self.access.items() for r in rules for _, name in r.terms]
         for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):

@@ -485,7 +485,8 @@ class DiskTier:
                 variants[meta.vhash] = (meta, *old[1:])
         self.q.put(("meta", primary, meta))
 
-    def remove(self, primary: str) -> None:
+    def remove(self, primary: str, urgent: bool = True) -> None:
+        """Delete a URL's entries; `urgent`: sent at once (else with the next batch of writes)."""
         with self.lock:
             self.queued.pop(primary, None)
             if self.known is not None and hash(primary) not in self.known:
@@ -494,7 +495,10 @@ class DiskTier:
                 self._journal([primary])
                 return
             self.busy[primary] = self.busy.get(primary, 0) + 1
-        self._urgent(("remove", primary))
+        if urgent:
+            self._urgent(("remove", primary))
+        else:
+            self.q.put(("remove", primary))
 
     def clear(self) -> None:
         with self.lock:
@@ -989,6 +993,7 @@ class _Writer:
                 if ops[i][0] == "put":
                     size += ops[i][2].length
                 i += 1
+            failed = []
             try:
                 with self.dc.transact():
                     for one in batch:
@@ -996,12 +1001,25 @@ class _Writer:
                             self._apply(one)
                         except Exception as e:
                             self._warn(f"cache: disk write failed ({one[0]}): {e}")
+                            failed.append(one)
             except Exception as e:
                 self._warn(f"cache: disk write failed (commit of {len(batch)} operations): {e}")
+                failed = batch
             finally:
+                self._forget_failed_puts(failed)
                 for one in batch:
                     self._done(one)
             self._cull()
+
+    def _forget_failed_puts(self, ops) -> None:
+        """The copy a failed put was to replace must not answer in its place (a full disk): deleted
+        if the disk lets it (else it answers, as if the failed write had come before it)."""
+        for op in ops:
+            if op[0] == "put":
+                try:
+                    self.dc.delete(DiskTier._mkey(op[1], op[2].vhash))
+                except Exception:
+                    pass
 
     def _cull(self) -> None:
         """Back under the size limit, least recently stored first (at most one batch over it meanwhile)."""
@@ -1015,11 +1033,7 @@ class _Writer:
             self._apply(op)
         except Exception as e:
             self._warn(f"cache: disk write failed ({op[0]}): {e}")
-            if op[0] == "put":  # the copy it replaces must not answer in its place (a full disk)
-                try:
-                    self.dc.delete(DiskTier._mkey(op[1], op[2].vhash))
-                except Exception:
-                    pass  # still answers: as if this write had come after it
+            self._forget_failed_puts([op])
         finally:
             self._done(op)
 
@@ -1204,8 +1218,9 @@ class Store:
         in_mem = self.mem.put((primary, meta.vhash), Entry(meta, body))
         on_disk = self.disk.put(primary, meta, body=body, vary_sets=sets, keep=not in_mem) \
             if self.disk and meta.length <= self.disk_object_max else False
-        if self.disk and not on_disk:  # (too big for it, or refused): an older copy there must not come back
-            self.disk.remove(primary)
+        if self.disk and not on_disk and not self.disk.failed:  # too big for it, or the writer is behind:
+            self.disk.remove(primary, urgent=False)  # an older copy there must not come back (a dead writer
+            # reads nothing till the next start, and what RAM holds is gone then)
         return "mem+disk" if in_mem and on_disk else "mem" if in_mem else "disk" if on_disk else None
 
     def put_file(self, primary: str, meta: Meta, path: str) -> bool:

@@ -22,7 +22,7 @@ SENT_BYTES = "relais.sent_bytes"  # body bytes actually sent to the client (stre
 PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts); only its size is kept
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
 ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
-ACL_NAMES = "relais.acl_names"  # every acl name the access policy defines, predefined ones included (acl.py)
+ACL_NAMES = "relais.acl_names"  # sorted names of every acl the access policy defines, predefined included (acl.py)
 RECOVERABLE = "relais.recoverable"  # set by recover.py during an error hook whose answer it would send
 RECOVERED = "relais.recovered"  # the origin failed and an addon answered in the error hook (recover.py)
 

@@ -151,3 +151,18 @@ def test_pretty_url_is_mitmproxys_with_ipv6_in_brackets():
         assert meta.pretty_url(req) == want, (host_header, meta.pretty_url(req))
         if "[" not in want and not (host_header or "").endswith(":"):  # (mitmproxy keeps an empty port's colon)
             assert want == req.pretty_url
+
+
+def test_flows_can_be_saved_with_what_the_addons_put_in_their_metadata(start_proxy, origin, tmp_path):
+    """mitmdump -w / mitmweb's Save write flow.metadata as plain data: a set there made every flow unsavable."""
+    from mitmproxy import io
+    saved = tmp_path / "flows"
+    p = start_proxy(options={"save_stream_file": str(saved)})
+    assert curl("-x", p.url, f"{origin.url}/saved").stdout == b"hello /saved"
+    p.wait_lines("/saved", 1)
+    p.stop()
+    assert "Addon error" not in p.text(), p.text()[-2000:]
+    with saved.open("rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert [f.request.path for f in flows] == ["/saved"]
+    assert "all" in flows[0].metadata["relais.acl_names"]
