@@ -132,6 +132,8 @@ class AccessControl:
         self.path_name = str(path)
         log.info("policy %s: %d acls, %d http_access rules, %d ssl_bump rules", path, len(policy.acls),
                  len(policy.http_access), len(policy.ssl_bump))
+        for note in policy.notes:
+            log.warning("policy %s", note)
 
     @staticmethod
     def _stamps(path: Path, policy: aclrules.Policy | None = None, also=()) -> dict[str, float]:
@@ -309,7 +311,13 @@ class AccessControl:
     def _http_request(self, flow: http.HTTPFlow) -> aclrules.Request:
         r = flow.request
         mode = meta.mode_name(flow)
-        by_host_header = mode in ("transparent", "socks5", "wireguard", "local", "reverse")
+        # Where the request names its site by Host: a connection to an address (transparent, a SOCKS
+        # request naming an IP), a reverse proxy's, and inside a CONNECT tunnel (Squid builds a bumped
+        # request's URL from Host: a site fronted by an allowed name is judged as itself). A SOCKS
+        # request naming a host goes there whatever Host says: that name is judged.
+        tunnelled = flow.client_conn in self.tunnels
+        by_host_header = tunnelled or mode in ("transparent", "wireguard", "local", "reverse") or (
+            mode == "socks5" and _is_ip(r.host))
         site = None
         if by_host_header:
             try:
@@ -317,7 +325,8 @@ class AccessControl:
             except ValueError:
                 raise InvalidHost(f"invalid Host header: {r.host_header!r}") from None
         host = site[0] if site else r.host
-        dst = (r.host,) if mode in ("transparent", "wireguard", "local") and _is_ip(r.host) else None
+        dst = (r.host,) if (tunnelled or mode in ("transparent", "wireguard", "local", "socks5")) and _is_ip(r.host) \
+            else None  # the address the connection goes to
         method = r.method  # a property that decodes on every read
         if method == "CONNECT":
             url, path, proto = meta.hostport(r.host, r.port), "", "NONE"

@@ -416,6 +416,36 @@ def test_socks5_tls_decided_by_sni(env):
     assert r.stdout == b"hello /sni-ok"
 
 
+def test_inside_an_intercepted_tunnel_a_request_is_judged_by_its_host_not_the_connect_or_sni(env):
+    """Domain fronting: CONNECT and SNI name an allowed site, the request inside names a denied one.
+    Squid builds a bumped request's URL from its Host: it is judged (and denied) as that site."""
+    proxy, _, tls_origin, _ = env
+    port = tls_origin.port
+    front = ("-k", "-x", proxy.url, "--connect-to", f"ok.test:{port}:127.0.0.1:{port}")
+    r = curl("-i", *front, "-H", f"Host: www.blocked.test:{port}", f"https://ok.test:{port}/fronted")
+    answer = r.stdout.split(b"HTTP/1.1 200 Connection established\r\n\r\n", 1)[-1]
+    assert answer.startswith(b"HTTP/1.1 403") and b"http_access deny blocked" in answer, r.stdout[:300]
+    assert curl(*front, f"https://ok.test:{port}/not-fronted").stdout == b"hello /not-fronted"
+    assert "/fronted" not in tls_origin.hits
+
+
+def test_a_socks5_request_naming_a_host_is_judged_by_that_name_not_by_its_host_field(tmp_path):
+    """The SOCKS request names where the connection goes: a Host field naming another site must not
+    get a denied name through."""
+    origin = Origin()
+    p = start(tmp_path, "acls:\n  badhost: dstdomain localhost\nhttp_access:\n  - deny badhost\n  - allow all\n",
+              ("socks5",))
+    try:
+        for extra in ((), ("-H", "Host: ok.test")):
+            r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "--socks5-hostname", f"127.0.0.1:{p.port}", *extra,
+                     f"http://localhost:{origin.port}/named")
+            assert r.stdout != b"200", extra
+        assert "/named" not in origin.hits
+    finally:
+        p.stop()
+        origin.close()
+
+
 def test_reverse_mode_uses_the_same_rules_and_myportname(env):
     proxy, origin, *_ = env
     rev = f"http://127.0.0.1:{proxy.ports[2]}"
