@@ -17,8 +17,9 @@ the value decreased by one. Other methods' Max-Forwards is left alone, as RFC 91
 Answers are logged TCP_MISS/200 with HIER_NONE, as Squid logs them.
 
 A forward proxy's request in absolute form (`GET http://site/ HTTP/1.1`) names its target in
-the URL: a Host field that names another is replaced by the URL's (RFC 9112 3.2.2), as Squid
-does; mitmproxy would send it on, and the origin would answer for a site the client did not
+the URL: a Host field that names another (or more than one Host field) is replaced by the
+URL's (RFC 9112 3.2.2), as Squid does (not inside a CONNECT tunnel: there Host names the
+site); mitmproxy would send it on, and the origin would answer for a site the client did not
 ask for (and the log, the access rules and the cache would name another).
 
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
@@ -47,6 +48,7 @@ ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1);
 # and TE of an HTTP/1 request, as Squid removes it: it invites trailers, which mitmproxy 11 cannot relay
 # over HTTP/1 (it drops the connection); HTTP/2 allows only "TE: trailers", which gRPC needs end to end
 HTTP1_REQUEST_HOP = ("keep-alive", "te")
+_HTTP1 = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
 NOT_TRACED = frozenset({"authorization", "proxy-authorization", "cookie"})  # RFC 9110 9.3.8: sensitive
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 # the field names that call for a look at all (most messages have none: one pass over raw names)
@@ -58,31 +60,37 @@ def _has_any(headers: http.Headers, names: frozenset) -> bool:
     return any(k.lower() in names for k, _ in headers.fields)  # (Headers' own `in` costs a few us a name)
 
 
-def _scan(headers: http.Headers, names: frozenset) -> tuple[bool, bytes | None]:
-    """One pass over the raw fields: is any of `names` there, and the Host field's value."""
-    sign, host = False, None
+def _scan(headers: http.Headers, names: frozenset) -> tuple[bool, bytes | None, int]:
+    """One pass over the raw fields: is any of `names` there, the (first) Host field's value, and
+    how many Host fields there are."""
+    sign, host, hosts = False, None, 0
     for k, v in headers.fields:
         low = k.lower()
         if low in names:
             sign = True
         elif low == b"host":
-            host = v
-    return sign, host
+            hosts += 1
+            if host is None:
+                host = v
+    return sign, host, hosts
 
 
-def foreign_host(flow: http.HTTPFlow, host: bytes | None) -> str | None:
+def foreign_host(flow: http.HTTPFlow, host: bytes | None, hosts: int = 1, tunnels=()) -> str | None:
     """The URL's authority when the request came in absolute form to a forward proxy (plain HTTP/1,
-    not inside a tunnel) with a Host field naming another; else None."""
+    on a connection that made no CONNECT tunnel, whose requests name their site by Host) with a
+    Host field naming another, or with more than one; else None."""
     req = flow.request
-    if host is None or req.is_http2 or req.is_http3 or flow.client_conn.tls \
-            or meta.mode_name(flow) not in ("regular", "upstream"):
-        return None
     data = req.data
+    if host is None or data.http_version not in _HTTP1:
+        return None
     named = host.decode("utf-8", "surrogateescape")
-    if named == data.host or named == f"{data.host}:{data.port}":
+    if hosts == 1 and (named == data.host or named == f"{data.host}:{data.port}"):
+        return None  # (the usual case, decided first)
+    client = flow.client_conn
+    if client.tls or client.id in tunnels or meta.mode_name(flow) not in ("regular", "upstream"):
         return None
     want = hostport(req.scheme, data.host, data.port)
-    return None if named.lower() == want.lower() else want
+    return None if hosts == 1 and named.lower() == want.lower() else want
 
 
 def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
@@ -138,6 +146,8 @@ def keep_alive_for_1_0(req: http.Request, resp: http.Response) -> None:
 class Hops:
     def __init__(self) -> None:
         self.answering = answered.hold()
+        # client connections that asked for a CONNECT tunnel: the requests inside name their site by Host
+        self.tunnels: set[str] = set()
 
     def load(self, loader) -> None:
         self.answering.take()  # a TRACE's body, if any, is dropped once it is answered
@@ -149,8 +159,8 @@ class Hops:
         req = flow.request
         if flow.response is not None:
             return
-        sign, host = _scan(req.headers, REQUEST_SIGNS)
-        if (want := foreign_host(flow, host)) is not None:
+        sign, host, hosts = _scan(req.headers, REQUEST_SIGNS)
+        if (want := foreign_host(flow, host, hosts, self.tunnels)) is not None:
             req.host_header = want
             meta.add_comment(flow, f"Host {host.decode('utf-8', 'backslashreplace')!r} replaced by the URL's {want}")
         if not sign:
@@ -160,6 +170,12 @@ class Hops:
             meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
         if "max-forwards" in req.headers and req.method in ("TRACE", "OPTIONS"):
             self._max_forwards(flow)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self.tunnels.add(flow.client_conn.id)
+
+    def client_disconnected(self, client) -> None:
+        self.tunnels.discard(client.id)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response

@@ -93,6 +93,28 @@ def test_a_host_naming_another_site_than_the_url_is_replaced_by_the_urls(proxy, 
     assert proxy.log_line("/headers").split()[6] == f"{origin.url}/headers"
 
 
+def test_two_host_fields_leave_one_the_urls(proxy, origin):
+    out = raw(proxy.port, f"GET {origin.url}/headers HTTP/1.1\r\nHost: evil.example\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                          f"Connection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert [v for k, v in origin.requests[-1].header_list if k.lower() == "host"] == [f"127.0.0.1:{origin.port}"]
+
+
+def test_inside_a_connect_tunnel_the_host_field_names_the_site_and_is_left_alone(proxy, origin):
+    """Requests inside a tunnel are in origin form: their Host names the site (virtual hosts on the
+    address the CONNECT named), as a browser sends them."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        s.sendall(f"GET /headers HTTP/1.1\r\nHost: www.example.test:{origin.port}\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    seen = {k.lower(): v for k, v in json.loads(out.split(b"\r\n\r\n", 1)[1])["headers"].items()}
+    assert seen["host"] == f"www.example.test:{origin.port}"
+
+
 @pytest.mark.parametrize("named", ["{host}", "{host}:80", "EXAMPLE.com"])
 def test_a_host_naming_the_urls_site_is_left_as_sent(named):
     f = tflow.tflow()
