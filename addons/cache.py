@@ -54,7 +54,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit, urlunsplit
 
 from mitmproxy import command, connection, ctx, exceptions, http
 from mitmproxy.net.http.url import parse_authority
@@ -182,19 +182,29 @@ def site_relative(key: str, headers):
     m = _VHOST.match(key)
     if m is None:
         return headers
-    site = unquote(m[1])
+    site = _host_port(unquote(m[1]))
     out = []
     for k, v in headers.items(multi=True) if hasattr(headers, "items") else headers:
         if k.lower() in ("location", "content-location"):
             try:
                 u = urlsplit(v.strip())
-                named = u.hostname if u.port is None else f"{u.hostname}:{u.port}"
-                if u.scheme in ("http", "https") and named in (site, site.strip("[]")):
-                    v = u._replace(scheme="", netloc="").geturl() or "/"
+                default = 80 if u.scheme == "http" else 443
+                if u.scheme in ("http", "https") and u.hostname == site[0] and (u.port or default) == (
+                        site[1] or default):  # (a site named without its port: the URL's scheme's)
+                    v = urlunsplit(("", "", u.path or "/", u.query, u.fragment))
             except ValueError:  # a bad port: it names no site
                 pass
         out.append((k, v))
     return out
+
+
+def _host_port(authority: str) -> tuple[str, int | None]:
+    """('example.com', 8080) from 'example.com:8080', ('::1', None) from '[::1]'; lower case."""
+    try:
+        u = urlsplit(f"//{authority}")
+        return (u.hostname or "", u.port)
+    except ValueError:
+        return (authority.lower(), None)
 
 
 _ORIGIN = re.compile(r"[^/]*//[^/*?]*")
@@ -424,6 +434,8 @@ def _names(headers: http.Headers) -> set[bytes]:
 
 
 _RECOMPUTED = frozenset({"x-cache", "age", "content-length"})  # stored headers without these fields
+_REQUEST_REFUSALS = frozenset({"request no-store", "authorization"})  # storable()'s, about the request
+_STALE = frozenset({"stale", "stale, must revalidate"})  # decide()'s reasons for an object past its lifetime
 _NOT_OWN = frozenset({"content-length", "age", "x-cache"})  # a 304's fields its client's answer does not take
 _COOKIES = frozenset({b"set-cookie", b"set-cookie2"})  # not sent from the store with hit_set_cookie false
 _NONE = frozenset()
@@ -987,8 +999,9 @@ class Cache:
             return self._only_if_cached(flow)
         if failure:
             return self._answer_failure(flow, failure)
-        # as Squid's collapsed_forwarding: one revalidation of a popular object that went stale
-        if collapse and (waiting := self._collapse(flow, key, names)) is not None:
+        # as Squid's collapsed_forwarding: one revalidation of a popular object that went stale (not of
+        # one that needs it at each use, no-cache, or for this request's max-age: waiting would not spare it)
+        if collapse and d.reason in _STALE and (waiting := self._collapse(flow, key, names)) is not None:
             return waiting
         return self._revalidate(flow, key, entry, tier)
 
@@ -1465,10 +1478,12 @@ class Cache:
         new.initial_age = rfc9111.initial_age(headers, request_time, response_time)
         ok, why = rfc9111.storable("GET", old.status, req_headers, policy, negative_ttl=self.negative_ttl,
                                    partial=old.status == 206)
-        if rfc9111.vary_fields(new_headers) != old.vary or not (ok or why == "request no-store"):
+        if rfc9111.vary_fields(new_headers) != old.vary or not (ok or why in _REQUEST_REFUSALS):
             self._forget(key)  # stored under a key it no longer has, or not to be kept any more
         elif ok and not self._stale_answer(key, request_time):
-            self.store.update_meta(key, new, entry.body)  # (a request's no-store: the stored one stays as is)
+            self.store.update_meta(key, new, entry.body)
+        # (refused for the request alone: its no-store, or its Authorization, whose answer may be that
+        # user's: the stored response stays as it was, for the others)
         return new
 
     def _update_from_head(self, flow: http.HTTPFlow, key: str, pending: Pending | None) -> bool:

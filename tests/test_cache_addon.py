@@ -137,6 +137,16 @@ def test_reverse_key_uses_the_target_not_the_host_header():
         assert cachemod.primary_key(f) == "http://10.0.0.1:8080/x"
 
 
+@pytest.mark.parametrize("location, relative", [
+    ("http://www.example.com/t", "/t"), ("https://WWW.example.com:443/a?b=1", "/a?b=1"),
+    ("http://www.example.com:80?q=1", "/?q=1"), ("http://www.example.com:8081/x", None),
+    ("http://other.example/x", None), ("http://www.example.com:99999/x", None), ("/rel", "/rel")])
+def test_a_location_naming_the_virtual_host_by_its_public_name_is_made_relative(location, relative):
+    out = cachemod.site_relative("http://www.example.com@127.0.0.1:8080/p", [("Location", location)])
+    assert out == [("Location", relative or location)]
+    assert cachemod.site_relative("http://127.0.0.1:8080/p", h := [("Location", location)]) is h
+
+
 def test_a_host_field_that_is_no_utf8_gets_a_key_of_its_own():
     f = request_flow("http://example.com/")
     f.request.data.authority = b""  # origin-form: the Host field names the site
@@ -478,6 +488,37 @@ def per_user_answer(c, method, req_headers, status, resp_headers, cc="max-age=1"
     other = request_flow()
     c.requestheaders(other)
     return user.response, other.response
+
+
+def test_a_304_to_a_request_with_authorization_neither_updates_nor_drops_the_shared_entry(cache):
+    """RFC 9111 3.5: what a user's authorized request got may be that user's; the stored response stays
+    as it was for the others (dropping it would let any client force full fetches)."""
+    c, _ = cache
+    per_user_answer(c, "GET", {"Authorization": "Basic YWxpY2U6eA=="}, 304,
+                    {"ETag": '"v1"', "Cache-Control": "max-age=600", "X-User": "alice"})
+    entry, _ = c.lookup(cachemod.primary_key(request_flow()), request_flow().request.headers)
+    assert entry is not None and entry.meta.lifetime == 1 and "X-User" not in dict(entry.meta.headers)
+
+
+@pytest.mark.parametrize("cc, collapsed", [("max-age=1", True), ("no-cache, max-age=600", False)])
+def test_only_the_revalidation_of_an_object_past_its_lifetime_is_collapsed(cache, cc, collapsed):
+    """One revalidating a no-cache object for another client would not spare this one its own."""
+    c, _ = cache
+    f = stored_flow(cc=cc, body=b"page")
+    f.response.headers["ETag"] = '"v1"'
+    f.request.timestamp_start = f.response.timestamp_start = time.time() - 100
+    c.response(f)
+
+    async def two():
+        first, second = request_flow(), request_flow()
+        assert c.requestheaders(first) is None and first.id in c.pending  # revalidates
+        res = c.requestheaders(second)
+        if res is not None:
+            res.close()
+        return res, second
+    res, second = asyncio.run(two())
+    assert (res is not None) is collapsed
+    assert (second.id in c.pending) is not collapsed
 
 
 def test_a_304_naming_another_etag_answers_this_once_and_the_next_request_fetches_whole(cache):
