@@ -618,6 +618,7 @@ class Policy:
                  source: str = "<policy>"):
         self.acls, self.http_access, self.ssl_bump, self.source = acls, http_access, ssl_bump, source
         self.includes: tuple[str, ...] = ()  # what a squid.conf included (files, glob folders): reloads watch it
+        self.notes: tuple[str, ...] = ()  # squid.conf lines read but not applied, for a warning
         # relais.acl_names: other policies' rules name these acls (a tuple: flows are saved as plain data)
         self.names = tuple(sorted(acls))
         used = {a.name for rule in http_access + ssl_bump for _, a in rule.terms}
@@ -1003,6 +1004,7 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
     directives are ignored."""
     b = Builder(file, base)
     included: list[str] = []
+    notes: list[str] = []
     try:
         for src, no, line in squid_directives(text, file, base, included):
             try:
@@ -1017,12 +1019,36 @@ def load_squid_text(text: str, file: str = "<squid.conf>", base: Path | None = N
                 b.acl(tokens[1], tokens[2:], src, no, base=Path(src).parent if src != file else None)
             elif directive in ("http_access", "ssl_bump"):
                 b.rule(directive, " ".join(tokens[1:]), src, no)
+            elif directive in NOT_APPLIED:
+                notes.append(f"{src}:{no}: {directive} is not applied by Relais ({NOT_APPLIED[directive]})")
         policy = b.build()
     except PolicyError as e:
         e.includes = tuple(included)  # what a refused reload watches for the fix
         raise
     policy.includes = tuple(included)
+    policy.notes = tuple(notes)
     return policy
+
+
+# squid.conf directives that restrict or rewrite what is allowed, which Relais does not read: a
+# warning names each line (a policy relying on one is less strict here than in Squid)
+NOT_APPLIED = {
+    "http_reply_access": "responses are not judged",
+    "adapted_http_access": "requests are judged once, before any adaptation",
+    "deny_info": "denials get Squid's ERR_ACCESS_DENIED page",
+    "miss_access": "only http_access decides",
+    "request_header_access": "the anonymize addon's policy decides what headers go on",
+    "reply_header_access": "the anonymize addon's policy (reverse.strip_response) decides",
+    "request_header_replace": "the anonymize addon's policy decides",
+    "forwarded_for": "the anonymize option decides",
+    "via": "the anonymize option decides",
+    "follow_x_forwarded_for": "acls see the connection's address",
+    "external_acl_type": "no external helpers",
+    "url_rewrite_access": "no URL rewriting",
+    "cache_peer_access": "no cache peers (mitmproxy's upstream mode has one parent)",
+    "always_direct": "no cache peers",
+    "never_direct": "no cache peers",
+}
 
 
 INCLUDE_DEPTH = 16  # Squid's limit on nested includes (what stops a file that includes itself)
@@ -1168,6 +1194,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 p = load(f)
                 print(f"{f}: OK ({len(p.acls)} acls, {len(p.http_access)} http_access, {len(p.ssl_bump)} ssl_bump rules)")
+                for note in p.notes:
+                    print(f"warning: {note}")
             except PolicyError as e:
                 print(e, file=sys.stderr)
                 rc = 1

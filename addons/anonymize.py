@@ -217,6 +217,24 @@ class Anonymize:
     # --- responses ------------------------------------------------------
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._strip_response(flow)
+        self._via_on_response(flow)
+
+    def _via_on_response(self, flow: http.HTTPFlow) -> None:
+        """Where the level says `via: on`, the response the proxy forwards names it too (RFC 9110 7.6.3),
+        as Squid's does. (A stored response keeps it: hits carry it without adding it again.)"""
+        resp, level = flow.response, flow.metadata.get(meta.ANONYMIZE)
+        if resp is None or level is None or self.policy is None or meta.LOCAL in flow.metadata:
+            return
+        rules = self.policy.levels.get(level)
+        if rules is None or rules.via != "on":
+            return
+        if self.strip_backend and "via" in self.policy.strip_response and meta.mode_name(flow) == "reverse":
+            return  # the operator hides Via from clients (anonymize_backend)
+        ours = anonrules.via_value(resp.http_version, self.policy.visible_hostname or self.hostname,
+                                   self.policy.via_comment)
+        existing = ", ".join(v.strip() for v in resp.headers.get_all("via") if v.strip())
+        name = "via" if resp.data.http_version in meta.LOWER_CASE_VERSIONS else "Via"
+        resp.headers[name] = f"{existing}, {ours}" if existing else ours
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._strip_response(flow)  # responses made by an addon skip responseheaders

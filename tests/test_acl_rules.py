@@ -559,3 +559,21 @@ def test_an_acl_defined_again_in_another_file_with_another_type_names_both_files
         aclrules.load(conf)
     assert str(e.value) == (f"{tmp_path / 'a.conf'}:1: acl x: type 'dstdomain' differs from its first "
                             f"definition ('src', {conf}:1)")
+
+
+def test_squid_conf_access_directives_relais_does_not_apply_are_named_not_silently_dropped():
+    conf = ("acl video rep_mime_type video/\nhttp_access allow all\nhttp_reply_access deny video\n"
+            "deny_info TCP_RESET all\nforwarded_for delete\ncache_mem 64 MB\n")
+    p = load_squid_text(conf.replace("acl video rep_mime_type video/\n", ""), "squid.conf")
+    assert p.notes == ("squid.conf:2: http_reply_access is not applied by Relais (responses are not judged)",
+                       "squid.conf:3: deny_info is not applied by Relais (denials get Squid's ERR_ACCESS_DENIED page)",
+                       "squid.conf:4: forwarded_for is not applied by Relais (the anonymize option decides)")
+
+
+def test_the_check_command_prints_those_warnings(tmp_path, capsys):
+    from addons import aclrules
+    conf = tmp_path / "squid.conf"
+    conf.write_text("http_access allow all\nhttp_reply_access deny all\n")
+    assert aclrules.main(["check", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "OK (" in out and f"warning: {conf}:2: http_reply_access is not applied by Relais" in out

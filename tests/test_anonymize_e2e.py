@@ -188,6 +188,17 @@ def test_reverse_backend_identity_stripped_when_enabled(proxies, hb):
     assert resp["server"].startswith("Werkzeug/") and resp["via"] == "1.1 varnish"
 
 
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_level_that_names_the_proxy_in_requests_names_it_in_responses_too(proxies, hb, level):
+    """RFC 9110 7.6.3: Via in both directions, as Squid's `via on`."""
+    path = "/response-headers?Via=1.1%20upstream"
+    _, resp, _, _ = send(proxies[level], "regular-http", path, hb=hb, headers={})
+    if level in ("transparent", "anonymous"):  # via: on
+        assert resp["via"].startswith("1.1 upstream, 1.1 ") and resp["via"].endswith(" (relais)")
+    else:
+        assert resp["via"] == "1.1 upstream"
+
+
 @pytest.mark.parametrize("transport", ["regular-http", "socks5-http"])
 def test_paranoid_strips_cookies_of_listed_domains(proxies, hb, transport):
     headers = {"host": "ads.doubleclick.net", "cookie": "track=me"}
