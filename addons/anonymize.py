@@ -32,14 +32,15 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http
 
 try:
-    from addons import anonrules, meta, policyfile
+    from addons import anonrules, answered, errorpage, meta, policyfile
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import anonrules, meta, policyfile
+    from addons import anonrules, answered, errorpage, meta, policyfile
 
 ROOT = Path(__file__).resolve().parents[1]
 ACLS = getattr(meta, "ACLS", "relais.acls")  # names of the acls that matched, written by the acl addon
 MEMO_SIZE = 4096  # anonymized header sets remembered
+LOOP = ((b"", b""),)  # in the memo: a request whose Via names this proxy (no real field list is this one)
 logger = logging.getLogger(__name__)
 
 
@@ -191,15 +192,41 @@ class Anonymize:
                req.data.authority, req.http_version, keep)  # (HTTP/2's :authority is no header field)
         fields = self.memo.get(key)
         if fields is None:
-            self._plan(req, self.policy.levels[level], meta.client_ip(flow), keep)
+            looped = self._names_us(req.headers)
+            if not looped:
+                self._plan(req, self.policy.levels[level], meta.client_ip(flow), keep)
             if len(self.memo) >= MEMO_SIZE:
                 self.memo.clear()
-            self.memo[key] = req.headers.fields
+            self.memo[key] = LOOP if looped else req.headers.fields
+        elif fields is LOOP:
+            looped = True
         else:
+            looped = False
             req.headers.fields = fields
+        if looped:
+            self._refuse_loop(flow)
+            return
         flow.metadata[meta.ANONYMIZE] = level
         if override is not None:
             meta.add_comment(flow, f"anonymize: {level} (override for acl {override.acl})")
+
+    def _names_us(self, headers: http.Headers) -> bool:
+        """Does the request's Via already name this proxy (the pseudonym its Via adds)?"""
+        ours = f" {self.policy.visible_hostname or self.hostname} ({self.policy.via_comment})".lower().encode()
+        return any(k.lower() == b"via" and any((b" " + hop.strip().lower()).endswith(ours) for hop in v.split(b","))
+                   for k, v in headers.fields)
+
+    def _refuse_loop(self, flow: http.HTTPFlow) -> None:
+        """Squid's answer to a forwarding loop (its own name in Via): 403 ERR_ACCESS_DENIED. Two proxies
+        on one machine chained on purpose need each its own visible_hostname, as Squid's unique_hostname."""
+        url = flow.request.pretty_url
+        logger.warning("forwarding loop: %s came back through this proxy (its Via names it); denied", url)
+        flow.response = errorpage.make("ERR_ACCESS_DENIED", url,
+                                       detail="forwarding loop: the request's Via names this proxy")
+        answered.refuse_body(flow)
+        flow.metadata[meta.LOCAL] = "anonymize"
+        flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
+        meta.add_comment(flow, "refused: forwarding loop (Via names this proxy)")
 
     def _plan(self, req: http.Request, rules: anonrules.LevelRules, client: str, keep: tuple[str, ...]) -> None:
         fields = list(req.headers.items(multi=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Proxy, curl
+from harness import ROOT, Proxy, curl, free_ports
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 import httpbin  # noqa: E402  (warns about flasgger on import)
@@ -378,3 +378,25 @@ def test_override_by_a_real_acl_of_the_whole_suite(start_proxy, origin, tmp_path
         assert r.stdout == b"hello /who", (r.stderr, p.text()[-2000:])
         seen = origin.requests[-1].headers
         assert ("via" in seen) == via and (seen.get("x-forwarded-for") == "127.0.0.1") == via
+
+
+def test_a_request_whose_via_names_this_proxy_is_a_forwarding_loop_and_refused(start_proxy, origin):
+    """Squid: its own name in Via is a forwarding loop, answered 403 instead of sent round again."""
+    p = start_proxy(options={"anonymize": "transparent"})
+    me = socket.gethostname()
+    r = curl("-i", "-x", p.url, "-H", f"Via: 1.0 elsewhere, 1.1 {me} (relais)", f"{origin.url}/looped")
+    assert r.stdout.startswith(b"HTTP/1.1 403") and b"forwarding loop" in r.stdout
+    assert "/looped" not in origin.hits
+    assert curl("-x", p.url, "-H", f"Via: 1.1 not-{me} (relais)", f"{origin.url}/fine").stdout == b"hello /fine"
+
+
+def test_two_proxies_sending_to_each_other_stop_at_once(start_proxy):
+    """A parent misconfigured to send back to its child: without loop detection a POST went round
+    about a hundred times a second."""
+    a_port, b_port = free_ports(2)
+    a = start_proxy(modes=(f"upstream:http://127.0.0.1:{b_port}",), ports=[a_port], options={"anonymize": "transparent"})
+    b = start_proxy(modes=(f"upstream:http://127.0.0.1:{a_port}",), ports=[b_port], options={"anonymize": "transparent"})
+    r = curl("-i", "-x", f"http://127.0.0.1:{a_port}", "-d", "x=1", "http://www.site.test/loop", timeout=10)
+    assert r.stdout.startswith(b"HTTP/1.1 403"), r.stdout[:300]
+    time.sleep(0.5)
+    assert len(a.log_lines(1, timeout=2)) + len(b.log_lines(1, timeout=2)) <= 4
