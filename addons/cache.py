@@ -86,16 +86,7 @@ REFRESH_TIMEOUT = 10   # seconds a refresh waits for any one read from the origi
 REFRESH_DEADLINE = 30  # seconds a refresh may take in all (an origin could trickle its answer)
 COLLAPSE_WAIT = 900  # seconds a collapsed request waits for the one it joined (Squid's read_timeout)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
-
-
-def parse_size(value, name: str) -> int:
-    """Squid-style sizes: 67108864, "64 MB", "512 KB", "4m", "1.5 GB" (1 KB = 1024 bytes)."""
-    m = _SIZE.match(str(value))
-    if not m:
-        raise exceptions.OptionsError(f"{name}: cannot read size {value!r}; use e.g. 67108864, '64 MB', '512 KB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+parse_size = meta.parse_size  # (Squid-style sizes, shared with other addons)
 
 
 def resolve(path: str) -> Path:

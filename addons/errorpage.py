@@ -48,6 +48,8 @@ PAGES = {
                         "Some aspect of the requested URL is incorrect."),
     "ERR_INVALID_REQ": (400, "Invalid Request.",
                         "Some aspect of the HTTP request is invalid."),
+    "ERR_TOO_BIG": (413, "The request or reply is too large.",
+                    "The request is larger than this proxy accepts."),
     "ERR_APP_BLOCKED": (403, "Application Blocked.",
                         "This application is not allowed on this network."),
     "ERR_REQUEST_BLOCKED": (403, "Request Blocked.",

@@ -25,21 +25,26 @@ ask for (and the log, the access rules and the cache would name another).
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
+Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a NUL in
+a field too (400), and a folded line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does.
+
     mitmdump -s addons/hops.py
 """
 from __future__ import annotations
 
+import re
 import sys
+from itertools import chain
 from pathlib import Path
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.net.http.url import hostport
 
 try:
-    from addons import answered, meta
+    from addons import answered, errorpage, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, meta
+    from addons import answered, errorpage, meta
 
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
 # fields the proxy itself acts on before forwarding (framing, routing, 100-continue, Max-Forwards)
@@ -54,6 +59,8 @@ ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 # the field names that call for a look at all (most messages have none: one pass over raw names)
 REQUEST_SIGNS = frozenset({b"connection", b"keep-alive", b"te", b"max-forwards"})
 RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
+_UNSAFE = re.compile(rb"[\x00\r\n]")  # in a field: NUL (refused), or a line folded (obs-fold, unfolded)
+_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]*")
 
 
 def _has_any(headers: http.Headers, names: frozenset) -> bool:
@@ -148,9 +155,19 @@ class Hops:
         self.answering = answered.hold()
         # client connections that asked for a CONNECT tunnel: the requests inside name their site by Host
         self.tunnels: set[str] = set()
+        self.header_max = 64 * 1024
 
     def load(self, loader) -> None:
+        loader.add_option(
+            "request_header_max_size", str, "64 KB",
+            "Squid's request_header_max_size: a request whose header fields (names and values) are larger "
+            "is refused with 431 ERR_TOO_BIG instead of being sent on (mitmproxy reads any size). 0: no limit.",
+        )
         self.answering.take()  # a TRACE's body, if any, is dropped once it is answered
+
+    def configure(self, updated) -> None:
+        if "request_header_max_size" in updated:
+            self.header_max = meta.parse_size(ctx.options.request_header_max_size, "request_header_max_size")
 
     def done(self) -> None:
         self.answering.release()
@@ -159,6 +176,13 @@ class Hops:
         req = flow.request
         if flow.response is not None:
             return
+        fields = req.headers.fields
+        blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
+        if self.header_max and len(blob) + 4 * len(fields) > self.header_max:
+            return self._refuse(flow, "ERR_TOO_BIG", f"header fields larger than request_header_max_size "
+                                                     f"({self.header_max} bytes)", 431)
+        if _UNSAFE.search(blob) is not None and not self._clean(flow):
+            return None
         sign, host, hosts = _scan(req.headers, REQUEST_SIGNS)
         if (want := foreign_host(flow, host, hosts, self.tunnels)) is not None:
             req.host_header = want
@@ -170,6 +194,26 @@ class Hops:
             meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
         if "max-forwards" in req.headers and req.method in ("TRACE", "OPTIONS"):
             self._max_forwards(flow)
+
+    def _clean(self, flow: http.HTTPFlow) -> bool:
+        """RFC 9110 5.5 / RFC 9112 5.2: a field value with NUL is refused (400, as Squid); a folded
+        line (obs-fold) is unfolded to one space before it is sent on. False when refused."""
+        headers = flow.request.headers
+        if any(b"\x00" in v for _, v in headers.fields):
+            self._refuse(flow, "ERR_INVALID_REQ", "a header field contains a NUL character")
+            return False
+        headers.fields = tuple((k, _FOLD.sub(b" ", v)) for k, v in headers.fields)
+        meta.add_comment(flow, "folded header lines unfolded (obs-fold)")
+        return True
+
+    @staticmethod
+    def _refuse(flow: http.HTTPFlow, page: str, why: str, status: int | None = None) -> None:
+        flow.response = errorpage.make(page, flow.request.pretty_url, detail=why, status=status)
+        answered.refuse_body(flow)
+        flow.metadata[meta.LOCAL] = "hops"
+        flow.metadata[meta.CODE] = "NONE_NONE"
+        flow.metadata[meta.ERROR] = page
+        meta.add_comment(flow, f"refused: {why}")
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self.tunnels.add(flow.client_conn.id)

@@ -6,7 +6,9 @@ is shared between addons.
 """
 from __future__ import annotations
 
-from mitmproxy import ctx
+import re
+
+from mitmproxy import ctx, exceptions
 from mitmproxy.net.http.url import default_port, parse_authority
 
 CODE = "relais.code"          # Squid result code for the log, e.g. "TCP_DENIED", "TCP_MEM_HIT"
@@ -143,3 +145,15 @@ def mode_name(flow) -> str:
     """The listener the flow came through, e.g. "regular", "socks5", "reverse"."""
     mode = getattr(flow.client_conn, "proxy_mode", None)
     return getattr(mode, "type_name", None) or "regular"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b(?:ytes?)?)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def parse_size(value, name: str) -> int:
+    """Squid-style sizes for an option: 67108864, "64 MB", "512 KB", "4m", "1.5 GB" (1 KB = 1024 bytes)."""
+    m = _SIZE.match(str(value))
+    if not m:
+        raise exceptions.OptionsError(f"{name}: cannot read size {value!r}; use e.g. 67108864, '64 MB', '512 KB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

@@ -208,3 +208,38 @@ def test_an_http_1_0_client_asking_for_keep_alive_is_told_it_and_keeps_its_conne
     # without asking, nothing is promised
     out = raw(proxy.port, f"GET {origin.url}/ka HTTP/1.0\r\n\r\n".encode())
     assert b"\r\nConnection: keep-alive" not in out.split(b"\r\n\r\n", 1)[0]
+
+
+def test_header_fields_larger_than_request_header_max_size_are_refused_before_going_on(proxy, origin):
+    """Squid's request_header_max_size (64 KB): mitmproxy alone read and sent on 2 MB of fields."""
+    out = raw(proxy.port, f"GET {origin.url}/big HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                          f"X-Big: {'x' * 70_000}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 431 ") and b"X-Squid-Error: ERR_TOO_BIG" in out, out[:300]
+    assert "/big" not in origin.hits
+    assert " NONE_NONE/431 " in proxy.log_line("/big")
+    ok = raw(proxy.port, f"GET {origin.url}/fits HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                         f"X-Big: {'x' * 30_000}\r\nConnection: close\r\n\r\n".encode())
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+def test_a_nul_in_a_field_is_refused_and_a_folded_line_is_unfolded(proxy, origin):
+    """RFC 9110 5.5 and RFC 9112 5.2, as Squid: 400 for NUL; obs-fold replaced by one space."""
+    out = raw(proxy.port, f"GET {origin.url}/nul HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nX-N: a\x00b\r\n"
+                          f"Connection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 400 ") and b"ERR_INVALID_REQ" in out, out[:300]
+    assert "/nul" not in origin.hits
+    out = raw(proxy.port, f"GET {origin.url}/headers HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nX-A: a\r\n"
+                          f"  folded\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    seen = {k.lower(): v for k, v in json.loads(out.split(b"\r\n\r\n", 1)[1])["headers"].items()}
+    assert seen["x-a"] == "a folded"
+
+
+@pytest.mark.parametrize("value", ["lots", "-1 KB"])
+def test_a_bad_request_header_max_size_is_refused_naming_it(value):
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+    h = hops.Hops()
+    with taddons.context(h) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="request_header_max_size"):
+            tctx.configure(h, request_header_max_size=value)
