@@ -150,9 +150,10 @@ def body_size(flow: http.HTTPFlow, method: str) -> int:
 
 
 def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, combined: bool = False,
-                sent: http.Response | None = None) -> Record:
+                sent: http.Response | None = None, client_fields: tuple[str, str] | None = None) -> Record:
     """The log record of an HTTP flow, from its state and the metadata contract; `sent`: the response the
-    client got when it is not flow.response (mitmproxy's own error page)."""
+    client got when it is not flow.response (mitmproxy's own error page); `client_fields`: the Referer
+    and User-Agent the client sent (anonymization may have changed them since)."""
     req, resp, md = flow.request, sent or flow.response, flow.metadata
     method = req.method
     is_connect = method == "CONNECT"
@@ -183,9 +184,13 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
         peer=peer if hier != "HIER_NONE" and peer else "-",
         mime=mime_of(resp.headers) if resp and not is_connect else "-",
         version=req.http_version.replace("HTTP/", "") or "1.1",
-        referer=req.headers.get("referer", "-") if combined else "-",
-        agent=req.headers.get("user-agent", "-") if combined else "-",
+        referer=(client_fields or _referer_agent(req))[0] if combined else "-",
+        agent=(client_fields or _referer_agent(req))[1] if combined else "-",
     )
+
+
+def _referer_agent(req: http.Request) -> tuple[str, str]:
+    return req.headers.get("referer", "-"), req.headers.get("user-agent", "-")
 
 
 def rotate_files(path: Path, keep: int, writer: "Writer") -> None:
@@ -458,6 +463,7 @@ class AccessLog:
         self.bad_requests = BadRequestWatch()
         self.format = format_squid
         self.combined = False     # logformat combined: Referer and User-Agent are logged
+        self.client_fields: dict[str, tuple[str, str]] = {}  # flow id -> them, as the client sent them
         self.strip_query = True   # strip_query_terms
         self.late_streams = False  # stream_large_bodies is set: a body of unknown length may be streamed
         self.path: Path | None = None
@@ -556,6 +562,10 @@ class AccessLog:
         client = flow.client_conn
         if client.timestamp_end is None:
             self.seen.add(client.id)  # the id: a str hashes in C, a Connection in Python
+        if self.combined and isinstance(flow, http.HTTPFlow):  # before anonymization changes them
+            if len(self.client_fields) >= LOGGED_MAX:  # (flows that were never logged)
+                self.client_fields.clear()
+            self.client_fields[flow.id] = _referer_agent(flow.request)
 
     requestheaders = note_client  # loaded alone; the suite calls it once, first
 
@@ -652,7 +662,8 @@ class AccessLog:
         if self.connects and flow.client_conn in self.connects and flow.request.method != "CONNECT":
             self.intercepted.add(flow.client_conn)
         if self.writer:  # the record is built only for a log that is written
-            self.write(http_record(flow, self.strip_query, aborted, combined=self.combined, sent=sent))
+            self.write(http_record(flow, self.strip_query, aborted, combined=self.combined, sent=sent,
+                                   client_fields=self.client_fields.pop(flow.id, None)))
 
     # --- raw TCP --------------------------------------------------------
     def next_layer(self, nextlayer) -> None:

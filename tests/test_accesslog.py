@@ -563,6 +563,17 @@ def test_a_user_agent_cannot_forge_combined_fields(start_proxy, origin):
     assert not re.search(rb"[\x00-\x09\x0b-\x1f\x7f]", proxy.access_log.read_bytes())
 
 
+def test_the_combined_format_logs_the_referer_and_user_agent_the_client_sent_not_the_anonymized_ones(
+        start_proxy, origin):
+    """As Squid's %{Referer}>h and %{User-Agent}>h: the paranoid level sends a common User-Agent and no
+    cross-site Referer upstream, and the log still says what the client sent."""
+    proxy = start_proxy(options={"logformat": "combined", "anonymize": "paranoid"})
+    curl("-x", proxy.url, "-A", "EvilCorpAgent/2", "-e", "http://other.test/page?x", f"{origin.url}/who-sent")
+    assert origin.requests[-1].headers["user-agent"] != "EvilCorpAgent/2"  # anonymized upstream
+    line = proxy.log_line("/who-sent")
+    assert ' "http://other.test/page?x" "EvilCorpAgent/2" ' in line, line
+
+
 @pytest.fixture
 def tiny_disk(small_disk):
     """64 KB, filled to the last byte in a moment."""
