@@ -210,7 +210,9 @@ class AccessControl:
         try:
             req = self._tunnel_request(client, data.server.address, _user_of(client))
             await self._resolve(req)
-            d = self.policy.precheck(req)
+            # a SOCKS request naming a host: that name is where it goes, and what the rules judge
+            named = client.proxy_mode.type_name == "socks5" and not _is_ip(str(data.server.address[0]))
+            d = self.policy.precheck(req, aclrules.NAMED_CONNECTION_TYPES if named else aclrules.CONNECTION_TYPES)
         except Exception as e:
             d = _failed(e)  # denied, and logged as any denial
         if d is not None and not d.allowed:

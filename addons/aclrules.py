@@ -296,6 +296,7 @@ KEYED_BY_RESULT = frozenset({"url_regex", "urlpath_regex", "referer_regex"})
 # acl types that can be decided from a connection alone (no request, no protocol yet)
 CONNECTION_TYPES = frozenset({"all", "src", "dst", "port", "localport", "myportname", "time", "maxconn",
                               "proxy_auth", "proxy_auth_regex"})
+NAMED_CONNECTION_TYPES = CONNECTION_TYPES | {"dstdomain", "dstdom_regex"}  # a connection to a named host
 
 
 @dataclasses.dataclass

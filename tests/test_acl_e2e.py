@@ -429,21 +429,23 @@ def test_inside_an_intercepted_tunnel_a_request_is_judged_by_its_host_not_the_co
     assert "/fronted" not in tls_origin.hits
 
 
-def test_a_socks5_request_naming_a_host_is_judged_by_that_name_not_by_its_host_field(tmp_path):
-    """The SOCKS request names where the connection goes: a Host field naming another site must not
-    get a denied name through."""
-    origin = Origin()
+def test_a_socks5_request_naming_a_host_is_judged_by_that_name_before_connecting(tmp_path):
+    """The SOCKS request names where the connection goes: that name is judged, before any connection
+    is made (a denied host is not contacted, as for an address), and a Host field naming another site
+    does not get a denied name through."""
+    echo = Echo()
     p = start(tmp_path, "acls:\n  badhost: dstdomain localhost\nhttp_access:\n  - deny badhost\n  - allow all\n",
               ("socks5",))
     try:
         for extra in ((), ("-H", "Host: ok.test")):
             r = curl("-s", "-o", "/dev/null", "-w", "%{http_code}", "--socks5-hostname", f"127.0.0.1:{p.port}", *extra,
-                     f"http://localhost:{origin.port}/named")
+                     f"http://localhost:{echo.port}/named")
             assert r.stdout != b"200", extra
-        assert "/named" not in origin.hits
+        assert echo.accepted == 0
+        assert " TCP_DENIED/403 0 CONNECT localhost:" in p.log_line(f"CONNECT localhost:{echo.port}")
     finally:
         p.stop()
-        origin.close()
+        echo.close()
 
 
 def test_reverse_mode_uses_the_same_rules_and_myportname(env):
