@@ -26,7 +26,9 @@ An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` o
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
 Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a NUL in
-a field too (400), and a folded line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does.
+a field too (400), and a folded line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does. A
+standard method written in lower case (`get`) goes on in upper case, as the rest of Relais
+reads it and as Squid sends it.
 
     mitmdump -s addons/hops.py
 """
@@ -59,6 +61,10 @@ ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 # the field names that call for a look at all (most messages have none: one pass over raw names)
 REQUEST_SIGNS = frozenset({b"connection", b"keep-alive", b"te", b"max-forwards"})
 RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
+# methods of RFC 9110 and WebDAV: sent on in upper case whatever case the client wrote (mitmproxy's
+# Request.method, which the rules, the cache and the log read, is upper case already), as Squid does
+KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
+                           b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"PURGE"})
 _UNSAFE = re.compile(rb"[\x00\r\n]")  # in a field: NUL (refused), or a line folded (obs-fold, unfolded)
 _FOLD = re.compile(rb"[ \t]*\r?\n[ \t]*")
 
@@ -176,6 +182,9 @@ class Hops:
         req = flow.request
         if flow.response is not None:
             return
+        data = req.data
+        if not data.method.isupper() and data.method.upper() in KNOWN_METHODS:
+            data.method = data.method.upper()
         fields = req.headers.fields
         blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
         if self.header_max and len(blob) + 4 * len(fields) > self.header_max:

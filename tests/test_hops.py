@@ -243,3 +243,11 @@ def test_a_bad_request_header_max_size_is_refused_naming_it(value):
     with taddons.context(h) as tctx:
         with pytest.raises(exceptions.OptionsError, match="request_header_max_size"):
             tctx.configure(h, request_header_max_size=value)
+
+
+def test_a_standard_method_in_lower_case_goes_on_as_the_rules_and_the_log_read_it(proxy, origin):
+    """mitmproxy's Request.method is upper case (what the acls, the cache and the log see) but it sent
+    `get` on as written, which origins refuse (501); Squid sends GET."""
+    out = raw(proxy.port, f"get {origin.url}/lower HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nConnection: close\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert origin.requests[-1].method == "GET"
