@@ -718,22 +718,25 @@ def test_stale_without_stale_if_error_shows_error(cproxy, origin):
 
 # --- collapsed forwarding -------------------------------------------------------------------------
 
+def fetch_at_once(proxy, url: str, n: int, gap: float = 0.02) -> list:
+    """n clients fetching url at (nearly) the same time, each `gap` seconds after the last; their results."""
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(proxy, url))) for _ in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(gap)
+    for t in threads:
+        t.join(20)
+    return results
+
+
 def test_collapsed_forwarding(cproxy, origin):
     def slow(seen):
         time.sleep(1.0)
         return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"slow body"
     origin.route("/collapse", slow)
     url = f"{origin.url}/collapse"
-    results = []
-
-    def client():
-        results.append(fetch(cproxy, url))
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    for t in threads:
-        t.join(20)
+    results = fetch_at_once(cproxy, url, 6)
     assert [r[2] for r in results] == [b"slow body"] * 6
     assert origin.hits["/collapse"] == 1
     found = codes(cproxy, url, 6)
@@ -757,13 +760,7 @@ def test_collapsed_forwarding_of_the_revalidation_of_a_stale_object(cproxy, orig
     url = f"{origin.url}{path}"
     fetch(cproxy, url)
     time.sleep(1.5)  # stale
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(fetch(cproxy, url))) for _ in range(6)]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    for t in threads:
-        t.join(20)
+    results = fetch_at_once(cproxy, url, 6)
     body = b"old body" if answer == 304 else b"new body"
     assert [r[2] for r in results] == [body] * 6
     assert origin.hits[path] == 2
@@ -784,13 +781,7 @@ def test_collapsed_forwarding_when_the_answer_goes_to_disk_only(start_proxy, ori
         return 200, {"Cache-Control": "max-age=60", "Content-Type": "text/plain"}, b"d" * 50_000
     origin.route("/collapse-disk", slow)
     url = f"{origin.url}/collapse-disk"
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(fetch(p, url))) for _ in range(5)]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    for t in threads:
-        t.join(20)
+    results = fetch_at_once(p, url, 5, gap=0.05)
     assert [r[2] for r in results] == [b"d" * 50_000] * 5
     assert origin.hits["/collapse-disk"] == 1
 
