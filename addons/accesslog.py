@@ -731,6 +731,16 @@ class AccessLog:
                 code="NONE_NONE", status=0, size=0, method="-",
                 url="error:transaction-end-before-headers"))
 
+    def socks5_auth(self, data) -> None:
+        """A SOCKS5 login mitmproxy's proxyauth refused (it runs before scripts) makes no flow: logged
+        as a refused login, so that failed attempts show as with HTTP's 407."""
+        if data.valid:
+            return
+        client = data.client_conn
+        self.write(Record(
+            end=time.time(), elapsed_ms=_elapsed(client), client=_ip(client.peername), code="TCP_DENIED",
+            status=407, size=0, method="-", url="error:socks5-authentication", user=data.username or "-"))
+
     def server_connect_error(self, data) -> None:
         # With the eager connection_strategy, socks5, transparent and reverse listeners connect before any
         # flow: a failure there makes none, and nothing else would log it. Logged as Squid logs a failed

@@ -93,6 +93,9 @@ def test_socks5_with_username_and_password(start_proxy, origin):
     assert origin.hits["/auth"] == 1
     f = find(proxy, url=f"{origin.url}/auth")
     assert f["user"] == "alice"
+    # the refused login is logged, as HTTP's 407 is (it makes no flow)
+    line = proxy.log_line("error:socks5-authentication")
+    assert " TCP_DENIED/407 0 - error:socks5-authentication alice " in line, line
 
 
 def test_socks5_httpx_client(start_proxy, origin):
