@@ -71,6 +71,7 @@ class AccessControl:
         self.interval = 2.0
         self.conns: collections.Counter[str] = collections.Counter()
         self.tunnels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> CONNECT request
+        self.tunnel_ids: set[str] = set()  # ids of clients whose CONNECT was allowed (a str hashes in C)
         self.denied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # client -> (decision, request)
         self.prechecked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> True
         self.dns: dict[str, tuple[float, tuple[str, ...]]] = {}
@@ -191,6 +192,7 @@ class AccessControl:
         self.conns[_ip(client.peername)] += 1
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.tunnel_ids.discard(client.id)
         ip = _ip(client.peername)
         self.conns[ip] -= 1
         if self.conns[ip] <= 0:
@@ -250,6 +252,7 @@ class AccessControl:
     def _verdict(self, flow: http.HTTPFlow, req: aclrules.Request, connect: bool) -> None:
         if self._apply(flow, req) and connect:  # the tunnel's TCP flow gets the CONNECT's verdict
             self.tunnels[flow.client_conn] = (req, flow.metadata[meta.ACL], flow.metadata[meta.ACLS])
+            self.tunnel_ids.add(flow.client_conn.id)
 
     def _refuse_invalid(self, flow: http.HTTPFlow, e: InvalidHost) -> None:
         """Squid's 400 for a request whose Host names no host[:port] where the Host is what the rules
@@ -317,9 +320,11 @@ class AccessControl:
         # request naming an IP), a reverse proxy's, and inside a CONNECT tunnel (Squid builds a bumped
         # request's URL from Host: a site fronted by an allowed name is judged as itself). A SOCKS
         # request naming a host goes there whatever Host says: that name is judged.
-        tunnelled = flow.client_conn in self.tunnels
-        by_host_header = tunnelled or mode in ("transparent", "wireguard", "local", "reverse") or (
-            mode == "socks5" and _is_ip(r.host))
+        if mode == "socks5":
+            tunnelled, by_host_header = False, _is_ip(r.host)  # (with TLS too: the ClientHello made a tunnel)
+        else:
+            tunnelled = mode in ("regular", "upstream") and flow.client_conn.id in self.tunnel_ids
+            by_host_header = tunnelled or mode in ("transparent", "wireguard", "local", "reverse")
         site = None
         if by_host_header:
             try:
@@ -479,7 +484,11 @@ class AccessControl:
             req = connect[0]
             req.sni = sni
             return req, None
-        req = self._tunnel_request(client, server.address or (sni or "", 0), _user_of(client), name=sni)
+        address = server.address or (sni or "", 0)
+        # the name the connection is judged by: the SNI where it went to an address (transparent, a
+        # SOCKS request naming an IP), but a SOCKS request naming a host goes there whatever the SNI says
+        named = getattr(client.proxy_mode, "type_name", "") == "socks5" and not _is_ip(str(address[0]))
+        req = self._tunnel_request(client, address, _user_of(client), name=None if named else sni)
         req.sni = sni
         await self._resolve(req)
         d = self.policy.check(req)

@@ -111,9 +111,11 @@ def request_url(request) -> str:
 
 
 def named_site(request) -> tuple[str, int] | None:
-    """(host, port) of the site the Host header (HTTP/2: :authority) names, None without one; ValueError
-    when it names no host[:port]. An empty port is the scheme's (RFC 3986 3.2.3)."""
-    authority = request.host_header
+    """(host, port) of the site the request names: the authority of an absolute-form target (RFC 9112
+    3.2.2: the origin takes it over Host) or HTTP/2's :authority, else the Host header; None without
+    one; ValueError when it names no host[:port]. An empty port is the scheme's (RFC 3986 3.2.3)."""
+    raw = request.data.authority
+    authority = raw.decode("utf-8", "surrogateescape") if raw else request.host_header
     if not authority:
         return None
     host, port = parse_authority(authority[:-1] if authority.endswith(":") else authority, check=True)

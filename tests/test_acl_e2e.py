@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -446,6 +447,42 @@ def test_a_socks5_request_naming_a_host_is_judged_by_that_name_before_connecting
     finally:
         p.stop()
         echo.close()
+
+
+def test_an_absolute_form_request_inside_a_tunnel_is_judged_by_its_url(env):
+    """The origin takes an absolute-form target's authority over Host (RFC 9112 3.2.2): a request
+    `GET https://denied/...` with an allowed Host is judged as the denied site."""
+    proxy, _, tls_origin, _ = env
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(f"CONNECT 127.0.0.1:{tls_origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{tls_origin.port}\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        with ctx.wrap_socket(s, server_hostname="ok.test") as t:
+            t.sendall(f"GET https://www.blocked.test:{tls_origin.port}/absolute HTTP/1.1\r\nHost: ok.test\r\n"
+                      f"Connection: close\r\n\r\n".encode())
+            out = b""
+            while chunk := t.recv(65536):
+                out += chunk
+    assert out.startswith(b"HTTP/1.1 403") and b"http_access deny blocked" in out, out[:300]
+    assert "/absolute" not in tls_origin.hits
+
+
+def test_a_socks5_request_naming_a_host_is_judged_by_that_name_with_tls_too(tmp_path, cert):
+    """Once its ClientHello was allowed, a SOCKS5 connection to a named host carries requests judged by
+    that name, not by their Host (rules that need the request, here its method, decide then)."""
+    origin = Origin(tls=cert)
+    policy = ("acls:\n  bad: dstdomain localhost\n  get: method GET\nhttp_access:\n  - deny bad get\n"
+              "  - allow all\n")
+    p = start(tmp_path, policy, ("socks5",), options={"ssl_insecure": True})
+    try:
+        r = curl("-k", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--socks5-hostname", f"127.0.0.1:{p.port}",
+                 "-H", "Host: allowed.example", f"https://localhost:{origin.port}/tls-named")
+        assert r.stdout == b"403"
+        assert "/tls-named" not in origin.hits
+    finally:
+        p.stop()
+        origin.close()
 
 
 def test_reverse_mode_uses_the_same_rules_and_myportname(env):
