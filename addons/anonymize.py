@@ -192,7 +192,8 @@ class Anonymize:
                req.data.authority, req.http_version, keep)  # (HTTP/2's :authority is no header field)
         fields = self.memo.get(key)
         if fields is None:
-            looped = self._names_us(req.headers)
+            # (at a level that adds no Via this proxy cannot have been here before: another named alike was)
+            looped = self.policy.levels[level].via == "on" and self._names_us(req.headers)
             if not looped:
                 self._plan(req, self.policy.levels[level], meta.client_ip(flow), keep)
             if len(self.memo) >= MEMO_SIZE:
@@ -210,9 +211,13 @@ class Anonymize:
         if override is not None:
             meta.add_comment(flow, f"anonymize: {level} (override for acl {override.acl})")
 
+    def _ours(self) -> str:
+        """The end of the Via entry this proxy adds: ` <visible_hostname> (<via_comment>)`, lower case."""
+        return f" {self.policy.visible_hostname or self.hostname} ({self.policy.via_comment})".lower()
+
     def _names_us(self, headers: http.Headers) -> bool:
         """Does the request's Via already name this proxy (the pseudonym its Via adds)?"""
-        ours = f" {self.policy.visible_hostname or self.hostname} ({self.policy.via_comment})".lower().encode()
+        ours = self._ours().encode()
         return any(k.lower() == b"via" and any((b" " + hop.strip().lower()).endswith(ours) for hop in v.split(b","))
                    for k, v in headers.fields)
 
@@ -248,20 +253,29 @@ class Anonymize:
 
     def _via_on_response(self, flow: http.HTTPFlow) -> None:
         """Where the level says `via: on`, the response the proxy forwards names it too (RFC 9110 7.6.3),
-        as Squid's does. (A stored response keeps it: hits carry it without adding it again.)"""
+        as Squid's does. A cache hit is answered as this request's level says, whatever the level of
+        the request that stored it: its stored Via entry of this proxy is dropped first."""
         resp, level = flow.response, flow.metadata.get(meta.ANONYMIZE)
-        if resp is None or level is None or self.policy is None or meta.LOCAL in flow.metadata:
+        local = flow.metadata.get(meta.LOCAL)
+        if resp is None or level is None or self.policy is None or (local and local != "cache"):
             return
         rules = self.policy.levels.get(level)
-        if rules is None or rules.via != "on":
-            return
-        if self.strip_backend and "via" in self.policy.strip_response and meta.mode_name(flow) == "reverse":
-            return  # the operator hides Via from clients (anonymize_backend)
-        ours = anonrules.via_value(resp.http_version, self.policy.visible_hostname or self.hostname,
-                                   self.policy.via_comment)
-        existing = ", ".join(v.strip() for v in resp.headers.get_all("via") if v.strip())
+        add = rules is not None and rules.via == "on" and not (
+            self.strip_backend and "via" in self.policy.strip_response and meta.mode_name(flow) == "reverse")
+        if not add and not local:
+            return  # (the operator may hide Via from clients: anonymize_backend)
+        hops = [h.strip() for v in resp.headers.get_all("via") for h in v.split(",") if h.strip()]
+        if local:
+            ours = self._ours()
+            hops = [h for h in hops if not (" " + h.lower()).endswith(ours)]
+        if add:
+            hops.append(anonrules.via_value(resp.http_version, self.policy.visible_hostname or self.hostname,
+                                            self.policy.via_comment))
         name = "via" if resp.data.http_version in meta.LOWER_CASE_VERSIONS else "Via"
-        resp.headers[name] = f"{existing}, {ours}" if existing else ours
+        if hops:
+            resp.headers[name] = ", ".join(hops)
+        elif "via" in resp.headers:
+            del resp.headers["via"]
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._strip_response(flow)  # responses made by an addon skip responseheaders

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import socket
 import time
+from http import HTTPStatus
 
 from mitmproxy import http
 
@@ -96,4 +97,10 @@ def make(name: str, url: str = "", detail: str = "", errno: int = 0,
     }
     headers.update(extra_headers or {})
     # a URL with bytes that are not UTF-8 (kept by mitmproxy as lone surrogates) is shown escaped
-    return http.Response.make(status, body.encode("utf-8", "backslashreplace"), headers)
+    resp = http.Response.make(status, body.encode("utf-8", "backslashreplace"), headers)
+    if not resp.reason:  # a status mitmproxy has no phrase for (431)
+        try:
+            resp.reason = HTTPStatus(status).phrase
+        except ValueError:
+            pass
+    return resp

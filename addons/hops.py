@@ -65,8 +65,7 @@ RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
 # Request.method, which the rules, the cache and the log read, is upper case already), as Squid does
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
                            b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"PURGE"})
-_UNSAFE = re.compile(rb"[\x00\r\n]")  # in a field: NUL (refused), or a line folded (obs-fold, unfolded)
-_FOLD = re.compile(rb"[ \t]*\r?\n[ \t]*")
+_FOLD = re.compile(rb"[ \t]*(?:\r\n|\r|\n)[ \t]*")  # a folded line (obs-fold), or a bare CR or LF: one space
 
 
 def _has_any(headers: http.Headers, names: frozenset) -> bool:
@@ -190,9 +189,14 @@ class Hops:
         if self.header_max and len(blob) + 4 * len(fields) > self.header_max:
             return self._refuse(flow, "ERR_TOO_BIG", f"header fields larger than request_header_max_size "
                                                      f"({self.header_max} bytes)", 431)
-        if _UNSAFE.search(blob) is not None and not self._clean(flow):
+        if (b"\n" in blob or b"\r" in blob or b"\x00" in blob) and not self._clean(flow):  # (memchr each)
             return None
         sign, host, hosts = _scan(req.headers, REQUEST_SIGNS)
+        if hosts and data.authority and data.http_version in meta.LOWER_CASE_VERSIONS:
+            # RFC 9113 8.3.1: :authority names the site (the rules judged it); a host field, which mitmproxy
+            # would send on to an HTTP/1 origin in its place, goes (mitmproxy then makes Host of :authority)
+            del req.headers["host"]
+            host, hosts = None, 0
         if (want := foreign_host(flow, host, hosts, self.tunnels)) is not None:
             req.host_header = want
             meta.add_comment(flow, f"Host {host.decode('utf-8', 'backslashreplace')!r} replaced by the URL's {want}")
@@ -211,8 +215,10 @@ class Hops:
         if any(b"\x00" in v for _, v in headers.fields):
             self._refuse(flow, "ERR_INVALID_REQ", "a header field contains a NUL character")
             return False
-        headers.fields = tuple((k, _FOLD.sub(b" ", v)) for k, v in headers.fields)
-        meta.add_comment(flow, "folded header lines unfolded (obs-fold)")
+        fields = tuple((k, _FOLD.sub(b" ", v)) for k, v in headers.fields)
+        if fields != headers.fields:
+            headers.fields = fields
+            meta.add_comment(flow, "folded header lines (or a bare CR or LF) replaced by a space")
         return True
 
     @staticmethod

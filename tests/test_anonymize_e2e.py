@@ -400,3 +400,22 @@ def test_two_proxies_sending_to_each_other_stop_at_once(start_proxy):
     assert r.stdout.startswith(b"HTTP/1.1 403"), r.stdout[:300]
     time.sleep(0.5)
     assert len(a.log_lines(1, timeout=2)) + len(b.log_lines(1, timeout=2)) <= 4
+
+
+def test_a_hit_carries_via_as_the_level_of_its_own_request_says(start_proxy, origin, tmp_path):
+    """The stored response was fetched at another level: this proxy's Via entry follows the request
+    answered, not the one that stored it."""
+    pol = tmp_path / "anon.yaml"
+    pol.write_text(SHIPPED.replace("overrides: []", "overrides:\n  - {acl: localhost, level: transparent}"))
+    p = start_proxy(options={"anonymize": "elite", "anonymize_policy": str(pol), "cache_dir": str(tmp_path / "c")})
+    origin.route("/viahit", lambda s: (200, {"Cache-Control": "max-age=600", "Via": "1.1 origin-side"}, b"x"))
+    ours = f"{socket.gethostname()} (relais)"
+
+    def via(source):
+        r = curl("-si", "-x", p.url, "--interface", source, f"{origin.url}/viahit")
+        head = r.stdout.split(b"\r\n\r\n")[0].decode()
+        return [line.split(": ", 1)[1] for line in head.split("\r\n") if line.lower().startswith("via:")]
+    assert via("127.0.0.1") == [f"1.1 origin-side, 1.1 {ours}"]  # transparent: a miss, stored
+    assert via(CLIENT_IP) == ["1.1 origin-side"]                    # elite: a hit, without ours
+    assert via("127.0.0.1") == [f"1.1 origin-side, 1.1 {ours}"]      # ours once
+    assert origin.hits["/viahit"] == 1

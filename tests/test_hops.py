@@ -214,7 +214,8 @@ def test_header_fields_larger_than_request_header_max_size_are_refused_before_go
     """Squid's request_header_max_size (64 KB): mitmproxy alone read and sent on 2 MB of fields."""
     out = raw(proxy.port, f"GET {origin.url}/big HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
                           f"X-Big: {'x' * 70_000}\r\nConnection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 431 ") and b"X-Squid-Error: ERR_TOO_BIG" in out, out[:300]
+    assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), out[:300]
+    assert b"X-Squid-Error: ERR_TOO_BIG" in out
     assert "/big" not in origin.hits
     assert " NONE_NONE/431 " in proxy.log_line("/big")
     ok = raw(proxy.port, f"GET {origin.url}/fits HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
@@ -251,3 +252,28 @@ def test_a_standard_method_in_lower_case_goes_on_as_the_rules_and_the_log_read_i
     out = raw(proxy.port, f"get {origin.url}/lower HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\nConnection: close\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
     assert origin.requests[-1].method == "GET"
+
+
+def test_an_http2_requests_host_fields_give_way_to_its_authority():
+    """RFC 9113 8.3.1: the rules judged :authority; a host field (h2 checks only the last one against it)
+    would be sent on to an HTTP/1 origin in its place: it goes, and mitmproxy makes Host of :authority."""
+    from mitmproxy.test import taddons
+    h = hops.Hops()
+    with taddons.context(h):
+        f = tflow.tflow()
+        f.request.http_version = "HTTP/2.0"
+        f.request.data.authority = b"allowed.example"
+        f.request.headers.fields = ((b"host", b"denied.example"), (b"host", b"allowed.example"), (b"x-a", b"1"))
+        h.requestheaders(f)
+        assert f.request.headers.fields == ((b"x-a", b"1"),) and f.response is None
+
+
+@pytest.mark.parametrize("value, sent", [(b"a\r\n  folded", b"a folded"), (b"a\rb", b"a b"), (b"a\nb", b"a b")])
+def test_a_folded_line_or_a_bare_cr_or_lf_in_a_field_becomes_one_space(value, sent):
+    from mitmproxy.test import taddons
+    h = hops.Hops()
+    with taddons.context(h):
+        f = tflow.tflow()
+        f.request.headers.fields = ((b"Host", b"address:22"), (b"X-A", value))
+        h.requestheaders(f)
+        assert f.request.headers.fields[1] == (b"X-A", sent) and "replaced by a space" in f.comment
