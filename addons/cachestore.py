@@ -473,6 +473,8 @@ class DiskTier:
         is written (reads skip the disk meanwhile), as a put with `keep` would (its bytes are held
         for the write anyway)."""
         primary, vh = key
+        if primary not in self.busy:  # written already (the usual case: no lock taken; puts come from
+            return                    # this thread, so none can be queued meanwhile)
         with self.lock:
             if primary in self.busy and vh not in self.queued.get(primary, {}):
                 self.queued.setdefault(primary, {})[vh] = (entry.meta, entry.body, None)
