@@ -262,8 +262,8 @@ class Anonymize:
         rules = self.policy.levels.get(level)
         add = rules is not None and rules.via == "on" and not (
             self.strip_backend and "via" in self.policy.strip_response and meta.mode_name(flow) == "reverse")
-        if not add and not local:
-            return  # (the operator may hide Via from clients: anonymize_backend)
+        if not add and not (local and any(k.lower() == b"via" for k, _ in resp.headers.fields)):
+            return  # (the operator may hide Via from clients: anonymize_backend); a hit without Via: as stored
         hops = [h.strip() for v in resp.headers.get_all("via") for h in v.split(",") if h.strip()]
         if local:
             ours = self._ours()
