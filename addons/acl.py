@@ -259,12 +259,7 @@ class AccessControl:
         judge (mitmproxy's regular mode refuses those itself): the acls would see a URL the request
         does not go to (Host: x/y makes url_regex ^http://[^/]+/path/ miss)."""
         log.info("access control: %s; refused", e)
-        flow.response = errorpage.make("ERR_INVALID_REQ", detail=str(e))
-        answered.refuse_body(flow)
-        flow.metadata[meta.CODE] = "NONE_NONE"
-        flow.metadata[meta.LOCAL] = "acl"
-        flow.metadata[meta.ERROR] = "ERR_INVALID_REQ"
-        meta.add_comment(flow, f"refused: {e}")
+        answered.refuse(flow, "ERR_INVALID_REQ", "acl", str(e), url="")
         flow.marked = flow.marked or MARK
 
     def _deny_on_error(self, flow: http.HTTPFlow, e: Exception) -> None:

@@ -32,10 +32,10 @@ from pathlib import Path
 from mitmproxy import command, ctx, exceptions, http
 
 try:
-    from addons import anonrules, answered, errorpage, meta, policyfile
+    from addons import anonrules, answered, meta, policyfile
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import anonrules, answered, errorpage, meta, policyfile
+    from addons import anonrules, answered, meta, policyfile
 
 ROOT = Path(__file__).resolve().parents[1]
 ACLS = getattr(meta, "ACLS", "relais.acls")  # names of the acls that matched, written by the acl addon
@@ -226,12 +226,8 @@ class Anonymize:
         on one machine chained on purpose need each its own visible_hostname, as Squid's unique_hostname."""
         url = flow.request.pretty_url
         logger.warning("forwarding loop: %s came back through this proxy (its Via names it); denied", url)
-        flow.response = errorpage.make("ERR_ACCESS_DENIED", url,
-                                       detail="forwarding loop: the request's Via names this proxy")
-        answered.refuse_body(flow)
-        flow.metadata[meta.LOCAL] = "anonymize"
-        flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
-        meta.add_comment(flow, "refused: forwarding loop (Via names this proxy)")
+        answered.refuse(flow, "ERR_ACCESS_DENIED", "anonymize", "forwarding loop (Via names this proxy)", url=url,
+                        detail="forwarding loop: the request's Via names this proxy", code=None)
 
     def _plan(self, req: http.Request, rules: anonrules.LevelRules, client: str, keep: tuple[str, ...]) -> None:
         fields = list(req.headers.items(multi=True))

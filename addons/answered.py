@@ -43,9 +43,11 @@ except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 
 try:
+    from addons import errorpage, meta
     from addons.recover import BAD_GATEWAY, Hold, Patch
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from addons import errorpage, meta
     from addons.recover import BAD_GATEWAY, Hold, Patch
 
 
@@ -68,6 +70,23 @@ def refuse_body(flow) -> None:
         flow.request.stream = True
         if expects.strip().lower() == "100-continue":
             _WAITING.add(flow)  # the client waits for a 100 that will not come: answered at once
+
+
+def refuse(flow, page: str, by: str, why: str, url: str | None = None, detail: str | None = None,
+           status: int | None = None, code: str | None = "NONE_NONE", body_too: bool = True) -> None:
+    """Answer a request with Squid's error page `page` (errorpage.PAGES) instead of forwarding it: the
+    page shows `url` (default: the request's) and `detail` (default: `why`); with `body_too` (an answer
+    made at requestheaders) the request's body is refused as by refuse_body; the metadata say that addon `by` answered (meta.LOCAL), with `code` (meta.CODE; None:
+    left to the addons after it) and `page` (meta.ERROR); mitmweb's comment says "refused: <why>"."""
+    flow.response = errorpage.make(page, flow.request.pretty_url if url is None else url,
+                                   detail=why if detail is None else detail, status=status)
+    if body_too:
+        refuse_body(flow)
+    flow.metadata[meta.LOCAL] = by
+    if code is not None:
+        flow.metadata[meta.CODE] = code
+    flow.metadata[meta.ERROR] = page
+    meta.add_comment(flow, f"refused: {why}")
 
 
 def uninstall() -> None:

@@ -43,10 +43,10 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http.url import hostport
 
 try:
-    from addons import answered, errorpage, meta
+    from addons import answered, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, errorpage, meta
+    from addons import answered, meta
 
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
 # fields the proxy itself acts on before forwarding (framing, routing, 100-continue, Max-Forwards)
@@ -187,8 +187,8 @@ class Hops:
         fields = req.headers.fields
         blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
         if self.header_max and len(blob) + 4 * len(fields) > self.header_max:
-            return self._refuse(flow, "ERR_TOO_BIG", f"header fields larger than request_header_max_size "
-                                                     f"({self.header_max} bytes)", 431)
+            return answered.refuse(flow, "ERR_TOO_BIG", "hops", "header fields larger than request_header_max_size "
+                                   f"({self.header_max} bytes)", status=431)
         if (b"\n" in blob or b"\r" in blob or b"\x00" in blob) and not self._clean(flow):  # (memchr each)
             return None
         sign, host, hosts = _scan(req.headers, REQUEST_SIGNS)
@@ -213,22 +213,13 @@ class Hops:
         line (obs-fold) is unfolded to one space before it is sent on. False when refused."""
         headers = flow.request.headers
         if any(b"\x00" in v for _, v in headers.fields):
-            self._refuse(flow, "ERR_INVALID_REQ", "a header field contains a NUL character")
+            answered.refuse(flow, "ERR_INVALID_REQ", "hops", "a header field contains a NUL character")
             return False
         fields = tuple((k, _FOLD.sub(b" ", v)) for k, v in headers.fields)
         if fields != headers.fields:
             headers.fields = fields
             meta.add_comment(flow, "folded header lines (or a bare CR or LF) replaced by a space")
         return True
-
-    @staticmethod
-    def _refuse(flow: http.HTTPFlow, page: str, why: str, status: int | None = None) -> None:
-        flow.response = errorpage.make(page, flow.request.pretty_url, detail=why, status=status)
-        answered.refuse_body(flow)
-        flow.metadata[meta.LOCAL] = "hops"
-        flow.metadata[meta.CODE] = "NONE_NONE"
-        flow.metadata[meta.ERROR] = page
-        meta.add_comment(flow, f"refused: {why}")
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self.tunnels.add(flow.client_conn.id)

@@ -37,10 +37,10 @@ from pathlib import Path
 from mitmproxy import ctx, http, version
 
 try:
-    from addons import answered, errorpage, listeners, meta
+    from addons import answered, listeners, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, errorpage, listeners, meta
+    from addons import answered, listeners, meta
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +206,12 @@ class Manager:
         answered.refuse_body(flow)
         if meta.ACL not in flow.metadata and not listeners.is_loopback(meta.client_ip(flow)):
             # no access policy judged it (loaded without the acl addon): loopback clients only
-            flow.response = errorpage.make("ERR_ACCESS_DENIED", req.pretty_url,
-                                           detail="cache manager: loopback clients only without an access policy")
-            flow.metadata[meta.CODE] = "TCP_DENIED"
-            flow.metadata[meta.ERROR] = "ERR_ACCESS_DENIED"
+            answered.refuse(flow, "ERR_ACCESS_DENIED", "manager",
+                            "cache manager: loopback clients only without an access policy", code="TCP_DENIED")
             return
-        if page not in MENU:
-            flow.response = errorpage.make("ERR_INVALID_URL", req.pretty_url,
-                                           detail=f"no such cache manager page: {page or '(none)'}",
-                                           status=404)  # Squid's answer to an unknown page
-            flow.metadata[meta.ERROR] = "ERR_INVALID_URL"
+        if page not in MENU:  # Squid's answer to an unknown page: 404
+            answered.refuse(flow, "ERR_INVALID_URL", "manager", f"no such cache manager page: {page or '(none)'}",
+                            status=404, code=None)
             return
         if page == "menu":
             text = menu_page()

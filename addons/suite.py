@@ -50,12 +50,12 @@ import mitmproxy.proxy.layers  # noqa: F401  (http, tcp, udp, tls, dns, websocke
 import mitmproxy.proxy.server_hooks  # noqa: F401  (client/server connection events)
 
 try:
-    from addons import answered, errorpage, meta
+    from addons import answered
 except ImportError:  # loaded by path without the project installed
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, errorpage, meta
+    from addons import answered
 
 logger = logging.getLogger("mitmproxy.addonmanager")  # where mitmproxy logs addon errors
 PASS_UP = (exceptions.AddonHalt, exceptions.OptionsError)
@@ -165,14 +165,10 @@ def _failed(exc: Exception, event: str = "", args: tuple = ()) -> None:
 def _fail_closed(event: str, flow, exc: Exception) -> None:
     """A request or stream some member failed to handle does not go on as if it had been judged."""
     if event in REQUEST_EVENTS and isinstance(flow, http.HTTPFlow) and flow.response is None:
-        flow.response = errorpage.make("ERR_GATEWAY_FAILURE", flow.request.pretty_url,
-                                       detail="an internal error of the proxy; its log says which")
-        flow.metadata[meta.LOCAL] = "suite"
-        flow.metadata[meta.CODE] = "NONE_NONE"
-        flow.metadata[meta.ERROR] = "ERR_GATEWAY_FAILURE"
-        meta.add_comment(flow, f"refused: {type(exc).__name__} in a Relais addon ({exc})")
-        if event == "requestheaders":  # as any answer made there: the body is neither invited nor kept
-            answered.refuse_body(flow)
+        # at requestheaders, as any answer made there, the body is neither invited nor kept
+        answered.refuse(flow, "ERR_GATEWAY_FAILURE", "suite", f"{type(exc).__name__} in a Relais addon ({exc})",
+                        detail="an internal error of the proxy; its log says which",
+                        body_too=event == "requestheaders")
     elif event in STREAM_EVENTS and getattr(flow, "killable", False):
         flow.kill()
 
