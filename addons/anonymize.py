@@ -72,8 +72,9 @@ class Anonymize:
         self.strip_backend = False          # the anonymize_backend option
         self.memo: dict[tuple, tuple] = {}  # request facts -> the anonymized header fields
         self.poller = None                  # looks at the policy file while the proxy is idle
-        self.acl_names_seen: tuple | None = None  # the access policy's acl names of the last request
-        self.acl_names_checked: set[tuple] = set()  # all those this policy's overrides were checked against
+        self.acl_names = policyfile.AclNames(
+            lambda: [(f"{self.path}:{o.line}: overrides: acl {o.acl}", o.acl) for o in self.policy.overrides],
+            lambda msg: logger.warning("anonymize_policy: %s", msg))
 
     def load(self, loader):
         loader.add_option(
@@ -123,7 +124,7 @@ class Anonymize:
 
     def _new_policy(self) -> None:
         self.memo.clear()
-        self.acl_names_seen, self.acl_names_checked = None, set()  # its overrides are checked anew
+        self.acl_names.reset()  # its overrides are checked anew
 
     @property
     def path(self) -> Path | None:
@@ -162,21 +163,10 @@ class Anonymize:
 
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
-        defined = flow.metadata.get(meta.ACL_NAMES)
-        if defined is not None and defined is not self.acl_names_seen and self.policy.overrides:
-            self._check_acl_names(flow, defined)
+        if self.policy.overrides:
+            self.acl_names.check(flow)
         return anonrules.choose_level(self.level, meta.mode_name(flow),
                                       flow.metadata.get(ACLS), self.policy)
-
-    def _check_acl_names(self, flow: http.HTTPFlow, defined) -> None:
-        """Warn once per policy, of either kind, about overrides naming an acl the access policy lacks."""
-        self.acl_names_seen = defined
-        if defined in self.acl_names_checked:  # (requests judged before and after a reload)
-            return
-        self.acl_names_checked.add(defined)
-        uses = [(f"{self.path}:{o.line}: overrides: acl {o.acl}", o.acl) for o in self.policy.overrides]
-        for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):
-            logger.warning("anonymize_policy: %s", msg)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or flow.is_replay == "request" or self.policy is None:

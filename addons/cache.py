@@ -625,8 +625,7 @@ class Cache:
         self.targets: tuple[str, ...] = ()           # RFC 9213 targeted fields obeyed in reverse mode
         self.access: dict[str, tuple[AccessRule, ...]] = {}  # Squid's cache / send_hit / store_miss rules
         self.checks: dict[str, list] = {}
-        self.acl_names_seen: tuple | None = None
-        self.acl_names_checked: set[tuple] = set()
+        self.acl_names = policyfile.AclNames(self._acl_uses, lambda msg: log.warning("cache_policy: %s", msg))
         self.warned_no_acls = False
         self.watch = policyfile.Watch()            # the cache policy file, re-read when it changes
         self.poller: asyncio.Task | None = None    # looks at it while the proxy is idle
@@ -793,8 +792,7 @@ class Cache:
         # what each question asks, in order: Squid's `cache` list first, then send_hit or store_miss
         self.checks = {d: [(n, policy.access[n]) for n in ("cache", d) if n in policy.access]
                        for d in ("send_hit", "store_miss")}
-        self.acl_names_seen = None  # the access policy's acl names of the last request judged by these rules
-        self.acl_names_checked: set[tuple] = set()  # all those these rules were checked against
+        self.acl_names.reset()  # these rules are checked anew
 
     @command.command("cache.reload")
     def reload(self) -> None:
@@ -912,8 +910,7 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
-        if flow.metadata.get(meta.ACL_NAMES, self.acl_names_seen) is not self.acl_names_seen:
-            self._check_acl_names(flow)
+        self.acl_names.check(flow)
         for name, rules in self.checks[directive]:
             ok, rule = access_allows(rules, acls)
             if not ok:
@@ -924,16 +921,9 @@ class Cache:
                 return False
         return True
 
-    def _check_acl_names(self, flow: http.HTTPFlow) -> None:
-        """Warn once per policy, of either kind, about rules naming an acl the access policy lacks (a typo)."""
-        self.acl_names_seen = defined = flow.metadata[meta.ACL_NAMES]
-        if defined in self.acl_names_checked:  # (requests judged before and after its reload)
-            return
-        self.acl_names_checked.add(defined)
-        uses = [(f"{r.source}:{r.line}: {key} {r.text}", name)
+    def _acl_uses(self) -> list[tuple[str, str]]:
+        return [(f"{r.source}:{r.line}: {key} {r.text}", name)
                 for key, rules in self.access.items() for r in rules for _, name in r.terms]
-        for msg in policyfile.undefined_acls(uses, defined, flow.metadata.get(meta.ACL, {}).get("policy", "")):
-            log.warning("cache_policy: %s", msg)
 
     def _lookup_and_answer(self, flow: http.HTTPFlow, key: str, failure: Failure | None, collapse: bool):
         req = flow.request
