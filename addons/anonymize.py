@@ -67,6 +67,7 @@ class Anonymize:
         self.policy: anonrules.Policy | None = None
         self.watch = policyfile.Watch()     # the policy file, re-read when it changes
         self.hostname = socket.gethostname()
+        self.ours = ""                      # the end of this proxy's Via entry (_new_policy)
         self.last_error: str | None = None  # why the last reload failed
         self.level = anonrules.AUTO         # the anonymize option
         self.strip_backend = False          # the anonymize_backend option
@@ -124,6 +125,8 @@ class Anonymize:
 
     def _new_policy(self) -> None:
         self.memo.clear()
+        # the end of the Via entry this proxy adds: ` <visible_hostname> (<via_comment>)`, lower case
+        self.ours = f" {self.policy.visible_hostname or self.hostname} ({self.policy.via_comment})".lower()
         self.acl_names.reset()  # its overrides are checked anew
 
     @property
@@ -201,13 +204,9 @@ class Anonymize:
         if override is not None:
             meta.add_comment(flow, f"anonymize: {level} (override for acl {override.acl})")
 
-    def _ours(self) -> str:
-        """The end of the Via entry this proxy adds: ` <visible_hostname> (<via_comment>)`, lower case."""
-        return f" {self.policy.visible_hostname or self.hostname} ({self.policy.via_comment})".lower()
-
     def _names_us(self, headers: http.Headers) -> bool:
         """Does the request's Via already name this proxy (the pseudonym its Via adds)?"""
-        ours = self._ours().encode()
+        ours = self.ours.encode()
         return any(k.lower() == b"via" and any((b" " + hop.strip().lower()).endswith(ours) for hop in v.split(b","))
                    for k, v in headers.fields)
 
@@ -252,8 +251,7 @@ class Anonymize:
             return  # (the operator may hide Via from clients: anonymize_backend); a hit without Via: as stored
         hops = [h.strip() for v in resp.headers.get_all("via") for h in v.split(",") if h.strip()]
         if local:
-            ours = self._ours()
-            hops = [h for h in hops if not (" " + h.lower()).endswith(ours)]
+            hops = [h for h in hops if not (" " + h.lower()).endswith(self.ours)]
         if add:
             hops.append(anonrules.via_value(resp.http_version, self.policy.visible_hostname or self.hostname,
                                             self.policy.via_comment))

@@ -97,9 +97,6 @@ def resolve(path: str) -> Path:
     return ROOT / p
 
 
-_HTTP1 = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
-
-
 def primary_key(flow: http.HTTPFlow) -> str:
     """scheme://host:port/path?query of the resource, as the origin sees it.
 
@@ -121,7 +118,7 @@ def primary_key(flow: http.HTTPFlow) -> str:
         host, port = mode.address
     else:
         scheme, host, port = data.scheme.decode(), data.host, data.port
-    if data.authority and data.http_version in _HTTP1:  # absolute-form, as mitmproxy forwards it
+    if data.authority and data.http_version in meta.HTTP1_VERSIONS:  # absolute-form, as mitmproxy forwards it
         named = data.authority.decode("utf-8", "surrogateescape")
     else:
         named = req.host_header

@@ -55,7 +55,6 @@ ALWAYS_HOP = ("keep-alive",)  # hop-by-hop even when not named (RFC 9110 7.6.1);
 # and TE of an HTTP/1 request, as Squid removes it: it invites trailers, which mitmproxy 11 cannot relay
 # over HTTP/1 (it drops the connection); HTTP/2 allows only "TE: trailers", which gRPC needs end to end
 HTTP1_REQUEST_HOP = ("keep-alive", "te")
-_HTTP1 = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
 NOT_TRACED = frozenset({"authorization", "proxy-authorization", "cookie"})  # RFC 9110 9.3.8: sensitive
 ALLOW = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT"
 # the field names that call for a look at all (most messages have none: one pass over raw names)
@@ -93,7 +92,7 @@ def foreign_host(flow: http.HTTPFlow, host: bytes | None, hosts: int = 1, tunnel
     Host field naming another, or with more than one; else None."""
     req = flow.request
     data = req.data
-    if host is None or data.http_version not in _HTTP1:
+    if host is None or data.http_version not in meta.HTTP1_VERSIONS:
         return None
     named = host.decode("utf-8", "surrogateescape")
     if hosts == 1 and (named == data.host or named == f"{data.host}:{data.port}"):
