@@ -49,6 +49,8 @@ PAGES = {
                         "Some aspect of the requested URL is incorrect."),
     "ERR_INVALID_REQ": (400, "Invalid Request.",
                         "Some aspect of the HTTP request is invalid."),
+    "ERR_UNSUP_HTTPVERSION": (505, "Unsupported HTTP version",
+                              "This proxy does not accept the HTTP version you are attempting to use."),
     "ERR_TOO_BIG": (413, "The request or reply is too large.",
                     "The request is larger than this proxy accepts."),
     "ERR_APP_BLOCKED": (403, "Application Blocked.",

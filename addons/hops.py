@@ -26,9 +26,10 @@ An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` o
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
 Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a NUL in
-a field too (400), and a folded line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does. A
-standard method written in lower case (`get`) goes on in upper case, as the rest of Relais
-reads it and as Squid sends it.
+a field too (400), as is a method that is no token (400) and another major HTTP version (505,
+ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as HTTP/1.1); a folded line (obs-fold) is unfolded (RFC
+9112 5.2), as Squid does. A standard method written in lower case (`get`) goes on in upper case,
+as the rest of Relais reads it and as Squid sends it.
 
     mitmdump -s addons/hops.py
 """
@@ -64,6 +65,8 @@ RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
 # Request.method, which the rules, the cache and the log read, is upper case already), as Squid does
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
                            b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"PURGE"})
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: what a method must be
+VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/3"})  # as mitmproxy writes them
 _FOLD = re.compile(rb"[ \t]*(?:\r\n|\r|\n)[ \t]*")  # a folded line (obs-fold), or a bare CR or LF: one space
 
 
@@ -181,8 +184,10 @@ class Hops:
         if flow.response is not None:
             return
         data = req.data
-        if not data.method.isupper() and data.method.upper() in KNOWN_METHODS:
-            data.method = data.method.upper()
+        if data.method not in KNOWN_METHODS and not self._method(flow):
+            return None
+        if data.http_version not in VERSIONS and not self._version(flow):
+            return None
         fields = req.headers.fields
         blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
         if self.header_max and len(blob) + 4 * len(fields) > self.header_max:
@@ -206,6 +211,32 @@ class Hops:
             meta.add_comment(flow, f"hop-by-hop, not sent on: {', '.join(removed)}")
         if "max-forwards" in req.headers and req.method in ("TRACE", "OPTIONS"):
             self._max_forwards(flow)
+
+    @staticmethod
+    def _method(flow: http.HTTPFlow) -> bool:
+        """A known method in lower case goes on in upper case; a method that is no token (RFC 9110 9.1)
+        gets 400, as from Squid's parser (mitmproxy sent on `GE(T`). False when refused."""
+        data = flow.request.data
+        if data.method.upper() in KNOWN_METHODS:
+            data.method = data.method.upper()
+        elif not _TOKEN.fullmatch(data.method):
+            answered.refuse(flow, "ERR_INVALID_REQ", "hops",
+                            f"the method {data.method.decode('latin-1')!r} is no token (RFC 9110 9.1)")
+            return False
+        return True
+
+    @staticmethod
+    def _version(flow: http.HTTPFlow) -> bool:
+        """RFC 9112 2.6: HTTP/1.x with a higher minor version is taken, and sent on, as HTTP/1.1; another
+        major version (HTTP/9.9, which mitmproxy sent on) gets Squid's 505. False when refused."""
+        data = flow.request.data
+        if re.fullmatch(rb"HTTP/1\.[0-9]", data.http_version):
+            meta.add_comment(flow, f"{data.http_version.decode()} taken as HTTP/1.1")
+            data.http_version = b"HTTP/1.1"
+            return True
+        answered.refuse(flow, "ERR_UNSUP_HTTPVERSION", "hops",
+                        f"HTTP version {data.http_version.decode('latin-1')!r} is not supported")
+        return False
 
     def _clean(self, flow: http.HTTPFlow) -> bool:
         """RFC 9110 5.5 / RFC 9112 5.2: a field value with NUL is refused (400, as Squid); a folded

@@ -105,6 +105,7 @@ class Seen:
     header_list: list[tuple[str, str]]
     body: bytes
     client: str
+    version: str = "HTTP/1.1"  # the request line's
 
 
 CLOSE = object()  # a route's body that makes the origin close the connection without responding
@@ -123,7 +124,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         origin = self.server.origin
         seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
-                    list(self.headers.items()), body, self.client_address[0])
+                    list(self.headers.items()), body, self.client_address[0], self.request_version)
         with origin.lock:
             origin.requests.append(seen)
             path = urlsplit(self.path).path
