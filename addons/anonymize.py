@@ -167,7 +167,7 @@ class Anonymize:
     # --- requests -------------------------------------------------------
     def level_for(self, flow: http.HTTPFlow) -> tuple[str, anonrules.Override | None]:
         if self.policy.overrides:
-            self.acl_names.check(flow)
+            self.acl_names.check(flow.metadata.get(meta.ACL_NAMES), flow.metadata.get(meta.ACL))
         return anonrules.choose_level(self.level, meta.mode_name(flow),
                                       flow.metadata.get(ACLS), self.policy)
 

@@ -74,10 +74,11 @@ def refuse_body(flow) -> None:
 
 def refuse(flow, page: str, by: str, why: str, url: str | None = None, detail: str | None = None,
            status: int | None = None, code: str | None = "NONE_NONE", body_too: bool = True) -> None:
-    """Answer a request with Squid's error page `page` (errorpage.PAGES) instead of forwarding it: the
-    page shows `url` (default: the request's) and `detail` (default: `why`); with `body_too` (an answer
-    made at requestheaders) the request's body is refused as by refuse_body; the metadata say that addon `by` answered (meta.LOCAL), with `code` (meta.CODE; None:
-    left to the addons after it) and `page` (meta.ERROR); mitmweb's comment says "refused: <why>"."""
+    """Answer a request with Squid's error page `page` (errorpage.PAGES) instead of forwarding it.
+    The page shows `url` (default: the request's) and `detail` (default: `why`). With `body_too` (an
+    answer made at requestheaders) the request's body is refused as by refuse_body. The metadata say
+    that addon `by` answered (meta.LOCAL), with `code` (meta.CODE; None: left to the addons after it)
+    and `page` (meta.ERROR); mitmweb's comment says "refused: <why>"."""
     flow.response = errorpage.make(page, flow.request.pretty_url if url is None else url,
                                    detail=why if detail is None else detail, status=status)
     if body_too:

@@ -907,7 +907,7 @@ class Cache:
                             "(relais.acls: is the acl addon loaded, before the cache, with a policy?); such "
                             "requests are neither answered from the cache nor stored", flow.request.pretty_url)
             return False
-        self.acl_names.check(flow)
+        self.acl_names.check(flow.metadata.get(meta.ACL_NAMES), flow.metadata.get(meta.ACL))
         for name, rules in self.checks[directive]:
             ok, rule = access_allows(rules, acls)
             if not ok:

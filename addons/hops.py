@@ -66,7 +66,8 @@ RESPONSE_SIGNS = frozenset({b"connection", b"keep-alive"})
 KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
                            b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"PURGE"})
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2: what a method must be
-VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/3"})  # as mitmproxy writes them
+# the HTTP version each kind of client connection carries, by its ALPN (mitmproxy picks its HTTP layer so)
+ALPN_VERSIONS = {b"h2": b"HTTP/2.0", b"h3": b"HTTP/3"}
 _FOLD = re.compile(rb"[ \t]*(?:\r\n|\r|\n)[ \t]*")  # a folded line (obs-fold), or a bare CR or LF: one space
 
 
@@ -181,12 +182,12 @@ class Hops:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        if flow.response is not None:
+        if flow.response is not None or flow.error:  # (mitmproxy refused it already: its own 400 goes)
             return
         data = req.data
         if data.method not in KNOWN_METHODS and not self._method(flow):
             return None
-        if data.http_version not in VERSIONS and not self._version(flow):
+        if data.http_version not in meta.HTTP1_VERSIONS and not self._version(flow):
             return None
         fields = req.headers.fields
         blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
@@ -214,8 +215,8 @@ class Hops:
 
     @staticmethod
     def _method(flow: http.HTTPFlow) -> bool:
-        """A known method in lower case goes on in upper case; a method that is no token (RFC 9110 9.1)
-        gets 400, as from Squid's parser (mitmproxy sent on `GE(T`). False when refused."""
+        """A known method in lower case goes on in upper case; a method that is no token (RFC 9110 9.1,
+        5.6.2) gets 400, as from Squid's parser (mitmproxy sent on `GE(T`). False when refused."""
         data = flow.request.data
         if data.method.upper() in KNOWN_METHODS:
             data.method = data.method.upper()
@@ -228,9 +229,13 @@ class Hops:
     @staticmethod
     def _version(flow: http.HTTPFlow) -> bool:
         """RFC 9112 2.6: HTTP/1.x with a higher minor version is taken, and sent on, as HTTP/1.1; another
-        major version (HTTP/9.9, which mitmproxy sent on) gets Squid's 505. False when refused."""
+        major version (HTTP/9.9, or HTTP/2.0 in an HTTP/1 request line, which mitmproxy sent on) gets
+        Squid's 505. HTTP/2 and HTTP/3 come on connections that chose them (ALPN). False when refused."""
         data = flow.request.data
-        if re.fullmatch(rb"HTTP/1\.[0-9]", data.http_version):
+        alpn = flow.client_conn.alpn
+        if data.http_version == ALPN_VERSIONS.get(b"h3" if alpn and alpn.startswith(b"h3") else alpn):
+            return True
+        if data.http_version[:7] == b"HTTP/1." and data.http_version[7:].isdigit():
             meta.add_comment(flow, f"{data.http_version.decode()} taken as HTTP/1.1")
             data.http_version = b"HTTP/1.1"
             return True
@@ -253,6 +258,9 @@ class Hops:
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self.tunnels.add(flow.client_conn.id)
+        # (mitmproxy's 200 would repeat the client's version: HTTP/9.9 200 Connection established)
+        if flow.response is None and flow.request.data.http_version not in meta.HTTP1_VERSIONS:
+            self._version(flow)
 
     def client_disconnected(self, client) -> None:
         self.tunnels.discard(client.id)

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import yaml
 
-from addons.meta import ACL, ACL_NAMES
-
 
 class PolicyError(ValueError):
     """A policy file mistake, with where it is."""
@@ -202,9 +200,10 @@ def poll(check) -> asyncio.Task | None:
 
 class AclNames:
     """Rules of another Relais policy naming an acl the access policy lacks (a typo) never match, so
-    they are warned of: once per access policy (relais.acl_names, a tuple of its acl names, which a
-    request brings), and again after either policy changes (`reset`). `uses()`: the (where, acl name)
-    pairs of the rules in force; `warn`: a logger's warning, given the sentences of undefined_acls."""
+    they are warned of: once per access policy, and again after either policy changes (`reset`).
+    `uses()`: the (where, acl name) pairs of the rules in force; `warn`: a logger's warning, given
+    the sentences of undefined_acls. `check` takes what a request brings: relais.acl_names (a tuple
+    of the access policy's acl names) and relais.acl (the verdict, which names the policy's file)."""
 
     def __init__(self, uses, warn):
         self.uses, self.warn = uses, warn
@@ -214,15 +213,14 @@ class AclNames:
         self.seen = None  # the acl names of the last request (a check costs a look-up when they are the same)
         self.checked: set[tuple] = set()  # all those the rules were checked against
 
-    def check(self, flow) -> None:
-        defined = flow.metadata.get(ACL_NAMES)
+    def check(self, defined: tuple | None, verdict: dict | None) -> None:
         if defined is None or defined is self.seen:
             return
         self.seen = defined
         if defined in self.checked:  # (requests judged before and after a reload of the access policy)
             return
         self.checked.add(defined)
-        for msg in undefined_acls(self.uses(), defined, flow.metadata.get(ACL, {}).get("policy", "")):
+        for msg in undefined_acls(self.uses(), defined, (verdict or {}).get("policy", "")):
             self.warn(msg)
 
 

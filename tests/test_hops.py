@@ -262,6 +262,7 @@ def test_an_http2_requests_host_fields_give_way_to_its_authority():
     with taddons.context(h):
         f = tflow.tflow()
         f.request.http_version = "HTTP/2.0"
+        f.client_conn.alpn = b"h2"
         f.request.data.authority = b"allowed.example"
         f.request.headers.fields = ((b"host", b"denied.example"), (b"host", b"allowed.example"), (b"x-a", b"1"))
         h.requestheaders(f)
@@ -300,6 +301,12 @@ def test_another_major_http_version_gets_505_and_a_higher_minor_goes_on_as_http_
     assert out.startswith(b"HTTP/1.1 505 ") and b"X-Squid-Error: ERR_UNSUP_HTTPVERSION" in out, out[:300]
     assert "/nine" not in origin.hits
     assert " NONE_NONE/505 " in proxy.log_line("/nine")
+    out = raw(proxy.port, f"GET {origin.url}/two HTTP/2.0\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                          f"Connection: close\r\n\r\n".encode())  # an HTTP/2 version in an HTTP/1 request line
+    assert out.startswith(b"HTTP/1.1 505 "), out[:300]
+    assert "/two" not in origin.hits
+    out = raw(proxy.port, f"CONNECT 127.0.0.1:{origin.port} HTTP/9.9\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+    assert out.startswith(b"HTTP/1.1 505 "), out[:300]  # (mitmproxy alone: HTTP/9.9 200 Connection established)
     out = raw(proxy.port, f"GET {origin.url}/minor HTTP/1.2\r\nHost: 127.0.0.1:{origin.port}\r\n"
                           f"Connection: close\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200"), out[:300]

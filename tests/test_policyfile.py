@@ -97,23 +97,22 @@ def test_a_watched_policy_file_that_goes_missing_is_reported_once(tmp_path, capl
 
 
 def test_acl_names_warns_of_an_undefined_acl_once_per_access_policy_and_again_after_a_reset():
-    from types import SimpleNamespace
     warned = []
     names = policyfile.AclNames(lambda: [("cache.yaml:3: cache deny QEURY", "QEURY"), ("cache.yaml:4", "all")],
                                 warned.append)
 
     def request(defined):
-        return SimpleNamespace(metadata={"relais.acl_names": defined, "relais.acl": {"policy": "access.yaml"}})
+        return defined, {"action": "allow", "rule": "http_access allow all", "policy": "access.yaml"}
 
     first, second = ("QUERY", "all"), ("QEURY", "all")
-    names.check(SimpleNamespace(metadata={}))  # no access policy judged it: nothing to check against
-    names.check(request(first))
-    names.check(request(first))
+    names.check(None, None)  # no access policy judged it: nothing to check against
+    names.check(*request(first))
+    names.check(*request(first))
     assert warned == ["cache.yaml:3: cache deny QEURY names acl 'QEURY', which access.yaml does not define: "
                       "it never matches"]
-    names.check(request(second))  # the access policy defines it now
-    names.check(request(first))   # back to the first one: already said
+    names.check(*request(second))  # the access policy defines it now
+    names.check(*request(first))   # back to the first one: already said
     assert len(warned) == 1
     names.reset()                 # the rules changed
-    names.check(request(first))
+    names.check(*request(first))
     assert len(warned) == 2
