@@ -280,34 +280,37 @@ def test_a_folded_line_or_a_bare_cr_or_lf_in_a_field_becomes_one_space(value, se
         assert f.request.headers.fields[1] == (b"X-A", sent) and "replaced by a space" in f.comment
 
 
+def send_line(proxy, origin, method: str, path: str, version: str) -> bytes:
+    """One request with this request line to the origin through the proxy; the whole answer."""
+    return raw(proxy.port, f"{method} {origin.url}{path} {version}\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                           f"Connection: close\r\n\r\n".encode())
+
+
+def assert_refused(proxy, origin, out: bytes, path: str, status: int, page: str) -> None:
+    assert out.startswith(f"HTTP/1.1 {status} ".encode()) and f"X-Squid-Error: {page}".encode() in out, out[:300]
+    assert path not in origin.hits
+    assert f" NONE_NONE/{status} " in proxy.log_line(path)
+
+
 def test_a_method_that_is_no_token_is_refused_and_an_unknown_token_goes_on(proxy, origin):
     """RFC 9110 9.1, as Squid's parser: 400 for `GE(T` (mitmproxy alone sent it on); an extension
     method is the origin's to judge."""
-    out = raw(proxy.port, f"GE(T {origin.url}/paren HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                          f"Connection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 400 ") and b"X-Squid-Error: ERR_INVALID_REQ" in out, out[:300]
-    assert "/paren" not in origin.hits
-    assert " NONE_NONE/400 " in proxy.log_line("/paren")
-    out = raw(proxy.port, f"FROB {origin.url}/frob HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                          f"Connection: close\r\n\r\n".encode())
+    assert_refused(proxy, origin, send_line(proxy, origin, "GE(T", "/paren", "HTTP/1.1"), "/paren", 400,
+                   "ERR_INVALID_REQ")
+    out = send_line(proxy, origin, "FROB", "/frob", "HTTP/1.1")
     # the origin's own answer (http.server has no FROB: its 501)
     assert out.startswith(b"HTTP/1.1 501 ") and b"Server: BaseHTTP" in out, out[:300]
 
 
 def test_another_major_http_version_gets_505_and_a_higher_minor_goes_on_as_http_1_1(proxy, origin):
     """RFC 9112 2.6, as Squid: mitmproxy alone sent `HTTP/9.9` on to the origin, and `HTTP/1.2` as it came."""
-    out = raw(proxy.port, f"GET {origin.url}/nine HTTP/9.9\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                          f"Connection: close\r\n\r\n".encode())
-    assert out.startswith(b"HTTP/1.1 505 ") and b"X-Squid-Error: ERR_UNSUP_HTTPVERSION" in out, out[:300]
-    assert "/nine" not in origin.hits
-    assert " NONE_NONE/505 " in proxy.log_line("/nine")
-    out = raw(proxy.port, f"GET {origin.url}/two HTTP/2.0\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                          f"Connection: close\r\n\r\n".encode())  # an HTTP/2 version in an HTTP/1 request line
-    assert out.startswith(b"HTTP/1.1 505 "), out[:300]
-    assert "/two" not in origin.hits
+    assert_refused(proxy, origin, send_line(proxy, origin, "GET", "/nine", "HTTP/9.9"), "/nine", 505,
+                   "ERR_UNSUP_HTTPVERSION")
+    # an HTTP/2 version in an HTTP/1 request line
+    assert_refused(proxy, origin, send_line(proxy, origin, "GET", "/two", "HTTP/2.0"), "/two", 505,
+                   "ERR_UNSUP_HTTPVERSION")
     out = raw(proxy.port, f"CONNECT 127.0.0.1:{origin.port} HTTP/9.9\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 505 "), out[:300]  # (mitmproxy alone: HTTP/9.9 200 Connection established)
-    out = raw(proxy.port, f"GET {origin.url}/minor HTTP/1.2\r\nHost: 127.0.0.1:{origin.port}\r\n"
-                          f"Connection: close\r\n\r\n".encode())
+    out = send_line(proxy, origin, "GET", "/minor", "HTTP/1.2")
     assert out.startswith(b"HTTP/1.1 200"), out[:300]
     assert origin.requests[-1].path.endswith("/minor") and origin.requests[-1].version == "HTTP/1.1"
