@@ -7,7 +7,8 @@
 #   ./run.sh bench                 the benchmarks (ratios against a baseline run in the same invocation)
 # Environment:
 #   RELAIS_USER   user mitmproxy runs as when started as root (Squid's cache_effective_user); default nobody
-#   RELAIS_HOST   listen address for the default mode; default 127.0.0.1
+#   RELAIS_HOST   listen address of the default mode, and of modes given without one (socks5@1080);
+#                 default 127.0.0.1
 #   RELAIS_NEWER  0: `test` skips the run on the newer mitmproxy; default 1
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -116,6 +117,11 @@ start() {
   case " $* " in
     *" --mode "*|*" -m "*|*" --mode="*) ;;
     *) args+=(--mode "regular@${RELAIS_HOST:-127.0.0.1}:3128") ;;
+  esac
+  # a mode given without an address (socks5@1080) listens there too, not on every interface
+  case " $* " in
+    *listen_host*|*--listen-host*) ;;
+    *) args+=(--set listen_host="${RELAIS_HOST:-127.0.0.1}") ;;
   esac
   # Bodies over maximum_object_size_in_memory's default stream through, as in Squid (mitmproxy
   # alone holds each whole body in memory first; the cache copies streamed ones to disk).

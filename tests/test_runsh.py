@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -38,9 +39,9 @@ def fresh_copy():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def start(folder: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+def start(folder: Path, port: int, env: dict[str, str], mode: str = "regular@127.0.0.1:{port}") -> subprocess.Popen:
     out = open(folder / "run.out", "wb")
-    return subprocess.Popen(["./run.sh", "--mode", f"regular@127.0.0.1:{port}"], cwd=folder,
+    return subprocess.Popen(["./run.sh", "--mode", mode.format(port=port)], cwd=folder,
                             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
                             start_new_session=True)
 
@@ -77,6 +78,21 @@ def test_run_sh_starts_a_logging_proxy_as_the_unprivileged_user(fresh_copy, orig
             with client.stream("GET", f"{origin.url}/slow/600000?rate=3000") as r:
                 assert r.status_code == 200
                 assert next(r.iter_raw(), b"")  # mitmproxy alone would hold the whole body first
+    finally:
+        stop_group(proc)
+        print((fresh_copy / "run.out").read_text()[-3000:])
+
+
+def test_a_mode_given_without_an_address_listens_on_relais_host_only(fresh_copy):
+    """`./run.sh --mode socks5@1080` listens where the default mode does (RELAIS_HOST, 127.0.0.1),
+    not on every interface as mitmproxy alone would."""
+    port = free_port()
+    proc = start(fresh_copy, port, {}, mode="socks5@{port}")
+    try:
+        wait_port(port, timeout=300)
+        with socket.socket() as s:  # another loopback address: reachable only with a wildcard listener
+            s.settimeout(5)
+            assert s.connect_ex(("127.0.0.2", port)) != 0
     finally:
         stop_group(proc)
         print((fresh_copy / "run.out").read_text()[-3000:])
