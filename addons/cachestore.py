@@ -607,6 +607,8 @@ class DiskTier:
         self.tmplock.close()
 
     def volume(self) -> int:
+        if self.clearing:  # a clear the writer has not made yet: nothing is served from the disk meanwhile
+            return 0
         try:
             return self.dc.volume()
         except Exception:
@@ -615,6 +617,8 @@ class DiskTier:
     def count(self) -> int:
         """Entries on disk: one indexed count (cache.stats runs on the event loop, and diskcache's
         iterkeys() reads a key per SQLite query: 40 s for 200,000 entries)."""
+        if self.clearing:  # (as volume)
+            return 0
         try:
             try:
                 (n,), = self.dc._sql("SELECT COUNT(*) FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}'")

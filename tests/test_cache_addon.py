@@ -121,6 +121,18 @@ def test_commands(cache):
         c.purge("not a url")
 
 
+def test_stats_right_after_a_clear_count_nothing_on_disk(cache):
+    """The disk tier is emptied by its writer process, a moment later; meanwhile it answers nothing,
+    and cache.stats says so (it showed the old entries for a second or two)."""
+    c, tctx = cache
+    c.response(stored_flow("http://example.com/on-disk"))
+    c.store.disk.flush()
+    assert json.loads(tctx.master.commands.call("cache.stats"))["disk"]["entries"] == 1
+    tctx.master.commands.call("cache.clear")
+    stats = json.loads(tctx.master.commands.call("cache.stats"))
+    assert stats["disk"]["entries"] == 0 and stats["disk"]["bytes"] == 0, stats
+
+
 def test_http_and_https_never_mix(cache):
     c, _ = cache
     c.response(stored_flow("https://example.com:8443/x"))
