@@ -131,16 +131,33 @@ class Suite:
 
     def _check_configured(self) -> None:
         """mitmproxy 11 loads a script whose options it cannot apply (one given twice: --set
-        cache_dir=a --set cache_dir=b) without a word and without calling any of its hooks:
-        the proxy would run without access control. Stop it instead."""
+        cache_dir=a --set cache_dir=b, or a value it cannot read: --set cache_dir_size=1GB) without
+        a word and without calling any of its hooks: the proxy would run without access control.
+        Stop it instead, saying which."""
         if not self.configured:
-            logger.error("Relais stopped: mitmproxy loaded the suite but never applied its options "
-                         "(is an option given twice, as in --set cache_dir=a --set cache_dir=b?); "
+            why = "; ".join(_unapplied()) or "is an option given twice, as in --set cache_dir=a --set cache_dir=b?"
+            logger.error(f"Relais stopped: mitmproxy loaded the suite but never applied its options ({why}); "
                          "it will not run as a proxy without access control.")
             asyncio.get_running_loop().call_later(1, ctx.master.shutdown)  # if mitmproxy has not exited on the error
 
     def __repr__(self) -> str:
         return f"Suite({', '.join(type(m).__name__ for m in self.members)})"
+
+
+def _unapplied() -> list[str]:
+    """Why mitmproxy could not apply the --set values it kept for the suite's options, read as it
+    reads them (its private API: nothing where that differs)."""
+    try:
+        opts, out = ctx.options, []
+        for name, value in opts.deferred.items():
+            if (option := opts._options.get(name)) is not None:
+                try:
+                    opts._parse_setval(option, getattr(value, "val", value))
+                except exceptions.OptionsError as e:
+                    out.append(f"--set {name}: {e}")
+        return out
+    except Exception:
+        return []
 
 
 def no_missing_hooks(namespace: dict) -> None:

@@ -85,7 +85,21 @@ def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_pa
     finally:
         proxy.stop()
     assert rc != 0
-    assert "never applied its options" in proxy.text()
+    assert "never applied its options (--set cache_dir: " in proxy.text()
+
+
+def test_an_option_value_mitmproxy_cannot_read_is_named_when_the_proxy_stops(tmp_path):
+    """mitmproxy 11 drops `--set cache_dir_size=1GB` (an integer option) as it drops an option given
+    twice: Relais stops, naming the option and the value."""
+    from harness import Proxy
+    proxy = Proxy(tmp_path, options={"cache_dir_size": "1GB"}, wait=False)
+    try:
+        rc = proxy.proc.wait(30)
+    finally:
+        proxy.stop()
+    assert rc != 0
+    stopped = [line for line in proxy.text().splitlines() if "Relais stopped" in line]
+    assert stopped and "(--set cache_dir_size: " in stopped[0] and "integer: 1gb)" in stopped[0].lower(), stopped
 
 
 def test_a_bad_option_at_start_stops_the_proxy_with_its_message_not_a_member_traceback(tmp_path):
