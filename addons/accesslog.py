@@ -163,6 +163,7 @@ def http_record(flow: http.HTTPFlow, strip: bool = True, aborted: bool = False, 
         url = meta.pretty_url(req) if meta.mode_name(flow) in ("transparent", "reverse") else meta.request_url(req)
         if strip:
             url = strip_query(url)
+        url = url[:meta.MAX_URL]  # (a URL refused as too long: one bounded line, as Squid's)
     code = md.get(meta.CODE) or ("TCP_TUNNEL" if is_connect else "TCP_MISS")
     if aborted and not code.endswith("_ABORTED"):
         code += "_ABORTED"

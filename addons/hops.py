@@ -25,10 +25,10 @@ ask for (and the log, the access rules and the cache would name another).
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
-Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a NUL in
-a field too (400), as is a method that is no token (400) and another major HTTP version (505,
-ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as HTTP/1.1); a folded line (obs-fold) is unfolded (RFC
-9112 5.2), as Squid does. A standard method written in lower case (`get`) goes on in upper case,
+Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), and a URL
+longer than 8 KB (414 ERR_TOO_BIG), a NUL in a field (400), a method that is no token (400),
+another major HTTP version (505, ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as HTTP/1.1); a folded
+line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does. A standard method written in lower case (`get`) goes on in upper case,
 as the rest of Relais reads it and as Squid sends it.
 
     mitmdump -s addons/hops.py
@@ -189,6 +189,10 @@ class Hops:
             return None
         if data.http_version not in meta.HTTP1_VERSIONS and not self._version(flow):
             return None
+        if len(data.path) + len(data.host) > meta.MAX_URL:
+            url = req.pretty_url
+            return answered.refuse(flow, "ERR_TOO_BIG", "hops", f"URL longer than {meta.MAX_URL} bytes",
+                                   url=f"{url[:200]}... ({len(url)} characters)", status=414)
         fields = req.headers.fields
         blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
         if self.header_max and len(blob) + 4 * len(fields) > self.header_max:

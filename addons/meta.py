@@ -31,6 +31,7 @@ RECOVERED = "relais.recovered"  # the origin failed and an addon answered in the
 
 # HTTP versions whose field names must be lower case (RFC 9113 8.2.1, RFC 9114 4.2)
 LOWER_CASE_VERSIONS = frozenset({b"HTTP/2.0", b"HTTP/3"})
+MAX_URL = 8192  # Squid's MAX_URL: a longer URL is refused (414), and no log line holds more of one
 HTTP1_VERSIONS = frozenset({b"HTTP/1.1", b"HTTP/1.0"})  # (what mitmproxy writes as http_version: bytes)
 
 

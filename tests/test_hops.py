@@ -314,3 +314,15 @@ def test_another_major_http_version_gets_505_and_a_higher_minor_goes_on_as_http_
     out = send_line(proxy, origin, "GET", "/minor", "HTTP/1.2")
     assert out.startswith(b"HTTP/1.1 200"), out[:300]
     assert origin.requests[-1].path.endswith("/minor") and origin.requests[-1].version == "HTTP/1.1"
+
+
+def test_a_url_longer_than_8_kb_gets_414_and_a_bounded_log_line(proxy, origin):
+    """Squid's MAX_URL: mitmproxy alone sent a 1 MB URL on, and the access log took it whole."""
+    path = "/long/" + "a" * 1_000_000
+    out = send_line(proxy, origin, "GET", path, "HTTP/1.1")
+    assert out.startswith(b"HTTP/1.1 414 ") and b"X-Squid-Error: ERR_TOO_BIG" in out, out[:300]
+    assert len(out) < 10_000  # the page shows the URL's start only
+    assert not any(p.startswith("/long/") for p in origin.hits)
+    line = proxy.log_line("/long/aaaa")
+    assert " NONE_NONE/414 " in line and len(line) < 9000
+    assert send_line(proxy, origin, "GET", "/long/" + "a" * 8000, "HTTP/1.1").startswith(b"HTTP/1.1 200")
