@@ -74,43 +74,36 @@ def test_all_py_works_without_the_project_installed(start_proxy, origin, tmp_pat
     assert "deprecated" not in p.text(), "all.py names a hook mitmproxy warns about"
 
 
-def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_path):
-    """mitmproxy 11 loads a script whose option is set twice without applying any option or
-    calling any hook; Relais must not then serve as a proxy without access control."""
+def stopped_output(tmp_path, **kw) -> str:
+    """Start all.py as Proxy(**kw) would, expect it to stop by itself with an error: its output."""
     from harness import Proxy
-    proxy = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "a")},
-                  args=["--set", f"cache_dir={tmp_path / 'b'}"], wait=False)
+    proxy = Proxy(tmp_path, wait=False, **kw)
     try:
         rc = proxy.proc.wait(30)
     finally:
         proxy.stop()
     assert rc != 0
-    assert "never applied its options (--set cache_dir: " in proxy.text()
+    return proxy.text()
+
+
+def test_an_option_given_twice_stops_the_proxy_instead_of_running_it_open(tmp_path):
+    """mitmproxy 11 loads a script whose option is set twice without applying any option or
+    calling any hook; Relais must not then serve as a proxy without access control."""
+    out = stopped_output(tmp_path, options={"cache_dir": str(tmp_path / "a")},
+                         args=["--set", f"cache_dir={tmp_path / 'b'}"])
+    assert "never applied its options (--set cache_dir: " in out
 
 
 def test_an_option_value_mitmproxy_cannot_read_is_named_when_the_proxy_stops(tmp_path):
     """mitmproxy 11 drops `--set cache_dir_size=1GB` (an integer option) as it drops an option given
     twice: Relais stops, naming the option and the value."""
-    from harness import Proxy
-    proxy = Proxy(tmp_path, options={"cache_dir_size": "1GB"}, wait=False)
-    try:
-        rc = proxy.proc.wait(30)
-    finally:
-        proxy.stop()
-    assert rc != 0
-    stopped = [line for line in proxy.text().splitlines() if "Relais stopped" in line]
+    out = stopped_output(tmp_path, options={"cache_dir_size": "1GB"})
+    stopped = [line for line in out.splitlines() if "Relais stopped" in line]
     assert stopped and "(--set cache_dir_size: " in stopped[0] and "integer: 1gb)" in stopped[0].lower(), stopped
 
 
 def test_a_bad_option_at_start_stops_the_proxy_with_its_message_not_a_member_traceback(tmp_path):
-    from harness import Proxy
-    proxy = Proxy(tmp_path, options={"cache_mem": "-5"}, wait=False)
-    try:
-        rc = proxy.proc.wait(30)
-    finally:
-        proxy.stop()
-    assert rc != 0
-    out = proxy.text()
+    out = stopped_output(tmp_path, options={"cache_mem": "-5"})
     assert "OptionsError: cache_mem: cannot read size '-5'" in out
     assert "cache.py" not in out and "parse_size" not in out  # the frames inside the addons say nothing more
 
