@@ -425,7 +425,8 @@ class DiskTier:
         """True if the body matches the metadata; a bad one is dropped and logged."""
         if body is None or len(body) != meta.length or digest(body) != meta.digest:
             self.corrupt += 1
-            got = "missing" if body is None else f"{len(body)} bytes"
+            got = "missing" if body is None else f"{len(body)} bytes" if len(body) != meta.length \
+                else f"{len(body)} bytes whose digest differs"
             log.warning("cache: dropped a corrupt disk entry for %s (expected %d bytes, got %s)",
                         meta.url, meta.length, got)
             self.q.put(("drop", meta))

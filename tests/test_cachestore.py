@@ -101,7 +101,8 @@ def test_a_damaged_body_is_dropped_and_never_served(tmp_path, body, caplog):
     s.disk.flush()
     assert s.disk.dc.get("m|-|http://a/x") is None, "the bad entry is dropped"
     assert s.get("http://a/x", "-") == (None, None)
-    assert "corrupt disk entry" in caplog.text
+    assert f"corrupt disk entry for http://a/x (expected {len(body)} bytes, got {len(body)} bytes whose " \
+           "digest differs)" in caplog.text  # (same length: the digest tells)
     s.close()
 
 
