@@ -25,7 +25,8 @@ ask for (and the log, the access rules and the cache would name another).
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
-Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), and a URL
+Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a response
+whose fields pass `reply_header_max_size` is replaced by 502 ERR_TOO_BIG, and a URL
 longer than 8 KB (414 ERR_TOO_BIG), a NUL in a field (400), a method that is no token (400),
 another major HTTP version (505, ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as HTTP/1.1); a folded
 line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does. A standard method written in lower case (`get`) goes on in upper case,
@@ -44,10 +45,10 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http.url import hostport
 
 try:
-    from addons import answered, meta
+    from addons import answered, errorpage, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, meta
+    from addons import answered, errorpage, meta
 
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
 # fields the proxy itself acts on before forwarding (framing, routing, 100-continue, Max-Forwards)
@@ -164,6 +165,7 @@ class Hops:
         # client connections that asked for a CONNECT tunnel: the requests inside name their site by Host
         self.tunnels: set[str] = set()
         self.header_max = 64 * 1024
+        self.reply_max = 64 * 1024
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -171,11 +173,18 @@ class Hops:
             "Squid's request_header_max_size: a request whose header fields (names and values) are larger "
             "is refused with 431 ERR_TOO_BIG instead of being sent on (mitmproxy reads any size). 0: no limit.",
         )
+        loader.add_option(
+            "reply_header_max_size", str, "64 KB",
+            "Squid's reply_header_max_size: a response whose header fields (names and values) are larger is "
+            "replaced by 502 ERR_TOO_BIG, none of it sent on (mitmproxy relays any size). 0: no limit.",
+        )
         self.answering.take()  # a TRACE's body, if any, is dropped once it is answered
 
     def configure(self, updated) -> None:
         if "request_header_max_size" in updated:
             self.header_max = meta.parse_size(ctx.options.request_header_max_size, "request_header_max_size")
+        if "reply_header_max_size" in updated:
+            self.reply_max = meta.parse_size(ctx.options.reply_header_max_size, "reply_header_max_size")
 
     def done(self) -> None:
         self.answering.release()
@@ -273,11 +282,31 @@ class Hops:
         resp = flow.response
         if resp is None:
             return
+        if self.reply_max and meta.LOCAL not in flow.metadata:
+            fields = resp.headers.fields
+            if len(b"".join(chain.from_iterable(fields))) + 4 * len(fields) > self.reply_max:
+                return self._refuse_reply(flow)
         if flow.request.data.http_version == b"HTTP/1.0":
             keep_alive_for_1_0(flow.request, resp)
         if meta.LOCAL in flow.metadata or not _has_any(resp.headers, RESPONSE_SIGNS):
             return
         strip_hop_fields(resp.headers)
+
+    def _refuse_reply(self, flow: http.HTTPFlow) -> None:
+        """Squid's 502 ERR_TOO_BIG in place of a response whose header fields pass reply_header_max_size.
+        The page replaces the response before its body is read, and goes out as that body's stream: the
+        origin's bytes are dropped as they come (a page put in place alone would be sent with them)."""
+        why = f"the response's header fields are larger than reply_header_max_size ({self.reply_max} bytes)"
+        page = errorpage.make("ERR_TOO_BIG", flow.request.pretty_url, detail=why, status=502)
+        body = [b"" if flow.request.method == "HEAD" else page.content]
+
+        def instead(chunk: bytes) -> bytes:
+            return body.pop() if body else b""
+        flow.response = page
+        page.stream = instead
+        flow.metadata.update({meta.LOCAL: "hops", meta.CODE: "TCP_MISS", meta.HIER: meta.forwarded(flow),
+                              meta.ERROR: "ERR_TOO_BIG"})
+        meta.add_comment(flow, f"refused: {why}")
 
     @staticmethod
     def _max_forwards(flow: http.HTTPFlow) -> None:

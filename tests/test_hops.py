@@ -326,3 +326,21 @@ def test_a_url_longer_than_8_kb_gets_414_and_a_bounded_log_line(proxy, origin):
     line = proxy.log_line("/long/aaaa")
     assert " NONE_NONE/414 " in line and len(line) < 9000
     assert send_line(proxy, origin, "GET", "/long/" + "a" * 8000, "HTTP/1.1").startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("size", [5, 2_000_000])
+def test_a_response_whose_header_fields_pass_reply_header_max_size_is_replaced_by_502(proxy, origin, size):
+    """Squid's reply_header_max_size (64 KB): mitmproxy alone relayed 70 KB of fields; none of the
+    origin's fields or body bytes go out, small body or large."""
+    origin.route("/big-head", lambda s: (200, {"X-Big": "x" * 70_000, "Content-Type": "text/plain"}, b"y" * size))
+    out = send_line(proxy, origin, "GET", "/big-head", "HTTP/1.1")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and b"X-Squid-Error: ERR_TOO_BIG" in head, out[:300]
+    assert b"X-Big" not in out and b"yyyyy" not in out
+    assert body.startswith(b"<!DOCTYPE html>") and b"reply_header_max_size" in body
+    assert int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) == len(body)
+    assert " TCP_MISS/502 " in proxy.log_line("/big-head")
+    head, _, body = send_line(proxy, origin, "HEAD", "/big-head", "HTTP/1.1").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ") and body == b""  # (an answer to HEAD has no body)
+    origin.route("/fits-head", lambda s: (200, {"X-Big": "x" * 30_000}, b"ok"))
+    assert send_line(proxy, origin, "GET", "/fits-head", "HTTP/1.1").startswith(b"HTTP/1.1 200")
