@@ -25,12 +25,12 @@ ask for (and the log, the access rules and the cache would name another).
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
 whose length it knows (mitmproxy keeps the connection but does not say so).
 
-Request fields larger than `request_header_max_size` are refused (431 ERR_TOO_BIG), a response
-whose fields pass `reply_header_max_size` is replaced by 502 ERR_TOO_BIG, and a URL
-longer than 8 KB (414 ERR_TOO_BIG), a NUL in a field (400), a method that is no token (400),
-another major HTTP version (505, ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as HTTP/1.1); a folded
-line (obs-fold) is unfolded (RFC 9112 5.2), as Squid does. A standard method written in lower case (`get`) goes on in upper case,
-as the rest of Relais reads it and as Squid sends it.
+As Squid, it refuses requests whose header fields pass `request_header_max_size` (431
+ERR_TOO_BIG), URLs longer than 8 KB (414 ERR_TOO_BIG), a NUL in a field (400), a method that is
+no token (400) and another major HTTP version (505 ERR_UNSUP_HTTPVERSION; HTTP/1.2 goes on as
+HTTP/1.1); it unfolds folded lines (obs-fold, RFC 9112 5.2), and replaces a response whose
+fields pass `reply_header_max_size` by 502 ERR_TOO_BIG. A standard method written in lower
+case (`get`) goes on in upper case, as the rest of Relais reads it and as Squid sends it.
 
     mitmdump -s addons/hops.py
 """
@@ -107,6 +107,14 @@ def foreign_host(flow: http.HTTPFlow, host: bytes | None, hosts: int = 1, tunnel
         return None
     want = hostport(req.scheme, data.host, data.port)
     return None if hosts == 1 and named.lower() == want.lower() else want
+
+
+def header_size(headers: http.Headers, blob: bytes | None = None) -> int:
+    """The size Squid's *_header_max_size limits: names and values, with ": " and CRLF each
+    (`blob`: the fields joined, if the caller has them)."""
+    if blob is None:
+        blob = b"".join(chain.from_iterable(headers.fields))
+    return len(blob) + 4 * len(headers.fields)
 
 
 def strip_hop_fields(headers: http.Headers, always=ALWAYS_HOP) -> list[str]:
@@ -202,9 +210,8 @@ class Hops:
             url = req.pretty_url
             return answered.refuse(flow, "ERR_TOO_BIG", "hops", f"URL longer than {meta.MAX_URL} bytes",
                                    url=f"{url[:200]}... ({len(url)} characters)", status=414)
-        fields = req.headers.fields
-        blob = b"".join(chain.from_iterable(fields))  # one look at every byte of the fields, in C
-        if self.header_max and len(blob) + 4 * len(fields) > self.header_max:
+        blob = b"".join(chain.from_iterable(req.headers.fields))  # one look at every byte of the fields, in C
+        if self.header_max and header_size(req.headers, blob) > self.header_max:
             return answered.refuse(flow, "ERR_TOO_BIG", "hops", "header fields larger than request_header_max_size "
                                    f"({self.header_max} bytes)", status=431)
         if (b"\n" in blob or b"\r" in blob or b"\x00" in blob) and not self._clean(flow):  # (memchr each)
@@ -282,10 +289,8 @@ class Hops:
         resp = flow.response
         if resp is None:
             return
-        if self.reply_max and meta.LOCAL not in flow.metadata:
-            fields = resp.headers.fields
-            if len(b"".join(chain.from_iterable(fields))) + 4 * len(fields) > self.reply_max:
-                return self._refuse_reply(flow)
+        if self.reply_max and meta.LOCAL not in flow.metadata and header_size(resp.headers) > self.reply_max:
+            return self._refuse_reply(flow)
         if flow.request.data.http_version == b"HTTP/1.0":
             keep_alive_for_1_0(flow.request, resp)
         if meta.LOCAL in flow.metadata or not _has_any(resp.headers, RESPONSE_SIGNS):
@@ -296,17 +301,15 @@ class Hops:
         """Squid's 502 ERR_TOO_BIG in place of a response whose header fields pass reply_header_max_size.
         The page replaces the response before its body is read, and goes out as that body's stream: the
         origin's bytes are dropped as they come (a page put in place alone would be sent with them)."""
-        why = f"the response's header fields are larger than reply_header_max_size ({self.reply_max} bytes)"
-        page = errorpage.make("ERR_TOO_BIG", flow.request.pretty_url, detail=why, status=502)
+        answered.refuse(flow, "ERR_TOO_BIG", "hops", "the response's header fields are larger than "
+                        f"reply_header_max_size ({self.reply_max} bytes)", status=502, code="TCP_MISS", body_too=False)
+        flow.metadata[meta.HIER] = meta.forwarded(flow)
+        page = flow.response
         body = [b"" if flow.request.method == "HEAD" else page.content]
 
         def instead(chunk: bytes) -> bytes:
             return body.pop() if body else b""
-        flow.response = page
         page.stream = instead
-        flow.metadata.update({meta.LOCAL: "hops", meta.CODE: "TCP_MISS", meta.HIER: meta.forwarded(flow),
-                              meta.ERROR: "ERR_TOO_BIG"})
-        meta.add_comment(flow, f"refused: {why}")
 
     @staticmethod
     def _max_forwards(flow: http.HTTPFlow) -> None:
