@@ -664,7 +664,8 @@ class Cache:
         loader.add_option("cache_dir_size", int, 3200,
                           "Size of the disk cache in megabytes (Squid's cache_dir Mbytes); the least recently stored "
                           "objects are evicted after each batch of writes (over by 1/16 and one object at most, "
-                          "meanwhile).")
+                          "meanwhile), and before it where the file system has room for less (a 50th of it is "
+                          "left free).")
         loader.add_option("negative_ttl", int, 30,
                           "Squid negative_ttl: seconds errors without explicit freshness (404, 405, 410, 414, 501) "
                           "and unreachable origins are remembered; 0 disables negative caching.")

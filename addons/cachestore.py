@@ -959,11 +959,18 @@ class _Writer:
     BATCH_OPS = 256  # a commit every 256 writes at most (about 0.2 s of misses at 1,000/s)
     BATCH_BYTES = 8 * 1024 * 1024
 
+    # left free on the file system after a batch: a 50th of it (for the access log and others
+    # sharing it), and 64 KB at least, for SQLite's journal and rows
+    ROOM_KEPT, ROOM_SHARE = 64 * 1024, 50
+    OP_BYTES = 2048  # a batch's rows and journal beyond its bodies, per operation
+
     def __init__(self, dc, source, sink):
         self.dc, self.source, self.sink = dc, source, sink
         self.acks: list[tuple] = []
+        self.limit = int(dc.size_limit)  # cache_dir_size; the file system may have room for less
+        self.short = False  # the last batch found less room than that
         # the tier is culled after each batch: until then it may hold one batch (and one object) too many
-        self.batch_bytes = min(self.BATCH_BYTES, max(1, int(dc.size_limit) // 16))
+        self.batch_bytes = min(self.BATCH_BYTES, max(1, self.limit // 16))
 
     def _warn(self, msg: str) -> None:
         self.acks.append(("log", msg))
@@ -993,6 +1000,7 @@ class _Writer:
                 self._apply_one(ops[i])
                 i += 1
                 continue
+            self._make_room()  # (a smaller room, smaller batches)
             batch, size = [], 0
             while i < len(ops) and ops[i][0] in self.BATCHED and len(batch) < self.BATCH_OPS \
                     and size < self.batch_bytes:
@@ -1000,6 +1008,7 @@ class _Writer:
                 if ops[i][0] == "put":
                     size += ops[i][2].length
                 i += 1
+            self._make_room(sum(op[2].length for op in batch if op[0] == "put") + self.OP_BYTES * len(batch))
             failed = []
             try:
                 with self.dc.transact():
@@ -1016,6 +1025,32 @@ class _Writer:
                 self._forget_failed_puts(failed)
                 for one in batch:
                     self._done(one)
+            self._cull()
+
+    def _make_room(self, need: int = 0) -> None:
+        """cache_dir_size, or less where the file system has room for less (a small or shared disk):
+        the oldest objects are evicted first to make room for `need` bytes more, instead of every
+        write failing on a full disk. The tier grows back as room comes back."""
+        try:
+            st = os.statvfs(self.dc.directory)
+            volume = self.dc.volume()
+        except (OSError, sqlite3.Error):
+            return
+        kept = max(self.ROOM_KEPT, st.f_blocks * st.f_frsize // self.ROOM_SHARE)
+        room = volume + st.f_bavail * st.f_frsize - need - kept  # what the tier may hold with it
+        if room < 0 and need:
+            return  # not even in an empty tier: its writes fail (said), and no object is evicted for nothing
+        limit = max(0, min(self.limit, room))
+        if limit == int(self.dc.size_limit):
+            return
+        self.dc.reset("size_limit", limit, update=False)  # this process only: cache_dir_size stays saved
+        self.batch_bytes = min(self.BATCH_BYTES, max(1, limit // 16))
+        if (limit < self.limit) != self.short:
+            self.short = limit < self.limit
+            self._warn(f"cache: the file system of the disk cache has room for {max(0, room) >> 20} MB, less than "
+                       f"cache_dir_size ({self.limit >> 20} MB): the oldest objects are evicted to stay within it"
+                       if self.short else "cache: the disk cache has room for cache_dir_size again")
+        if volume > limit:
             self._cull()
 
     def _forget_failed_puts(self, ops) -> None:

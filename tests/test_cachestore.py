@@ -882,3 +882,35 @@ def test_an_object_ram_lets_go_before_its_disk_write_is_done_is_still_a_hit(tmp_
     assert all(s.get(u, cs.PLAIN)[0].body == LARGE for u in urls)
     assert s.disk.queued == {}
     s.close()
+
+
+def test_the_disk_tier_keeps_to_the_room_its_file_system_has_and_grows_back(small_disk, caplog):
+    folder = small_disk("4m")
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=2 << 20)
+    try:
+        body = b"B" * (200 * 1024)
+
+        def put(*names):
+            for u in names:
+                s.put(u, meta(u, body), body)
+                s.disk.flush()  # a batch each
+        put("http://a/old-1", "http://a/old-2")
+        assert "room for" not in caplog.text
+        st = os.statvfs(folder)
+        filler = folder / "filler"  # another user of the file system takes all but 150 KB of it
+        filler.write_bytes(b"x" * (st.f_bavail * st.f_frsize - (150 << 10)))
+        put("http://a/new")
+        assert "less than cache_dir_size (2 MB): the oldest objects are evicted" in caplog.text
+        assert s.disk.get_entry("http://a/new", "-") is not None  # stored, in the room the oldest left
+        assert "disk write failed" not in caplog.text
+        assert s.disk.get_entry("http://a/old-1", "-") is None
+        big = b"G" * (1 << 20)  # more than the file system has room for, even with the tier emptied
+        s.put("http://a/big", meta("http://a/big", big), big)
+        s.disk.flush()
+        assert s.disk.get_entry("http://a/big", "-") is None and s.disk.get_entry("http://a/new", "-") is not None
+        filler.unlink()
+        put("http://a/later")
+        assert "has room for cache_dir_size again" in caplog.text
+        assert [u for u in ("http://a/old-2", "http://a/new", "http://a/later") if s.disk.get_entry(u, "-")]
+    finally:
+        s.close()

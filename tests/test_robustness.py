@@ -29,6 +29,22 @@ def test_full_cache_disk_keeps_serving(start_proxy, origin, tiny_disk):
     assert len(lines) == 16 and all("/200 " in l for l in lines)
 
 
+def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(start_proxy, origin, tiny_disk):
+    """The file system has room for far less than cache_dir_size (3200 MB): the tier keeps to what
+    fits, evicting the oldest objects, and the newest are stored and served from disk."""
+    cache = tiny_disk / "cache"
+    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0", "maximum_object_size": "4 MB"})
+    urls = [f"{origin.url}/size/{150_000 + i}?h.Cache-Control=max-age%3D600&n={i}" for i in range(12)]
+    for i, url in enumerate(urls):
+        assert len(curl("-x", proxy.url, url).stdout) == 150_000 + i
+    wait_stored(cache, "n=11")  # not stored, and never, on a disk full of the first objects
+    assert len(curl("-x", proxy.url, urls[-1]).stdout) == 150_011
+    assert proxy.wait_lines("/size/150011", 2)[-1].split()[3] == "TCP_HIT/200"
+    assert "less than cache_dir_size (3200 MB): the oldest objects are evicted" in proxy.text()
+    assert "disk write failed" not in proxy.text()  # room was made before each write
+    assert origin.hits["/size/150011"] == 1
+
+
 def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
     log = tiny_disk / "access.log"
     proxy = start_proxy(options={"access_log": str(log)})
