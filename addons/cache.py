@@ -582,7 +582,7 @@ def load_squid_policy(text: str, source: str = "<squid.conf>", base: Path | None
                     head = 5 if words[:1] == ["-i"] else 4
                     refresh.append(rfc9111.parse_refresh_pattern(" ".join(words[:head])))
                     if words[head:]:  # override-expire, ignore-no-store...: read as far as RFC 9111 goes
-                        notes.append(f"{src}, line {no}: refresh_pattern options not supported, ignored (the "
+                        notes.append(f"{src}:{no}: refresh_pattern options not supported, ignored (the "
                                      f"cache follows RFC 9111): {' '.join(words[head:])}")
                 else:
                     access.setdefault(directive, []).append(parse_access_rule(rest, no, src))

@@ -2,7 +2,8 @@
 
 `load(text, source)` parses with PyYAML's safe loader, but mappings and sequences
 remember the line of each key and item, and a duplicate key is an error (PyYAML
-silently keeps the last). Every mistake is a PolicyError saying `source, line N: reason`.
+silently keeps the last). Every mistake is a PolicyError saying `source:N: reason`
+(as the access policy's and as compilers say it: editors jump to the line).
 `CheckedLoader` (also the acl loader's) refuses aliases that would expand a small file into a huge
 policy (a "billion laughs"), while composing, before anything is expanded.
 `Watch` tells when a policy file changed, for the addons that re-read theirs; `poll` looks
@@ -23,7 +24,7 @@ class PolicyError(ValueError):
 
     def __init__(self, source: str, line: int | None, reason: str):
         self.source, self.line, self.reason = source, line, reason
-        where = f"{source}, line {line}" if line else source
+        where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: {reason}")
 
 

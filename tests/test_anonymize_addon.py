@@ -62,7 +62,7 @@ def test_bad_option_values(addon, tmp_path):
     with pytest.raises(exceptions.OptionsError) as e:
         addon.tctx.configure(addon, anonymize_policy=str(bad))
     line = SHIPPED.read_text().split("    via: delete")[0].count("\n") + 1
-    assert str(e.value).startswith(f"anonymize_policy: {bad}, line {line}: levels.elite.via: 'sometimes'")
+    assert str(e.value).startswith(f"anonymize_policy: {bad}:{line}: levels.elite.via: 'sometimes'")
 
 
 def test_levels_per_mode(addon):
@@ -111,7 +111,7 @@ def test_reload_command_keeps_last_good(addon, tmp_path):
     assert f.request.headers["Via"] == "1.1 two.test (relais)"
 
     pol.write_text(text.replace("visible_hostname: null", "visible_hostname: three.test\nlevels: {}"))
-    with pytest.raises(exceptions.CommandError, match=rf"kept the previous policy: {pol}, line \d+: duplicate key"):
+    with pytest.raises(exceptions.CommandError, match=rf"kept the previous policy: {pol}:\d+: duplicate key"):
         addon.tctx.command(addon.reload)
     pol.write_text("[" * 5000)  # what the YAML parser cannot take is a refused policy too, not an addon error
     with pytest.raises(exceptions.CommandError, match=rf"kept the previous policy: {pol}: nested too deep"):
@@ -136,7 +136,7 @@ def test_file_change_is_picked_up(addon, tmp_path, monkeypatch):
     f = flow()
     addon.requestheaders(f)   # broken: logged, last good kept
     assert f.request.headers["Via"] == "1.1 changed.test (relais)"
-    assert addon.last_error.startswith(f"{pol}, line 1: not valid YAML")
+    assert addon.last_error.startswith(f"{pol}:1: not valid YAML")
 
 
 def test_backend_headers_only_in_reverse_mode_when_enabled(addon):

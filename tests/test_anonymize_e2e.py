@@ -294,7 +294,7 @@ def test_broken_policy_stops_mitmdump_with_file_and_line(start_proxy, tmp_path):
     line = bad.read_text().split("referer: sometimes")[0].count("\n") + 1
     p = start_proxy(script=STACK, options={"anonymize_policy": str(bad)}, wait=False)
     assert p.proc.wait(30) != 0
-    assert f"anonymize_policy: {bad}, line {line}: levels.elite.referer: 'sometimes' is not one of" in p.text()
+    assert f"anonymize_policy: {bad}:{line}: levels.elite.referer: 'sometimes' is not one of" in p.text()
 
 
 def test_policy_change_is_picked_up_and_broken_one_ignored(start_proxy, hb, tmp_path):
@@ -317,7 +317,7 @@ def test_policy_change_is_picked_up_and_broken_one_ignored(start_proxy, hb, tmp_
     while "policy not reloaded" not in p.text() and time.monotonic() < end:
         via()
         time.sleep(0.2)
-    assert f"keeping the last good one: {pol}, line " in p.text()
+    assert f"keeping the last good one: {pol}:" in p.text()
     assert via() == "1.1 second.test (relais)"
 
 
@@ -327,7 +327,7 @@ def test_a_broken_edit_of_the_policy_is_reported_on_an_idle_proxy(start_proxy, t
     pol.write_text(SHIPPED)
     p = start_proxy(script=STACK, options={"anonymize_policy": str(pol)})
     pol.write_text(SHIPPED.replace("visible_hostname: null", "visible_hostname: x\n  oops: ["))
-    p.wait_output(f"keeping the last good one: {pol}, line ")
+    p.wait_output(f"keeping the last good one: {pol}:")
 
 
 def test_whole_suite_anonymizes_by_default(start_proxy, origin):

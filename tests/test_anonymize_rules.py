@@ -198,7 +198,7 @@ def test_broken_policy_names_line_and_reason(text, needle, reason):
     assert e.value.source == "pol.yaml"
     assert reason in e.value.reason
     assert e.value.line == line_of(text, needle), str(e.value)
-    assert str(e.value).startswith(f"pol.yaml, line {e.value.line}: ")
+    assert str(e.value).startswith(f"pol.yaml:{e.value.line}: ")
 
 
 def test_policy_structure_errors():

@@ -1042,7 +1042,7 @@ def test_a_broken_edit_of_the_cache_policy_is_reported_on_an_idle_proxy(start_pr
     rules = tmp_path / "cache.yaml"
     good = rules.read_text()
     rules.write_text(good + "  - perhaps all\n")
-    p.wait_output(f"policy not reloaded, keeping the last good one: cache_policy: {rules}, line ")
+    p.wait_output(f"policy not reloaded, keeping the last good one: cache_policy: {rules}:")
     rules.write_text(good.replace("  - deny private_area", "  - deny all"))
     p.wait_output("cache: policy reloaded")
 

@@ -689,7 +689,7 @@ def test_a_broken_cache_policy_is_refused_with_its_file_line_and_reason(tmp_path
     with taddons.context(c) as tctx:
         with pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(c, cache_dir="none", cache_policy=str(pol))
-        assert f"cache_policy: {pol}, line {line}: " in str(e.value) and reason in str(e.value), str(e.value)
+        assert f"cache_policy: {pol}:{line}: " in str(e.value) and reason in str(e.value), str(e.value)
     c.done()
 
 
@@ -845,7 +845,7 @@ def test_a_squid_conf_refresh_pattern_is_read_without_the_options_that_break_rfc
     with taddons.context(c) as tctx:
         tctx.configure(c, cache_dir="none", cache_policy=str(conf))
         assert [(r.pattern, r.min, r.percent, r.max) for r in c.rules] == [("\\.(gif|png)$", 1440 * 60, 0.9, 43200 * 60)]
-    assert f"{conf}, line 1: refresh_pattern options not supported, ignored" in caplog.text and "override-expire ignore-no-store" \
+    assert f"{conf}:1: refresh_pattern options not supported, ignored" in caplog.text and "override-expire ignore-no-store" \
         in caplog.text
     c.done()
 
@@ -862,7 +862,7 @@ def test_a_squid_conf_mistake_is_refused_with_its_line(tmp_path, line, reason):
     with taddons.context(c) as tctx:
         with pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(c, cache_dir="none", cache_policy=str(conf))
-        assert f"cache_policy: {conf}, line 3: {reason}" in str(e.value), str(e.value)
+        assert f"cache_policy: {conf}:3: {reason}" in str(e.value), str(e.value)
     c.done()
 
 
@@ -970,7 +970,7 @@ def test_a_head_the_rules_keep_from_the_cache_gets_the_origins_answer_and_invali
 def test_a_rule_list_that_is_not_a_list_is_refused(tmp_path, value):
     c, pol = rules_cache(tmp_path, f"cache: {value}\n")
     with taddons.context(c) as tctx:
-        with pytest.raises(exceptions.OptionsError, match="line 1: cache must be a list of rules"):
+        with pytest.raises(exceptions.OptionsError, match=":1: cache must be a list of rules"):
             tctx.configure(c, cache_dir="none", cache_policy=str(pol))
     c.done()
 
@@ -988,7 +988,7 @@ def test_the_cache_policy_is_reloaded_when_its_file_changes_and_a_broken_one_kee
         c.requestheaders(with_acls(request_flow(), "all"))
         assert [r.text for r in c.access["cache"]] == ["deny all"] and "cache: policy reloaded" in caplog.text
         pol.write_text('cache:\n  - "deny all"\n  - "perhaps"\n')
-        with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {pol}, line 3"):
+        with pytest.raises(exceptions.CommandError, match=f"kept the previous policy: cache_policy: {pol}:3"):
             c.reload()
         c.watch.next = 0
         c.requestheaders(with_acls(request_flow(), "all"))  # the same broken file is not tried again
@@ -1087,11 +1087,11 @@ def test_a_squid_conf_include_is_followed_and_its_mistakes_are_refused_with_thei
         extra.write_text("cache maybe QUERY\n")
         with pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(c, cache_policy=str(tmp_path / "squid.conf "))  # (a new value: read anew)
-        assert f"cache_policy: {extra}, line 1: cache: a rule is" in str(e.value), str(e.value)
+        assert f"cache_policy: {extra}:1: cache: a rule is" in str(e.value), str(e.value)
         extra.unlink()
         with pytest.raises(exceptions.OptionsError) as e:
             tctx.configure(c, cache_policy=str(conf))
-        assert f"cache_policy: {conf}, line 2: include: cannot read {extra}" in str(e.value), str(e.value)
+        assert f"cache_policy: {conf}:2: include: cannot read {extra}" in str(e.value), str(e.value)
     c.done()
 
 

@@ -57,7 +57,7 @@ def test_the_limit_counts_what_aliases_add_not_what_the_file_spells_out():
     assert len(doc) == 101 and doc["b98"] == list(range(1000))
     with pytest.raises(policyfile.PolicyError) as e:  # one more alias: 100,100 values added
         policyfile.load(text + "c: [-1, *x]\n", "p.yaml")
-    assert str(e.value).startswith("p.yaml, line 102: alias *x: ")
+    assert str(e.value).startswith("p.yaml:102: alias *x: ")
 
 
 def test_anchored_lists_reused_a_few_times_keep_working():
