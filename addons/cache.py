@@ -664,8 +664,8 @@ class Cache:
         loader.add_option("cache_dir_size", int, 3200,
                           "Size of the disk cache in megabytes (Squid's cache_dir Mbytes); the least recently stored "
                           "objects are evicted after each batch of writes (over by 1/16 and one object at most, "
-                          "meanwhile), and before it where the file system has room for less (a 50th of it is "
-                          "left free).")
+                          "meanwhile); where the file system has room for less, the tier keeps to that room, "
+                          "leaving a 50th of it free (512 KB at least).")
         loader.add_option("negative_ttl", int, 30,
                           "Squid negative_ttl: seconds errors without explicit freshness (404, 405, 410, 414, 501) "
                           "and unreachable origins are remembered; 0 disables negative caching.")
@@ -1712,7 +1712,7 @@ class Cache:
                     "limit": s.mem.limit if s else 0},
             "disk": {"entries": s.disk.count() if s and s.disk else 0,
                      "bytes": s.disk.volume() if s and s.disk else 0,
-                     "limit": s.disk.dc.size_limit if s and s.disk else 0,
+                     "limit": s.disk.limit_now() if s and s.disk else 0,  # less than cache_dir_size on a full disk
                      "corrupt_dropped": s.disk.corrupt if s and s.disk else 0,
                      "off": self.disk_error or (s.disk.off_reason if s and s.disk else None)},
             "negative_origins": len(self.failures),

@@ -31,6 +31,7 @@ the HTTP decisions (rfc9111.py) and uses this for bytes.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -268,6 +269,7 @@ class DiskTier:
         self.backlog = 0
         self.dropped = 0
         self.corrupt = 0
+        self.room: int | None = None  # the writer's limit where the file system has room for less than `limit`
         self.failed = False  # the writer process died: the disk tier is off (a lost delete must not be read)
         self.closing = False
         self.flushes: dict[int, threading.Event] = {}
@@ -607,6 +609,10 @@ class DiskTier:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
         self.tmplock.close()
 
+    def limit_now(self) -> int:
+        """The size the tier keeps to: cache_dir_size, or the room its file system has, if less."""
+        return int(self.dc.size_limit) if self.room is None else self.room
+
     def volume(self) -> int:
         if self.clearing:  # a clear the writer has not made yet: nothing is served from the disk meanwhile
             return 0
@@ -721,6 +727,8 @@ class DiskTier:
         for ack in acks:  # before flushes end, so whoever waited on one sees what the writer said
             if ack[0] == "log":
                 log.warning(ack[1])
+            elif ack[0] == "room":
+                self.room = ack[1]
         with self.lock:
             for ack in acks:
                 kind = ack[0]
@@ -933,6 +941,17 @@ def _read_frame(pipe):
     return pickle.loads(data)
 
 
+def _room_needed(batch: list, op_bytes: int) -> int:
+    """The bytes a batch may take on the file system: its bodies, small ones twice (in SQLite's
+    write-ahead log, then in the database), and its rows."""
+    total = 0
+    for op in batch:
+        if op[0] == "put":
+            length = op[2].length
+            total += length * 2 if length <= DiskTier.INLINE_MAX and not op[4] else length
+    return total + op_bytes * len(batch)
+
+
 def _ack_of(op) -> tuple | None:
     """What the proxy is told once an op is done (committed or failed); None: nothing waits for it."""
     kind = op[0]
@@ -959,16 +978,17 @@ class _Writer:
     BATCH_OPS = 256  # a commit every 256 writes at most (about 0.2 s of misses at 1,000/s)
     BATCH_BYTES = 8 * 1024 * 1024
 
-    # left free on the file system after a batch: a 50th of it (for the access log and others
-    # sharing it), and 64 KB at least, for SQLite's journal and rows
-    ROOM_KEPT, ROOM_SHARE = 64 * 1024, 50
-    OP_BYTES = 2048  # a batch's rows and journal beyond its bodies, per operation
+    # left free on the file system: a 50th of it (for the access log and others sharing it), and 512 KB
+    # at least (SQLite's write-ahead log, which is kept under 256 KB while the tier is short of room)
+    ROOM_KEPT, ROOM_SHARE = 512 * 1024, 50
+    OP_BYTES = 2048  # a batch's rows beyond its bodies, per operation
+    SHORT_WAL_PAGES = 64  # SQLite's wal_autocheckpoint while short of room (its default: 1000 pages)
 
     def __init__(self, dc, source, sink):
         self.dc, self.source, self.sink = dc, source, sink
         self.acks: list[tuple] = []
         self.limit = int(dc.size_limit)  # cache_dir_size; the file system may have room for less
-        self.short = False  # the last batch found less room than that
+        self.short = False  # it has: the tier keeps to that room
         # the tier is culled after each batch: until then it may hold one batch (and one object) too many
         self.batch_bytes = min(self.BATCH_BYTES, max(1, self.limit // 16))
 
@@ -977,6 +997,7 @@ class _Writer:
 
     def run(self) -> None:
         try:
+            self._fit()
             while True:
                 try:
                     ops = _read_frame(self.source)
@@ -1000,7 +1021,6 @@ class _Writer:
                 self._apply_one(ops[i])
                 i += 1
                 continue
-            self._make_room()  # (a smaller room, smaller batches)
             batch, size = [], 0
             while i < len(ops) and ops[i][0] in self.BATCHED and len(batch) < self.BATCH_OPS \
                     and size < self.batch_bytes:
@@ -1008,7 +1028,8 @@ class _Writer:
                 if ops[i][0] == "put":
                     size += ops[i][2].length
                 i += 1
-            self._make_room(sum(op[2].length for op in batch if op[0] == "put") + self.OP_BYTES * len(batch))
+            if self._fit(_room_needed(batch, self.OP_BYTES)):
+                self._cull()  # the oldest objects make room for the batch first
             failed = []
             try:
                 with self.dc.transact():
@@ -1025,33 +1046,50 @@ class _Writer:
                 self._forget_failed_puts(failed)
                 for one in batch:
                     self._done(one)
+            self._fit()
             self._cull()
 
-    def _make_room(self, need: int = 0) -> None:
-        """cache_dir_size, or less where the file system has room for less (a small or shared disk):
-        the oldest objects are evicted first to make room for `need` bytes more, instead of every
-        write failing on a full disk. The tier grows back as room comes back."""
+    def _fit(self, need: int = 0) -> bool:
+        """The tier's limit: cache_dir_size, or less where the file system has room for less (a small
+        or shared disk), so that the oldest objects are evicted to make room instead of every write
+        failing on a full disk; with `need`, room for that many bytes more (False: they would not fit
+        even in an emptied tier, which is then left as it is). The tier grows back as room comes back."""
         try:
             st = os.statvfs(self.dc.directory)
             volume = self.dc.volume()
         except (OSError, sqlite3.Error):
-            return
+            return False
         kept = max(self.ROOM_KEPT, st.f_blocks * st.f_frsize // self.ROOM_SHARE)
-        room = volume + st.f_bavail * st.f_frsize - need - kept  # what the tier may hold with it
-        if room < 0 and need:
-            return  # not even in an empty tier: its writes fail (said), and no object is evicted for nothing
-        limit = max(0, min(self.limit, room))
-        if limit == int(self.dc.size_limit):
-            return
-        self.dc.reset("size_limit", limit, update=False)  # this process only: cache_dir_size stays saved
+        room = volume + st.f_bavail * st.f_frsize - kept  # what the tier may hold, all told
+        if need and room < need:
+            return False
+        limit = max(0, min(self.limit, room - need))
+        if limit != int(self.dc.size_limit):
+            self.dc.reset("size_limit", limit, update=False)  # this process only: cache_dir_size stays saved
+        if need:
+            return True
         self.batch_bytes = min(self.BATCH_BYTES, max(1, limit // 16))
-        if (limit < self.limit) != self.short:
-            self.short = limit < self.limit
-            self._warn(f"cache: the file system of the disk cache has room for {max(0, room) >> 20} MB, less than "
-                       f"cache_dir_size ({self.limit >> 20} MB): the oldest objects are evicted to stay within it"
-                       if self.short else "cache: the disk cache has room for cache_dir_size again")
-        if volume > limit:
-            self._cull()
+        # short again when the room comes back with a margin: a room about cache_dir_size says it once
+        changed = room >= self.limit + max(self.ROOM_KEPT, self.limit // 16) if self.short else limit < self.limit
+        if changed:
+            self.short = not self.short
+            self._short_wal(self.short)
+            self._warn(f"cache: the file system of the disk cache has room for {max(0, room) >> 10} KB, less than "
+                       f"cache_dir_size ({self.limit >> 20} MB): the disk tier keeps within it, evicting its "
+                       "oldest objects" if self.short else "cache: the disk cache has room for cache_dir_size again")
+        if self.short or changed:
+            self.acks.append(("room", limit if self.short else None))  # for cache.stats
+        return True
+
+    def _short_wal(self, short: bool) -> None:
+        """While the room is short, SQLite's write-ahead log is checkpointed every 256 KB and cut back
+        to that size (by default it grows to 4 MB before, and keeps that size)."""
+        pages, size = (self.SHORT_WAL_PAGES, self.SHORT_WAL_PAGES * 4096) if short else (1000, -1)
+        try:
+            self.dc._sql(f"PRAGMA wal_autocheckpoint = {pages}")
+            self.dc._sql(f"PRAGMA journal_size_limit = {size}")
+        except sqlite3.Error:
+            pass
 
     def _forget_failed_puts(self, ops) -> None:
         """The copy a failed put was to replace must not answer in its place (a full disk): deleted
@@ -1064,9 +1102,28 @@ class _Writer:
                     pass
 
     def _cull(self) -> None:
-        """Back under the size limit, least recently stored first (at most one batch over it meanwhile)."""
+        """Back under the size limit, least recently stored first, whole objects: a body's row goes
+        with its metadata's, stored just after it. (diskcache's cull takes ten rows at a time: five
+        objects where one would do on a small disk, and a body without its metadata.)"""
+        dc = self.dc
         try:
-            self.dc.cull()
+            while (over := dc.volume() - int(dc.size_limit)) > 0:
+                rows = dc._sql("SELECT rowid, key, filename, size + ifnull(length(value), 0) FROM Cache "
+                               "ORDER BY store_time, rowid LIMIT 32").fetchall()
+                if not rows:
+                    return
+                gone, freed = [], 0
+                for rowid, key, filename, size in rows:
+                    gone.append((rowid, filename))
+                    freed += size
+                    if freed >= over and isinstance(key, str) and key.startswith("m|"):
+                        break
+                with dc.transact():
+                    dc._sql(f"DELETE FROM Cache WHERE rowid IN ({', '.join('?' * len(gone))})",
+                            [rowid for rowid, _ in gone])
+                for _, filename in gone:  # after the commit, as diskcache does
+                    if filename:
+                        dc._disk.remove(filename)
         except Exception as e:
             self._warn(f"cache: disk eviction failed: {e}")
 
@@ -1101,6 +1158,10 @@ class _Writer:
         mkey, ikey = DiskTier._mkey, DiskTier._ikey
         if kind == "put":
             _, primary, meta, body, path, vary_sets, stored_before = op
+            if path or len(body) > DiskTier.INLINE_MAX:  # a file of its own: never a part of one left on a full disk
+                st = os.statvfs(dc.directory)
+                if st.f_bavail * st.f_frsize < meta.length:
+                    raise OSError(errno.ENOSPC, f"no room on its file system for a body of {meta.length} bytes")
             key = mkey(primary, meta.vhash)
             old = _meta_of(self._get(key)) if stored_before else None
             if path:

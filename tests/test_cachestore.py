@@ -894,23 +894,45 @@ def test_the_disk_tier_keeps_to_the_room_its_file_system_has_and_grows_back(smal
             for u in names:
                 s.put(u, meta(u, body), body)
                 s.disk.flush()  # a batch each
-        put("http://a/old-1", "http://a/old-2")
-        assert "room for" not in caplog.text
+
+        def held():
+            return [u for u in urls if s.disk.get_entry(u, "-") is not None]
+        urls = [f"http://a/{i}" for i in range(12)]
+        put(*urls[:3])
+        assert "room for" not in caplog.text and s.disk.room is None
         st = os.statvfs(folder)
-        filler = folder / "filler"  # another user of the file system takes all but 150 KB of it
-        filler.write_bytes(b"x" * (st.f_bavail * st.f_frsize - (150 << 10)))
-        put("http://a/new")
-        assert "less than cache_dir_size (2 MB): the oldest objects are evicted" in caplog.text
-        assert s.disk.get_entry("http://a/new", "-") is not None  # stored, in the room the oldest left
-        assert "disk write failed" not in caplog.text
-        assert s.disk.get_entry("http://a/old-1", "-") is None
+        filler = folder / "filler"  # another user of the file system takes all but 700 KB of it
+        filler.write_bytes(b"x" * (st.f_bavail * st.f_frsize - (700 << 10)))
+        put(*urls[3:8])
+        assert caplog.text.count("less than cache_dir_size (2 MB): the disk tier keeps within it, evicting") == 1
+        assert "disk write failed" not in caplog.text and "eviction failed" not in caplog.text
+        assert held() == urls[5:8]  # each stored in the room the oldest left, one object evicted for one
+        assert 0 < s.disk.room < 2 << 20 and s.disk.limit_now() == s.disk.room  # what cache.stats reports
         big = b"G" * (1 << 20)  # more than the file system has room for, even with the tier emptied
         s.put("http://a/big", meta("http://a/big", big), big)
         s.disk.flush()
-        assert s.disk.get_entry("http://a/big", "-") is None and s.disk.get_entry("http://a/new", "-") is not None
+        assert s.disk.get_entry("http://a/big", "-") is None and held() == urls[5:8]  # nothing evicted for it
         filler.unlink()
-        put("http://a/later")
-        assert "has room for cache_dir_size again" in caplog.text
-        assert [u for u in ("http://a/old-2", "http://a/new", "http://a/later") if s.disk.get_entry(u, "-")]
+        put(*urls[8:])
+        assert caplog.text.count("has room for cache_dir_size again") == 1 and s.disk.room is None
+        assert held() == urls[5:] and s.disk.limit_now() == 2 << 20
+    finally:
+        s.close()
+
+
+def test_small_bodies_in_sqlite_keep_to_the_room_too(small_disk, caplog):
+    """Bodies in the database's rows go through SQLite's write-ahead log first: it is kept small too."""
+    folder = small_disk("3m")
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=3200 << 20)
+    try:
+        urls = [f"http://a/{i}" for i in range(3000)]
+        for k in range(0, len(urls), 50):
+            for u in urls[k:k + 50]:
+                s.put(u, meta(u, SMALL * 15), SMALL * 15)
+            s.disk.flush()
+        assert caplog.text.count("less than cache_dir_size (3200 MB)") == 1
+        assert "disk write failed" not in caplog.text and "eviction failed" not in caplog.text
+        assert s.disk.get_entry(urls[-1], "-") is not None and s.disk.get_entry(urls[0], "-") is None
+        assert (folder / "cache" / "cache.db-wal").stat().st_size <= 1 << 20
     finally:
         s.close()

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from harness import curl, fill_disk, wait_stored
+from harness import cache_rows, curl, fill_disk, wait_stored
 
 
 @pytest.fixture
@@ -29,20 +29,26 @@ def test_full_cache_disk_keeps_serving(start_proxy, origin, tiny_disk):
     assert len(lines) == 16 and all("/200 " in l for l in lines)
 
 
-def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(start_proxy, origin, tiny_disk):
-    """The file system has room for far less than cache_dir_size (3200 MB): the tier keeps to what
-    fits, evicting the oldest objects, and the newest are stored and served from disk."""
-    cache = tiny_disk / "cache"
-    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0", "maximum_object_size": "4 MB"})
-    urls = [f"{origin.url}/size/{150_000 + i}?h.Cache-Control=max-age%3D600&n={i}" for i in range(12)]
+def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(start_proxy, origin, small_disk):
+    """The file system has room for far less than cache_dir_size (3200 MB), and the access log shares
+    it: the tier keeps to what fits, leaving room for the log, evicting its oldest objects, and the
+    newest are stored and served from disk."""
+    disk = small_disk("2m")
+    cache, log = disk / "cache", disk / "access.log"
+    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0", "access_log": str(log)})
+    urls = [f"{origin.url}/size/{100_000 + i}?n={i}&h.Cache-Control=max-age%3D600" for i in range(16)]
     for i, url in enumerate(urls):
-        assert len(curl("-x", proxy.url, url).stdout) == 150_000 + i
-    wait_stored(cache, "n=11")  # not stored, and never, on a disk full of the first objects
-    assert len(curl("-x", proxy.url, urls[-1]).stdout) == 150_011
-    assert proxy.wait_lines("/size/150011", 2)[-1].split()[3] == "TCP_HIT/200"
-    assert "less than cache_dir_size (3200 MB): the oldest objects are evicted" in proxy.text()
-    assert "disk write failed" not in proxy.text()  # room was made before each write
-    assert origin.hits["/size/150011"] == 1
+        assert len(curl("-x", proxy.url, url).stdout) == 100_000 + i
+        wait_stored(cache, f"?n={i}&")  # each new object stored, whatever it evicts to make room
+    kept = [i for i in range(16) if cache_rows(cache, "SELECT 1 FROM Cache WHERE key LIKE ?", (f"m|%?n={i}&%",))]
+    assert kept == list(range(16 - len(kept), 16)) and len(kept) >= 4, kept  # the newest, and several
+    assert len(curl("-x", proxy.url, urls[-1]).stdout) == 100_015
+    assert proxy.wait_lines("/size/100015", 2, path=log)[-1].split()[3] == "TCP_HIT/200"
+    assert len(proxy.wait_lines("/size/", 17, path=log)) == 17  # every line: the cache left room for the log
+    text = proxy.text()
+    assert text.count("less than cache_dir_size (3200 MB): the disk tier keeps within it, evicting its oldest") == 1
+    assert "disk write failed" not in text and "eviction failed" not in text and "cannot write" not in text
+    assert origin.hits["/size/100015"] == 1
 
 
 def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
