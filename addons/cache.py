@@ -1713,6 +1713,7 @@ class Cache:
             "disk": {"entries": s.disk.count() if s and s.disk else 0,
                      "bytes": s.disk.volume() if s and s.disk else 0,
                      "limit": s.disk.limit_now() if s and s.disk else 0,  # less than cache_dir_size on a full disk
+                     "cache_dir_size": int(s.disk.dc.size_limit) if s and s.disk else 0,
                      "corrupt_dropped": s.disk.corrupt if s and s.disk else 0,
                      "off": self.disk_error or (s.disk.off_reason if s and s.disk else None)},
             "negative_origins": len(self.failures),

@@ -989,6 +989,8 @@ class _Writer:
         self.acks: list[tuple] = []
         self.limit = int(dc.size_limit)  # cache_dir_size; the file system may have room for less
         self.short = False  # it has: the tier keeps to that room
+        self.room_all: int | None = None  # what the tier may hold on its file system, all told (last _fit)
+        self.eviction_warned = -60.0  # when a failed eviction was said last (once a minute at most)
         # the tier is culled after each batch: until then it may hold one batch (and one object) too many
         self.batch_bytes = min(self.BATCH_BYTES, max(1, self.limit // 16))
 
@@ -1061,6 +1063,7 @@ class _Writer:
             return False
         kept = max(self.ROOM_KEPT, st.f_blocks * st.f_frsize // self.ROOM_SHARE)
         room = volume + st.f_bavail * st.f_frsize - kept  # what the tier may hold, all told
+        self.room_all = room
         if need and room < need:
             return False
         limit = max(0, min(self.limit, room - need))
@@ -1096,6 +1099,8 @@ class _Writer:
         if the disk lets it (else it answers, as if the failed write had come before it)."""
         for op in ops:
             if op[0] == "put":
+                if op[4]:
+                    _unlink(op[4])  # a streamed body's temp file the put did not take (a refused put)
                 try:
                     self.dc.delete(DiskTier._mkey(op[1], op[2].vhash))
                 except Exception:
@@ -1103,8 +1108,9 @@ class _Writer:
 
     def _cull(self) -> None:
         """Back under the size limit, least recently stored first, whole objects: a body's row goes
-        with its metadata's, stored just after it. (diskcache's cull takes ten rows at a time: five
-        objects where one would do on a small disk, and a body without its metadata.)"""
+        with its metadata's, stored just after it (and renewed with it by a 304). (diskcache's cull
+        takes ten rows at a time: five objects where one would do on a small disk, and a body
+        without its metadata.)"""
         dc = self.dc
         try:
             while (over := dc.volume() - int(dc.size_limit)) > 0:
@@ -1114,18 +1120,23 @@ class _Writer:
                     return
                 gone, freed = [], 0
                 for rowid, key, filename, size in rows:
-                    gone.append((rowid, filename))
+                    gone.append((rowid, filename, key))
                     freed += size
                     if freed >= over and isinstance(key, str) and key.startswith("m|"):
                         break
+                else:  # the chunk ended first: not on a body whose metadata row is the next one
+                    while len(gone) > 1 and not (isinstance(gone[-1][2], str) and gone[-1][2].startswith("m|")):
+                        gone.pop()
                 with dc.transact():
                     dc._sql(f"DELETE FROM Cache WHERE rowid IN ({', '.join('?' * len(gone))})",
-                            [rowid for rowid, _ in gone])
-                for _, filename in gone:  # after the commit, as diskcache does
+                            [rowid for rowid, _, _ in gone])
+                for _, filename, _ in gone:  # after the commit, as diskcache does
                     if filename:
                         dc._disk.remove(filename)
-        except Exception as e:
-            self._warn(f"cache: disk eviction failed: {e}")
+        except Exception as e:  # (a file system full to the last byte: SQLite cannot even delete)
+            if time.monotonic() - self.eviction_warned >= 60:
+                self.eviction_warned = time.monotonic()
+                self._warn(f"cache: disk eviction failed: {e}")
 
     def _apply_one(self, op) -> None:
         try:
@@ -1158,6 +1169,11 @@ class _Writer:
         mkey, ikey = DiskTier._mkey, DiskTier._ikey
         if kind == "put":
             _, primary, meta, body, path, vary_sets, stored_before = op
+            # larger than the room: it would evict every other object, then itself (a streamed body's temp
+            # file is already out of the free bytes that room counts)
+            if self.room_all is not None and meta.length + self.OP_BYTES > self.room_all + (meta.length if path else 0):
+                raise OSError(errno.ENOSPC, f"a body of {meta.length} bytes is larger than the room the disk "
+                                            f"cache has ({max(0, self.room_all) >> 10} KB)")
             if path or len(body) > DiskTier.INLINE_MAX:  # a file of its own: never a part of one left on a full disk
                 st = os.statvfs(dc.directory)
                 if st.f_bavail * st.f_frsize < meta.length:
@@ -1190,6 +1206,9 @@ class _Writer:
             cur = self._get(key)
             old = _meta_of(cur)
             if old is not None and old.body_id == meta.body_id:
+                if not isinstance(cur, tuple):  # its body's row: stored anew with it (evicted with it)
+                    dc._sql("UPDATE Cache SET store_time = ? WHERE key = ? AND raw = 1",
+                            (time.time(), f"b|{meta.body_id}"))
                 dc.set(key, (meta, cur[1]) if isinstance(cur, tuple) else meta)
         elif kind == "drop":
             meta = op[1]

@@ -134,7 +134,7 @@ def stored(stats: dict) -> tuple[int, int]:
     """(objects, bytes) the cache holds: the disk tier's when there is one (every object stored in RAM
     is also written there), else the RAM tier's."""
     mem, disk = stats["mem"], stats["disk"]
-    return (disk["entries"], disk["bytes"]) if disk["limit"] else (mem["entries"], mem["bytes"])
+    return (disk["entries"], disk["bytes"]) if disk["cache_dir_size"] else (mem["entries"], mem["bytes"])
 
 
 def storedir_page(stats: dict | None) -> str:
@@ -142,7 +142,7 @@ def storedir_page(stats: dict | None) -> str:
     if stats is None:
         return "Store Directory Statistics:\nNo cache is loaded.\n"
     mem, disk = stats["mem"], stats["disk"]
-    state = f"off: {disk['off']}" if disk["off"] else "on" if disk["limit"] else "none (cache_dir none)"
+    state = f"off: {disk['off']}" if disk["off"] else "on" if disk["cache_dir_size"] else "none (cache_dir none)"
     return (
         "Store Directory Statistics:\n"
         f"Store Entries          : {stored(stats)[0]}\n"

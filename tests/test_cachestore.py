@@ -936,3 +936,48 @@ def test_small_bodies_in_sqlite_keep_to_the_room_too(small_disk, caplog):
         assert (folder / "cache" / "cache.db-wal").stat().st_size <= 1 << 20
     finally:
         s.close()
+
+
+def test_an_object_larger_than_the_room_is_not_stored_and_evicts_nothing(small_disk, caplog):
+    folder = small_disk("2m")
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=3200 << 20)
+    try:
+        small = [f"http://a/{i}" for i in range(3)]
+        for u in small:
+            s.put(u, meta(u, LARGE * 6), LARGE * 6)  # ~100 KB each
+            s.disk.flush()
+        big = b"G" * (1400 << 10)  # less than the free bytes, more than the room (a 50th, 512 KB at least, kept)
+        s.put("http://a/big", meta("http://a/big", big), big)
+        s.disk.flush()
+        assert s.disk.get_entry("http://a/big", "-") is None
+        assert all(s.disk.get_entry(u, "-") for u in small)  # nothing evicted for it
+        assert "is larger than the room the disk cache has" in caplog.text
+        f = s.disk.new_tempfile()  # the same, streamed: its temp file goes too
+        f.write(big)
+        f.close()
+        s.disk.put("http://a/big-streamed", meta("http://a/big-streamed", big), path=f.name)
+        s.disk.flush()
+        assert s.disk.get_entry("http://a/big-streamed", "-") is None and not os.path.exists(f.name)
+        assert all(s.disk.get_entry(u, "-") for u in small)
+    finally:
+        s.close()
+
+
+def test_a_304_renews_a_body_with_its_metadata_so_eviction_takes_whole_objects(tmp_path, caplog):
+    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=800 << 10)
+    try:
+        body = b"B" * (200 << 10)
+        metas = {u: meta(u, body) for u in ("http://a/A", "http://a/B", "http://a/C", "http://a/D")}
+        for u in ("http://a/A", "http://a/B", "http://a/C"):
+            s.put(u, metas[u], body)
+            s.disk.flush()
+        s.disk.update_meta("http://a/A", dataclasses.replace(metas["http://a/A"], lifetime=600.0))  # a 304 freshens A
+        s.disk.flush()
+        s.put("http://a/D", metas["http://a/D"], body)  # one object must go: B, the least recently stored
+        s.disk.flush()
+        entry = s.disk.get_entry("http://a/A", "-")
+        assert entry is not None and entry[1] == body and entry[0].lifetime == 600.0
+        assert s.disk.get_entry("http://a/B", "-") is None and s.disk.get_entry("http://a/D", "-")[1] == body
+        assert "corrupt" not in caplog.text
+    finally:
+        s.close()

@@ -29,13 +29,15 @@ def test_full_cache_disk_keeps_serving(start_proxy, origin, tiny_disk):
     assert len(lines) == 16 and all("/200 " in l for l in lines)
 
 
-def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(start_proxy, origin, small_disk):
+@pytest.mark.parametrize("stream", [None, "50k"], ids=["buffered", "streamed"])
+def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(start_proxy, origin, small_disk, stream):
     """The file system has room for far less than cache_dir_size (3200 MB), and the access log shares
     it: the tier keeps to what fits, leaving room for the log, evicting its oldest objects, and the
-    newest are stored and served from disk."""
+    newest are stored and served from disk (streamed bodies too: copied to a temp file first)."""
     disk = small_disk("2m")
     cache, log = disk / "cache", disk / "access.log"
-    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0", "access_log": str(log)})
+    proxy = start_proxy(options={"cache_dir": str(cache), "cache_mem": "0", "access_log": str(log),
+                                 "stream_large_bodies": stream})
     urls = [f"{origin.url}/size/{100_000 + i}?n={i}&h.Cache-Control=max-age%3D600" for i in range(16)]
     for i, url in enumerate(urls):
         assert len(curl("-x", proxy.url, url).stdout) == 100_000 + i
@@ -49,6 +51,7 @@ def test_a_cache_disk_smaller_than_cache_dir_size_keeps_storing_new_objects(star
     assert text.count("less than cache_dir_size (3200 MB): the disk tier keeps within it, evicting its oldest") == 1
     assert "disk write failed" not in text and "eviction failed" not in text and "cannot write" not in text
     assert origin.hits["/size/100015"] == 1
+    assert [p.name for p in (cache / "incoming").glob("*/*")] == ["in-use"]  # no temp file left behind
 
 
 def test_full_log_disk_keeps_serving(start_proxy, origin, tiny_disk):
