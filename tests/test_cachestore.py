@@ -20,8 +20,16 @@ def meta(url: str, body: bytes, vary=(), vary_key=()) -> cs.Meta:
                    vary=vary, vary_key=vary_key, length=len(body), digest=cs.digest(body))
 
 
-def disk_store(path, mem=0) -> cs.Store:
-    return cs.Store(mem_limit=mem, mem_object_max=mem, object_max=10 << 20, disk_dir=path, disk_limit=1 << 30)
+def disk_store(path, mem=0, limit=1 << 30) -> cs.Store:
+    return cs.Store(mem_limit=mem, mem_object_max=mem, object_max=10 << 20, disk_dir=path, disk_limit=limit)
+
+
+def store_each(s: cs.Store, urls, body: bytes, batch: int = 1) -> None:
+    """Store `body` under each URL, the writer taking `batch` of them at a time."""
+    for k in range(0, len(urls), batch):
+        for u in urls[k:k + batch]:
+            s.put(u, meta(u, body), body)
+        s.disk.flush()
 
 
 SMALL = b"s" * 100
@@ -177,7 +185,7 @@ def test_a_write_that_cannot_be_sent_to_the_writer_is_dropped_alone(tmp_path, ca
 
 def test_the_disk_tier_stays_within_its_size_evicting_the_least_recently_stored(tmp_path):
     limit = 2 << 20
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=limit)
+    s = disk_store(tmp_path, limit=limit)
     try:
         body = b"B" * (200 * 1024)  # files of their own: the volume counts them
         urls = [f"http://a/{i}" for i in range(40)]  # 8 MB through a 2 MB disk tier
@@ -215,7 +223,7 @@ def test_the_index_of_keys_on_disk_stays_bounded_as_entries_are_evicted(tmp_path
     """`known` (the keys stored on disk, so that a lookup of another key skips SQLite) keeps the keys of
     evicted entries; past a bound it is read anew from the disk, and the entries there are still found."""
     monkeypatch.setattr(cs.DiskTier, "KNOWN_MIN", 300)
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=1 << 20)
+    s = disk_store(tmp_path, limit=1 << 20)
     try:
         body = b"k" * 20_000  # about 50 entries fit
         s.disk.flush()
@@ -886,14 +894,10 @@ def test_an_object_ram_lets_go_before_its_disk_write_is_done_is_still_a_hit(tmp_
 
 def test_the_disk_tier_keeps_to_the_room_its_file_system_has_and_grows_back(small_disk, caplog):
     folder = small_disk("4m")
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=2 << 20)
+    s = disk_store(folder / "cache", limit=2 << 20)
     try:
-        body = b"B" * (200 * 1024)
-
         def put(*names):
-            for u in names:
-                s.put(u, meta(u, body), body)
-                s.disk.flush()  # a batch each
+            store_each(s, names, b"B" * (200 * 1024))
 
         def held():
             return [u for u in urls if s.disk.get_entry(u, "-") is not None]
@@ -923,13 +927,10 @@ def test_the_disk_tier_keeps_to_the_room_its_file_system_has_and_grows_back(smal
 def test_small_bodies_in_sqlite_keep_to_the_room_too(small_disk, caplog):
     """Bodies in the database's rows go through SQLite's write-ahead log first: it is kept small too."""
     folder = small_disk("3m")
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=3200 << 20)
+    s = disk_store(folder / "cache", limit=3200 << 20)
     try:
         urls = [f"http://a/{i}" for i in range(3000)]
-        for k in range(0, len(urls), 50):
-            for u in urls[k:k + 50]:
-                s.put(u, meta(u, SMALL * 15), SMALL * 15)
-            s.disk.flush()
+        store_each(s, urls, SMALL * 15, batch=50)
         assert caplog.text.count("less than cache_dir_size (3200 MB)") == 1
         assert "disk write failed" not in caplog.text and "eviction failed" not in caplog.text
         assert s.disk.get_entry(urls[-1], "-") is not None and s.disk.get_entry(urls[0], "-") is None
@@ -940,12 +941,10 @@ def test_small_bodies_in_sqlite_keep_to_the_room_too(small_disk, caplog):
 
 def test_an_object_larger_than_the_room_is_not_stored_and_evicts_nothing(small_disk, caplog):
     folder = small_disk("2m")
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=folder / "cache", disk_limit=3200 << 20)
+    s = disk_store(folder / "cache", limit=3200 << 20)
     try:
         small = [f"http://a/{i}" for i in range(3)]
-        for u in small:
-            s.put(u, meta(u, LARGE * 6), LARGE * 6)  # ~100 KB each
-            s.disk.flush()
+        store_each(s, small, LARGE * 6)  # ~100 KB each
         big = b"G" * (1400 << 10)  # less than the free bytes, more than the room (a 50th, 512 KB at least, kept)
         s.put("http://a/big", meta("http://a/big", big), big)
         s.disk.flush()
@@ -964,7 +963,7 @@ def test_an_object_larger_than_the_room_is_not_stored_and_evicts_nothing(small_d
 
 
 def test_a_304_renews_a_body_with_its_metadata_so_eviction_takes_whole_objects(tmp_path, caplog):
-    s = cs.Store(mem_limit=0, mem_object_max=0, object_max=10 << 20, disk_dir=tmp_path, disk_limit=800 << 10)
+    s = disk_store(tmp_path, limit=800 << 10)
     try:
         body = b"B" * (200 << 10)
         metas = {u: meta(u, body) for u in ("http://a/A", "http://a/B", "http://a/C", "http://a/D")}
