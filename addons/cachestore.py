@@ -990,12 +990,23 @@ class _Writer:
         self.limit = int(dc.size_limit)  # cache_dir_size; the file system may have room for less
         self.short = False  # it has: the tier keeps to that room
         self.room_all: int | None = None  # what the tier may hold on its file system, all told (last _fit)
-        self.eviction_warned = -60.0  # when a failed eviction was said last (once a minute at most)
+        self.warned: dict[str, tuple[float, int]] = {}  # a failure's kind: when it was said last, and how often since
         # the tier is culled after each batch: until then it may hold one batch (and one object) too many
         self.batch_bytes = min(self.BATCH_BYTES, max(1, self.limit // 16))
 
     def _warn(self, msg: str) -> None:
         self.acks.append(("log", msg))
+
+    def _warn_now_and_then(self, what: str, msg: str) -> None:
+        """_warn, once a minute at most for each kind of failure (a disk full to the last byte fails
+        every batch); the next one said tells how many were not."""
+        now = time.monotonic()
+        last, held = self.warned.get(what, (-60.0, 0))
+        if now - last < 60:
+            self.warned[what] = (last, held + 1)
+            return
+        self.warned[what] = (now, 0)
+        self._warn(f"{msg} (and {held} more in the last minute)" if held else msg)
 
     def run(self) -> None:
         try:
@@ -1039,10 +1050,10 @@ class _Writer:
                         try:
                             self._apply(one)
                         except Exception as e:
-                            self._warn(f"cache: disk write failed ({one[0]}): {e}")
+                            self._warn_now_and_then("write", f"cache: disk write failed ({one[0]}): {e}")
                             failed.append(one)
             except Exception as e:
-                self._warn(f"cache: disk write failed (commit of {len(batch)} operations): {e}")
+                self._warn_now_and_then("write", f"cache: disk write failed (commit of {len(batch)} operations): {e}")
                 failed = batch
             finally:
                 self._forget_failed_puts(failed)
@@ -1134,15 +1145,13 @@ class _Writer:
                     if filename:
                         dc._disk.remove(filename)
         except Exception as e:  # (a file system full to the last byte: SQLite cannot even delete)
-            if time.monotonic() - self.eviction_warned >= 60:
-                self.eviction_warned = time.monotonic()
-                self._warn(f"cache: disk eviction failed: {e}")
+            self._warn_now_and_then("eviction", f"cache: disk eviction failed: {e}")
 
     def _apply_one(self, op) -> None:
         try:
             self._apply(op)
         except Exception as e:
-            self._warn(f"cache: disk write failed ({op[0]}): {e}")
+            self._warn_now_and_then("write", f"cache: disk write failed ({op[0]}): {e}")
             self._forget_failed_puts([op])
         finally:
             self._done(op)

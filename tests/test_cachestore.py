@@ -11,6 +11,7 @@ import time
 import pytest
 
 from addons import cachestore as cs
+from harness import fill_disk
 
 
 def meta(url: str, body: bytes, vary=(), vary_key=()) -> cs.Meta:
@@ -978,5 +979,21 @@ def test_a_304_renews_a_body_with_its_metadata_so_eviction_takes_whole_objects(t
         assert entry is not None and entry[1] == body and entry[0].lifetime == 600.0
         assert s.disk.get_entry("http://a/B", "-") is None and s.disk.get_entry("http://a/D", "-")[1] == body
         assert "corrupt" not in caplog.text
+    finally:
+        s.close()
+
+
+def test_a_disk_full_to_the_last_byte_is_said_once_a_minute_not_at_every_batch(small_disk, caplog):
+    folder = small_disk("1m")
+    s = disk_store(folder / "cache", limit=3200 << 20)
+    try:
+        store_each(s, ["http://a/first"], SMALL)
+        fill_disk(folder)  # another program takes every byte left: SQLite cannot even delete
+        urls = [f"http://a/{i}" for i in range(8)]
+        store_each(s, urls[:4], LARGE)  # a batch each: files of their own
+        store_each(s, urls[4:], SMALL)  # in the database's rows
+        assert not any(s.disk.get_entry(u, "-") for u in urls)
+        assert caplog.text.count("disk write failed") == 1 and caplog.text.count("eviction failed") <= 1
+        assert s.disk.get_entry("http://a/first", "-")[1] == SMALL  # what was stored stays served
     finally:
         s.close()
