@@ -45,10 +45,10 @@ from mitmproxy import ctx, http
 from mitmproxy.net.http.url import hostport
 
 try:
-    from addons import answered, errorpage, meta
+    from addons import answered, meta
 except ImportError:  # loaded by path without the project installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from addons import answered, errorpage, meta
+    from addons import answered, meta
 
 OPTIONS_READ = frozenset({"close", "keep-alive", "upgrade"})  # connection options mitmproxy acts on itself
 # fields the proxy itself acts on before forwarding (framing, routing, 100-continue, Max-Forwards)
