@@ -1585,9 +1585,10 @@ class Cache:
         # a client that left (mitmproxy closed its connection): the origin may be fine, another waiting
         # request asks it; an origin that failed is not asked again by each waiting request in turn
         self._release(flow, client_left=not flow.client_conn.state & connection.ConnectionState.CAN_WRITE)
-        # The origin failed a revalidation before any response (refused mitmproxy's own connection, or
-        # accepted it and closed or reset it): stale-if-error, as for an origin the errors addon found
-        # unreachable (recover.py sends this answer instead of mitmproxy's 502).
+        # The origin failed a revalidation before any of its response was sent on (refused mitmproxy's own
+        # connection, accepted it and closed or reset it, or cut short a response mitmproxy was buffering):
+        # stale-if-error, as for an origin the errors addon found unreachable (recover.py sends this
+        # answer instead of mitmproxy's 502).
         if pending is None or not flow.metadata.get(meta.RECOVERABLE) or flow.metadata.get(meta.LOCAL):
             return
         if not self._stale_if_error(flow, pending):

@@ -12,7 +12,9 @@ connection within that time gets the same page from the `error` hook
 (addons/recover.py sends it instead of mitmproxy's 502). An origin that
 accepts the request and then sends nothing usable gets Squid's 502 the same
 way: ERR_ZERO_SIZE_OBJECT when it closes or resets the connection (mitmproxy
-does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP; a
+does not tell the two apart), ERR_INVALID_RESP when its answer is not HTTP,
+ERR_READ_ERROR when it cuts short a response none of which was sent on yet
+(one that mitmproxy buffers; a streamed one ends cut short for the client); a
 failed TLS handshake with it (its certificate refused) gets 503 ERR_SECURE_CONNECT_FAIL.
 Through a parent proxy (upstream mode) the same failures get the same pages,
 the parent's answer to the CONNECT of intercepted HTTPS included, except that
@@ -191,12 +193,16 @@ class Errors:
     def error(self, flow: http.HTTPFlow) -> None:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
         # parent proxy): the next request checks again. The failure gets Squid's page now (sent by
-        # recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy.
-        if flow.response is not None and not flow.metadata.get(meta.RECOVERED):
+        # recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy. A
+        # recoverable flow's response is the head of one cut short before any of it was sent.
+        if flow.response is not None and not flow.metadata.get(meta.RECOVERABLE):
             return
         message = flow.error.msg if flow.error else ""
         parent = _parent(flow)
-        if parent is not None:
+        if flow.response is not None:  # a response cut short: the origin, or the parent, was reached
+            peer = parent or flow.server_conn.peername
+            failure = Failure("ERR_READ_ERROR", 0, message, str(peer[0]) if peer else None)
+        elif parent is not None:
             failure = _parent_failure(message, parent)
             if failure is not None and failure.page == "ERR_CANNOT_FORWARD" and _origin_tls_failed(flow, message):
                 failure = Failure("ERR_SECURE_CONNECT_FAIL", 0, message, parent[0])  # the origin's, through it
@@ -211,7 +217,7 @@ class Errors:
             failure = Failure("ERR_SECURE_CONNECT_FAIL", 0, message, str(peer[0]) if peer else None)
         else:  # connected, then no usable response (closed, reset, garbage)
             failure = _read_failure(message, flow.server_conn.peername)
-        if failure is None or flow.response is not None or not flow.metadata.get(meta.RECOVERABLE):
+        if failure is None or not flow.metadata.get(meta.RECOVERABLE) or flow.metadata.get(meta.RECOVERED):
             return
         answer(flow, failure)
         if parent is not None and failure.address:  # the parent answered nothing usable: forwarded to it

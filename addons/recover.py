@@ -3,14 +3,17 @@
 When mitmproxy's own connection to the origin fails (the errors addon trusts an origin
 for connect_check_ttl after a successful check, and does not check it again), or when the
 origin accepts the request and then closes or resets the connection before its response
-(or sends one that cannot be parsed), mitmproxy calls the `error` hook and then sends its
-own 502 page: a response an addon puts in the flow there is ignored. Squid serves a stale
-copy in that case when stale-if-error allows it, or else its own error page.
+(or sends one that cannot be parsed), or cuts its response short while mitmproxy buffers
+it (none of it sent to the client yet: not streamed), mitmproxy calls the `error` hook
+and then sends its own 502 page: a response an addon puts in the flow there is ignored.
+Squid serves a stale copy in that case when stale-if-error allows it, or else its own
+error page.
 
 While `install()` is in effect (the cache and the errors addon call it at load), the
 `error` hook of a flow that can still be answered carries
-`flow.metadata["relais.recoverable"] = True`: the origin failed before any response, the
-whole request was received, and the client is still there. An addon that then sets
+`flow.metadata["relais.recoverable"] = True`: the origin failed before any of its
+response reached the client (`flow.response` is None, or the head of the response it cut
+short), the whole request was received, and the client is still there. An addon that then sets
 `flow.response` and `flow.metadata["relais.recovered"] = True` has that response sent
 instead of the 502: `flow.error` is cleared and the `response` hook follows (not
 `responseheaders`), so the other addons see an answered flow after its `error` hook (the
@@ -33,7 +36,8 @@ except ImportError:  # loaded by path without the project installed
 try:  # mitmproxy's internal HTTP layer: if it moves, nothing is changed and install() says so
     from mitmproxy.proxy.layers.http import HttpErrorHook, HttpStream, ResponseProtocolError
     PATCHABLE = all(callable(getattr(HttpStream, name, None))
-                    for name in ("handle_protocol_error", "send_response", "state_errored"))
+                    for name in ("handle_protocol_error", "send_response", "state_errored",
+                                 "state_consume_response_body"))
 except ImportError:  # pragma: no cover - another mitmproxy
     PATCHABLE = False
 try:  # newer mitmproxy (12.3.1) names the failure of a ResponseProtocolError; mitmproxy 11 takes a status
@@ -107,9 +111,10 @@ def uninstall() -> None:
 
 def handle_protocol_error(self, event):
     """HttpStream.handle_protocol_error, unless an addon answered in the error hook it triggers."""
-    # the origin failed before any response, and the whole request is in: the stream can still end well
-    recoverable = (isinstance(event, ResponseProtocolError) and self.flow.response is None
-                   and self.client_state == self.state_done)
+    # the origin failed before any of its response was sent on (none came, or the body mitmproxy was
+    # buffering was cut short), and the whole request is in: the stream can still end well
+    recoverable = (isinstance(event, ResponseProtocolError) and self.client_state == self.state_done
+                   and (self.flow.response is None or self.server_state == self.state_consume_response_body))
     steps = _PATCH.original(self, event)
     reply = None
     while True:

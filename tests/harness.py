@@ -141,12 +141,16 @@ class Handler(BaseHTTPRequestHandler):
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()
+            sent = 0
             try:
                 for chunk in payload():
                     self.wfile.write(chunk)
                     self.wfile.flush()
+                    sent += len(chunk)
             except OSError:
                 pass
+            if sent < int(headers.get("Content-Length", sent)):
+                self.close_connection = True  # fewer bytes than promised: the origin died mid-body
             return
         self.send_response(status)
         for k, v in headers.items():
@@ -176,7 +180,8 @@ class Origin:
       anything else      'hello <path>' as text/plain
     Query parameters `h.Name=value` add response headers, `status=N` sets
     the status. `origin.route(path, fn)` overrides a path with fn(seen) ->
-    (status, headers, body).
+    (status, headers, body); a body may be a function returning the chunks to send (a
+    generator), and fewer bytes than its Content-Length end the connection, cut short.
     """
 
     def __init__(self, tls: tuple[str, str] | None = None, host: str = "127.0.0.1", port: int = 0):

@@ -569,15 +569,21 @@ def test_stale_if_error_on_origin_5xx(cproxy, origin):
 
 
 def good_then_gone(cache_control: str, how):
-    """An origin route that answers 200 once, then accepts requests and ends the connection unanswered."""
+    """An origin route that answers 200 once, then accepts requests and ends the connection unanswered
+    (how: CLOSE or RESET), or cuts its new 200 short (how: CUT)."""
     calls = []
 
     def fn(seen):
         calls.append(1)
         if len(calls) == 1:
             return 200, {"Cache-Control": cache_control}, b"good"
+        if how is CUT:  # 10 of the 5000 bytes it promises, then the connection ends
+            return 200, {"Cache-Control": cache_control, "Content-Length": "5000"}, lambda: iter([b"y" * 10])
         return 0, {}, how
     return fn
+
+
+CUT = object()
 
 
 @pytest.mark.parametrize("how", [CLOSE, RESET], ids=["closed", "reset"])
@@ -649,6 +655,35 @@ def test_origin_ending_the_connection_without_stale_if_error_is_squids_502(cprox
     assert codes(cproxy, url, 2)[1] == "TCP_REFRESH_FAIL_ERR/502"  # a failed revalidation, as Squid logs it
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+def test_a_response_cut_short_gets_squids_502_unless_it_was_streamed(start_proxy, origin, tmp_path, streamed):
+    """An origin that closes the connection in the middle of a response: while mitmproxy buffers the
+    response, none of it has reached the client, which gets Squid's 502 ERR_READ_ERROR, not
+    mitmproxy's page, and keeps its connection; a streamed one has gone out in part and ends cut short,
+    as Squid's would. Neither is stored."""
+    cut = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 5000\r\n\r\n" + b"y" * 2000
+    options = {"cache_dir": str(tmp_path / "c"), **({"stream_large_bodies": "1k"} if streamed else {})}
+    p = start_proxy(options=options)
+    with scripted_server(cut, cut) as port:
+        url = f"http://127.0.0.1:{port}/cut"
+        if streamed:
+            r = curl("-i", "-x", p.url, url)
+            assert r.stdout.startswith(b"HTTP/1.1 200") and r.returncode == 18, (r.returncode, r.stdout[:300])
+            assert r.stdout.endswith(b"y" * 2000)
+            assert codes(p, url, 1) == ["TCP_MISS_ABORTED/200"]
+        else:
+            r = curl("-v", "-i", "-x", p.url, url, f"{origin.url}/after-cut")
+            assert r.stdout.startswith(b"HTTP/1.1 502") and b"X-Squid-Error: ERR_READ_ERROR" in r.stdout, r.stdout[:300]
+            assert b"expected 5000" in r.stdout and b"mitmproxy" not in r.stdout  # the origin's failure, in Squid's page
+            assert r.stdout.endswith(b"hello /after-cut") and b"Re-using existing connection" in r.stderr
+            assert [l.split()[3:5] + l.split()[8:9] for l in lines_for(p, url)] == \
+                [["TCP_MISS/502", str(len(r.stdout.split(b"HTTP/1.1 200")[0])), "HIER_DIRECT/127.0.0.1"]]
+        assert curl("-i", "-x", p.url, url).stdout.startswith(b"HTTP/1.1 502" if not streamed else b"HTTP/1.1 200")
+    # asked again, and failing the same way: nothing was stored
+    assert codes(p, url, 2) == ["TCP_MISS_ABORTED/200" if streamed else "TCP_MISS/502"] * 2
+    assert "has crashed" not in p.text()
+
+
 def test_origin_answering_garbage_gets_squids_502_and_the_client_connection_stays(cproxy, origin):
     with scripted_server(b"garbage, not HTTP\r\n\r\n") as port:
         # one curl, one client connection: the page, then the next request on it
@@ -677,11 +712,12 @@ def test_max_stale_serves_stale_when_the_origin_fails_without_stale_if_error(tmp
         p.stop()
 
 
-@pytest.mark.parametrize("how", ["503", "closed", "down"])
+@pytest.mark.parametrize("how", ["503", "closed", "cut", "down"])
 def test_stale_copies_are_served_when_the_origin_fails_by_default_as_in_squid(tmp_path, origin, how):
     """Squid's default max_stale is a week: without any option a stale copy answers for an origin
     that fails, with Warning 111; must-revalidate still forbids it, and the error is logged
-    TCP_REFRESH_FAIL_ERR whether the origin sent it, closed the connection, or was down."""
+    TCP_REFRESH_FAIL_ERR whether the origin sent it, closed the connection, cut its new response
+    short (none of it was sent on: mitmproxy buffers it), or was down."""
     p = Proxy(tmp_path, options={"cache_dir": str(tmp_path / "cache")})
     down = Origin() if how == "down" else None
     try:
@@ -690,14 +726,18 @@ def test_stale_copies_are_served_when_the_origin_fails_by_default_as_in_squid(tm
             if down:
                 urls.append(f"{down.url}/d-{name}?h.Cache-Control={cc}")
             else:
-                origin.route(f"/d-{how}-{name}", good_then_broken(cc) if how == "503" else good_then_gone(cc, CLOSE))
+                origin.route(f"/d-{how}-{name}", good_then_broken(cc) if how == "503"
+                             else good_then_gone(cc, CUT if how == "cut" else CLOSE))
                 urls.append(f"{origin.url}/d-{how}-{name}")
             assert fetch(p, urls[-1])[0] == 200
         if down:
             down.close()
         time.sleep(2.3)  # stale, and past the errors addon's connect_check_ttl (2 s)
-        failed = 502 if how == "closed" else 503
-        assert fetch(p, urls[1])[0] == failed
+        failed = 502 if how in ("closed", "cut") else 503
+        status, headers, _ = fetch(p, urls[1])
+        assert status == failed
+        if how == "cut":  # Squid's page, not mitmproxy's
+            assert headers["x-squid-error"].startswith("ERR_READ_ERROR")
         # the error passed on for a revalidation that may not fall back, as Squid logs it
         assert codes(p, urls[1].split("?")[0], 2)[1] == f"TCP_REFRESH_FAIL_ERR/{failed}"
         status, headers, body = fetch(p, urls[0])  # (a down origin is remembered as down by now)

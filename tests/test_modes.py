@@ -310,11 +310,13 @@ def test_an_origin_whose_certificate_is_refused_gets_squids_secure_connect_fail(
     assert curl("-x", p.url, f"{origin.url}/after").stdout == b"hello /after"
 
 
-@pytest.mark.parametrize("reply,page", [(b"", "ERR_ZERO_SIZE_OBJECT"), (b"garbage, not HTTP\r\n\r\n", "ERR_INVALID_RESP")],
-                         ids=["closed", "garbage"])
+@pytest.mark.parametrize("reply,page", [(b"", "ERR_ZERO_SIZE_OBJECT"), (b"garbage, not HTTP\r\n\r\n", "ERR_INVALID_RESP"),
+                                        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut short", "ERR_READ_ERROR")],
+                         ids=["closed", "garbage", "cut"])
 def test_a_parent_that_answers_nothing_usable_gets_squids_502(start_proxy, origin, reply, page):
-    """A parent proxy that takes the request and then closes the connection, or answers what is not
-    HTTP: Squid's 502 page, logged as forwarded to that parent, and the client's connection stays."""
+    """A parent proxy that takes the request and then closes the connection, answers what is not
+    HTTP, or cuts its answer short: Squid's 502 page, logged as forwarded to that parent, and the
+    client's connection stays."""
     # the first request gets `reply`, the next one a real answer
     with scripted_server(reply, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as port:
         p = start_proxy(modes=(f"upstream:http://127.0.0.1:{port}",))
