@@ -450,6 +450,19 @@ def test_a_request_mitmproxy_refuses_is_logged_as_the_400_the_client_got(proxy, 
     assert origin.hits.get(f"/{name}", 0) == 0
 
 
+@pytest.mark.parametrize("port", ["2121", "9"], ids=["allowed", "denied-too"])
+def test_a_url_scheme_mitmproxy_does_not_relay_is_logged_as_the_400_the_client_got(proxy, port):
+    """An ftp:// URL: mitmproxy answers 400 itself after the hooks saw the request, whether the access
+    rules allowed it (port 2121 is a Safe_port) or denied it (port 9 is not): logged NONE_NONE/400 with
+    the size sent, not as a denial the client never got or an aborted transfer."""
+    url = f"ftp://127.0.0.1:{port}/file-{time.monotonic_ns()}.txt"
+    r = curl("-i", "-x", proxy.url, url)
+    assert r.stdout.startswith(b"HTTP/1.1 400") and b"Invalid request scheme: ftp" in r.stdout, r.stdout[:300]
+    line = proxy.wait_lines(url, 1)[-1]
+    assert line.split()[3:5] == ["NONE_NONE/400", str(len(r.stdout))]
+    assert f" GET {url} - HIER_NONE/- text/html" in line
+
+
 def test_an_http2_stream_the_client_cancels_is_logged_aborted_not_as_a_failed_origin(start_proxy, tls_origin):
     """A browser cancels HTTP/2 streams and keeps its connection: that is no 502 from the origin."""
     import ssl
