@@ -194,12 +194,12 @@ class Errors:
         # mitmproxy could not connect (an origin that died within connect_check_ttl of its last check, a
         # parent proxy): the next request checks again. The failure gets Squid's page now (sent by
         # recover.py instead of mitmproxy's 502), unless the cache answered with a stale copy. A
-        # recoverable flow's response is the head of one cut short before any of it was sent.
+        # recoverable flow's response is that copy, or the head of a response cut short (recover.CUT).
         if flow.response is not None and not flow.metadata.get(meta.RECOVERABLE):
             return
         message = flow.error.msg if flow.error else ""
         parent = _parent(flow)
-        if flow.response is not None:  # a response cut short: the origin, or the parent, was reached
+        if flow.metadata.get(meta.RECOVERABLE) == recover.CUT:  # the origin, or the parent, was reached
             peer = parent or flow.server_conn.peername
             failure = Failure("ERR_READ_ERROR", 0, message, str(peer[0]) if peer else None)
         elif parent is not None:

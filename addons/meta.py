@@ -25,7 +25,8 @@ PASSTHROUGH = "relais.passthrough"  # raw stream relayed untouched (ignore_hosts
 PEER = "relais.peer"          # upstream address tried when no connection was made (e.g. refused)
 ACLS = "relais.acls"          # sorted names of the policy's acls that match the request (acl.py)
 ACL_NAMES = "relais.acl_names"  # sorted names of every acl the access policy defines, predefined included (acl.py)
-RECOVERABLE = "relais.recoverable"  # set by recover.py during an error hook whose answer it would send
+RECOVERABLE = "relais.recoverable"  # set by recover.py during an error hook whose answer it would send:
+# True, or "cut" (recover.CUT) when the origin cut its response short (flow.response holds its head)
 RECOVERED = "relais.recovered"  # the origin failed and an addon answered in the error hook (recover.py)
 
 

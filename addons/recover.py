@@ -11,9 +11,11 @@ error page.
 
 While `install()` is in effect (the cache and the errors addon call it at load), the
 `error` hook of a flow that can still be answered carries
-`flow.metadata["relais.recoverable"] = True`: the origin failed before any of its
-response reached the client (`flow.response` is None, or the head of the response it cut
-short), the whole request was received, and the client is still there. An addon that then sets
+`flow.metadata["relais.recoverable"]`: the origin failed before any of its response
+reached the client, the whole request was received, and the client is still there. It is
+True when no response came (`flow.response` is None), and "cut" when the origin cut its
+response short (`flow.response` is its head; an earlier addon's answer may replace it in
+the hook, the value stays). An addon that then sets
 `flow.response` and `flow.metadata["relais.recovered"] = True` has that response sent
 instead of the 502: `flow.error` is cleared and the `response` hook follows (not
 `responseheaders`), so the other addons see an answered flow after its `error` hook (the
@@ -47,6 +49,7 @@ except ImportError:
     BAD_GATEWAY = 502
 
 logger = logging.getLogger(__name__)
+CUT = "cut"  # relais.recoverable of a flow whose response the origin cut short
 
 
 class Patch:
@@ -113,8 +116,9 @@ def handle_protocol_error(self, event):
     """HttpStream.handle_protocol_error, unless an addon answered in the error hook it triggers."""
     # the origin failed before any of its response was sent on (none came, or the body mitmproxy was
     # buffering was cut short), and the whole request is in: the stream can still end well
+    cut = self.flow.response is not None
     recoverable = (isinstance(event, ResponseProtocolError) and self.client_state == self.state_done
-                   and (self.flow.response is None or self.server_state == self.state_consume_response_body))
+                   and (not cut or self.server_state == self.state_consume_response_body))
     steps = _PATCH.original(self, event)
     reply = None
     while True:
@@ -125,7 +129,7 @@ def handle_protocol_error(self, event):
         if not (recoverable and isinstance(command, HttpErrorHook)):
             reply = yield command
             continue
-        self.flow.metadata[meta.RECOVERABLE] = True  # for this hook only
+        self.flow.metadata[meta.RECOVERABLE] = CUT if cut else True  # for this hook only
         try:
             reply = yield command
         finally:

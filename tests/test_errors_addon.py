@@ -81,3 +81,45 @@ def test_a_failed_shared_check_answers_every_request_that_waited_for_it():
     assert [f.response.status_code for f in flows] == [503] * 4
     assert all(f.response.headers["X-Squid-Error"].startswith("ERR_CONNECT_FAIL") for f in flows)
     assert not addon.reachable and not addon.checking
+
+
+def _failed(port: int, message: str, recoverable, parent: str | None = None):
+    """A flow at the error hook: its origin (or parent) failed with `message`, and recover.py marked it."""
+    from mitmproxy import flow as mflow
+    from mitmproxy.proxy.mode_specs import ProxyMode
+    from addons import meta
+    f = _flow(port)
+    if parent:
+        f.client_conn.proxy_mode = ProxyMode.parse(f"upstream:{parent}")
+    f.error = mflow.Error(message)
+    f.metadata[meta.RECOVERABLE] = recoverable
+    return f
+
+
+def test_a_connection_failure_the_cache_answered_still_marks_the_origin_and_the_parent_for_a_check():
+    """The cache answers first with a stale copy (flow.response set, relais.recovered): the errors addon
+    still forgets that the origin was reachable, and marks the parent suspect, so that the next request
+    checks them; only a response the origin cut short (recover.CUT) says that it was reached."""
+    from mitmproxy.test import tutils
+    from addons import meta, recover
+    addon = errors.Errors()
+    with taddons.context(addon):
+        for parent in (None, "http://127.0.0.1:3129"):
+            addon.reachable[("127.0.0.1", 9)] = float("inf")
+            f = _failed(9, "[Errno 111] Connect call failed ('127.0.0.1', 9)", True, parent)
+            f.response, f.metadata[meta.RECOVERED] = tutils.tresp(), True  # the stale copy
+            addon.error(f)
+            assert f.response.status_code == 200 and meta.LOCAL not in f.metadata  # the copy stays
+            if parent:
+                assert ("127.0.0.1", 3129) in addon.suspect
+            else:
+                assert ("127.0.0.1", 9) not in addon.reachable
+        addon.suspect.clear()
+        addon.reachable[("127.0.0.1", 9)] = float("inf")
+        for parent in (None, "http://127.0.0.1:3129"):
+            f = _failed(9, "HTTP/1 protocol error: peer closed connection without sending complete message body",
+                        recover.CUT, parent)
+            f.response = tutils.tresp()  # the head of the response cut short
+            addon.error(f)
+            assert f.response.headers["X-Squid-Error"].startswith("ERR_READ_ERROR")
+            assert ("127.0.0.1", 9) in addon.reachable and not addon.suspect  # it was reached
