@@ -23,7 +23,9 @@ site); mitmproxy would send it on, and the origin would answer for a site the cl
 ask for (and the log, the access rules and the cache would name another).
 
 An HTTP/1.0 client asking to keep its connection gets `Connection: keep-alive` on answers
-whose length it knows (mitmproxy keeps the connection but does not say so).
+whose length it knows (mitmproxy keeps the connection but does not say so). An answer to HEAD
+goes without a body, whoever made it (mitmproxy would send the body of the proxy's own pages,
+and a client keeping its connection would read it as the next response).
 
 As Squid, it refuses requests whose header fields pass `request_header_max_size` (431
 ERR_TOO_BIG), URLs longer than 8 KB (414 ERR_TOO_BIG), a NUL in a field (400), a method that is
@@ -296,6 +298,13 @@ class Hops:
         if meta.LOCAL in flow.metadata or not _has_any(resp.headers, RESPONSE_SIGNS):
             return
         strip_hop_fields(resp.headers)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        # RFC 9110 9.3.2: an answer to HEAD has no body, and mitmproxy sends whatever body the flow holds:
+        # the proxy's own pages (an error, a denial) are made whole. The body goes; its length stays.
+        resp = flow.response
+        if resp is not None and resp.raw_content and flow.request.data.method == b"HEAD":
+            resp.raw_content = b""
 
     def _refuse_reply(self, flow: http.HTTPFlow) -> None:
         """Squid's 502 ERR_TOO_BIG in place of a response whose header fields pass reply_header_max_size.

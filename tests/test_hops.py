@@ -10,7 +10,7 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from addons import hops, meta
-from harness import curl
+from harness import curl, scripted_server
 
 
 def headers(*fields: tuple[str, str]) -> http.Headers:
@@ -278,6 +278,28 @@ def test_a_folded_line_or_a_bare_cr_or_lf_in_a_field_becomes_one_space(value, se
         f.request.headers.fields = ((b"Host", b"address:22"), (b"X-A", value))
         h.requestheaders(f)
         assert f.request.headers.fields[1] == (b"X-A", sent) and "replaced by a space" in f.comment
+
+
+def test_the_proxys_own_answers_to_head_have_no_body_and_the_connection_goes_on(proxy, origin, refused_port):
+    """RFC 9110 9.3.2: the proxy's own pages answer HEAD without their body (mitmproxy sent it, and a
+    client keeping its connection read it as the next response): a denial (port 9), an unreachable
+    origin (the errors addon's check), an origin that closes unanswered (answered from the error hook),
+    each with its page's Content-Length; then a GET on the same connection gets its own answer."""
+    with scripted_server(b"") as closing, socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        for port, status, page in ((9, 403, "ERR_ACCESS_DENIED"), (refused_port, 503, "ERR_CONNECT_FAIL"),
+                                   (closing, 502, "ERR_ZERO_SIZE_OBJECT")):
+            s.sendall(f"HEAD http://127.0.0.1:{port}/h HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)  # byte by byte: what follows the head is the next response's
+            assert head.startswith(f"HTTP/1.1 {status} ".encode()) and f"X-Squid-Error: {page}".encode() in head
+            assert int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]) > 0  # the page's, as for GET
+        s.sendall(f"GET {origin.url}/after-head HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                  f"Connection: close\r\n\r\n".encode())
+        rest = b""
+        while chunk := s.recv(65536):
+            rest += chunk
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\nhello /after-head"), rest[:300]
 
 
 def send_line(proxy, origin, method: str, path: str, version: str) -> bytes:
