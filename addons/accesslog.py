@@ -416,8 +416,9 @@ def _writable(line: str) -> str:
 
 # mitmproxy's words (11 and 12) for a request it answers 400 for its framing (validate_inbound_headers)
 REFUSED_FRAMING = " from client, refusing to prevent request smuggling"
-# ... or for its URL's scheme (ftp://...: validate_request), also after the hooks saw it
-REFUSED_SCHEME = "Invalid request scheme: "
+# ... or for its URL's scheme (ftp://...), or for a CONNECT to a listener that takes none (reverse,
+# transparent): validate_request, also after the hooks saw the request
+REFUSED_REQUEST = (REFUSED_FRAMING, "Invalid request scheme: ", " received an HTTP CONNECT request even though ")
 # and for a request head it cannot parse (net/http/http1/read.py), which makes no flow
 UNPARSABLE = ("Bad HTTP request", "Invalid HTTP request", "Invalid header", "Unknown HTTP version")
 
@@ -604,11 +605,11 @@ class AccessLog:
         if flow.metadata.get(meta.RECOVERED):  # answered after all (recover.py): logged in `response`
             return
         message = flow.error.msg if flow.error else ""
-        if REFUSED_FRAMING in message or message.startswith(REFUSED_SCHEME):
+        if any(words in message for words in REFUSED_REQUEST):
             # mitmproxy refused the request's framing (validate_inbound_headers: Content-Length with
-            # Transfer-Encoding, two lengths...: request smuggling) or its scheme, and answered 400 itself,
-            # whatever an addon decided: logged as the invalid request it is, not as an origin's failure
-            # or a denial the client never got
+            # Transfer-Encoding, two lengths...: request smuggling), its scheme or its CONNECT, and
+            # answered 400 itself, whatever an addon decided: logged as the invalid request it is, not
+            # as an origin's failure or a denial the client never got
             flow.metadata[meta.CODE] = "NONE_NONE"
             flow.metadata[meta.HIER] = "HIER_NONE"
             self._log_http(flow, sent=mitmproxy_error_page(_framing_error(flow.request) or message, 400))

@@ -463,6 +463,17 @@ def test_a_url_scheme_mitmproxy_does_not_relay_is_logged_as_the_400_the_client_g
     assert f" GET {url} - HIER_NONE/- text/html" in line
 
 
+def test_a_connect_to_a_reverse_listener_is_logged_as_the_400_the_client_got(start_proxy, origin):
+    """A reverse proxy takes no CONNECT: mitmproxy answers 400 itself after the hooks saw it (the access
+    rules denied port 1): logged NONE_NONE/400, not as that denial, with 0 bytes as Squid logs any refused
+    CONNECT."""
+    p = start_proxy(modes=(f"reverse:{origin.url}",))
+    r = curl("-i", "-p", "-x", p.url, "http://127.0.0.1:1/x")
+    assert r.stdout.startswith(b"HTTP/1.1 400"), r.stdout[:300]
+    line = p.wait_lines("CONNECT 127.0.0.1:1 ", 1)[-1]
+    assert line.split()[3:5] == ["NONE_NONE/400", "0"]
+
+
 def test_an_http2_stream_the_client_cancels_is_logged_aborted_not_as_a_failed_origin(start_proxy, tls_origin):
     """A browser cancels HTTP/2 streams and keeps its connection: that is no 502 from the origin."""
     import ssl
