@@ -149,7 +149,8 @@ class Handler(BaseHTTPRequestHandler):
                     sent += len(chunk)
             except OSError:
                 pass
-            if sent < int(headers.get("Content-Length", sent)):
+            promised = next((int(v) for k, v in headers.items() if k.lower() == "content-length"), sent)
+            if sent < promised:
                 self.close_connection = True  # fewer bytes than promised: the origin died mid-body
             return
         self.send_response(status)
