@@ -631,7 +631,7 @@ class DiskTier:
                 (n,), = self.dc._sql("SELECT COUNT(*) FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}'")
                 return n
             except Exception:  # another diskcache layout: the public iterator
-                return sum(1 for k in self.dc.iterkeys() if isinstance(k, str) and k.startswith("m|"))
+                return sum(1 for k in self.dc.iterkeys() if _is_meta_key(k))
         except Exception:
             return 0
 
@@ -778,7 +778,7 @@ class DiskTier:
                     "SELECT key FROM Cache WHERE raw = 1 AND key >= 'm|' AND key < 'm}'").fetchall()]
             except Exception:  # another diskcache layout: the public iterator
                 keys = list(self.dc.iterkeys())
-            known = {hash(k.split("|", 2)[2]) for k in keys if isinstance(k, str) and k.startswith("m|")}
+            known = {hash(k.split("|", 2)[2]) for k in keys if _is_meta_key(k)}
         except Exception as e:
             log.warning("cache: cannot index the disk keys (%s); lookups read the disk", e)
             with self.lock:
@@ -990,7 +990,7 @@ class _Writer:
         self.limit = int(dc.size_limit)  # cache_dir_size; the file system may have room for less
         self.short = False  # it has: the tier keeps to that room
         self.room_all: int | None = None  # what the tier may hold on its file system, all told (last _fit)
-        self.warned: dict[str, tuple[float, int]] = {}  # a failure's kind: when it was said last, and how often since
+        self.warned = NowAndThen()
         # the tier is culled after each batch: until then it may hold one batch (and one object) too many
         self.batch_bytes = min(self.BATCH_BYTES, max(1, self.limit // 16))
 
@@ -999,14 +999,9 @@ class _Writer:
 
     def _warn_now_and_then(self, what: str, msg: str) -> None:
         """_warn, once a minute at most for each kind of failure (a disk full to the last byte fails
-        every batch); the next one said tells how many were not."""
-        now = time.monotonic()
-        last, held = self.warned.get(what, (-60.0, 0))
-        if now - last < 60:
-            self.warned[what] = (last, held + 1)
-            return
-        self.warned[what] = (now, 0)
-        self._warn(f"{msg} (and {held} more in the last minute)" if held else msg)
+        every batch)."""
+        if (said := self.warned.say(what, msg)) is not None:
+            self._warn(said)
 
     def run(self) -> None:
         try:
@@ -1133,10 +1128,10 @@ class _Writer:
                 for rowid, key, filename, size in rows:
                     gone.append((rowid, filename, key))
                     freed += size
-                    if freed >= over and isinstance(key, str) and key.startswith("m|"):
+                    if freed >= over and _is_meta_key(key):
                         break
                 else:  # the chunk ended first: not on a body whose metadata row is the next one
-                    while len(gone) > 1 and not (isinstance(gone[-1][2], str) and gone[-1][2].startswith("m|")):
+                    while len(gone) > 1 and not _is_meta_key(gone[-1][2]):
                         gone.pop()
                 with dc.transact():
                     dc._sql(f"DELETE FROM Cache WHERE rowid IN ({', '.join('?' * len(gone))})",
@@ -1240,15 +1235,36 @@ class _Writer:
 
 
 
-_WARNED: dict[str, float] = {}  # what warn_now_and_then said last, and when
+class NowAndThen:
+    """Once a minute at most for each kind of failure (a full disk fails every streamed body, every
+    batch of writes): `say(what, msg)` returns the message to say now, telling how many were not since,
+    or None."""
+
+    def __init__(self) -> None:
+        self.said: dict[str, tuple[float, int]] = {}  # a kind: when it was said last, and how often since
+
+    def say(self, what: str, msg: str) -> str | None:
+        now = time.monotonic()
+        last, held = self.said.get(what, (-60.0, 0))
+        if now - last < 60:
+            self.said[what] = (last, held + 1)
+            return None
+        self.said[what] = (now, 0)
+        return f"{msg} (and {held} more in the last minute)" if held else msg
+
+
+_WARNED = NowAndThen()  # this process's (the writer process has its own)
 
 
 def warn_now_and_then(what: str, msg: str, *args) -> None:
-    """log.warning, at most once a minute for each `what`: a full disk fails every streamed body."""
-    now = time.monotonic()
-    if now - _WARNED.get(what, -60.0) >= 60:
-        _WARNED[what] = now
-        log.warning(msg, *args)
+    """log.warning(msg % args), at most once a minute for each `what`."""
+    if (said := _WARNED.say(what, msg % args if args else msg)) is not None:
+        log.warning("%s", said)
+
+
+def _is_meta_key(key) -> bool:
+    """A metadata row's key (DiskTier._mkey); a body's, a Vary index's and diskcache's own are others."""
+    return isinstance(key, str) and key.startswith("m|")
 
 
 def _meta_of(value) -> Meta | None:

@@ -314,7 +314,7 @@ class Hops:
                         f"reply_header_max_size ({self.reply_max} bytes)", status=502, code="TCP_MISS", body_too=False)
         flow.metadata[meta.HIER] = meta.forwarded(flow)
         page = flow.response
-        body = [b"" if flow.request.method == "HEAD" else page.content]
+        body = [page.content]  # (an answer to HEAD: none goes, see `response`)
 
         def instead(chunk: bytes) -> bytes:
             return body.pop() if body else b""

@@ -1137,7 +1137,7 @@ def test_a_streamed_copy_that_cannot_be_written_is_dropped_logged_and_the_chunks
             pass
     (tmp_path / "body-x").write_bytes(b"")
     copy = cachemod.StreamCopy(FullDisk(), 1000, None)
-    cachemod.cachestore._WARNED.clear()
+    cachemod.cachestore._WARNED.said.clear()
     assert copy(b"abc") == b"abc" and copy(b"def") == b"def"
     assert not copy.finish() and not (tmp_path / "body-x").exists()
     assert "No space left on device" in caplog.text
@@ -1149,7 +1149,7 @@ def test_a_streamed_copy_that_cannot_be_written_is_dropped_logged_and_the_chunks
         def close(self):
             raise OSError(27, "File too large")
     (tmp_path / "body-x").write_bytes(b"")
-    cachemod.cachestore._WARNED.clear()
+    cachemod.cachestore._WARNED.said.clear()
     copy = cachemod.StreamCopy(FullAtClose(), 1000, None)
     assert copy(b"abc") == b"abc"
     assert not copy.finish() and not (tmp_path / "body-x").exists()
